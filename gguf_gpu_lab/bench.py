@@ -1,0 +1,110 @@
+"""Benchmarks. Each compares against a baseline measured in the same run and reports ratios."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from gguf import quants as gq
+
+from . import quant
+from .verify import mismatches
+
+DEFAULT_CPU_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")
+
+
+def _best_of(fn: Callable[[], object], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    from importlib.metadata import version
+
+    def v(name):
+        try:
+            return version(name)
+        except Exception:
+            return None
+
+    from . import __version__
+
+    return {
+        "host": socket.gethostname(), "cpu": cpu, "cores": quant.default_threads(),
+        "python": platform.python_version(), "numpy": np.__version__, "gguf": v("gguf"),
+        "gguf_gpu_lab": __version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def bench_cpu(types: Sequence[str] | None = None, weights: int = 64_000_000, repeat: int = 3,
+              threads: int | None = None) -> dict:
+    """CPU dequantization to float32, in millions of weights per second: gguf-py on one thread
+    (its only mode), this toolkit on one thread and on all cores; results checked bit-exact first."""
+    from .synth import random_blocks
+
+    threads = threads or quant.default_threads()
+    rows = []
+    for name in types or DEFAULT_CPU_TYPES:
+        spec = quant.type_spec(name)
+        n_blocks = max(1, weights // spec.block_size)
+        rng = np.random.Generator(np.random.SFC64(0))
+        blocks = random_blocks(spec.ggml_type, n_blocks, rng)
+        n = n_blocks * spec.block_size
+        ref = gq.dequantize(blocks, spec.ggml_type).reshape(-1)
+        ours = quant.dequantize(blocks, spec.ggml_type, threads=threads)
+        bad = mismatches(ours, ref).size
+        del ours
+        out = np.empty(n, np.float32)
+        t_ref = _best_of(lambda: gq.dequantize(blocks, spec.ggml_type), repeat)
+        t_1 = _best_of(lambda: quant.dequantize(blocks, spec.ggml_type, threads=1), repeat)
+        t_n = _best_of(lambda: quant.dequantize(blocks, spec.ggml_type, threads=threads), repeat)
+        t_n_out = _best_of(lambda: quant.dequantize(blocks, spec.ggml_type, threads=threads, out=out), repeat)
+        mw = lambda t: n / t / 1e6  # noqa: E731
+        rows.append({
+            "type": spec.name, "weights": n, "mismatches": int(bad),
+            "gguf_py_1t_mw_s": mw(t_ref), "ours_1t_mw_s": mw(t_1), "ours_all_mw_s": mw(t_n),
+            "ours_all_into_buffer_mw_s": mw(t_n_out),
+            "speedup_1t": t_ref / t_1, "speedup_all": t_ref / t_n, "speedup_all_into_buffer": t_ref / t_n_out,
+        })
+    return {"benchmark": "cpu-dequant", "machine": machine_info(), "threads": threads,
+            "targets": {"speedup_1t": 2.0, "speedup_all": 10.0}, "results": rows}
+
+
+def format_cpu(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"CPU dequantization to float32, {res['threads']} threads, {m['cpu']} ({m['date']})",
+             f"{'type':6} {'gguf-py 1t':>11} {'ours 1t':>9} {'x':>6} {'ours all':>9} {'x':>6} {'into buf':>9} {'x':>6}  exact"]
+    for r in res["results"]:
+        lines.append(f"{r['type']:6} {r['gguf_py_1t_mw_s']:11.0f} {r['ours_1t_mw_s']:9.0f} {r['speedup_1t']:6.1f} "
+                     f"{r['ours_all_mw_s']:9.0f} {r['speedup_all']:6.1f} {r['ours_all_into_buffer_mw_s']:9.0f} "
+                     f"{r['speedup_all_into_buffer']:6.1f}  {'yes' if r['mismatches'] == 0 else 'NO'}")
+    lines.append("(millions of weights per second; x = ratio to gguf-py's single thread measured in this run)")
+    return "\n".join(lines)
+
+
+def save_result(res: dict, out_dir: str, kind: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = res["machine"]["date"][:10]
+    path = os.path.join(out_dir, f"{kind}-{stamp}-{res['machine']['host']}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    return path

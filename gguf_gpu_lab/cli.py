@@ -1,0 +1,208 @@
+"""Command line: argument parsing only; the work is done by the library's functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from .errors import GGUFLabError
+
+
+def _progress_bar(desc: str, total: int | None = None, unit: str = "B"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024, leave=False,
+                disable=not sys.stderr.isatty() and os.environ.get("GGUF_LAB_PROGRESS") != "1")
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (bytes, bytearray)):
+        return o.hex()
+    return str(o)
+
+
+def cmd_inspect(path: str, as_json: bool, tensors: bool) -> int:
+    from .model import _fmt_bytes, open_model
+
+    with open_model(path) as m:
+        s = m.summary()
+        if as_json:
+            doc = {k: v for k, v in s.items() if k not in ("by_type", "by_layer")}
+            doc["by_type"] = {t: {k: int(v) for k, v in r.items()} for t, r in s["by_type"].iterrows()}
+            doc["metadata"] = m.metadata
+            if tensors:
+                doc["tensors"] = m.tensors_df().astype({"layer": "object"}).to_dict(orient="records")
+            print(json.dumps(doc, indent=2, default=_json_default))
+            return 0
+        print(f"{m.path}: GGUF v{m.version}, {s['architecture']}, {s['n_tensors']} tensors, "
+              f"{s['n_elements'] / 1e6:.1f} M weights, {_fmt_bytes(s['file_size'])}, "
+              f"{s['bits_per_weight']:.2f} bits/weight")
+        print("\nmetadata:")
+        for k, v in m.metadata.items():
+            print(f"  {k} = {v}")
+        print("\nby type:")
+        print(s["by_type"].to_string())
+        if tensors:
+            import pandas as pd
+
+            with pd.option_context("display.max_rows", None, "display.width", 200):
+                print("\ntensors:")
+                print(m.tensors_df().drop(columns=["np_shape"]).to_string(index=False))
+    return 0
+
+
+def cmd_synth(out: str, params: str, mix: str, seed: int) -> int:
+    from .synth import synth
+
+    bar = _progress_bar(f"synth {params} {mix}")
+    last = [0]
+
+    def progress(done, total, name):
+        bar.total = total
+        bar.update(done - last[0])
+        last[0] = done
+
+    try:
+        r = synth(out, params, mix, seed, progress=progress)
+    finally:
+        bar.close()
+    print(f"wrote {r.path}: {r.n_tensors} tensors, {r.n_params / 1e6:.1f} M weights, "
+          f"{r.file_size / 1e6:.1f} MB in {r.seconds:.2f} s ({r.mb_per_s:.0f} MB/s)")
+    return 0
+
+
+def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool) -> int:
+    import numpy as np
+
+    from .model import open_model
+
+    with open_model(path) as m:
+        t = m.info(name)
+        x = m.dequantize(name, dtype)
+        print(f"{name}: {t.type_name} {t.np_shape} -> {x.dtype} "
+              f"min {float(x.min()):.6g} max {float(x.max()):.6g} mean {float(x.astype(np.float32).mean()):.6g}")
+        if verify:
+            from .verify import verify_tensor
+
+            ok, msg = verify_tensor(m, name)
+            print(msg)
+            if not ok:
+                return 1
+        if out:
+            np.save(out, x)
+            print(f"saved {out}")
+    return 0
+
+
+def cmd_check(path: str, max_problems: int) -> int:
+    from .model import open_model
+
+    with open_model(path) as m:
+        problems = m.check(max_problems=max_problems)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{path}: {len(problems)} problem(s) found")
+        return 1
+    print(f"{path}: ok, no NaN or Inf in float tensors or block scales")
+    return 0
+
+
+def cmd_bench(cpu: bool, out_dir: str, size_mb: int, types: list[str] | None) -> int:
+    from . import bench
+
+    if not cpu:
+        raise GGUFLabError("only the CPU benchmark exists so far: use `gguf-gpu-lab bench --cpu`")
+    res = bench.bench_cpu(types=types, weights=size_mb * 1_000_000 // 4)
+    print(bench.format_cpu(res))
+    path = bench.save_result(res, out_dir, "cpu-dequant")
+    print(f"saved {path}")
+    return 0
+
+
+def cmd_demo(out_dir: str, params: str, mix: str) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir, params=params, mix=mix, progress=_progress_bar)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gguf-gpu-lab", description="Load GGUF models onto a GPU fast, and see how.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="show a model's metadata and tensor table")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--tensors", action="store_true", help="list every tensor")
+
+    s = sub.add_parser("synth", help="write a synthetic llama-shaped model")
+    s.add_argument("out", help="output .gguf path")
+    s.add_argument("--params", default="25M", help="size: 25M, 1B, 7B, ... (default 25M)")
+    s.add_argument("--mix", default="Q4_K_M", help="Q4_0, Q8_0, Q4_K_M, Q6_K, F16 or all-types (default Q4_K_M)")
+    s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("dequant", help="dequantize one tensor on the CPU")
+    s.add_argument("path")
+    s.add_argument("name")
+    s.add_argument("--out", help="save as .npy")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--verify", action="store_true", help="compare with gguf-py's dequantize")
+
+    s = sub.add_parser("check", help="scan for NaN/Inf in float tensors and block scales (exit 1 if found)")
+    s.add_argument("path")
+    s.add_argument("--max-problems", type=int, default=100)
+
+    s = sub.add_parser("bench", help="run a benchmark and save its JSON result")
+    s.add_argument("--cpu", action="store_true", help="CPU dequantization throughput")
+    s.add_argument("--out-dir", default="benchmarks/results")
+    s.add_argument("--size-mb", type=int, default=256, help="float32 output size per type (default 256)")
+    s.add_argument("--types", nargs="*", help="GGML types (default Q4_0 Q8_0 Q4_K Q6_K)")
+
+    s = sub.add_parser("demo", help="the main job on a built-in synthetic model")
+    s.add_argument("--out-dir", default="gguf-lab-demo")
+    s.add_argument("--params", default="25M")
+    s.add_argument("--mix", default="Q4_K_M")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "inspect":
+            return cmd_inspect(args.path, args.json, args.tensors)
+        if args.command == "synth":
+            return cmd_synth(args.out, args.params, args.mix, args.seed)
+        if args.command == "dequant":
+            return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify)
+        if args.command == "check":
+            return cmd_check(args.path, args.max_problems)
+        if args.command == "bench":
+            return cmd_bench(args.cpu, args.out_dir, args.size_mb, args.types)
+        if args.command == "demo":
+            return cmd_demo(args.out_dir, args.params, args.mix)
+    except (GGUFLabError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"gguf-gpu-lab: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"gguf-gpu-lab: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gguf-gpu-lab: interrupted", file=sys.stderr)
+        return 130
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""One exception family for the whole toolkit."""
+
+from __future__ import annotations
+
+
+class GGUFLabError(Exception):
+    """Base class of every error the toolkit raises on purpose."""
+
+
+class GGUFFormatError(GGUFLabError, ValueError):
+    """A GGUF file is malformed: the message names the file, the tensor and the value."""
+
+    def __init__(self, message: str, *, path: str | None = None, tensor: str | None = None):
+        parts = []
+        if path is not None:
+            parts.append(str(path))
+        if tensor is not None:
+            parts.append(f"tensor {tensor!r}")
+        prefix = ": ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.path = path
+        self.tensor = tensor
+
+
+class UnsupportedTypeError(GGUFLabError, NotImplementedError):
+    """A GGML tensor type this toolkit cannot dequantize."""
+
+
+class DeviceMemoryError(GGUFLabError, MemoryError):
+    """The GPU ran out of memory; the message names the bytes needed and free."""
+
+
+class LoadCancelled(GGUFLabError):
+    """A load was cancelled by the caller (progress callback, cancel(), or KeyboardInterrupt)."""
+
+
+class BackendError(GGUFLabError, RuntimeError):
+    """The requested backend (for example a GPU through CuPy) is not usable here."""
