@@ -75,7 +75,8 @@ def dequantize(
         return raw.view(spec.storage_dtype).reshape(shape).copy() if out is None else _copy_into(out, raw.view(spec.storage_dtype), shape)
     odt = resolve_dtype(dtype)
     if spec.ggml_type.name == "F64":
-        return raw.view(np.float64).astype(odt).reshape(shape) if out is None else _copy_into(out, raw.view(np.float64), shape)
+        with np.errstate(over="ignore"):
+            return raw.view(np.float64).astype(odt).reshape(shape) if out is None else _copy_into(out, raw.view(np.float64), shape)
     if out is None:
         out = np.empty(shape, dtype=odt)
     elif out.dtype != odt or out.size != n_elem or not out.flags.c_contiguous:

@@ -1,0 +1,265 @@
+import os
+import struct
+import time
+import tracemalloc
+
+import gguf
+import numpy as np
+import pandas as pd
+import pytest
+
+import gguf_gpu_lab as lab
+from gguf_gpu_lab import GGUFFormatError, GGUFLabError
+
+from .gguf_bytes import GGUFBytes, Tensor, f32_tensor, gstr
+
+
+def test_open_model_attributes(small_model):
+    with lab.open_model(small_model) as m:
+        assert m.architecture == "llama"
+        assert m.version == 3
+        assert m.metadata["llama.block_count"] >= 2
+        tok = m.metadata["tokenizer.ggml.tokens"]  # long arrays are summarised
+        assert tok["length"] == 4096 and tok["head"][:2] == ["<tok0>", "<tok1>"]
+        names = [t.name for t in m.tensors]
+        assert names[0] == "token_embd.weight" and "output.weight" in names
+        q = m.info("blk.1.attn_q.weight")
+        assert q.layer == 1 and q.np_shape == tuple(reversed(q.shape))
+        assert q.n_bytes == lab.type_spec(q.ggml_type).n_bytes(q.n_elements)
+        assert m.info("token_embd.weight").layer is None
+    assert m.closed
+
+
+def test_tensor_table_and_summary(small_model):
+    with lab.open_model(small_model) as m:
+        df = m.tensors_df()
+        assert isinstance(df, pd.DataFrame) and len(df) == len(m.tensors)
+        assert {"name", "type", "shape", "n_elements", "n_bytes", "offset", "layer", "bits_per_weight"} <= set(df.columns)
+        s = m.summary()
+        assert s["tensor_bytes"] == df["n_bytes"].sum()
+        assert s["file_size"] == os.path.getsize(small_model) > s["tensor_bytes"]
+        assert set(s["by_type"].index) == {"Q4_K", "Q6_K", "F32"}
+        assert s["by_layer"]["count"].sum() == df["layer"].notna().sum()
+        assert 4.5 < s["bits_per_weight"] < 6
+        html = m._repr_html_()
+        assert "Q4_K" in html and "llama" in html
+
+
+def test_raw_is_zero_copy_and_matches_gguf_reader(small_model):
+    r = gguf.GGUFReader(small_model)
+    with lab.open_model(small_model) as m:
+        for rt in r.tensors[:5]:
+            raw = m.raw(rt.name)
+            assert raw.dtype == np.uint8 and raw.base is not None  # a view, not a copy
+            assert np.shares_memory(raw, m._reader.data)
+            assert bytes(raw) == bytes(rt.data.view(np.uint8).reshape(-1))
+
+
+def test_dequantize_model_tensor(small_model):
+    with lab.open_model(small_model) as m:
+        t = m.info("blk.0.ffn_down.weight")
+        x = m.dequantize(t.name)
+        assert x.shape == t.np_shape and x.dtype == np.float32 and np.isfinite(x).all()
+        assert m.dequantize(t.name, "float16").dtype == np.float16
+        assert str(m.dequantize(t.name, "bfloat16").dtype) == "bfloat16"
+        with pytest.raises(KeyError, match="no tensor named 'nope'"):
+            m.dequantize("nope")
+
+
+def test_closed_model_raises(small_model):
+    m = lab.open_model(small_model)
+    m.close()
+    with pytest.raises(GGUFLabError, match="closed"):
+        m.raw("output.weight")
+
+
+# -- validation: each bad file raises GGUFFormatError naming file, tensor and value ----------
+
+def _ok(**kw) -> GGUFBytes:
+    g = GGUFBytes(**kw)
+    g.add_str("general.architecture", "llama")
+    g.tensors.append(f32_tensor("a", 8))
+    return g
+
+
+def _expect(tmp_path, g: GGUFBytes, *needles):
+    p = g.write(tmp_path / "bad.gguf")
+    with pytest.raises(GGUFFormatError) as e:
+        lab.open_model(p)
+    msg = str(e.value)
+    assert str(p) in msg
+    for n in needles:
+        assert n in msg, msg
+    assert isinstance(e.value, ValueError) and isinstance(e.value, GGUFLabError)
+    return msg
+
+
+def test_valid_handmade_file_opens(tmp_path):
+    p = _ok().write(tmp_path / "ok.gguf")
+    with lab.open_model(p) as m:
+        assert m.dequantize("a").tolist() == [1.0] * 8
+
+
+def test_bad_magic(tmp_path):
+    _expect(tmp_path, _ok(magic=b"GGUX"), "magic")
+
+
+@pytest.mark.parametrize("version", [1, 4, 0xFFFF])
+def test_bad_version(tmp_path, version):
+    _expect(tmp_path, _ok(version=version), f"version {version}")
+
+
+def test_version_2_is_accepted(tmp_path):
+    with lab.open_model(_ok(version=2).write(tmp_path / "v2.gguf")) as m:
+        assert m.version == 2
+
+
+def test_huge_tensor_count_fails_fast_without_allocating(tmp_path):
+    p = tmp_path / "huge.gguf"
+    p.write_bytes((b"GGUF" + struct.pack("<IQQ", 3, 2**60, 0))[:20] + b"\0" * 4)  # 24 bytes, counts absurd
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(GGUFFormatError, match="tensor count 1152921504606846976"):
+        lab.open_model(p)
+    assert time.perf_counter() - t0 < 1.0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10 << 20
+
+
+def test_twenty_byte_file(tmp_path):
+    p = tmp_path / "short.gguf"
+    p.write_bytes(b"GGUF" + struct.pack("<IQ", 3, 2**60))
+    with pytest.raises(GGUFFormatError, match="too short"):
+        lab.open_model(p)
+
+
+def test_huge_kv_count(tmp_path):
+    _expect(tmp_path, _ok(n_kv=2**40), "key-value count")
+
+
+def test_alignment_not_power_of_two(tmp_path):
+    _expect(tmp_path, _ok(alignment=48), "power of two")
+
+
+def test_tensor_past_end_of_file(tmp_path):
+    g = _ok()
+    g.tensors.append(Tensor("big", (1 << 20,), 0, b"", offset=64))
+    _expect(tmp_path, g, "'big'", "past the end")
+
+
+def test_row_not_multiple_of_block(tmp_path):
+    g = _ok()
+    g.tensors.append(Tensor("q", (33, 2), 8, b"\0" * 34 * 3))  # Q8_0 row of 33
+    _expect(tmp_path, g, "'q'", "33", "block size 32")
+
+
+def test_shape_overflow(tmp_path):
+    g = _ok()
+    g.tensors.append(Tensor("ovf", (2**32, 2**32, 2**8), 0, b"\0" * 32))
+    _expect(tmp_path, g, "'ovf'", "overflows")
+
+
+def test_duplicate_names(tmp_path):
+    g = _ok()
+    g.tensors.append(f32_tensor("a", 8))
+    _expect(tmp_path, g, "'a'", "duplicate")
+
+
+def test_unknown_type_id(tmp_path):
+    g = _ok()
+    g.tensors.append(Tensor("weird", (32,), 99, b"\0" * 128))
+    _expect(tmp_path, g, "'weird'", "type id 99")
+
+
+def test_unsupported_type(tmp_path):
+    g = _ok()
+    g.tensors.append(Tensor("q81", (32,), 9, b"\0" * 40))  # Q8_1: gguf cannot dequantize it
+    _expect(tmp_path, g, "'q81'", "Q8_1")
+
+
+def test_misaligned_offset(tmp_path):
+    g = _ok()
+    g.tensors.append(Tensor("mis", (4,), 0, b"\0" * 16, offset=40))
+    _expect(tmp_path, g, "'mis'", "offset 40")
+
+
+def test_overlapping_tensors(tmp_path):
+    g = GGUFBytes()
+    g.tensors += [f32_tensor("a", 16, offset=0), f32_tensor("b", 16, offset=32)]
+    _expect(tmp_path, g, "'b'", "overlaps", "'a'")
+
+
+def test_too_many_dims(tmp_path):
+    g = _ok()
+    g.tensors.append(Tensor("five", (1, 1, 1, 1, 1), 0, b"\0" * 4))
+    _expect(tmp_path, g, "'five'", "5 dimensions")
+
+
+def test_truncated_metadata_is_wrapped(tmp_path):
+    good = _ok().build()
+    p = tmp_path / "trunc.gguf"
+    p.write_bytes(good[:40])
+    with pytest.raises(GGUFFormatError, match="truncated|fit"):
+        lab.open_model(p)
+
+
+def test_unknown_value_type_is_wrapped(tmp_path):
+    g = _ok()
+    g.kv.append(gstr("bad.key") + struct.pack("<I", 77) + b"\0" * 8)
+    _expect(tmp_path, g, "malformed")
+
+
+def test_every_truncation_of_a_real_file_is_handled(small_model, tmp_path):
+    data = open(small_model, "rb").read()
+    header_end = lab.open_model(small_model).data_offset
+    cuts = sorted(set(list(range(0, 200, 7)) + list(range(200, header_end, max(1, header_end // 60))) + [header_end + 1, len(data) - 1]))
+    p = tmp_path / "cut.gguf"
+    for n in cuts:
+        p.write_bytes(data[:n])
+        with pytest.raises(GGUFFormatError):
+            lab.open_model(p)
+
+
+def test_missing_file():
+    with pytest.raises(GGUFLabError, match="cannot open"):
+        lab.open_model("/nonexistent/model.gguf")
+
+
+# -- check() --------------------------------------------------------------------------------
+
+def test_check_clean_model(all_types_model):
+    with lab.open_model(all_types_model) as m:
+        assert m.check() == []
+
+
+def _plant(path, tensor, byte_offset, value_bytes):
+    with lab.open_model(path) as m:
+        off = m.info(tensor).offset + byte_offset
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(value_bytes)
+
+
+def test_check_finds_nan_in_float_tensor_and_inf_in_scales(tmp_path, small_model):
+    p = tmp_path / "planted.gguf"
+    p.write_bytes(open(small_model, "rb").read())
+    _plant(p, "blk.0.attn_norm.weight", 4 * 5, np.array([np.nan], np.float32).tobytes())
+    _plant(p, "blk.1.attn_q.weight", 144 * 3 + 2, np.array([np.inf], np.float16).tobytes())  # Q4_K block 3, dmin
+    with lab.open_model(p) as m:
+        probs = m.check()
+    assert [(x.tensor, x.block, x.where) for x in probs] == [
+        ("blk.0.attn_norm.weight", 5, "value"), ("blk.1.attn_q.weight", 3, "scale@2")]
+    assert "nan" in str(probs[0]) and "inf" in str(probs[1])
+
+
+def test_check_iq1_m_packed_scale(tmp_path):
+    from gguf_gpu_lab.check import check_raw
+    from gguf_gpu_lab.synth import random_blocks
+
+    b = random_blocks("IQ1_M", 4, np.random.Generator(np.random.SFC64(0)))
+    assert check_raw("t", "IQ1_M", b) == []
+    b[2, 55] |= 0x70  # scale bits 12-14 live in the top nibble of the last uint16 ...
+    b[2, 53] |= 0xC0  # ... bits 10-11 in the top of the third: exponent all ones
+    (p,) = check_raw("t", "IQ1_M", b)
+    assert p.block == 2 and p.where.startswith("scale@48")

@@ -1,0 +1,73 @@
+"""The environment files and pyproject.toml agree on dependencies; no install lists two CuPy wheels."""
+
+import re
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV_FILES = ["environment.yml", "environment-cuda.yml", "environment-rocm.yml"]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _env_deps(path: Path) -> set[str]:
+    names = set()
+    for line in path.read_text().splitlines():
+        m = re.match(r"^\s*-\s+(\S.*)$", line)
+        if m and not m.group(1).startswith(("-e", "pip:")) and m.group(1) not in ("pip", "conda-forge"):
+            names.add(_name(m.group(1)))
+    return names
+
+
+@pytest.fixture(scope="module")
+def pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_environment_files_hold_every_dependency(pyproject):
+    need = {_name(r) for r in pyproject["dependencies"]}
+    need |= {_name(r) for extra in ("test", "notebook") for r in pyproject["optional-dependencies"][extra]
+             if "python_version" not in r}  # back-ports the environments' Python 3.12 does not need
+    for f in ENV_FILES:
+        have = _env_deps(ROOT / f)
+        assert need <= have, f"{f} lacks {sorted(need - have)}"
+
+
+def test_environment_files_list_nothing_unknown(pyproject):
+    known = {_name(r) for r in pyproject["dependencies"]}
+    for extra in pyproject["optional-dependencies"].values():
+        known |= {_name(r) for r in extra}
+    known |= {"python", "cupy", "cuda-version"}  # conda-forge's names for the CUDA extra
+    for f in ENV_FILES:
+        extra = _env_deps(ROOT / f) - known
+        assert not extra, f"{f} lists {sorted(extra)}, which pyproject.toml does not"
+
+
+def test_one_cupy_per_install(pyproject):
+    cupy = lambda names: {n for n in names if n.startswith("cupy")}  # noqa: E731
+    for name, reqs in pyproject["optional-dependencies"].items():
+        assert len(cupy(_name(r) for r in reqs)) <= 1, name
+    assert not cupy(_name(r) for r in pyproject["dependencies"])
+    for f in ENV_FILES:
+        assert len(cupy(_env_deps(ROOT / f))) <= (0 if f == "environment.yml" else 1), f
+
+
+def test_versions_agree(pyproject):
+    pins = {_name(r): r for r in pyproject["dependencies"]}
+    text = (ROOT / "environment.yml").read_text()
+    assert "gguf" + pins["gguf"][len("gguf"):] in text
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    cmds = re.findall(r"```bash\n(.*?)```", readme, re.S)[0].strip().splitlines()
+    setup, test = [c for c in cmds if not c.startswith("#")][:2]
+    assert setup.strip() in ci and test.strip() in ci

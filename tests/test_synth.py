@@ -1,0 +1,87 @@
+import hashlib
+
+import gguf
+import numpy as np
+import pytest
+
+import gguf_gpu_lab as lab
+from gguf_gpu_lab import GGUFLabError, quant
+from gguf_gpu_lab.synth import MIXES, llama_config, parse_params, synth
+
+
+def _digest(p):
+    return hashlib.sha256(open(p, "rb").read()).hexdigest()
+
+
+def test_deterministic_by_seed(tmp_path):
+    a = synth(tmp_path / "a.gguf", "4M", "Q4_0", seed=1)
+    b = synth(tmp_path / "b.gguf", "4M", "Q4_0", seed=1)
+    c = synth(tmp_path / "c.gguf", "4M", "Q4_0", seed=2)
+    assert _digest(a.path) == _digest(b.path) != _digest(c.path)
+
+
+def test_all_types_uses_every_supported_type(all_types_model):
+    with lab.open_model(all_types_model) as m:
+        used = {t.ggml_type for t in m.tensors}
+    assert used == set(quant.TYPES), sorted(t.name for t in set(quant.TYPES) - used)
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_mixes_open_in_gguf_py_and_dequantize_finite(tmp_path, mix):
+    r = synth(tmp_path / "m.gguf", "4M", mix, seed=0)
+    reader = gguf.GGUFReader(r.path)
+    assert len(reader.tensors) == r.n_tensors
+    with lab.open_model(r.path) as m:
+        assert m.check() == []
+        for t in m.tensors:
+            if quant.type_spec(t.ggml_type).kind == "int":
+                continue
+            for dtype in ("float32", "float16"):
+                x = m.dequantize(t.name, dtype)
+                assert np.isfinite(x).all(), (t.name, t.type_name, dtype)
+
+
+def test_llama_names_and_shapes(small_model):
+    with lab.open_model(small_model) as m:
+        md = m.metadata
+        e, ff, L = md["llama.embedding_length"], md["llama.feed_forward_length"], md["llama.block_count"]
+        assert m.info("blk.0.attn_q.weight").shape == (e, e)
+        assert m.info("blk.0.ffn_down.weight").shape == (ff, e)
+        assert m.info(f"blk.{L - 1}.ffn_gate.weight").shape == (e, ff)
+        assert m.info("output.weight").type_name == "Q6_K"
+        assert m.info("blk.0.attn_norm.weight").type_name == "F32"
+
+
+def test_q4_k_m_gives_more_bits_to_some_layers(tmp_path):
+    r = synth(tmp_path / "m.gguf", "25M", "Q4_K_M")
+    with lab.open_model(r.path) as m:
+        v_types = {m.info(f"blk.{i}.attn_v.weight").type_name for i in range(m.metadata["llama.block_count"])}
+    assert v_types == {"Q4_K", "Q6_K"}
+
+
+@pytest.mark.parametrize("params,lo,hi", [("4M", 3e6, 6e6), ("25M", 22e6, 28e6), ("125M", 110e6, 140e6),
+                                          ("7B", 6.5e9, 7e9), ("20B", 18e9, 22e9), ("70B", 65e9, 72e9)])
+def test_config_sizes(params, lo, hi):
+    cfg = llama_config(params)
+    assert lo <= cfg.n_params <= hi
+    assert cfg.n_embd % 256 == 0 and cfg.n_ff % 256 == 0  # k-quant rows
+    assert cfg.n_layer >= 2
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(GGUFLabError, match="cannot read 'lots'"):
+        parse_params("lots")
+    with pytest.raises(GGUFLabError, match="below the smallest"):
+        parse_params("10K")
+    with pytest.raises(GGUFLabError, match="unknown mix 'Q9'"):
+        synth(tmp_path / "x.gguf", "4M", "Q9")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_interrupted_synth_leaves_no_file(tmp_path):
+    def boom(done, total, name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synth(tmp_path / "x.gguf", "4M", "Q4_0", progress=boom)
+    assert not (tmp_path / "x.gguf").exists()
