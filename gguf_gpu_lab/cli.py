@@ -115,14 +115,20 @@ def cmd_check(path: str, max_problems: int) -> int:
     return 0
 
 
-def cmd_bench(cpu: bool, out_dir: str, size_mb: int, types: list[str] | None) -> int:
+def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None) -> int:
     from . import bench
 
-    if not cpu:
-        raise GGUFLabError("only the CPU benchmark exists so far: use `gguf-gpu-lab bench --cpu`")
-    res = bench.bench_cpu(types=types, weights=size_mb * 1_000_000 // 4)
-    print(bench.format_cpu(res))
-    path = bench.save_result(res, out_dir, "cpu-dequant")
+    if cpu == dequant:
+        raise GGUFLabError("choose one benchmark: --cpu (CPU dequantization) or --dequant (GPU dequantization)")
+    if cpu:
+        res = bench.bench_cpu(types=types, weights=size_mb * 1_000_000 // 4)
+        print(bench.format_cpu(res))
+    else:
+        from .bench_gpu import bench_gpu_dequant, format_gpu_dequant
+
+        res = bench_gpu_dequant(types=types, n_elements=size_mb * (1 << 20) // 2)
+        print(format_gpu_dequant(res))
+    path = bench.save_result(res, out_dir, res["benchmark"])
     print(f"saved {path}")
     return 0
 
@@ -165,9 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="run a benchmark and save its JSON result")
     s.add_argument("--cpu", action="store_true", help="CPU dequantization throughput")
+    s.add_argument("--dequant", action="store_true", help="GPU dequantization throughput against a device copy")
     s.add_argument("--out-dir", default="benchmarks/results")
-    s.add_argument("--size-mb", type=int, default=256, help="float32 output size per type (default 256)")
-    s.add_argument("--types", nargs="*", help="GGML types (default Q4_0 Q8_0 Q4_K Q6_K)")
+    s.add_argument("--size-mb", type=int, default=256,
+                   help="output size per type: float32 MB for --cpu, float16 MiB for --dequant (default 256)")
+    s.add_argument("--types", nargs="*", help="GGML types (default: Q4_0 Q8_0 Q4_K Q6_K for --cpu, every type for --dequant)")
 
     s = sub.add_parser("demo", help="the main job on a built-in synthetic model")
     s.add_argument("--out-dir", default="gguf-lab-demo")
@@ -188,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(args.path, args.max_problems)
         if args.command == "bench":
-            return cmd_bench(args.cpu, args.out_dir, args.size_mb, args.types)
+            return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types)
         if args.command == "demo":
             return cmd_demo(args.out_dir, args.params, args.mix)
     except (GGUFLabError, KeyError) as e:

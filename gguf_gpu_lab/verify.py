@@ -14,7 +14,8 @@ def reference(raw: np.ndarray, ggml_type) -> np.ndarray:
     if spec.kind == "int":
         return np.asarray(raw).view(spec.storage_dtype).reshape(-1)
     if spec.ggml_type.name == "F64":
-        return np.asarray(raw).view(np.float64).astype(np.float32).reshape(-1)
+        with np.errstate(over="ignore"):
+            return np.asarray(raw).view(np.float64).astype(np.float32).reshape(-1)
     blocks = np.ascontiguousarray(raw).reshape(-1, spec.type_size)
     return np.asarray(gq.dequantize(blocks, spec.ggml_type), dtype=np.float32).reshape(-1)
 

@@ -76,7 +76,9 @@ def dequantize(
     odt = resolve_dtype(dtype)
     if spec.ggml_type.name == "F64":
         with np.errstate(over="ignore"):
-            return raw.view(np.float64).astype(odt).reshape(shape) if out is None else _copy_into(out, raw.view(np.float64), shape)
+            # rounded to float32 first, like every other type (and as the GPU kernel does)
+            f32 = raw.view(np.float64).astype(np.float32)
+            return f32.astype(odt).reshape(shape) if out is None else _copy_into(out, f32, shape)
     if out is None:
         out = np.empty(shape, dtype=odt)
     elif out.dtype != odt or out.size != n_elem or not out.flags.c_contiguous:

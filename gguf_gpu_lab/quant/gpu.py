@@ -1,0 +1,188 @@
+"""GPU dequantization with CuPy RawKernels: one CUDA C source (``kernels/dequant.cu``) for NVRTC
+and hipRTC, specialised per type and output dtype with ``-D`` options, compiled lazily on first
+use and kept in CuPy's kernel cache."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gq
+
+from ..errors import BackendError, GGUFLabError
+from .registry import TYPES, type_spec
+
+KERNEL_SOURCE = Path(__file__).with_name("kernels") / "dequant.cu"
+
+# Types with a GPU kernel, and the gguf-py class whose lookup grid the kernel reads (if any).
+GPU_KERNELS: dict[T, str | None] = {
+    T.F32: None, T.F16: None, T.BF16: None, T.F64: None,
+    T.Q4_0: None, T.Q4_1: None, T.Q5_0: None, T.Q5_1: None, T.Q8_0: None,
+    T.Q2_K: None, T.Q3_K: None, T.Q4_K: None, T.Q5_K: None, T.Q6_K: None,
+    T.IQ2_XXS: "IQ2_XXS", T.IQ2_XS: "IQ2_XS", T.IQ2_S: "IQ2_S", T.IQ3_XXS: "IQ3_XXS", T.IQ3_S: "IQ3_S",
+    T.IQ1_S: "IQ1_S", T.IQ1_M: "IQ1_M", T.IQ4_NL: None, T.IQ4_XS: None,
+    T.TQ1_0: None, T.TQ2_0: None, T.MXFP4: None, T.NVFP4: None,
+}
+_OUT_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
+_THREADS = 256
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise BackendError(f"GPU dequantization needs CuPy ({e}); install the cuda12, cuda13 or rocm extra") from None
+    return cupy
+
+
+def gpu_dtype(dtype) -> tuple[str, np.dtype]:
+    """(name, CuPy storage dtype) of an output dtype; bfloat16 is stored as uint16 bit patterns."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    name = name.lower()
+    if name not in _OUT_KIND:
+        raise GGUFLabError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return name, np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[name])
+
+
+@functools.lru_cache(maxsize=None)
+def _source() -> str:
+    return KERNEL_SOURCE.read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(type_id: int, out_kind: int, vec: int, device_id: int):
+    cupy = _cupy()
+    block, size = TYPES[T(type_id)].block_size, TYPES[T(type_id)].type_size
+    defs = (f"-DGGML_TYPE={type_id}", f"-DOUT_KIND={out_kind}", f"-DVEC_STORE={vec}",
+            f"-DBLOCK_SIZE={block}", f"-DTYPE_SIZE={size}")
+    # contraction off: each multiply and add rounds on its own, as in the NumPy reference
+    fp = ("-ffp-contract=off",) if cupy.cuda.runtime.is_hip else ("--fmad=false",)
+    with cupy.cuda.Device(device_id):
+        mod = cupy.RawModule(code=_source(), options=fp + defs)
+        return mod.get_function("dequant")
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(type_id: int, device_id: int):
+    """(grid, ksigns) device arrays for a type, uploaded once per device."""
+    cupy = _cupy()
+    cls_name = GPU_KERNELS[T(type_id)]
+    with cupy.cuda.Device(device_id):
+        if cls_name is None:
+            dummy = cupy.zeros(1, cupy.float32)
+            return dummy, cupy.zeros(1, cupy.uint8)
+        cls = getattr(gq, cls_name)
+        cls.init_grid()
+        grid = cupy.asarray(np.ascontiguousarray(cls.grid, dtype=np.float32).reshape(-1))
+        ksigns = cupy.asarray(np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8))
+        return grid, ksigns
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id: int) -> int:
+    cupy = _cupy()
+    return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+
+
+def launch_config(n_groups: int, device_id: int) -> tuple[int, int]:
+    """(blocks, threads): enough blocks to fill every multiprocessor several times over,
+    fewer for small inputs; the kernel's grid-stride loop covers the rest."""
+    blocks = min(max(1, -(-n_groups // _THREADS)), _sm_count(device_id) * 16)
+    return blocks, _THREADS
+
+
+def dequantize_gpu(raw, ggml_type, shape: Sequence[int] | None = None, dtype="float16", out=None, stream=None,
+                   *, first_block: int = 0, n_blocks: int | None = None):
+    """Dequantize a tensor's bytes on the GPU.
+
+    Args:
+        raw: a CuPy uint8 array of the tensor's bytes (whole blocks).
+        ggml_type: a ``GGMLQuantizationType``, its id or its name.
+        shape: the NumPy (row-major) shape of the result; default 1-D. Ignored when ``out`` is given.
+        dtype: "float16" (default), "float32" (bit-exact with gguf-py) or "bfloat16" (returned as
+            uint16 bit patterns; ``as_torch`` views them as ``torch.bfloat16`` without a copy).
+        out: write here instead of allocating: a C-contiguous CuPy array of the whole tensor.
+        stream: the ``cupy.cuda.Stream`` to run on; default the current stream.
+        first_block, n_blocks: dequantize only blocks ``[first_block, first_block + n_blocks)``
+            of ``raw`` into the matching elements of ``out`` (the loader's chunk-by-chunk path).
+
+    Returns:
+        ``out``, or a new array of ``shape``.
+
+    Example:
+        >>> import cupy, numpy as np                                    # doctest: +SKIP
+        >>> blk = np.zeros(34, np.uint8); blk[:2] = np.float16(1).view(np.uint8).reshape(1)
+        >>> dequantize_gpu(cupy.asarray(blk), "Q8_0", dtype="float32")[:2]
+        array([0., 0.], dtype=float32)
+    """
+    cupy = _cupy()
+    spec = type_spec(ggml_type)
+    name, store = gpu_dtype(dtype)
+    if not isinstance(raw, cupy.ndarray) or raw.dtype != cupy.uint8 or not raw.flags.c_contiguous:
+        raise GGUFLabError(f"{spec.name}: raw must be a C-contiguous CuPy uint8 array, got {type(raw).__name__} "
+                           f"{getattr(raw, 'dtype', '')}")
+    raw = raw.reshape(-1)
+    if raw.size % spec.type_size:
+        raise GGUFLabError(f"{spec.name}: {raw.size} bytes is not a whole number of {spec.type_size}-byte blocks")
+    total_blocks = raw.size // spec.type_size
+    n_elem = total_blocks * spec.block_size
+    if n_blocks is None:
+        n_blocks = total_blocks - first_block
+    if first_block < 0 or n_blocks < 0 or first_block + n_blocks > total_blocks:
+        raise GGUFLabError(f"{spec.name}: blocks [{first_block}, {first_block + n_blocks}) outside the "
+                           f"tensor's {total_blocks} blocks")
+    sub_range = (first_block, n_blocks) != (0, total_blocks)
+    if spec.kind == "int":  # pass-through, in the tensor's own dtype
+        if sub_range:
+            raise GGUFLabError(f"{spec.name}: integer tensors are copied whole, not by block range")
+        view = raw.view(spec.storage_dtype)
+        if out is None:
+            return view.reshape(tuple(shape) if shape is not None else -1).copy()
+        out.reshape(-1)[...] = view
+        return out
+    if out is None:
+        if sub_range:
+            raise GGUFLabError(f"{spec.name}: a block sub-range needs out= (the whole tensor's output)")
+        shape = (n_elem,) if shape is None else tuple(int(s) for s in shape)
+        if int(np.prod(shape, dtype=np.int64)) != n_elem:
+            raise GGUFLabError(f"{spec.name}: shape {shape} does not hold {n_elem} elements")
+        with (stream if stream is not None else _null()):
+            out = cupy.empty(shape, dtype=store)
+    elif (not isinstance(out, cupy.ndarray) or out.dtype != store or out.size != n_elem
+          or not out.flags.c_contiguous):
+        raise GGUFLabError(f"{spec.name}: out must be a C-contiguous CuPy {store} array of {n_elem} elements "
+                           f"({name}), got {getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+    if n_blocks == 0:
+        return out
+    src = raw[first_block * spec.type_size:(first_block + n_blocks) * spec.type_size]
+    dst = out.reshape(-1)[first_block * spec.block_size:(first_block + n_blocks) * spec.block_size]
+    device_id = out.device.id
+    vec = int(dst.data.ptr % 16 == 0)
+    kern = _kernel(int(spec.ggml_type), _OUT_KIND[name], vec, device_id)
+    grid_tab, ksigns = _tables(int(spec.ggml_type), device_id)
+    group = 1 if spec.block_size == 1 else 8
+    n_groups = n_blocks * spec.block_size // group
+    blocks, threads = launch_config(n_groups, device_id)
+    with (stream if stream is not None else _null()):
+        kern((blocks,), (threads,), (src, dst, np.int64(n_groups), grid_tab, ksigns))
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def as_torch(array, dtype="float16"):
+    """A zero-copy ``torch.Tensor`` view (DLPack) of a GPU output; bfloat16 bit patterns become
+    ``torch.bfloat16``."""
+    import torch
+
+    t = torch.from_dlpack(array)
+    return t.view(torch.bfloat16) if gpu_dtype(dtype)[0] == "bfloat16" else t

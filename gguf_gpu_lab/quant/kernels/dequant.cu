@@ -1,0 +1,330 @@
+// Dequantization of every GGML type on the GPU: one source for NVRTC (CUDA) and hipRTC (ROCm).
+//
+// Compiled once per (type, output dtype) with -D options:
+//   GGML_TYPE  the GGMLQuantizationType id
+//   OUT_KIND   0 float32, 1 float16, 2 bfloat16 (bit patterns in uint16)
+//   VEC_STORE  1 when the output pointer is 16-byte aligned (vector stores), else 0
+//   BLOCK_SIZE, TYPE_SIZE  the type's block layout, from gguf.GGML_QUANT_SIZES
+// and with floating-point contraction off (--fmad=false / -ffp-contract=off), so that each
+// multiply and add rounds separately, exactly as gguf-py's NumPy reference does.
+//
+// Each thread produces GROUP consecutive outputs of one block (8 for block types, 1 for plain
+// float types), with the same float32 operations in the same order as gguf.quants.
+
+#define GROUP_PLAIN 1
+#define GROUP_BLOCK 8
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+// ---- float conversions, written out so no fp16 header is needed on either compiler ----------
+
+__device__ __forceinline__ float h2f(u16 h) {
+    u32 sign = ((u32)h & 0x8000u) << 16;
+    u32 exp = ((u32)h >> 10) & 0x1Fu;
+    u32 man = (u32)h & 0x3FFu;
+    if (exp == 0) {  // zero or subnormal: man * 2^-24 is exact
+        float f = (float)man * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    u32 bits = (exp == 31) ? (sign | 0x7F800000u | (man << 13)) : (sign | ((exp + 112u) << 23) | (man << 13));
+    return __uint_as_float(bits);
+}
+
+// float32 -> float16, round to nearest even; overflow gives inf; NaN stays NaN.
+__device__ __forceinline__ u16 f2h(float fv) {
+    const u32 f32_inf = 255u << 23;
+    const u32 f16_max = (127u + 16u) << 23;                       // 2^16: inf from here on
+    const u32 denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    u32 f = __float_as_uint(fv);
+    u32 sign = f & 0x80000000u;
+    f ^= sign;
+    u32 o;
+    if (f >= f16_max) {
+        o = (f > f32_inf) ? 0x7E00u : 0x7C00u;
+    } else if (f < (113u << 23)) {                                 // subnormal or zero in fp16
+        // adding the magic aligns the 10 mantissa bits at the bottom; float32 addition rounds
+        // to nearest even, which is the rounding wanted
+        float t = __uint_as_float(f) + __uint_as_float(denorm_magic);
+        o = __float_as_uint(t) - denorm_magic;
+    } else {
+        u32 mant_odd = (f >> 13) & 1u;
+        f += ((u32)(15 - 127) << 23) + 0xFFFu;
+        f += mant_odd;
+        o = f >> 13;
+    }
+    return (u16)(o | (sign >> 16));
+}
+
+// float32 -> bfloat16, round to nearest even; NaN stays NaN (made quiet).
+__device__ __forceinline__ u16 f2bf(float fv) {
+    u32 x = __float_as_uint(fv);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (u16)((x >> 16) | 0x40u);
+    return (u16)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float ld_f16(const u8* p) { return h2f((u16)(p[0] | (p[1] << 8))); }
+__device__ __forceinline__ u16 ld_u16(const u8* p) { return (u16)(p[0] | (p[1] << 8)); }
+__device__ __forceinline__ u32 ld_u32(const u8* p) {
+    return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
+}
+
+__constant__ i8 KV_IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+__constant__ i8 KV_FP4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+__constant__ u8 POW3[5] = {1, 3, 9, 27, 81};
+
+// ---- one function per type: GROUP outputs of group g of block b --------------------------------
+
+#if GGML_TYPE == 0 || GGML_TYPE == 1 || GGML_TYPE == 30 || GGML_TYPE == 28  /* F32, F16, BF16, F64 */
+#define GROUP GROUP_PLAIN
+__device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* grid, const u8* ksigns) {
+#if GGML_TYPE == 0
+    v[0] = __uint_as_float(ld_u32(b));
+#elif GGML_TYPE == 1
+    v[0] = ld_f16(b);
+#elif GGML_TYPE == 28  /* F64: rounded to float32 first, like every other type */
+    v[0] = (float)__longlong_as_double((long long)((unsigned long long)ld_u32(b) | ((unsigned long long)ld_u32(b + 4) << 32)));
+#else
+    v[0] = __uint_as_float((u32)ld_u16(b) << 16);
+#endif
+}
+
+#elif GGML_TYPE == 2 || GGML_TYPE == 3 || GGML_TYPE == 6 || GGML_TYPE == 7 || GGML_TYPE == 8 || GGML_TYPE == 20 || GGML_TYPE == 39
+#define GROUP GROUP_BLOCK
+__device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* grid, const u8* ksigns) {
+    const int e0 = g * 8;                          // first element of the group (0..31)
+    const int half = e0 >> 4, base = e0 & 15;      // nibble half, byte index of the first element
+#if GGML_TYPE == 2   /* Q4_0 */
+    const float d = ld_f16(b);
+    for (int j = 0; j < 8; ++j) v[j] = d * (float)(((b[2 + base + j] >> (4 * half)) & 15) - 8);
+#elif GGML_TYPE == 3 /* Q4_1 */
+    const float d = ld_f16(b), m = ld_f16(b + 2);
+    for (int j = 0; j < 8; ++j) v[j] = d * (float)((b[4 + base + j] >> (4 * half)) & 15) + m;
+#elif GGML_TYPE == 6 /* Q5_0 */
+    const float d = ld_f16(b);
+    const u32 qh = ld_u32(b + 2);
+    for (int j = 0; j < 8; ++j) {
+        int q = ((b[6 + base + j] >> (4 * half)) & 15) | (((qh >> (e0 + j)) & 1u) << 4);
+        v[j] = d * (float)(q - 16);
+    }
+#elif GGML_TYPE == 7 /* Q5_1 */
+    const float d = ld_f16(b), m = ld_f16(b + 2);
+    const u32 qh = ld_u32(b + 4);
+    for (int j = 0; j < 8; ++j) {
+        int q = ((b[8 + base + j] >> (4 * half)) & 15) | (((qh >> (e0 + j)) & 1u) << 4);
+        v[j] = d * (float)q + m;
+    }
+#elif GGML_TYPE == 8 /* Q8_0 */
+    const float d = ld_f16(b);
+    for (int j = 0; j < 8; ++j) v[j] = (float)(i8)b[2 + e0 + j] * d;
+#elif GGML_TYPE == 20 /* IQ4_NL */
+    const float d = ld_f16(b);
+    for (int j = 0; j < 8; ++j) v[j] = d * (float)KV_IQ4NL[(b[2 + base + j] >> (4 * half)) & 15];
+#elif GGML_TYPE == 39 /* MXFP4: e8m0 scale, already halved for the doubled kvalues */
+    const u32 e = b[0];
+    const float d = __uint_as_float(e < 2 ? (0x00200000u << e) : ((e - 1u) << 23));
+    for (int j = 0; j < 8; ++j) v[j] = d * (float)KV_FP4[(b[1 + base + j] >> (4 * half)) & 15];
+#endif
+}
+
+#elif GGML_TYPE == 40 /* NVFP4: 4 sub-blocks of 16, ue4m3 scales */
+#define GROUP GROUP_BLOCK
+__device__ __forceinline__ float ue4m3_half(u32 x) {
+    u32 ex = (x >> 3) & 15u, man = x & 7u;
+    float raw = ex == 0 ? (float)man * 0.001953125f                       // man * 2^-9
+                        : (1.0f + (float)man / 8.0f) * __uint_as_float((ex - 7u + 127u) << 23);
+    return (x == 0 || x == 0x7Fu) ? 0.0f : raw * 0.5f;
+}
+__device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* grid, const u8* ksigns) {
+    const int s = g >> 1, hi = g & 1;
+    const float d = ue4m3_half(b[s]);
+    for (int j = 0; j < 8; ++j) v[j] = d * (float)KV_FP4[(b[4 + s * 8 + j] >> (4 * hi)) & 15];
+}
+
+#else /* 256-element super-blocks: 32 groups of 8 */
+#define GROUP GROUP_BLOCK
+__device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* grid, const u8* ksigns) {
+    const int e0 = g * 8;
+#if GGML_TYPE == 10  /* Q2_K */
+    const float d = ld_f16(b + 80), dmin = ld_f16(b + 82);
+    const u8 sc = b[e0 >> 4];
+    const float dl = d * (float)(sc & 15), ml = dmin * (float)(sc >> 4);
+    const int h = e0 >> 7, s = (e0 & 127) >> 5, i0 = e0 & 31;
+    for (int j = 0; j < 8; ++j) v[j] = dl * (float)((b[16 + h * 32 + i0 + j] >> (2 * s)) & 3) - ml;
+#elif GGML_TYPE == 11 /* Q3_K */
+    const float d = ld_f16(b + 108);
+    const int r = e0 >> 4;
+    const u8* sc = b + 96;
+    const int ls = (sc[r & 7] >> (4 * (r >> 3))) & 15, hs = (sc[8 + (r & 3)] >> (2 * (r >> 2))) & 3;
+    const float dl = d * (float)((ls | (hs << 4)) - 32);
+    const int h = e0 >> 7, s = (e0 & 127) >> 5, i0 = e0 & 31, hb = e0 >> 5;
+    for (int j = 0; j < 8; ++j) {
+        int ql = (b[32 + h * 32 + i0 + j] >> (2 * s)) & 3;
+        int qh = ((b[i0 + j] >> hb) & 1) ^ 1;
+        v[j] = dl * (float)(ql - (qh << 2));
+    }
+#elif GGML_TYPE == 12 || GGML_TYPE == 13 /* Q4_K, Q5_K */
+    const float d = ld_f16(b), dmin = ld_f16(b + 2);
+    const u8* s = b + 4;
+    const int sb = e0 >> 5, i0 = e0 & 31;
+    int sc, mn;
+    if (sb < 4) { sc = s[sb] & 63; mn = s[sb + 4] & 63; }
+    else { sc = (s[sb + 4] & 15) | ((s[sb - 4] >> 2) & 0x30); mn = (s[sb + 4] >> 4) | ((s[sb] >> 2) & 0x30); }
+    const float dsc = d * (float)sc, dm = dmin * (float)mn;
+#if GGML_TYPE == 12
+    for (int j = 0; j < 8; ++j) v[j] = dsc * (float)((b[16 + (sb >> 1) * 32 + i0 + j] >> (4 * (sb & 1))) & 15) - dm;
+#else
+    for (int j = 0; j < 8; ++j) {
+        int q = ((b[48 + (sb >> 1) * 32 + i0 + j] >> (4 * (sb & 1))) & 15) | (((b[16 + i0 + j] >> sb) & 1) << 4);
+        v[j] = dsc * (float)q - dm;
+    }
+#endif
+#elif GGML_TYPE == 14 /* Q6_K */
+    const float d = ld_f16(b + 208);
+    const float dsc = d * (float)(i8)b[192 + (e0 >> 4)];
+    const int r = e0 >> 5, i0 = e0 & 31, h = r >> 2, t = r & 3, sh = (t >> 1) * 4, p = r & 1;
+    for (int j = 0; j < 8; ++j) {
+        int lo = (b[h * 64 + p * 32 + i0 + j] >> sh) & 15;
+        int hi = (b[128 + h * 32 + i0 + j] >> (2 * t)) & 3;
+        v[j] = dsc * (float)((lo | (hi << 4)) - 32);
+    }
+#elif GGML_TYPE == 34 /* TQ1_0: base-3 digits, 5 (then 4) to a byte */
+    const float d = ld_f16(b + 52);
+    for (int j = 0; j < 8; ++j) {
+        const int e = e0 + j;
+        int k, byte;
+        if (e < 160) { k = e >> 5; byte = e & 31; }
+        else if (e < 240) { k = (e - 160) >> 4; byte = 32 + ((e - 160) & 15); }
+        else { k = (e - 240) >> 2; byte = 48 + ((e - 240) & 3); }
+        const u32 q8 = ((u32)b[byte] * (u32)POW3[k]) & 255u;  // uint8 product, wrapping as in gguf-py
+        v[j] = d * (float)((int)((q8 * 3u) >> 8) - 1);
+    }
+#elif GGML_TYPE == 35 /* TQ2_0 */
+    const float d = ld_f16(b + 64);
+    const int h = e0 >> 7, s = (e0 & 127) >> 5, i0 = e0 & 31;
+    for (int j = 0; j < 8; ++j) v[j] = d * (float)(((b[h * 32 + i0 + j] >> (2 * s)) & 3) - 1);
+#elif GGML_TYPE == 23 /* IQ4_XS */
+    const float d = ld_f16(b);
+    const int sb = e0 >> 5, i0 = e0 & 31;
+    const int l = (b[4 + (sb >> 1)] >> (4 * (sb & 1))) & 15, hh = (ld_u16(b + 2) >> (2 * sb)) & 3;
+    const float dl = d * (float)((l | (hh << 4)) - 32);
+    for (int j = 0; j < 8; ++j) {
+        int i = i0 + j;
+        v[j] = dl * (float)KV_IQ4NL[(b[8 + sb * 16 + (i & 15)] >> (4 * (i >> 4))) & 15];
+    }
+#elif GGML_TYPE == 16 /* IQ2_XXS */
+    const float d = ld_f16(b);
+    const int ib = g >> 2, l = g & 3;
+    const u32 a0 = ld_u32(b + 2 + 8 * ib), a1 = ld_u32(b + 6 + 8 * ib);
+    const float db = d * (0.5f + (float)(a1 >> 28)) * 0.25f;
+    const float* gr = grid + 8 * ((a0 >> (8 * l)) & 255u);
+    const u8 sg = ksigns[(a1 >> (7 * l)) & 127u];
+    for (int j = 0; j < 8; ++j) v[j] = db * gr[j] * ((sg >> j) & 1 ? -1.0f : 1.0f);
+#elif GGML_TYPE == 17 /* IQ2_XS */
+    const float d = ld_f16(b);
+    const u16 q = ld_u16(b + 2 + 2 * g);
+    const int sc = (b[66 + (g >> 2)] >> (4 * ((g >> 1) & 1))) & 15;
+    const float db = d * (0.5f + (float)sc) * 0.25f;
+    const float* gr = grid + 8 * (q & 511);
+    const u8 sg = ksigns[q >> 9];
+    for (int j = 0; j < 8; ++j) v[j] = db * gr[j] * ((sg >> j) & 1 ? -1.0f : 1.0f);
+#elif GGML_TYPE == 22 /* IQ2_S */
+    const float d = ld_f16(b);
+    const int sc = (b[74 + (g >> 2)] >> (4 * ((g >> 1) & 1))) & 15;
+    const float db = d * (0.5f + (float)sc) * 0.25f;
+    const int idx = b[2 + g] | (((b[66 + (g >> 2)] >> (2 * (g & 3))) & 3) << 8);
+    const float* gr = grid + 8 * idx;
+    const u8 sg = b[34 + g];
+    for (int j = 0; j < 8; ++j) v[j] = db * gr[j] * ((sg >> j) & 1 ? -1.0f : 1.0f);
+#elif GGML_TYPE == 18 /* IQ3_XXS */
+    const float d = ld_f16(b);
+    const int ib = g >> 2, l = g & 3;
+    const u32 aux = ld_u32(b + 66 + 4 * ib);
+    const float db = d * (0.5f + (float)(aux >> 28)) * 0.5f;
+    const u8 sg = ksigns[(aux >> (7 * l)) & 127u];
+    const float* g0 = grid + 4 * b[2 + 2 * g];
+    const float* g1 = grid + 4 * b[3 + 2 * g];
+    for (int j = 0; j < 8; ++j) v[j] = db * (j < 4 ? g0[j] : g1[j - 4]) * ((sg >> j) & 1 ? -1.0f : 1.0f);
+#elif GGML_TYPE == 21 /* IQ3_S */
+    const float d = ld_f16(b);
+    const int ib = g >> 2;
+    const int sc = (b[106 + (ib >> 1)] >> (4 * (ib & 1))) & 15;
+    const float db = d * (float)(1 + 2 * sc);
+    const u8 sg = b[74 + g];
+    const int q0 = 2 * g, q1 = 2 * g + 1;
+    const float* g0 = grid + 4 * (b[2 + q0] | (((b[66 + (q0 >> 3)] >> (q0 & 7)) & 1) << 8));
+    const float* g1 = grid + 4 * (b[2 + q1] | (((b[66 + (q1 >> 3)] >> (q1 & 7)) & 1) << 8));
+    for (int j = 0; j < 8; ++j) v[j] = db * (j < 4 ? g0[j] : g1[j - 4]) * ((sg >> j) & 1 ? -1.0f : 1.0f);
+#elif GGML_TYPE == 19 /* IQ1_S */
+    const float d = ld_f16(b);
+    const u16 qh = ld_u16(b + 34 + 2 * (g >> 2));
+    const float dl = d * (float)(2 * ((qh >> 12) & 7) + 1);
+    const float delta = (qh & 0x8000) ? -0.125f : 0.125f;
+    const float* gr = grid + 8 * (b[2 + g] | (((qh >> (3 * (g & 3))) & 7) << 8));
+    for (int j = 0; j < 8; ++j) v[j] = dl * (gr[j] + delta);
+#elif GGML_TYPE == 29 /* IQ1_M: the fp16 scale is spread over the top nibbles of 4 words */
+    const u16 s0 = ld_u16(b + 48), s1 = ld_u16(b + 50), s2 = ld_u16(b + 52), s3 = ld_u16(b + 54);
+    const float d = h2f((u16)((s0 >> 12) | ((s1 >> 8) & 0x00F0) | ((s2 >> 4) & 0x0F00) | (s3 & 0xF000)));
+    const int t = g >> 1;
+    const u16 sw = ld_u16(b + 48 + 2 * (t >> 2));
+    const float dl = d * (float)(2 * ((sw >> (3 * (t & 3))) & 7) + 1);
+    const int qhv = (b[32 + (g >> 1)] >> (4 * (g & 1))) & 15;
+    const float delta = (qhv & 8) ? -0.125f : 0.125f;
+    const float* gr = grid + 8 * (b[g] | ((qhv & 7) << 8));
+    for (int j = 0; j < 8; ++j) v[j] = dl * (gr[j] + delta);
+#else
+#error "GGML_TYPE has no GPU kernel"
+#endif
+}
+#endif
+
+// ---- stores --------------------------------------------------------------------------------
+
+#if OUT_KIND == 0
+typedef float out_t;
+#else
+typedef u16 out_t;  // float16 or bfloat16 bit patterns
+#endif
+
+__device__ __forceinline__ out_t cvt(float x) {
+#if OUT_KIND == 0
+    return x;
+#elif OUT_KIND == 1
+    return f2h(x);
+#else
+    return f2bf(x);
+#endif
+}
+
+__device__ __forceinline__ void store(out_t* dst, const float* v) {
+#if GROUP == 8 && VEC_STORE && OUT_KIND == 0
+    float4* p = (float4*)dst;
+    p[0] = make_float4(v[0], v[1], v[2], v[3]);
+    p[1] = make_float4(v[4], v[5], v[6], v[7]);
+#elif GROUP == 8 && VEC_STORE
+    uint4 w;
+    w.x = (u32)cvt(v[0]) | ((u32)cvt(v[1]) << 16);
+    w.y = (u32)cvt(v[2]) | ((u32)cvt(v[3]) << 16);
+    w.z = (u32)cvt(v[4]) | ((u32)cvt(v[5]) << 16);
+    w.w = (u32)cvt(v[6]) | ((u32)cvt(v[7]) << 16);
+    *(uint4*)dst = w;
+#else
+    for (int j = 0; j < GROUP; ++j) dst[j] = cvt(v[j]);
+#endif
+}
+
+// n_groups = n_blocks * (BLOCK_SIZE / GROUP); grid-stride loop over groups.
+extern "C" __global__ void dequant(const u8* __restrict__ src, out_t* __restrict__ dst, long long n_groups,
+                                   const float* __restrict__ grid, const u8* __restrict__ ksigns) {
+    const long long groups_per_block = BLOCK_SIZE / GROUP;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_groups; i += stride) {
+        const long long blk = i / groups_per_block;
+        const int g = (int)(i - blk * groups_per_block);
+        float v[GROUP];
+        deq(src + blk * TYPE_SIZE, g, v, grid, ksigns);
+        store(dst + i * GROUP, v);
+    }
+}

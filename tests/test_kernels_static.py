@@ -1,0 +1,111 @@
+"""Kernel-source checks that need no GPU: coverage of the registry, portability lint, and the
+kernel logic itself compiled for the host CPU (a C++ compiler stands in for NVRTC/hipRTC)."""
+
+import ctypes
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from gguf_gpu_lab import quant
+from gguf_gpu_lab.quant.gpu import GPU_KERNELS, KERNEL_SOURCE
+from gguf_gpu_lab.verify import mismatches, reference, round_reference
+
+from .quantdata import finite_random_blocks, libgguf_rows
+
+
+def test_every_registry_type_has_a_gpu_kernel():
+    missing = [s.name for s in quant.TYPES.values() if s.kind != "int" and s.ggml_type not in GPU_KERNELS]
+    assert not missing
+
+
+def _code(src: str) -> str:
+    src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
+    return re.sub(r"//[^\n]*", "", src)
+
+
+def test_no_cuda_only_constructs():
+    code = _code(KERNEL_SOURCE.read_text())
+    assert not re.search(r"\basm\b", code), "inline PTX does not compile with hipRTC"
+    assert "warpSize" not in code, "warpSize is 64 on CDNA, 32 on RDNA: never a constant"
+    shuffles = re.findall(r"__shfl\w*\s*\(([^,]*)", code)
+    assert all("FULL_MASK" in m for m in shuffles), "shuffle masks only through the portability macro"
+    assert "name_expressions" not in code and "template" not in code, "specialise with -D options"
+
+
+def test_every_helper_is_device_code():
+    code = _code(KERNEL_SOURCE.read_text())
+    for m in re.finditer(r"^(?!\s*#)([^\n;{}]*?)\b(\w+)\s*\([^;{]*\)\s*\{", code, re.M):
+        prefix = m.group(1)
+        if m.group(2) in ("if", "for", "while", "switch"):
+            continue
+        assert "__device__" in prefix or "__global__" in prefix, f"{m.group(2)} is not marked __device__"
+
+
+_SHIM = r"""
+#include <cstring>
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __constant__ static
+#define __restrict__
+struct dim3_ { unsigned x; };
+static dim3_ blockIdx{0}, threadIdx{0}, blockDim{1}, gridDim{1};
+struct float4 { float x, y, z, w; };
+struct uint4 { unsigned x, y, z, w; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+inline double __longlong_as_double(long long v) { double d; memcpy(&d, &v, 8); return d; }
+"""
+
+
+@pytest.fixture(scope="module")
+def cxx():
+    exe = shutil.which("g++") or shutil.which("clang++")
+    if exe is None:
+        pytest.skip("no host C++ compiler (g++ or clang++) to build the kernel source for the CPU")
+    return exe
+
+
+@pytest.mark.parametrize("t", list(GPU_KERNELS), ids=lambda t: t.name)
+def test_kernel_logic_on_host(cxx, t, tmp_path, rng):
+    """The kernel source, built for the CPU with one emulated thread, is bit-exact with gguf-py
+    for every output dtype. The GPU run of the same source is tests/test_gpu_dequant.py."""
+    from gguf import quants as gq
+
+    spec = quant.TYPES[t]
+    shim = tmp_path / "shim.h"
+    shim.write_text(_SHIM)
+    cls = GPU_KERNELS[t]
+    if cls:
+        g = getattr(gq, cls)
+        g.init_grid()
+        grid = np.ascontiguousarray(g.grid, np.float32).reshape(-1)
+    else:
+        grid = np.zeros(1, np.float32)
+    ksigns = np.frombuffer(gq.IQ2_XXS.ksigns, np.uint8).copy()
+    cases = [finite_random_blocks(t, 37, rng)]
+    if t.name != "F64":
+        cases.append(libgguf_rows(t, 2, 512 if spec.block_size > 1 else 64, rng)[0])
+    for kind, dtype in enumerate(["float32", "float16", "bfloat16"]):
+        so = tmp_path / f"k{kind}.so"
+        subprocess.run([cxx, "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-include", str(shim),
+                        f"-DGGML_TYPE={int(t)}", f"-DOUT_KIND={kind}", f"-DVEC_STORE={kind % 2}",
+                        f"-DBLOCK_SIZE={spec.block_size}", f"-DTYPE_SIZE={spec.type_size}",
+                        "-x", "c++", str(KERNEL_SOURCE), "-o", str(so)], check=True, capture_output=True)
+        lib = ctypes.CDLL(str(so))
+        for raw in cases:
+            raw = np.ascontiguousarray(raw).reshape(-1)
+            n = raw.size // spec.type_size * spec.block_size
+            out = np.full(n, np.nan, np.float32) if kind == 0 else np.full(n, 0x7E5A, np.uint16)
+            vp = ctypes.c_void_p
+            lib.dequant(vp(raw.ctypes.data), vp(out.ctypes.data), ctypes.c_longlong(n // (1 if spec.block_size == 1 else 8)),
+                        vp(grid.ctypes.data), vp(ksigns.ctypes.data))
+            ref = reference(raw, t)
+            if kind:
+                ref = round_reference(ref, dtype).view(np.uint16)
+            bad = mismatches(out, ref)
+            assert bad.size == 0, f"{t.name} {dtype}: {bad.size} differ, first at {bad[0]}"
