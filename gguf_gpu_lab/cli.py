@@ -121,7 +121,7 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
     if cpu == dequant:
         raise GGUFLabError("choose one benchmark: --cpu (CPU dequantization) or --dequant (GPU dequantization)")
     if cpu:
-        res = bench.bench_cpu(types=types, weights=size_mb * 1_000_000 // 4)
+        res = bench.bench_cpu(types=types, weights=size_mb * (1 << 20) // 4)
         print(bench.format_cpu(res))
     else:
         from .bench_gpu import bench_gpu_dequant, format_gpu_dequant

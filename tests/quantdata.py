@@ -46,6 +46,9 @@ def finite_random_blocks(ggml_type, n_blocks: int, rng) -> np.ndarray:
     if t == T.F32:
         v = b.view(np.uint32)
         v[(v & np.uint32(0x7F800000)) == np.uint32(0x7F800000)] &= np.uint32(0xBFFFFFFF)
+    elif t == T.F64:
+        v = b.view(np.uint64)
+        v[(v & np.uint64(0x7FF0000000000000)) == np.uint64(0x7FF0000000000000)] &= np.uint64(0xBFFFFFFFFFFFFFFF)
     elif t == T.F16:
         _finite_f16(b.view(np.uint16))
     elif t == T.BF16:

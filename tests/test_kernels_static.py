@@ -45,20 +45,48 @@ def test_every_helper_is_device_code():
 
 
 _SHIM = r"""
-#include <cstring>
+#include <pthread.h>
+#include <string.h>
 #define __device__
 #define __global__
 #define __forceinline__ inline
 #define __constant__ static
+#define __shared__ static
 #define __restrict__
+#define __launch_bounds__(n)
 struct dim3_ { unsigned x; };
-static dim3_ blockIdx{0}, threadIdx{0}, blockDim{1}, gridDim{1};
+static thread_local dim3_ threadIdx{0};
+static dim3_ blockIdx{0}, blockDim{THREADS}, gridDim{1};
+static pthread_barrier_t g_barrier;
+inline void __syncthreads() { pthread_barrier_wait(&g_barrier); }
 struct float4 { float x, y, z, w; };
 struct uint4 { unsigned x, y, z, w; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 inline double __longlong_as_double(long long v) { double d; memcpy(&d, &v, 8); return d; }
+"""
+
+# One thread block of THREADS real threads, with a barrier for __syncthreads().
+_LAUNCH = r"""
+struct Args { const u8* src; void* dst; long long n; const u8* grid; const u8* ksigns; unsigned tid; };
+static void* body(void* p) {
+    Args* a = (Args*)p;
+    threadIdx.x = a->tid;
+    dequant(a->src, (out_t*)a->dst, a->n, a->grid, a->ksigns);
+    return 0;
+}
+extern "C" void launch(const u8* src, void* dst, long long n, const u8* grid, const u8* ksigns) {
+    pthread_barrier_init(&g_barrier, 0, THREADS);
+    pthread_t ts[THREADS];
+    Args args[THREADS];
+    for (int i = 0; i < THREADS; ++i) {
+        args[i] = Args{src, dst, n, grid, ksigns, (unsigned)i};
+        pthread_create(&ts[i], 0, body, &args[i]);
+    }
+    for (int i = 0; i < THREADS; ++i) pthread_join(ts[i], 0);
+    pthread_barrier_destroy(&g_barrier);
+}
 """
 
 
@@ -76,34 +104,30 @@ def test_kernel_logic_on_host(cxx, t, tmp_path, rng):
     for every output dtype. The GPU run of the same source is tests/test_gpu_dequant.py."""
     from gguf import quants as gq
 
+    from gguf_gpu_lab.quant.gpu import THREADS, grid_bytes
+
     spec = quant.TYPES[t]
-    shim = tmp_path / "shim.h"
-    shim.write_text(_SHIM)
-    cls = GPU_KERNELS[t]
-    if cls:
-        g = getattr(gq, cls)
-        g.init_grid()
-        grid = np.ascontiguousarray(g.grid, np.float32).reshape(-1)
-    else:
-        grid = np.zeros(1, np.float32)
+    wrapper = tmp_path / "kernel.cpp"
+    wrapper.write_text(_SHIM + f'#include "{KERNEL_SOURCE}"\n' + _LAUNCH)
+    grid = grid_bytes(GPU_KERNELS[t]) if GPU_KERNELS[t] else np.zeros(8, np.uint8)
     ksigns = np.frombuffer(gq.IQ2_XXS.ksigns, np.uint8).copy()
-    cases = [finite_random_blocks(t, 37, rng)]
+    cases = [finite_random_blocks(t, 37, rng), finite_random_blocks(t, 4099, rng)]  # one and several tiles
     if t.name != "F64":
         cases.append(libgguf_rows(t, 2, 512 if spec.block_size > 1 else 64, rng)[0])
     for kind, dtype in enumerate(["float32", "float16", "bfloat16"]):
         so = tmp_path / f"k{kind}.so"
-        subprocess.run([cxx, "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-include", str(shim),
+        subprocess.run([cxx, "-O1", "-pthread", "-shared", "-fPIC", "-ffp-contract=off",
                         f"-DGGML_TYPE={int(t)}", f"-DOUT_KIND={kind}", f"-DVEC_STORE={kind % 2}",
-                        f"-DBLOCK_SIZE={spec.block_size}", f"-DTYPE_SIZE={spec.type_size}",
-                        "-x", "c++", str(KERNEL_SOURCE), "-o", str(so)], check=True, capture_output=True)
+                        f"-DBLOCK_SIZE={spec.block_size}", f"-DTYPE_SIZE={spec.type_size}", f"-DTHREADS={THREADS}",
+                        str(wrapper), "-o", str(so)], check=True, capture_output=True)
         lib = ctypes.CDLL(str(so))
         for raw in cases:
             raw = np.ascontiguousarray(raw).reshape(-1)
             n = raw.size // spec.type_size * spec.block_size
             out = np.full(n, np.nan, np.float32) if kind == 0 else np.full(n, 0x7E5A, np.uint16)
             vp = ctypes.c_void_p
-            lib.dequant(vp(raw.ctypes.data), vp(out.ctypes.data), ctypes.c_longlong(n // (1 if spec.block_size == 1 else 8)),
-                        vp(grid.ctypes.data), vp(ksigns.ctypes.data))
+            lib.launch(vp(raw.ctypes.data), vp(out.ctypes.data),
+                       ctypes.c_longlong(n), vp(grid.ctypes.data), vp(ksigns.ctypes.data))
             ref = reference(raw, t)
             if kind:
                 ref = round_reference(ref, dtype).view(np.uint16)

@@ -135,16 +135,11 @@ def _q5_k(b, out):
 
 def _q6_k(b, out):
     n = b.shape[0]
-    ql, qh = b[:, :128], b[:, 128:192]
     d = _f16(b, 208) * b[:, 192:208].view(np.int8)  # (n, 16) float32: gguf multiplies d * scales first
-    q = np.empty((n, 2, 4, 32), dtype=np.uint8)
-    for h in range(2):
-        l64 = ql[:, 64 * h:64 * h + 64]
-        h32 = qh[:, 32 * h:32 * h + 32]
-        for r in range(4):
-            lo = l64[:, 32 * (r % 2):32 * (r % 2) + 32]
-            lo = lo & np.uint8(15) if r < 2 else lo >> np.uint8(4)
-            np.bitwise_or(lo, ((h32 >> np.uint8(2 * r)) & np.uint8(3)) << np.uint8(4), out=q[:, h, r])
+    # low 4 bits: (half h, shift s, part p, i) -> row r = 2s + p; high 2 bits: (h, shift t, i) -> row t
+    lo = (b[:, :128].reshape(n, 2, 1, 2, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1, 1)) & np.uint8(15)
+    hi = (b[:, 128:192].reshape(n, 2, 1, 32) >> _SH2.reshape(1, 1, 4, 1)) & np.uint8(3)
+    q = lo.reshape(n, 2, 4, 32) | (hi << np.uint8(4))
     np.multiply(d.reshape(n, 16, 1), _signed(q, 32).reshape(n, 16, 16), out=out.reshape(n, 16, 16), dtype=_F32)
 
 
@@ -170,7 +165,9 @@ assert set(_KERNELS) == set(OWN_CPU_KERNELS)
 
 def _gguf_kernel(spec: TypeSpec) -> Callable[[np.ndarray, np.ndarray], None]:
     def run(b: np.ndarray, out: np.ndarray) -> None:
-        out[...] = gq.dequantize(np.ascontiguousarray(b), spec.ggml_type).reshape(out.shape)
+        # one row for the whole chunk: gguf-py loops in Python over groups of 16 rows
+        row = np.ascontiguousarray(b).reshape(1, -1)
+        out[...] = gq.dequantize(row, spec.ggml_type).reshape(out.shape)
 
     return run
 
@@ -180,21 +177,30 @@ def block_kernel(spec: TypeSpec) -> Callable[[np.ndarray, np.ndarray], None]:
     return _KERNELS.get(spec.ggml_type) or _gguf_kernel(spec)
 
 
-# About 128 Ki weights a task: large enough to amortise NumPy call overhead,
-# small enough that a task's temporaries stay in a core's L2.
-_TARGET_ELEMS_PER_TASK = 1 << 17
+# Weights per task: at least MIN_TASK to amortise NumPy's per-call overhead (during which the
+# GIL is held), at most MAX_TASK to bound temporaries, and otherwise about two tasks a thread.
+# Measured on 16 cores (benchmarks/cpu_task_sweep.py, BENCHMARKS.md): 64 Ki-weight tasks stop
+# scaling past a few threads; 1-4 Mi-weight tasks scale.
+MIN_TASK = 1 << 18
+MAX_TASK = 1 << 22
+
+
+def auto_task_elements(n_elements: int, threads: int) -> int:
+    return int(min(MAX_TASK, max(MIN_TASK, -(-n_elements // (2 * max(1, threads))))))
 
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def dequantize_blocks(spec: TypeSpec, blocks: np.ndarray, out: np.ndarray, threads: int) -> None:
+def dequantize_blocks(spec: TypeSpec, blocks: np.ndarray, out: np.ndarray, threads: int,
+                      task_elements: int | None = None) -> None:
     """Dequantize ``blocks`` (n, type_size) into ``out`` (n, block_size) of any float dtype."""
     n = blocks.shape[0]
     kernel = block_kernel(spec)
     direct = out.dtype == np.float32
-    step = max(1, _TARGET_ELEMS_PER_TASK // spec.block_size)
+    task = task_elements or auto_task_elements(n * spec.block_size, threads)
+    step = max(1, task // spec.block_size)
 
     def task(lo: int) -> None:
         hi = min(n, lo + step)

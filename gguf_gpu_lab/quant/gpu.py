@@ -27,7 +27,7 @@ GPU_KERNELS: dict[T, str | None] = {
     T.TQ1_0: None, T.TQ2_0: None, T.MXFP4: None, T.NVFP4: None,
 }
 _OUT_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
-_THREADS = 256
+THREADS = 256  # threads per block; each makes 8 outputs of a 2048-output tile
 
 
 def _cupy():
@@ -57,9 +57,10 @@ def _kernel(type_id: int, out_kind: int, vec: int, device_id: int):
     cupy = _cupy()
     block, size = TYPES[T(type_id)].block_size, TYPES[T(type_id)].type_size
     defs = (f"-DGGML_TYPE={type_id}", f"-DOUT_KIND={out_kind}", f"-DVEC_STORE={vec}",
-            f"-DBLOCK_SIZE={block}", f"-DTYPE_SIZE={size}")
-    # contraction off: each multiply and add rounds on its own, as in the NumPy reference
-    fp = ("-ffp-contract=off",) if cupy.cuda.runtime.is_hip else ("--fmad=false",)
+            f"-DBLOCK_SIZE={block}", f"-DTYPE_SIZE={size}", f"-DTHREADS={THREADS}")
+    # Contraction off: each multiply and add rounds on its own, as in the NumPy reference.
+    # Subnormals kept (NVRTC): MXFP4 scales and F64 values can be float32 subnormals.
+    fp = ("-ffp-contract=off",) if cupy.cuda.runtime.is_hip else ("--fmad=false", "--ftz=false")
     with cupy.cuda.Device(device_id):
         mod = cupy.RawModule(code=_source(), options=fp + defs)
         return mod.get_function("dequant")
@@ -67,18 +68,26 @@ def _kernel(type_id: int, out_kind: int, vec: int, device_id: int):
 
 @functools.lru_cache(maxsize=None)
 def _tables(type_id: int, device_id: int):
-    """(grid, ksigns) device arrays for a type, uploaded once per device."""
+    """(grid, ksigns) device arrays for a type, uploaded once per device. Grids are gguf-py's
+    own tables, stored as int8 rows (every entry is a small integer, checked here)."""
     cupy = _cupy()
     cls_name = GPU_KERNELS[T(type_id)]
     with cupy.cuda.Device(device_id):
         if cls_name is None:
-            dummy = cupy.zeros(1, cupy.float32)
-            return dummy, cupy.zeros(1, cupy.uint8)
-        cls = getattr(gq, cls_name)
-        cls.init_grid()
-        grid = cupy.asarray(np.ascontiguousarray(cls.grid, dtype=np.float32).reshape(-1))
-        ksigns = cupy.asarray(np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8))
-        return grid, ksigns
+            dummy = cupy.zeros(8, cupy.uint8)
+            return dummy, dummy
+        return cupy.asarray(grid_bytes(cls_name)), cupy.asarray(np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8))
+
+
+def grid_bytes(cls_name: str) -> np.ndarray:
+    """gguf-py's lookup grid of an IQ type as int8 rows, viewed as uint8."""
+    cls = getattr(gq, cls_name)
+    cls.init_grid()
+    g = np.asarray(cls.grid, dtype=np.float32).reshape(-1)
+    b = g.astype(np.int8)
+    if not np.array_equal(b.astype(np.float32), g):  # pragma: no cover - a gguf change
+        raise GGUFLabError(f"{cls_name}: gguf's grid has values that are not small integers")
+    return b.view(np.uint8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,11 +96,11 @@ def _sm_count(device_id: int) -> int:
     return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
 
 
-def launch_config(n_groups: int, device_id: int) -> tuple[int, int]:
-    """(blocks, threads): enough blocks to fill every multiprocessor several times over,
-    fewer for small inputs; the kernel's grid-stride loop covers the rest."""
-    blocks = min(max(1, -(-n_groups // _THREADS)), _sm_count(device_id) * 16)
-    return blocks, _THREADS
+def launch_config(n_elem: int, device_id: int) -> tuple[int, int]:
+    """(blocks, threads): one block per 2048-output tile, at most 8 resident blocks' worth per
+    multiprocessor of this device; the kernel's grid-stride loop over tiles covers the rest."""
+    tiles = max(1, -(-n_elem // (THREADS * 8)))
+    return min(tiles, _sm_count(device_id) * 8), THREADS
 
 
 def dequantize_gpu(raw, ggml_type, shape: Sequence[int] | None = None, dtype="float16", out=None, stream=None,
@@ -163,11 +172,10 @@ def dequantize_gpu(raw, ggml_type, shape: Sequence[int] | None = None, dtype="fl
     vec = int(dst.data.ptr % 16 == 0)
     kern = _kernel(int(spec.ggml_type), _OUT_KIND[name], vec, device_id)
     grid_tab, ksigns = _tables(int(spec.ggml_type), device_id)
-    group = 1 if spec.block_size == 1 else 8
-    n_groups = n_blocks * spec.block_size // group
-    blocks, threads = launch_config(n_groups, device_id)
+    n_out = n_blocks * spec.block_size
+    blocks, threads = launch_config(n_out, device_id)
     with (stream if stream is not None else _null()):
-        kern((blocks,), (threads,), (src, dst, np.int64(n_groups), grid_tab, ksigns))
+        kern((blocks,), (threads,), (src, dst, np.int64(n_out), grid_tab, ksigns))
     return out
 
 

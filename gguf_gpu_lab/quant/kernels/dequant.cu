@@ -8,11 +8,18 @@
 // and with floating-point contraction off (--fmad=false / -ffp-contract=off), so that each
 // multiply and add rounds separately, exactly as gguf-py's NumPy reference does.
 //
-// Each thread produces GROUP consecutive outputs of one block (8 for block types, 1 for plain
-// float types), with the same float32 operations in the same order as gguf.quants.
+// A thread block stages a tile of THREADS * 8 outputs' worth of input bytes in shared memory with
+// coalesced 32-bit loads; then each thread computes 8 consecutive outputs (within one block, or
+// 8 plain values) with the same float32 operations, in the same order, as gguf.quants, and
+// writes them with one or two 16-byte stores.
 
-#define GROUP_PLAIN 1
-#define GROUP_BLOCK 8
+#ifndef THREADS
+#define THREADS 256
+#endif
+#define GROUP 8
+#define TILE_ELEMS (THREADS * GROUP)
+#define TILE_BLOCKS (TILE_ELEMS / BLOCK_SIZE)
+#define TILE_BYTES (TILE_BLOCKS * TYPE_SIZE)
 
 typedef unsigned char u8;
 typedef signed char i8;
@@ -71,29 +78,43 @@ __device__ __forceinline__ u32 ld_u32(const u8* p) {
     return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
 }
 
-__constant__ i8 KV_IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-__constant__ i8 KV_FP4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-__constant__ u8 POW3[5] = {1, 3, 9, 27, 81};
+// Small value tables packed into 64-bit immediates: a table in __constant__ memory serialises
+// when the lanes of a warp read different entries, which these lookups always do.
+__device__ __forceinline__ int lut16(unsigned long long lo, unsigned long long hi, int q) {
+    return (int)(i8)(u8)(((q < 8) ? lo : hi) >> (8 * (q & 7)));
+}
+// IQ4_NL: -127 -104 -83 -65 -49 -35 -22 -10 | 1 13 25 38 53 69 89 113
+#define KV_IQ4NL(q) lut16(0xF6EADDCFBFAD9881ull, 0x7159453526190D01ull, (q))
+// FP4 (MXFP4, NVFP4), doubled: 0 1 2 3 4 6 8 12 | 0 -1 -2 -3 -4 -6 -8 -12
+#define KV_FP4(q) lut16(0x0C08060403020100ull, 0xF4F8FAFCFDFEFF00ull, (q))
+#define POW3(k) ((u32)((0x511B090301ull >> (8 * (k))) & 255u))
+
+// Lookup grids are int8 rows (8 or 4 values), read as aligned 32-bit words.
+__device__ __forceinline__ float gval(u32 w, int j) { return (float)(i8)(u8)(w >> (8 * (j & 3))); }
 
 // ---- one function per type: GROUP outputs of group g of block b --------------------------------
 
 #if GGML_TYPE == 0 || GGML_TYPE == 1 || GGML_TYPE == 30 || GGML_TYPE == 28  /* F32, F16, BF16, F64 */
-#define GROUP GROUP_PLAIN
-__device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* grid, const u8* ksigns) {
+#define PLAIN 1
+// 8 consecutive values (fewer at the end of the tensor: nvalid)
+__device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid, const u8* ksigns, int nvalid) {
+    for (int j = 0; j < 8; ++j) {
+        if (j >= nvalid) { v[j] = 0.0f; continue; }
+        const u8* p = b + j * TYPE_SIZE;
 #if GGML_TYPE == 0
-    v[0] = __uint_as_float(ld_u32(b));
+        v[j] = __uint_as_float(ld_u32(p));
 #elif GGML_TYPE == 1
-    v[0] = ld_f16(b);
+        v[j] = ld_f16(p);
 #elif GGML_TYPE == 28  /* F64: rounded to float32 first, like every other type */
-    v[0] = (float)__longlong_as_double((long long)((unsigned long long)ld_u32(b) | ((unsigned long long)ld_u32(b + 4) << 32)));
+        v[j] = (float)__longlong_as_double((long long)((unsigned long long)ld_u32(p) | ((unsigned long long)ld_u32(p + 4) << 32)));
 #else
-    v[0] = __uint_as_float((u32)ld_u16(b) << 16);
+        v[j] = __uint_as_float((u32)ld_u16(p) << 16);
 #endif
+    }
 }
 
 #elif GGML_TYPE == 2 || GGML_TYPE == 3 || GGML_TYPE == 6 || GGML_TYPE == 7 || GGML_TYPE == 8 || GGML_TYPE == 20 || GGML_TYPE == 39
-#define GROUP GROUP_BLOCK
-__device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* grid, const u8* ksigns) {
+__device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid, const u8* ksigns, int nvalid) {
     const int e0 = g * 8;                          // first element of the group (0..31)
     const int half = e0 >> 4, base = e0 & 15;      // nibble half, byte index of the first element
 #if GGML_TYPE == 2   /* Q4_0 */
@@ -121,31 +142,29 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* g
     for (int j = 0; j < 8; ++j) v[j] = (float)(i8)b[2 + e0 + j] * d;
 #elif GGML_TYPE == 20 /* IQ4_NL */
     const float d = ld_f16(b);
-    for (int j = 0; j < 8; ++j) v[j] = d * (float)KV_IQ4NL[(b[2 + base + j] >> (4 * half)) & 15];
+    for (int j = 0; j < 8; ++j) v[j] = d * (float)KV_IQ4NL((b[2 + base + j] >> (4 * half)) & 15);
 #elif GGML_TYPE == 39 /* MXFP4: e8m0 scale, already halved for the doubled kvalues */
     const u32 e = b[0];
     const float d = __uint_as_float(e < 2 ? (0x00200000u << e) : ((e - 1u) << 23));
-    for (int j = 0; j < 8; ++j) v[j] = d * (float)KV_FP4[(b[1 + base + j] >> (4 * half)) & 15];
+    for (int j = 0; j < 8; ++j) v[j] = d * (float)KV_FP4((b[1 + base + j] >> (4 * half)) & 15);
 #endif
 }
 
 #elif GGML_TYPE == 40 /* NVFP4: 4 sub-blocks of 16, ue4m3 scales */
-#define GROUP GROUP_BLOCK
 __device__ __forceinline__ float ue4m3_half(u32 x) {
     u32 ex = (x >> 3) & 15u, man = x & 7u;
     float raw = ex == 0 ? (float)man * 0.001953125f                       // man * 2^-9
                         : (1.0f + (float)man / 8.0f) * __uint_as_float((ex - 7u + 127u) << 23);
     return (x == 0 || x == 0x7Fu) ? 0.0f : raw * 0.5f;
 }
-__device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* grid, const u8* ksigns) {
+__device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid, const u8* ksigns, int nvalid) {
     const int s = g >> 1, hi = g & 1;
     const float d = ue4m3_half(b[s]);
-    for (int j = 0; j < 8; ++j) v[j] = d * (float)KV_FP4[(b[4 + s * 8 + j] >> (4 * hi)) & 15];
+    for (int j = 0; j < 8; ++j) v[j] = d * (float)KV_FP4((b[4 + s * 8 + j] >> (4 * hi)) & 15);
 }
 
 #else /* 256-element super-blocks: 32 groups of 8 */
-#define GROUP GROUP_BLOCK
-__device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* grid, const u8* ksigns) {
+__device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid, const u8* ksigns, int nvalid) {
     const int e0 = g * 8;
 #if GGML_TYPE == 10  /* Q2_K */
     const float d = ld_f16(b + 80), dmin = ld_f16(b + 82);
@@ -198,7 +217,7 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* g
         if (e < 160) { k = e >> 5; byte = e & 31; }
         else if (e < 240) { k = (e - 160) >> 4; byte = 32 + ((e - 160) & 15); }
         else { k = (e - 240) >> 2; byte = 48 + ((e - 240) & 3); }
-        const u32 q8 = ((u32)b[byte] * (u32)POW3[k]) & 255u;  // uint8 product, wrapping as in gguf-py
+        const u32 q8 = ((u32)b[byte] * POW3(k)) & 255u;  // uint8 product, wrapping as in gguf-py
         v[j] = d * (float)((int)((q8 * 3u) >> 8) - 1);
     }
 #elif GGML_TYPE == 35 /* TQ2_0 */
@@ -212,41 +231,44 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* g
     const float dl = d * (float)((l | (hh << 4)) - 32);
     for (int j = 0; j < 8; ++j) {
         int i = i0 + j;
-        v[j] = dl * (float)KV_IQ4NL[(b[8 + sb * 16 + (i & 15)] >> (4 * (i >> 4))) & 15];
+        v[j] = dl * (float)KV_IQ4NL((b[8 + sb * 16 + (i & 15)] >> (4 * (i >> 4))) & 15);
     }
 #elif GGML_TYPE == 16 /* IQ2_XXS */
     const float d = ld_f16(b);
     const int ib = g >> 2, l = g & 3;
     const u32 a0 = ld_u32(b + 2 + 8 * ib), a1 = ld_u32(b + 6 + 8 * ib);
     const float db = d * (0.5f + (float)(a1 >> 28)) * 0.25f;
-    const float* gr = grid + 8 * ((a0 >> (8 * l)) & 255u);
+    const u32* gr = (const u32*)(grid + 8 * ((a0 >> (8 * l)) & 255u));
     const u8 sg = ksigns[(a1 >> (7 * l)) & 127u];
-    for (int j = 0; j < 8; ++j) v[j] = db * gr[j] * ((sg >> j) & 1 ? -1.0f : 1.0f);
+    const u32 w0 = gr[0], w1 = gr[1];
+    for (int j = 0; j < 8; ++j) v[j] = db * gval(j < 4 ? w0 : w1, j) * ((sg >> j) & 1 ? -1.0f : 1.0f);
 #elif GGML_TYPE == 17 /* IQ2_XS */
     const float d = ld_f16(b);
     const u16 q = ld_u16(b + 2 + 2 * g);
     const int sc = (b[66 + (g >> 2)] >> (4 * ((g >> 1) & 1))) & 15;
     const float db = d * (0.5f + (float)sc) * 0.25f;
-    const float* gr = grid + 8 * (q & 511);
+    const u32* gr = (const u32*)(grid + 8 * (q & 511));
     const u8 sg = ksigns[q >> 9];
-    for (int j = 0; j < 8; ++j) v[j] = db * gr[j] * ((sg >> j) & 1 ? -1.0f : 1.0f);
+    const u32 w0 = gr[0], w1 = gr[1];
+    for (int j = 0; j < 8; ++j) v[j] = db * gval(j < 4 ? w0 : w1, j) * ((sg >> j) & 1 ? -1.0f : 1.0f);
 #elif GGML_TYPE == 22 /* IQ2_S */
     const float d = ld_f16(b);
     const int sc = (b[74 + (g >> 2)] >> (4 * ((g >> 1) & 1))) & 15;
     const float db = d * (0.5f + (float)sc) * 0.25f;
     const int idx = b[2 + g] | (((b[66 + (g >> 2)] >> (2 * (g & 3))) & 3) << 8);
-    const float* gr = grid + 8 * idx;
+    const u32* gr = (const u32*)(grid + 8 * idx);
     const u8 sg = b[34 + g];
-    for (int j = 0; j < 8; ++j) v[j] = db * gr[j] * ((sg >> j) & 1 ? -1.0f : 1.0f);
+    const u32 w0 = gr[0], w1 = gr[1];
+    for (int j = 0; j < 8; ++j) v[j] = db * gval(j < 4 ? w0 : w1, j) * ((sg >> j) & 1 ? -1.0f : 1.0f);
 #elif GGML_TYPE == 18 /* IQ3_XXS */
     const float d = ld_f16(b);
     const int ib = g >> 2, l = g & 3;
     const u32 aux = ld_u32(b + 66 + 4 * ib);
     const float db = d * (0.5f + (float)(aux >> 28)) * 0.5f;
     const u8 sg = ksigns[(aux >> (7 * l)) & 127u];
-    const float* g0 = grid + 4 * b[2 + 2 * g];
-    const float* g1 = grid + 4 * b[3 + 2 * g];
-    for (int j = 0; j < 8; ++j) v[j] = db * (j < 4 ? g0[j] : g1[j - 4]) * ((sg >> j) & 1 ? -1.0f : 1.0f);
+    const u32 w0 = *(const u32*)(grid + 4 * b[2 + 2 * g]);
+    const u32 w1 = *(const u32*)(grid + 4 * b[3 + 2 * g]);
+    for (int j = 0; j < 8; ++j) v[j] = db * gval(j < 4 ? w0 : w1, j) * ((sg >> j) & 1 ? -1.0f : 1.0f);
 #elif GGML_TYPE == 21 /* IQ3_S */
     const float d = ld_f16(b);
     const int ib = g >> 2;
@@ -254,16 +276,17 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* g
     const float db = d * (float)(1 + 2 * sc);
     const u8 sg = b[74 + g];
     const int q0 = 2 * g, q1 = 2 * g + 1;
-    const float* g0 = grid + 4 * (b[2 + q0] | (((b[66 + (q0 >> 3)] >> (q0 & 7)) & 1) << 8));
-    const float* g1 = grid + 4 * (b[2 + q1] | (((b[66 + (q1 >> 3)] >> (q1 & 7)) & 1) << 8));
-    for (int j = 0; j < 8; ++j) v[j] = db * (j < 4 ? g0[j] : g1[j - 4]) * ((sg >> j) & 1 ? -1.0f : 1.0f);
+    const u32 w0 = *(const u32*)(grid + 4 * (b[2 + q0] | (((b[66 + (q0 >> 3)] >> (q0 & 7)) & 1) << 8)));
+    const u32 w1 = *(const u32*)(grid + 4 * (b[2 + q1] | (((b[66 + (q1 >> 3)] >> (q1 & 7)) & 1) << 8)));
+    for (int j = 0; j < 8; ++j) v[j] = db * gval(j < 4 ? w0 : w1, j) * ((sg >> j) & 1 ? -1.0f : 1.0f);
 #elif GGML_TYPE == 19 /* IQ1_S */
     const float d = ld_f16(b);
     const u16 qh = ld_u16(b + 34 + 2 * (g >> 2));
     const float dl = d * (float)(2 * ((qh >> 12) & 7) + 1);
     const float delta = (qh & 0x8000) ? -0.125f : 0.125f;
-    const float* gr = grid + 8 * (b[2 + g] | (((qh >> (3 * (g & 3))) & 7) << 8));
-    for (int j = 0; j < 8; ++j) v[j] = dl * (gr[j] + delta);
+    const u32* gr = (const u32*)(grid + 8 * (b[2 + g] | (((qh >> (3 * (g & 3))) & 7) << 8)));
+    const u32 w0 = gr[0], w1 = gr[1];
+    for (int j = 0; j < 8; ++j) v[j] = dl * (gval(j < 4 ? w0 : w1, j) + delta);
 #elif GGML_TYPE == 29 /* IQ1_M: the fp16 scale is spread over the top nibbles of 4 words */
     const u16 s0 = ld_u16(b + 48), s1 = ld_u16(b + 50), s2 = ld_u16(b + 52), s3 = ld_u16(b + 54);
     const float d = h2f((u16)((s0 >> 12) | ((s1 >> 8) & 0x00F0) | ((s2 >> 4) & 0x0F00) | (s3 & 0xF000)));
@@ -272,8 +295,9 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const float* g
     const float dl = d * (float)(2 * ((sw >> (3 * (t & 3))) & 7) + 1);
     const int qhv = (b[32 + (g >> 1)] >> (4 * (g & 1))) & 15;
     const float delta = (qhv & 8) ? -0.125f : 0.125f;
-    const float* gr = grid + 8 * (b[g] | ((qhv & 7) << 8));
-    for (int j = 0; j < 8; ++j) v[j] = dl * (gr[j] + delta);
+    const u32* gr = (const u32*)(grid + 8 * (b[g] | ((qhv & 7) << 8)));
+    const u32 w0 = gr[0], w1 = gr[1];
+    for (int j = 0; j < 8; ++j) v[j] = dl * (gval(j < 4 ? w0 : w1, j) + delta);
 #else
 #error "GGML_TYPE has no GPU kernel"
 #endif
@@ -298,12 +322,12 @@ __device__ __forceinline__ out_t cvt(float x) {
 #endif
 }
 
-__device__ __forceinline__ void store(out_t* dst, const float* v) {
-#if GROUP == 8 && VEC_STORE && OUT_KIND == 0
+__device__ __forceinline__ void store8(out_t* dst, const float* v) {
+#if VEC_STORE && OUT_KIND == 0
     float4* p = (float4*)dst;
     p[0] = make_float4(v[0], v[1], v[2], v[3]);
     p[1] = make_float4(v[4], v[5], v[6], v[7]);
-#elif GROUP == 8 && VEC_STORE
+#elif VEC_STORE
     uint4 w;
     w.x = (u32)cvt(v[0]) | ((u32)cvt(v[1]) << 16);
     w.y = (u32)cvt(v[2]) | ((u32)cvt(v[3]) << 16);
@@ -311,20 +335,46 @@ __device__ __forceinline__ void store(out_t* dst, const float* v) {
     w.w = (u32)cvt(v[6]) | ((u32)cvt(v[7]) << 16);
     *(uint4*)dst = w;
 #else
-    for (int j = 0; j < GROUP; ++j) dst[j] = cvt(v[j]);
+    for (int j = 0; j < 8; ++j) dst[j] = cvt(v[j]);
 #endif
 }
 
-// n_groups = n_blocks * (BLOCK_SIZE / GROUP); grid-stride loop over groups.
-extern "C" __global__ void dequant(const u8* __restrict__ src, out_t* __restrict__ dst, long long n_groups,
-                                   const float* __restrict__ grid, const u8* __restrict__ ksigns) {
-    const long long groups_per_block = BLOCK_SIZE / GROUP;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_groups; i += stride) {
-        const long long blk = i / groups_per_block;
-        const int g = (int)(i - blk * groups_per_block);
+// n_elem: elements to produce (a whole number of blocks). Grid-stride loop over tiles.
+extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
+                                                           long long n_elem, const u8* __restrict__ grid,
+                                                           const u8* __restrict__ ksigns) {
+    __shared__ u32 tile[TILE_BYTES / 4 + 2];
+    const long long n_tiles = (n_elem + TILE_ELEMS - 1) / TILE_ELEMS;
+    const long long total_bytes = n_elem / BLOCK_SIZE * TYPE_SIZE;
+    for (long long t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+        const long long b0 = t * (long long)TILE_BYTES;
+        const long long left = total_bytes - b0;
+        const int nbytes = left < TILE_BYTES ? (int)left : TILE_BYTES;
+        // Aligned 32-bit words covering the tile's bytes; the few bytes before and after it in
+        // the first and last word share an aligned word with valid bytes, so cannot fault.
+        const u8* gsrc = src + b0;
+        const int mis = (int)((unsigned long long)gsrc & 3ull);
+        const u32* wsrc = (const u32*)(gsrc - mis);
+        const int nwords = (mis + nbytes + 3) >> 2;
+        __syncthreads();  // the previous tile's readers are done with the buffer
+        for (int w = threadIdx.x; w < nwords; w += THREADS) tile[w] = wsrc[w];
+        __syncthreads();
+        const u8* tb = (const u8*)tile + mis;
+        const int local = threadIdx.x * GROUP;  // element offset inside the tile
+        const long long e0 = t * (long long)TILE_ELEMS + local;
+        if (e0 >= n_elem) continue;
+        const long long rest = n_elem - e0;
+        const int nvalid = rest < GROUP ? (int)rest : GROUP;
         float v[GROUP];
-        deq(src + blk * TYPE_SIZE, g, v, grid, ksigns);
-        store(dst + i * GROUP, v);
+#ifdef PLAIN
+        deq(tb + local * TYPE_SIZE, 0, v, grid, ksigns, nvalid);
+#else
+        deq(tb + (local / BLOCK_SIZE) * TYPE_SIZE, (local % BLOCK_SIZE) / GROUP, v, grid, ksigns, nvalid);
+#endif
+        if (nvalid == GROUP) {
+            store8(dst + e0, v);
+        } else {
+            for (int j = 0; j < nvalid; ++j) dst[e0 + j] = cvt(v[j]);
+        }
     }
 }
