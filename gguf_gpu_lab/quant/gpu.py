@@ -1,6 +1,7 @@
-"""GPU dequantization with CuPy RawKernels: one CUDA C source (``kernels/dequant.cu``) for NVRTC
-and hipRTC, specialised per type and output dtype with ``-D`` options, compiled lazily on first
-use and kept in CuPy's kernel cache."""
+"""GPU dequantization: one CUDA C source (``kernels/dequant.cu``) for NVRTC and hipRTC,
+specialised per type and output dtype with ``-D`` options and compiled lazily on first use: on
+ROCm as a ``cupy.RawModule`` (kept in CuPy's kernel cache), on CUDA through CuPy's NVRTC
+binding into a cubin kept in this toolkit's own disk cache (see ``_nvrtc_cubin`` for why)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ GPU_KERNELS: dict[T, str | None] = {
     T.TQ1_0: None, T.TQ2_0: None, T.MXFP4: None, T.NVFP4: None,
 }
 _OUT_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
-THREADS = 256  # threads per block; each makes 8 outputs of a 2048-output tile
+THREADS = 256  # threads per block
+
+
+def tile_elements(block_size: int) -> int:
+    """Outputs per tile: 8 per thread, 4 groups a thread for block types (as in dequant.cu)."""
+    return THREADS * 8 * (1 if block_size == 1 else 4)
 
 
 def _cupy():
@@ -58,12 +64,52 @@ def _kernel(type_id: int, out_kind: int, vec: int, device_id: int):
     block, size = TYPES[T(type_id)].block_size, TYPES[T(type_id)].type_size
     defs = (f"-DGGML_TYPE={type_id}", f"-DOUT_KIND={out_kind}", f"-DVEC_STORE={vec}",
             f"-DBLOCK_SIZE={block}", f"-DTYPE_SIZE={size}", f"-DTHREADS={THREADS}")
-    # Contraction off: each multiply and add rounds on its own, as in the NumPy reference.
-    # Subnormals kept (NVRTC): MXFP4 scales and F64 values can be float32 subnormals.
-    fp = ("-ffp-contract=off",) if cupy.cuda.runtime.is_hip else ("--fmad=false", "--ftz=false")
     with cupy.cuda.Device(device_id):
-        mod = cupy.RawModule(code=_source(), options=fp + defs)
-        return mod.get_function("dequant")
+        if cupy.cuda.runtime.is_hip:
+            # contraction off: each multiply and add rounds on its own, as in the NumPy reference
+            mod = cupy.RawModule(code=_source(), options=("-ffp-contract=off",) + defs)
+            return mod, mod.get_function("dequant")
+        from cupy.cuda import function
+
+        mod = function.Module()
+        mod.load(_nvrtc_cubin(("--fmad=false",) + defs, device_id))
+        return mod, mod.get_function("dequant")
+
+
+def _nvrtc_cubin(options: tuple[str, ...], device_id: int) -> bytes:
+    """Compile with NVRTC, cached on disk. Not through cupy.RawModule: its cached path appends
+    -ftz=true, which flushes float32 subnormals (MXFP4 scales, F64 values) and breaks exactness."""
+    import hashlib
+    import os
+
+    import cupy
+    from cupy.cuda import compiler
+
+    cc = cupy.cuda.Device(device_id).compute_capability
+    try:
+        nvrtc = str(cupy.cuda.nvrtc.getVersion())
+    except Exception:  # pragma: no cover - older CuPy
+        nvrtc = "?"
+    key = hashlib.sha256("\0".join((_source(), *options, cc, cupy.__version__, nvrtc)).encode()).hexdigest()
+    cache_dir = os.environ.get("GGUF_LAB_KERNEL_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "gguf-gpu-lab", "kernels")
+    path = os.path.join(cache_dir, key + ".cubin")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        pass
+    with cupy.cuda.Device(device_id):
+        cubin = compiler.compile_using_nvrtc(_source(), options=options)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(cubin)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    except OSError:
+        pass  # a read-only home still works, just without the disk cache
+    return cubin
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,10 +142,10 @@ def _sm_count(device_id: int) -> int:
     return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
 
 
-def launch_config(n_elem: int, device_id: int) -> tuple[int, int]:
-    """(blocks, threads): one block per 2048-output tile, at most 8 resident blocks' worth per
-    multiprocessor of this device; the kernel's grid-stride loop over tiles covers the rest."""
-    tiles = max(1, -(-n_elem // (THREADS * 8)))
+def launch_config(n_elem: int, block_size: int, device_id: int) -> tuple[int, int]:
+    """(blocks, threads): one block per tile, at most 8 blocks per multiprocessor of this device;
+    the kernel's grid-stride loop over tiles covers the rest."""
+    tiles = max(1, -(-n_elem // tile_elements(block_size)))
     return min(tiles, _sm_count(device_id) * 8), THREADS
 
 
@@ -170,11 +216,11 @@ def dequantize_gpu(raw, ggml_type, shape: Sequence[int] | None = None, dtype="fl
     dst = out.reshape(-1)[first_block * spec.block_size:(first_block + n_blocks) * spec.block_size]
     device_id = out.device.id
     vec = int(dst.data.ptr % 16 == 0)
-    kern = _kernel(int(spec.ggml_type), _OUT_KIND[name], vec, device_id)
+    kern = _kernel(int(spec.ggml_type), _OUT_KIND[name], vec, device_id)[1]
     grid_tab, ksigns = _tables(int(spec.ggml_type), device_id)
     n_out = n_blocks * spec.block_size
-    blocks, threads = launch_config(n_out, device_id)
-    with (stream if stream is not None else _null()):
+    blocks, threads = launch_config(n_out, spec.block_size, device_id)
+    with (stream if stream is not None else _null()):  # both kernel kinds launch on the current stream
         kern((blocks,), (threads,), (src, dst, np.int64(n_out), grid_tab, ksigns))
     return out
 

@@ -8,18 +8,26 @@
 // and with floating-point contraction off (--fmad=false / -ffp-contract=off), so that each
 // multiply and add rounds separately, exactly as gguf-py's NumPy reference does.
 //
-// A thread block stages a tile of THREADS * 8 outputs' worth of input bytes in shared memory with
-// coalesced 32-bit loads; then each thread computes 8 consecutive outputs (within one block, or
-// 8 plain values) with the same float32 operations, in the same order, as gguf.quants, and
-// writes them with one or two 16-byte stores.
+// A thread block stages a tile of input bytes in shared memory with coalesced 32-bit loads, the
+// next tile's loads issued into registers before the current tile is computed (so their latency
+// hides behind the work); then each thread computes UNROLL groups of 8 consecutive outputs
+// (within one block, or 8 plain values) with the same float32 operations, in the same order, as
+// gguf.quants, and writes each group with one or two 16-byte stores.
 
 #ifndef THREADS
 #define THREADS 256
 #endif
 #define GROUP 8
-#define TILE_ELEMS (THREADS * GROUP)
+#if BLOCK_SIZE == 1
+#define UNROLL (TYPE_SIZE <= 4 ? 2 : 1)   /* plain types: 2-8 input bytes per output already */
+#else
+#define UNROLL 4
+#endif
+#define TILE_ELEMS (THREADS * GROUP * UNROLL)
 #define TILE_BLOCKS (TILE_ELEMS / BLOCK_SIZE)
 #define TILE_BYTES (TILE_BLOCKS * TYPE_SIZE)
+#define TILE_WORDS (TILE_BYTES / 4 + 2)      /* + up to 3 bytes of misalignment each side */
+#define WORDS_PER_THREAD ((TILE_WORDS + THREADS - 1) / THREADS)
 
 typedef unsigned char u8;
 typedef signed char i8;
@@ -64,6 +72,23 @@ __device__ __forceinline__ u16 f2h(float fv) {
     }
     return (u16)(o | (sign >> 16));
 }
+
+// The hardware conversion where the compiler offers one: libdevice's on CUDA (one cvt.rn
+// instruction), the _Float16 cast on ROCm; the portable version above elsewhere (host builds).
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+extern "C" __device__ unsigned short __nv_float2half_rn(float);
+#define F2H(x) __nv_float2half_rn(x)
+#elif defined(__HIPCC_RTC__) || defined(__HIP_DEVICE_COMPILE__)
+__device__ __forceinline__ u16 f2h_hip(float x) {
+    _Float16 h = (_Float16)x;
+    u16 r;
+    __builtin_memcpy(&r, &h, 2);
+    return r;
+}
+#define F2H(x) f2h_hip(x)
+#else
+#define F2H(x) f2h(x)
+#endif
 
 // float32 -> bfloat16, round to nearest even; NaN stays NaN (made quiet).
 __device__ __forceinline__ u16 f2bf(float fv) {
@@ -316,7 +341,7 @@ __device__ __forceinline__ out_t cvt(float x) {
 #if OUT_KIND == 0
     return x;
 #elif OUT_KIND == 1
-    return f2h(x);
+    return F2H(x);
 #else
     return f2bf(x);
 #endif
@@ -339,42 +364,60 @@ __device__ __forceinline__ void store8(out_t* dst, const float* v) {
 #endif
 }
 
+// The aligned 32-bit words covering tile t's bytes, into registers. The few bytes before and
+// after the tile in its first and last word share an aligned word with valid bytes, so the
+// read cannot fault; they are never used.
+__device__ __forceinline__ void load_tile(const u8* src, long long t, long long total_bytes, u32* r, int* mis) {
+    const long long b0 = t * (long long)TILE_BYTES;
+    const long long left = total_bytes - b0;
+    const int nbytes = left < TILE_BYTES ? (int)left : TILE_BYTES;
+    const u8* gsrc = src + b0;
+    *mis = (int)((unsigned long long)gsrc & 3ull);
+    const u32* wsrc = (const u32*)(gsrc - *mis);
+    const int nwords = (*mis + nbytes + 3) >> 2;
+#pragma unroll
+    for (int k = 0; k < WORDS_PER_THREAD; ++k) {
+        const int w = k * THREADS + threadIdx.x;
+        r[k] = w < nwords ? wsrc[w] : 0u;
+    }
+}
+
 // n_elem: elements to produce (a whole number of blocks). Grid-stride loop over tiles.
 extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
                                                            long long n_elem, const u8* __restrict__ grid,
                                                            const u8* __restrict__ ksigns) {
-    __shared__ u32 tile[TILE_BYTES / 4 + 2];
+    __shared__ u32 tile[WORDS_PER_THREAD * THREADS];
     const long long n_tiles = (n_elem + TILE_ELEMS - 1) / TILE_ELEMS;
     const long long total_bytes = n_elem / BLOCK_SIZE * TYPE_SIZE;
+    u32 r[WORDS_PER_THREAD];
+    int mis = 0, next_mis = 0;
+    if ((long long)blockIdx.x < n_tiles) load_tile(src, blockIdx.x, total_bytes, r, &next_mis);
     for (long long t = blockIdx.x; t < n_tiles; t += gridDim.x) {
-        const long long b0 = t * (long long)TILE_BYTES;
-        const long long left = total_bytes - b0;
-        const int nbytes = left < TILE_BYTES ? (int)left : TILE_BYTES;
-        // Aligned 32-bit words covering the tile's bytes; the few bytes before and after it in
-        // the first and last word share an aligned word with valid bytes, so cannot fault.
-        const u8* gsrc = src + b0;
-        const int mis = (int)((unsigned long long)gsrc & 3ull);
-        const u32* wsrc = (const u32*)(gsrc - mis);
-        const int nwords = (mis + nbytes + 3) >> 2;
         __syncthreads();  // the previous tile's readers are done with the buffer
-        for (int w = threadIdx.x; w < nwords; w += THREADS) tile[w] = wsrc[w];
+#pragma unroll
+        for (int k = 0; k < WORDS_PER_THREAD; ++k) tile[k * THREADS + threadIdx.x] = r[k];
+        mis = next_mis;
         __syncthreads();
+        if (t + gridDim.x < n_tiles) load_tile(src, t + gridDim.x, total_bytes, r, &next_mis);  // in flight meanwhile
         const u8* tb = (const u8*)tile + mis;
-        const int local = threadIdx.x * GROUP;  // element offset inside the tile
-        const long long e0 = t * (long long)TILE_ELEMS + local;
-        if (e0 >= n_elem) continue;
-        const long long rest = n_elem - e0;
-        const int nvalid = rest < GROUP ? (int)rest : GROUP;
-        float v[GROUP];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int local = (u * THREADS + threadIdx.x) * GROUP;  // element offset inside the tile
+            const long long e0 = t * (long long)TILE_ELEMS + local;
+            if (e0 >= n_elem) break;
+            const long long rest = n_elem - e0;
+            const int nvalid = rest < GROUP ? (int)rest : GROUP;
+            float v[GROUP];
 #ifdef PLAIN
-        deq(tb + local * TYPE_SIZE, 0, v, grid, ksigns, nvalid);
+            deq(tb + local * TYPE_SIZE, 0, v, grid, ksigns, nvalid);
 #else
-        deq(tb + (local / BLOCK_SIZE) * TYPE_SIZE, (local % BLOCK_SIZE) / GROUP, v, grid, ksigns, nvalid);
+            deq(tb + (local / BLOCK_SIZE) * TYPE_SIZE, (local % BLOCK_SIZE) / GROUP, v, grid, ksigns, nvalid);
 #endif
-        if (nvalid == GROUP) {
-            store8(dst + e0, v);
-        } else {
-            for (int j = 0; j < nvalid; ++j) dst[e0 + j] = cvt(v[j]);
+            if (nvalid == GROUP) {
+                store8(dst + e0, v);
+            } else {
+                for (int j = 0; j < nvalid; ++j) dst[e0 + j] = cvt(v[j]);
+            }
         }
     }
 }
