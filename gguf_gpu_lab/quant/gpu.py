@@ -101,6 +101,8 @@ def _nvrtc_cubin(options: tuple[str, ...], device_id: int) -> bytes:
         pass
     with cupy.cuda.Device(device_id):
         cubin = compiler.compile_using_nvrtc(_source(), options=options)
+    if isinstance(cubin, tuple):  # (binary, name mapping)
+        cubin = cubin[0]
     try:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
