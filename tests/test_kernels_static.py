@@ -60,7 +60,7 @@ static dim3_ blockIdx{0}, blockDim{THREADS}, gridDim{1};
 static pthread_barrier_t g_barrier;
 inline void __syncthreads() { pthread_barrier_wait(&g_barrier); }
 struct float4 { float x, y, z, w; };
-struct uint4 { unsigned x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
@@ -117,7 +117,7 @@ def test_kernel_logic_on_host(cxx, t, tmp_path, rng):
     for kind, dtype in enumerate(["float32", "float16", "bfloat16"]):
         so = tmp_path / f"k{kind}.so"
         subprocess.run([cxx, "-O1", "-pthread", "-shared", "-fPIC", "-ffp-contract=off",
-                        f"-DGGML_TYPE={int(t)}", f"-DOUT_KIND={kind}", f"-DVEC_STORE={kind % 2}",
+                        f"-DGGML_TYPE={int(t)}", f"-DOUT_KIND={kind}", f"-DVEC_STORE={kind % 2}", f"-DVEC_LOAD={kind % 2}",
                         f"-DBLOCK_SIZE={spec.block_size}", f"-DTYPE_SIZE={spec.type_size}", f"-DTHREADS={THREADS}",
                         str(wrapper), "-o", str(so)], check=True, capture_output=True)
         lib = ctypes.CDLL(str(so))

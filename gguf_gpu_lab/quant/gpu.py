@@ -32,7 +32,8 @@ THREADS = 256  # threads per block
 
 
 def tile_elements(block_size: int) -> int:
-    """Outputs per tile: 8 per thread, 4 groups a thread for block types (as in dequant.cu)."""
+    """Outputs per block-iteration: 8 a thread for plain types, 4 groups of 8 a thread for
+    block types (as in dequant.cu)."""
     return THREADS * 8 * (1 if block_size == 1 else 4)
 
 
@@ -59,10 +60,10 @@ def _source() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(type_id: int, out_kind: int, vec: int, device_id: int):
+def _kernel(type_id: int, out_kind: int, vec: int, vec_load: int, device_id: int):
     cupy = _cupy()
     block, size = TYPES[T(type_id)].block_size, TYPES[T(type_id)].type_size
-    defs = (f"-DGGML_TYPE={type_id}", f"-DOUT_KIND={out_kind}", f"-DVEC_STORE={vec}",
+    defs = (f"-DGGML_TYPE={type_id}", f"-DOUT_KIND={out_kind}", f"-DVEC_STORE={vec}", f"-DVEC_LOAD={vec_load}",
             f"-DBLOCK_SIZE={block}", f"-DTYPE_SIZE={size}", f"-DTHREADS={THREADS}")
     with cupy.cuda.Device(device_id):
         if cupy.cuda.runtime.is_hip:
@@ -218,7 +219,8 @@ def dequantize_gpu(raw, ggml_type, shape: Sequence[int] | None = None, dtype="fl
     dst = out.reshape(-1)[first_block * spec.block_size:(first_block + n_blocks) * spec.block_size]
     device_id = out.device.id
     vec = int(dst.data.ptr % 16 == 0)
-    kern = _kernel(int(spec.ggml_type), _OUT_KIND[name], vec, device_id)[1]
+    vec_load = int(spec.block_size == 1 and src.data.ptr % 16 == 0)
+    kern = _kernel(int(spec.ggml_type), _OUT_KIND[name], vec, vec_load, device_id)[1]
     grid_tab, ksigns = _tables(int(spec.ggml_type), device_id)
     n_out = n_blocks * spec.block_size
     blocks, threads = launch_config(n_out, spec.block_size, device_id)

@@ -4,6 +4,7 @@
 //   GGML_TYPE  the GGMLQuantizationType id
 //   OUT_KIND   0 float32, 1 float16, 2 bfloat16 (bit patterns in uint16)
 //   VEC_STORE  1 when the output pointer is 16-byte aligned (vector stores), else 0
+//   VEC_LOAD   plain types only: 1 when the input pointer is 16-byte aligned (vector loads)
 //   BLOCK_SIZE, TYPE_SIZE  the type's block layout, from gguf.GGML_QUANT_SIZES
 // and with floating-point contraction off (--fmad=false / -ffp-contract=off), so that each
 // multiply and add rounds separately, exactly as gguf-py's NumPy reference does.
@@ -18,11 +19,7 @@
 #define THREADS 256
 #endif
 #define GROUP 8
-#if BLOCK_SIZE == 1
-#define UNROLL (TYPE_SIZE <= 4 ? 2 : 1)   /* plain types: 2-8 input bytes per output already */
-#else
 #define UNROLL 4
-#endif
 #define TILE_ELEMS (THREADS * GROUP * UNROLL)
 #define TILE_BLOCKS (TILE_ELEMS / BLOCK_SIZE)
 #define TILE_BYTES (TILE_BLOCKS * TYPE_SIZE)
@@ -236,14 +233,20 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid
     }
 #elif GGML_TYPE == 34 /* TQ1_0: base-3 digits, 5 (then 4) to a byte */
     const float d = ld_f16(b + 52);
-    for (int j = 0; j < 8; ++j) {
-        const int e = e0 + j;
-        int k, byte;
-        if (e < 160) { k = e >> 5; byte = e & 31; }
-        else if (e < 240) { k = (e - 160) >> 4; byte = 32 + ((e - 160) & 15); }
-        else { k = (e - 240) >> 2; byte = 48 + ((e - 240) & 3); }
-        const u32 q8 = ((u32)b[byte] * POW3(k)) & 255u;  // uint8 product, wrapping as in gguf-py
-        v[j] = d * (float)((int)((q8 * 3u) >> 8) - 1);
+    if (e0 < 240) {  // digit k of 32 (then 16) bytes: one digit and one run of bytes per group
+        const int k = e0 < 160 ? e0 >> 5 : (e0 - 160) >> 4;
+        const int byte0 = e0 < 160 ? (e0 & 31) : 32 + ((e0 - 160) & 15);
+        const u32 pw = POW3(k);
+        for (int j = 0; j < 8; ++j) {
+            const u32 q8 = ((u32)b[byte0 + j] * pw) & 255u;  // uint8 product, wrapping as in gguf-py
+            v[j] = d * (float)((int)((q8 * 3u) >> 8) - 1);
+        }
+    } else {  // the last 16 values: 4 digits of 4 bytes
+        for (int j = 0; j < 8; ++j) {
+            const int e = e0 - 240 + j;
+            const u32 q8 = ((u32)b[48 + (e & 3)] * POW3(e >> 2)) & 255u;
+            v[j] = d * (float)((int)((q8 * 3u) >> 8) - 1);
+        }
     }
 #elif GGML_TYPE == 35 /* TQ2_0 */
     const float d = ld_f16(b + 64);
@@ -364,6 +367,61 @@ __device__ __forceinline__ void store8(out_t* dst, const float* v) {
 #endif
 }
 
+#ifdef PLAIN
+// Plain float types need no staging: each thread reads its 8 values straight from global
+// memory, with 16-byte loads where the input is aligned.
+__device__ __forceinline__ void deq_words(const u32* w, float* v) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#if GGML_TYPE == 0
+        v[j] = __uint_as_float(w[j]);
+#elif GGML_TYPE == 28
+        v[j] = (float)__longlong_as_double((long long)((unsigned long long)w[2 * j] | ((unsigned long long)w[2 * j + 1] << 32)));
+#else
+        const u32 h = (w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
+#if GGML_TYPE == 1
+        v[j] = h2f((u16)h);
+#else
+        v[j] = __uint_as_float(h << 16);
+#endif
+#endif
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
+                                                           long long n_elem, const u8* __restrict__ grid,
+                                                           const u8* __restrict__ ksigns) {
+    const long long n_groups = (n_elem + GROUP - 1) / GROUP;
+    const long long stride = (long long)gridDim.x * THREADS;
+    for (long long gi = (long long)blockIdx.x * THREADS + threadIdx.x; gi < n_groups; gi += stride) {
+        const long long e0 = gi * GROUP;
+        const long long rest = n_elem - e0;
+        const int nvalid = rest < GROUP ? (int)rest : GROUP;
+        float v[GROUP];
+#if VEC_LOAD
+        if (nvalid == GROUP) {
+            u32 w[2 * TYPE_SIZE];  // 8 values: 2 * TYPE_SIZE words
+            const uint4* p = (const uint4*)(src + e0 * TYPE_SIZE);
+#pragma unroll
+            for (int k = 0; k < TYPE_SIZE / 2; ++k) {
+                const uint4 q = p[k];
+                w[4 * k] = q.x; w[4 * k + 1] = q.y; w[4 * k + 2] = q.z; w[4 * k + 3] = q.w;
+            }
+            deq_words(w, v);
+        } else
+#endif
+        {
+            deq(src + e0 * TYPE_SIZE, 0, v, grid, ksigns, nvalid);
+        }
+        if (nvalid == GROUP) {
+            store8(dst + e0, v);
+        } else {
+            for (int j = 0; j < nvalid; ++j) dst[e0 + j] = cvt(v[j]);
+        }
+    }
+}
+#else  /* block types: staged tiles */
+
 // The aligned 32-bit words covering tile t's bytes, into registers. The few bytes before and
 // after the tile in its first and last word share an aligned word with valid bytes, so the
 // read cannot fault; they are never used.
@@ -408,11 +466,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restri
             const long long rest = n_elem - e0;
             const int nvalid = rest < GROUP ? (int)rest : GROUP;
             float v[GROUP];
-#ifdef PLAIN
-            deq(tb + local * TYPE_SIZE, 0, v, grid, ksigns, nvalid);
-#else
             deq(tb + (local / BLOCK_SIZE) * TYPE_SIZE, (local % BLOCK_SIZE) / GROUP, v, grid, ksigns, nvalid);
-#endif
             if (nvalid == GROUP) {
                 store8(dst + e0, v);
             } else {
@@ -421,3 +475,4 @@ extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restri
         }
     }
 }
+#endif
