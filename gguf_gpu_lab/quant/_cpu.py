@@ -113,11 +113,12 @@ def _q4_k(b, out):
     d = _f16(b, 0) * sc
     dm = _f16(b, 2) * mn
     qs = b[:, 16:144].reshape(n, 4, 32)
-    o = out.reshape(n, 4, 2, 32)
-    for half, q in ((0, qs & np.uint8(15)), (1, qs >> np.uint8(4))):
-        oh = o[:, :, half, :]
-        np.multiply(d[:, half::2, None], q, out=oh, dtype=_F32)
-        oh -= dm[:, half::2, None]
+    q = np.empty((n, 4, 2, 32), np.uint8)  # sub-block 2k: low nibbles of run k, 2k+1: high nibbles
+    np.bitwise_and(qs, np.uint8(15), out=q[:, :, 0])
+    np.right_shift(qs, np.uint8(4), out=q[:, :, 1])
+    # scales repeated to full width: contiguous inner loops beat 32-wide broadcasting
+    np.multiply(np.repeat(d, 32, axis=1), q.reshape(n, 256), out=out, dtype=_F32)
+    out -= np.repeat(dm, 32, axis=1)
 
 
 def _q5_k(b, out):
@@ -140,7 +141,7 @@ def _q6_k(b, out):
     lo = (b[:, :128].reshape(n, 2, 1, 2, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1, 1)) & np.uint8(15)
     hi = (b[:, 128:192].reshape(n, 2, 1, 32) >> _SH2.reshape(1, 1, 4, 1)) & np.uint8(3)
     q = lo.reshape(n, 2, 4, 32) | (hi << np.uint8(4))
-    np.multiply(d.reshape(n, 16, 1), _signed(q, 32).reshape(n, 16, 16), out=out.reshape(n, 16, 16), dtype=_F32)
+    np.multiply(np.repeat(d, 16, axis=1), _signed(q, 32).reshape(n, 256), out=out, dtype=_F32)
 
 
 def _f32(b, out):
@@ -186,7 +187,9 @@ MAX_TASK = 1 << 22
 
 
 def auto_task_elements(n_elements: int, threads: int) -> int:
-    return int(min(MAX_TASK, max(MIN_TASK, -(-n_elements // (2 * max(1, threads))))))
+    if threads <= 1:  # no GIL to share: the size whose temporaries stay in cache
+        return MIN_TASK
+    return int(min(MAX_TASK, max(MIN_TASK, -(-n_elements // (2 * threads)))))
 
 
 def default_threads() -> int:
