@@ -115,12 +115,18 @@ def cmd_check(path: str, max_problems: int) -> int:
     return 0
 
 
-def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None) -> int:
+def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
+              model_path: str | None = None, params: str = "8B") -> int:
     from . import bench
 
-    if cpu == dequant:
-        raise GGUFLabError("choose one benchmark: --cpu (CPU dequantization) or --dequant (GPU dequantization)")
-    if cpu:
+    if cpu and dequant:
+        raise GGUFLabError("choose one benchmark: --cpu, --dequant, or neither (the loader)")
+    if not cpu and not dequant:
+        from .bench_load import bench_load, format_load
+
+        res = bench_load(model_path, params=params)
+        print(format_load(res))
+    elif cpu:
         res = bench.bench_cpu(types=types, weights=size_mb * (1 << 20) // 4)
         print(bench.format_cpu(res))
     else:
@@ -130,6 +136,25 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
         print(format_gpu_dequant(res))
     path = bench.save_result(res, out_dir, res["benchmark"])
     print(f"saved {path}")
+    return 0
+
+
+def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, readers: int, order: str,
+             backend: str, profile_dir: str | None) -> int:
+    from .loader import load
+
+    show = sys.stderr.isatty() or os.environ.get("GGUF_LAB_PROGRESS") == "1"
+    r = load(path, mode=mode, dtype=dtype, streams=streams, chunk_mb=chunk_mb, readers=readers, order=order,
+             backend=backend, progress=True if show else None)
+    print(f"loaded {len(r)} tensors ({r.file_bytes / 1e9:.3f} GB of file, {r.out_bytes / 1e9:.3f} GB on the device) "
+          f"in {r.wall_s:.3f} s: {r.gb_s:.2f} GB/s, mode {mode}, backend {r.backend}")
+    if r.profile is not None:
+        print(r.profile.stage_summary().to_string(index=False))
+        if profile_dir:
+            os.makedirs(profile_dir, exist_ok=True)
+            out = os.path.join(profile_dir, "spans.csv")
+            r.profile.df.to_csv(out, index=False)
+            print(f"spans: {out}")
     return 0
 
 
@@ -165,13 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     s.add_argument("--verify", action="store_true", help="compare with gguf-py's dequantize")
 
+    s = sub.add_parser("load", help="load a model onto the GPU (or the host backend) and report")
+    s.add_argument("path")
+    s.add_argument("--mode", default="gpu", choices=["gpu", "raw", "cpu", "sequential"])
+    s.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    s.add_argument("--streams", type=int, default=4)
+    s.add_argument("--chunk-mb", type=float, default=16.0)
+    s.add_argument("--readers", type=int, default=4)
+    s.add_argument("--order", default="file", choices=["file", "largest", "layer"])
+    s.add_argument("--backend", default="auto", choices=["auto", "cupy", "host"])
+    s.add_argument("--profile", metavar="DIR", help="write the spans (CSV) here")
+
     s = sub.add_parser("check", help="scan for NaN/Inf in float tensors and block scales (exit 1 if found)")
     s.add_argument("path")
     s.add_argument("--max-problems", type=int, default=100)
 
-    s = sub.add_parser("bench", help="run a benchmark and save its JSON result")
+    s = sub.add_parser("bench", help="run a benchmark (default: the loader on the GPU) and save its JSON result")
     s.add_argument("--cpu", action="store_true", help="CPU dequantization throughput")
     s.add_argument("--dequant", action="store_true", help="GPU dequantization throughput against a device copy")
+    s.add_argument("--model", help="loader benchmark: this model (default: a synthetic one of --params)")
+    s.add_argument("--params", default="8B", help="loader benchmark: synthetic model size (default 8B, ~4.6 GiB Q4_K_M)")
     s.add_argument("--out-dir", default="benchmarks/results")
     s.add_argument("--size-mb", type=int, default=256,
                    help="output size per type: float32 MB for --cpu, float16 MiB for --dequant (default 256)")
@@ -193,10 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_synth(args.out, args.params, args.mix, args.seed)
         if args.command == "dequant":
             return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify)
+        if args.command == "load":
+            return cmd_load(args.path, args.mode, args.dtype, args.streams, args.chunk_mb, args.readers, args.order,
+                            args.backend, args.profile)
         if args.command == "check":
             return cmd_check(args.path, args.max_problems)
         if args.command == "bench":
-            return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types)
+            return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params)
         if args.command == "demo":
             return cmd_demo(args.out_dir, args.params, args.mix)
     except (GGUFLabError, KeyError) as e:

@@ -176,10 +176,20 @@ class GGUFModel:
                 offset=int(t.data_offset), layer=int(m.group(1)) if m else None))
         self._by_name = {t.name: t for t in self.tensors}
         self._metadata: dict[str, Any] | None = None
+        self.cache_budget: int | None = None  # bytes of device memory the tensor cache may hold
+        self._tensor_cache = None
+        self._preload = None
+        self._backends: dict = {}
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the file mapping. Views from ``raw()`` must not be used afterwards."""
+        """Stop any preload, drop cached device tensors and release the file mapping. Views
+        from ``raw()`` must not be used afterwards."""
+        if getattr(self, "_preload", None) is not None:
+            self._preload.cancel()
+            self._preload = None
+        if getattr(self, "_tensor_cache", None) is not None:
+            self._tensor_cache.evict()
         reader = getattr(self, "_reader", None)
         if reader is not None:
             mm = getattr(reader.data, "_mmap", None)
@@ -292,6 +302,93 @@ class GGUFModel:
         """The tensor as a NumPy array in ``np_shape`` on the CPU (float32, float16 or bfloat16)."""
         t = self.info(name)
         return quant.dequantize(self.raw(name), t.ggml_type, t.np_shape, dtype, threads=threads)
+
+    # -- device: lazy, cached, preloaded -----------------------------------------------------
+    def _cache(self):
+        from .cache import TensorCache
+
+        if self._tensor_cache is None:
+            self._tensor_cache = TensorCache(self.cache_budget)
+        self._tensor_cache.budget = self.cache_budget
+        return self._tensor_cache
+
+    def _backend(self, backend, device: int):
+        from .device import Backend, get_backend
+
+        if isinstance(backend, Backend):
+            return backend
+        key = (backend, device)
+        if key not in self._backends:
+            self._backends[key] = get_backend(backend, device)
+        return self._backends[key]
+
+    def tensor(self, name: str, dtype: str = "float16", mode: str = "gpu", *, backend="auto", device: int = 0):
+        """One tensor on the device, loaded on first use and then served from the cache (keyed by
+        file, tensor, mode and dtype). Concurrent callers share one load; a tensor still queued
+        in a running preload is taken out of its queue and loaded at once.
+
+        Example:
+            >>> w = model.tensor("blk.0.attn_q.weight")            # doctest: +SKIP
+            >>> w.array.dtype, w.to_torch().shape
+        """
+        from .loader import load
+
+        self.info(name)
+        self._data()
+        if self._preload is not None:
+            self._preload.take(name)
+        be = self._backend(backend, device)
+        key = (self.path, name, mode, dtype)
+        return self._cache().get_or_load(
+            key, lambda: load(self, mode=mode, dtype=dtype, tensors=[name], backend=be, profile=False)[name])
+
+    def preload(self, order="file", *, background: bool = True, dtype: str = "float16", mode: str = "gpu",
+                tensors=None, backend="auto", device: int = 0, batch_mb: float = 512, **load_options):
+        """Load tensors into the cache, in the background by default. Returns a handle with
+        ``progress``, ``wait()`` and ``cancel()``; ``tensor()`` calls jump the queue.
+
+        Example:
+            >>> h = model.preload(order="layer")                     # doctest: +SKIP
+            >>> h.wait(); model.cache_info()
+        """
+        from .cache import PreloadHandle
+        from .loader import load, select
+
+        if self._preload is not None and not self._preload.done():
+            raise GGUFLabError(f"{self.path}: a preload is already running; cancel() or wait() for it first")
+        be = self._backend(backend, device)
+        cache = self._cache()
+        names = [t.name for t in select(self.tensors, tensors, order)]
+        names = [n for n in names if (self.path, n, mode, dtype) not in cache]
+        sizes = {t.name: t.n_bytes for t in self.tensors}
+
+        def run_batch(batch, cancel):
+            keys = {n: (self.path, n, mode, dtype) for n in batch}
+            claimed = set(cache.claim(keys.values()))
+            todo = [n for n in batch if keys[n] in claimed]
+            if not todo:
+                return
+            try:
+                r = load(self, mode=mode, dtype=dtype, tensors=todo, backend=be, cancel=cancel, profile=False,
+                         **load_options)
+            except BaseException as e:
+                for n in todo:
+                    cache.fail(keys[n], e)
+                raise
+            for n in todo:
+                cache.fulfill(keys[n], r[n])
+
+        self._preload = PreloadHandle(names, sizes, run_batch, int(batch_mb * (1 << 20)))
+        return self._preload.start(background)
+
+    def evict(self, name: str | None = None) -> int:
+        """Drop cached device tensors (all, or every mode/dtype of one); returns bytes freed."""
+        if self._tensor_cache is None:
+            return 0
+        return self._tensor_cache.evict(None if name is None else (lambda k: k[1] == name))
+
+    def cache_info(self) -> dict[str, Any]:
+        return self._cache().info()
 
     def check(self, *, max_problems: int = 100) -> list["Problem"]:
         """Scan tensor data for NaN/Inf in float tensors and in quantized block scales."""

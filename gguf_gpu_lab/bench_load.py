@@ -1,0 +1,225 @@
+"""The loader benchmark: every mode on one model, against the peaks measured in the same run
+(pinned host-to-device copy, parallel file read) and the naive path a user would write."""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .bench import machine_info
+from .model import open_model
+
+
+def _free_gpu():
+    import cupy as cp
+
+    gc.collect()
+    cp.get_default_memory_pool().free_all_blocks()
+
+
+def pinned_h2d_peak(nbytes: int = 1 << 30, chunk: int = 64 << 20, streams: int = 1, repeat: int = 3) -> float:
+    """GB/s of host-to-device copies from one exact-size pinned buffer, ``chunk`` bytes a copy."""
+    import cupy as cp
+
+    mem = cp.cuda.PinnedMemory(nbytes)
+    host = np.frombuffer(cp.cuda.PinnedMemoryPointer(mem, 0), np.uint8, nbytes)
+    host[:] = 1
+    dev = cp.empty(nbytes, cp.uint8)
+    ss = [cp.cuda.Stream(non_blocking=True) for _ in range(streams)]
+    rt = cp.cuda.runtime
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for i, off in enumerate(range(0, nbytes, chunk)):
+            n = min(chunk, nbytes - off)
+            rt.memcpyAsync(dev.data.ptr + off, host.ctypes.data + off, n, rt.memcpyHostToDevice, ss[i % streams].ptr)
+        for s in ss:
+            s.synchronize()
+        best = min(best, time.perf_counter() - start)
+    del dev
+    return nbytes / best / 1e9
+
+
+def parallel_read(path: str, threads: int, chunk: int = 16 << 20) -> float:
+    """GB/s of reading the whole file (page cache warm) with ``threads`` preadv readers."""
+    size = os.path.getsize(path)
+    offs = list(range(0, size, chunk))
+
+    def work(idx):
+        fd = os.open(path, os.O_RDONLY)
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        try:
+            for i in idx:
+                os.preadv(fd, [view[:min(chunk, size - offs[i])]], offs[i])
+        finally:
+            os.close(fd)
+
+    parts = [list(range(k, len(offs), threads)) for k in range(threads)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(work, parts))
+    return size / (time.perf_counter() - t0) / 1e9
+
+
+def naive_path(model, names) -> tuple[float, int]:
+    """gguf-py's dequantize per tensor, then cupy.asarray: (seconds, file bytes)."""
+    import cupy as cp
+    from gguf import quants as gq
+
+    t0 = time.perf_counter()
+    nbytes = 0
+    for n in names:
+        t = model.info(n)
+        x = gq.dequantize(model.raw(n).reshape(t.np_shape[:-1] + (-1,)) if len(t.np_shape) > 1 else model.raw(n), t.ggml_type)
+        cp.asarray(x.astype(np.float16))
+        nbytes += t.n_bytes
+    cp.cuda.Device().synchronize()
+    return time.perf_counter() - t0, nbytes
+
+
+def bench_load(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K_M", quick: bool = False) -> dict:
+    import cupy as cp
+
+    from .bench_gpu import device_info
+    from .loader import load
+    from .synth import synth
+
+    tmp = None
+    if model_path is None:
+        tmp = tempfile.mkdtemp(prefix="gguf-lab-bench-")
+        model_path = os.path.join(tmp, f"synthetic-{params}-{mix}.gguf")
+        s = synth(model_path, params, mix)
+        synth_info = {"params": params, "mix": mix, "seconds": s.seconds, "mb_s": s.mb_per_s}
+    else:
+        synth_info = None
+    try:
+        size = os.path.getsize(model_path)
+        read = {t: parallel_read(model_path, t) for t in (1, 4, 16)}  # also warms the page cache
+        peak = pinned_h2d_peak()
+        peak4 = pinned_h2d_peak(streams=4)
+        res = {"benchmark": "load", "machine": machine_info(), "device": device_info(), "model": {
+            "path": os.path.basename(model_path), "file_bytes": size, "synth": synth_info},
+            "peaks": {"pinned_h2d_gb_s": peak, "pinned_h2d_4streams_gb_s": peak4,
+                      "read_gb_s": {str(k): v for k, v in read.items()}}}
+        modes = {}
+        with open_model(model_path) as m:
+            tensor_bytes = sum(t.n_bytes for t in m.tensors)
+            for mode in ("gpu", "raw", "cpu", "sequential"):
+                if quick and mode in ("cpu", "sequential"):
+                    continue
+                load(m, mode=mode, tensors=[m.tensors[1].name], backend="cupy")  # compile, warm
+                _free_gpu()
+                r = load(m, mode=mode, dtype="float16", backend="cupy")
+                modes[mode] = {"wall_s": r.wall_s, "gb_s": r.gb_s, "ratio_to_pinned_peak": r.gb_s / peak,
+                               "file_bytes": r.file_bytes, "out_bytes": r.out_bytes}
+                if mode == "gpu":
+                    st = r.profile.stage_summary()
+                    modes[mode]["stages"] = st.to_dict(orient="records")
+                del r
+                _free_gpu()
+            # the profiler's cost: the same gpu-mode load with and without spans, best of 3 each
+            walls = {True: [], False: []}
+            for _ in range(3):
+                for prof in (True, False):
+                    r = load(m, mode="gpu", dtype="float16", backend="cupy", profile=prof)
+                    walls[prof].append(r.wall_s)
+                    del r
+                    _free_gpu()
+            prof_cost = min(walls[True]) / min(walls[False]) - 1.0
+            # the naive path, on a subset (it is slow): the first layers' tensors
+            subset = [t.name for t in m.tensors if t.layer is not None and t.layer < 2]
+            naive_s, naive_bytes = naive_path(m, subset)
+            _free_gpu()
+            naive_gb_s = naive_bytes / naive_s / 1e9
+            sweep = []
+            configs = [(s, 16.0, 4) for s in (1, 2, 4, 8)] + [(4, c, 4) for c in (2.0, 8.0, 64.0)] + \\
+                      [(4, 16.0, r) for r in (1, 2, 8, 16)]
+            for streams, chunk, readers in configs:
+                r = load(m, mode="gpu", dtype="float16", backend="cupy", streams=streams, chunk_mb=chunk,
+                         readers=readers, profile=False)
+                sweep.append({"streams": streams, "chunk_mb": chunk, "readers": readers, "wall_s": r.wall_s,
+                              "gb_s": r.gb_s, "ratio_to_pinned_peak": r.gb_s / peak})
+                del r
+                _free_gpu()
+        res.update({"tensor_bytes": tensor_bytes, "modes": modes, "profiler_overhead": prof_cost,
+                    "profile_walls": {"on": walls[True], "off": walls[False]},
+                    "naive": {"tensors": len(subset), "file_bytes": naive_bytes, "seconds": naive_s, "gb_s": naive_gb_s},
+                    "gpu_vs_naive": modes["gpu"]["gb_s"] / naive_gb_s, "sweep": sweep,
+                    "hostregister": hostregister_experiment(model_path)})
+        return res
+    finally:
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hostregister_experiment(path: str, nbytes: int = 1 << 30) -> dict:
+    """Zero-staging: register the file mapping with cudaHostRegister (read-only) and copy from it
+    directly. Measured here to decide whether the loader should use it."""
+    import mmap
+
+    import cupy as cp
+
+    rt = cp.cuda.runtime
+    if rt.is_hip:
+        return {"supported": False, "why": "CuPy's ROCm build stubs hostRegister out"}
+    size = min(nbytes, os.path.getsize(path)) & ~0xFFF
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+    try:
+        arr = np.frombuffer(mm, np.uint8)
+        ptr = arr.ctypes.data
+        dev = cp.empty(size, cp.uint8)
+        t0 = time.perf_counter()
+        try:
+            rt.hostRegister(ptr, size, 8)  # cudaHostRegisterReadOnly
+        except Exception as e:
+            return {"supported": False, "why": f"{type(e).__name__}: {e}"}
+        t_reg = time.perf_counter() - t0
+        try:
+            s = cp.cuda.Stream(non_blocking=True)
+            t1 = time.perf_counter()
+            for off in range(0, size, 64 << 20):
+                n = min(64 << 20, size - off)
+                rt.memcpyAsync(dev.data.ptr + off, ptr + off, n, rt.memcpyHostToDevice, s.ptr)
+            s.synchronize()
+            t_copy = time.perf_counter() - t1
+        finally:
+            rt.hostUnregister(ptr)
+        del arr
+        return {"supported": True, "bytes": size, "register_s": t_reg, "copy_gb_s": size / t_copy / 1e9,
+                "end_to_end_gb_s": size / (t_reg + t_copy) / 1e9}
+    finally:
+        try:
+            mm.close()
+        except BufferError:
+            pass
+
+
+def format_load(res: dict) -> str:
+    p = res["peaks"]
+    lines = [f"load benchmark on {res['device']['name']}, {res['machine']['cores']} cores, {res['machine']['date']}",
+             f"model: {res['model']['path']}, {res['model']['file_bytes'] / 2**30:.2f} GiB",
+             f"peaks: pinned H2D {p['pinned_h2d_gb_s']:.1f} GB/s (4 streams {p['pinned_h2d_4streams_gb_s']:.1f}); "
+             f"file read " + ", ".join(f"{k} thr {v:.1f}" for k, v in p["read_gb_s"].items()) + " GB/s",
+             f"{'mode':11} {'wall s':>7} {'GB/s':>6} {'x H2D peak':>10}"]
+    for mode, r in res["modes"].items():
+        lines.append(f"{mode:11} {r['wall_s']:7.3f} {r['gb_s']:6.2f} {r['ratio_to_pinned_peak']:10.2f}")
+    n = res["naive"]
+    lines.append(f"naive (gguf-py + cupy.asarray, {n['tensors']} tensors): {n['gb_s']:.3f} GB/s; gpu mode is "
+                 f"{res['gpu_vs_naive']:.0f}x faster")
+    lines.append(f"profiler overhead: {100 * res['profiler_overhead']:.1f}% of gpu-mode wall time")
+    lines.append("sweep (gpu mode): streams chunk_mb readers -> GB/s")
+    for s in res["sweep"]:
+        lines.append(f"  {s['streams']:2d} {s['chunk_mb']:6.1f} {s['readers']:3d} -> {s['gb_s']:6.2f} ({s['ratio_to_pinned_peak']:.2f}x peak)")
+    hr = res["hostregister"]
+    lines.append("hostRegister zero-staging: " + (f"copy {hr['copy_gb_s']:.1f} GB/s, with registration {hr['end_to_end_gb_s']:.1f} GB/s"
+                                                if hr.get("supported") else f"not available ({hr.get('why')})"))
+    return "\n".join(lines)

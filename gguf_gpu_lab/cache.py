@@ -1,0 +1,229 @@
+"""The device tensor cache (LRU under a byte budget) and background preloading."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
+
+from .errors import LoadCancelled
+
+
+class TensorCache:
+    """LRU cache of loaded tensors under a byte budget. A key being loaded is *in flight*: other
+    callers wait for that load instead of starting their own, so each tensor loads once."""
+
+    def __init__(self, budget_bytes: int | None = None):
+        self.budget = budget_bytes
+        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+        self._inflight: dict[Hashable, Future] = {}
+        self._lock = threading.Lock()
+        self._tls = threading.local()
+        self.hits = self.misses = self.loads = self.evictions = 0
+
+    def _size(self, v) -> int:
+        return int(getattr(v, "nbytes", 0))
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(self._size(v) for v in self._data.values())
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._data
+
+    def claim(self, keys) -> list:
+        """Mark the keys neither cached nor in flight as in flight; return those (the caller
+        must then ``fulfill`` or ``fail`` each)."""
+        out = []
+        with self._lock:
+            for k in keys:
+                if k not in self._data and k not in self._inflight:
+                    self._inflight[k] = Future()
+                    out.append(k)
+        return out
+
+    def fulfill(self, key, value) -> None:
+        with self._lock:
+            self.loads += 1
+            self._data[key] = value
+            self._data.move_to_end(key)
+            self._evict_locked(keep=key)
+            fut = self._inflight.pop(key, None)
+        if fut is not None:
+            fut.set_result(value)
+
+    def fail(self, key, exc: BaseException) -> None:
+        with self._lock:
+            fut = self._inflight.pop(key, None)
+        if fut is not None:
+            fut.set_exception(exc)
+
+    def get_or_load(self, key, load: Callable[[], Any]):
+        while True:
+            try:
+                return self._get_or_load(key, load)
+            except LoadCancelled:
+                # a load this caller was waiting on (a cancelled preload) gave up: try again,
+                # unless this caller's own load was the one cancelled
+                if self._last_owner_cancelled(key):
+                    raise
+
+    def _last_owner_cancelled(self, key) -> bool:
+        return getattr(self._tls, "owner_cancelled", None) == key
+
+    def _get_or_load(self, key, load: Callable[[], Any]):
+        self._tls.owner_cancelled = None
+        with self._lock:
+            if key in self._data:
+                self.hits += 1
+                self._data.move_to_end(key)
+                return self._data[key]
+            fut = self._inflight.get(key)
+            owner = fut is None
+            if owner:
+                self.misses += 1
+                fut = self._inflight[key] = Future()
+            else:
+                self.hits += 1
+        if not owner:
+            return fut.result()
+        try:
+            value = load()
+        except BaseException as e:
+            if isinstance(e, LoadCancelled):
+                self._tls.owner_cancelled = key
+            self.fail(key, e)
+            raise
+        self.fulfill(key, value)
+        return value
+
+    def _evict_locked(self, keep=None) -> None:
+        if self.budget is None:
+            return
+        total = sum(self._size(v) for v in self._data.values())
+        for k in list(self._data):
+            if total <= self.budget:
+                break
+            if k == keep:
+                continue
+            total -= self._size(self._data.pop(k))
+            self.evictions += 1
+
+    def evict(self, match: Callable[[Hashable], bool] | None = None) -> int:
+        """Drop cached entries (all, or those whose key matches); returns bytes freed."""
+        with self._lock:
+            keys = [k for k in self._data if match is None or match(k)]
+            freed = sum(self._size(self._data.pop(k)) for k in keys)
+            self.evictions += len(keys)
+        return freed
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            return {"entries": len(self._data), "bytes": sum(self._size(v) for v in self._data.values()),
+                    "budget": self.budget, "hits": self.hits, "misses": self.misses, "loads": self.loads,
+                    "evictions": self.evictions, "in_flight": len(self._inflight)}
+
+
+@dataclass
+class PreloadProgress:
+    bytes_done: int
+    bytes_total: int
+    tensors_done: int
+    tensors_total: int
+    current: str | None
+
+
+class PreloadHandle:
+    """A background preload: ``progress``, ``wait()``, ``cancel()``. ``take(name)`` removes a
+    tensor from the queue so that a caller can load it at once (``GGUFModel.tensor`` does)."""
+
+    def __init__(self, names: list[str], sizes: dict[str, int], run_batch: Callable[[list[str], threading.Event], None],
+                 batch_bytes: int):
+        self._queue = deque(names)
+        self._sizes = sizes
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._run_batch = run_batch
+        self._batch_bytes = batch_bytes
+        self.error: BaseException | None = None
+        self._done_bytes = 0
+        self._done_n = 0
+        self._total = sum(sizes[n] for n in names)
+        self._current: str | None = None
+        self._thread = threading.Thread(target=self._main, name="gguf-lab-preload", daemon=True)
+
+    def start(self, background: bool) -> "PreloadHandle":
+        if background:
+            self._thread.start()
+        else:
+            self._main()
+            if self.error is not None:
+                raise self.error
+        return self
+
+    def _next_batch(self) -> list[str]:
+        with self._lock:
+            batch, size = [], 0
+            while self._queue and (not batch or size + self._sizes[self._queue[0]] <= self._batch_bytes):
+                n = self._queue.popleft()
+                batch.append(n)
+                size += self._sizes[n]
+            self._current = batch[0] if batch else None
+            return batch
+
+    def _main(self) -> None:
+        try:
+            while not self._cancel.is_set():
+                batch = self._next_batch()
+                if not batch:
+                    return
+                self._run_batch(batch, self._cancel)
+                with self._lock:
+                    self._done_bytes += sum(self._sizes[n] for n in batch)
+                    self._done_n += len(batch)
+        except LoadCancelled:
+            pass
+        except BaseException as e:  # kept for wait() to re-raise
+            self.error = e
+        finally:
+            with self._lock:
+                self._current = None
+
+    def take(self, name: str) -> bool:
+        """Remove ``name`` from the queue; True if it was still waiting there."""
+        with self._lock:
+            try:
+                self._queue.remove(name)
+            except ValueError:
+                return False
+            self._total -= self._sizes[name]
+            return True
+
+    @property
+    def progress(self) -> PreloadProgress:
+        with self._lock:
+            return PreloadProgress(self._done_bytes, self._total, self._done_n,
+                                   self._done_n + len(self._queue) + (1 if self._current else 0), self._current)
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the preload to end; re-raise its error. True if it ended."""
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.done()
+
+    def cancel(self) -> None:
+        """Stop after the tensors in flight; what was loaded stays cached."""
+        self._cancel.set()
+        with self._lock:
+            self._queue.clear()
+        if self._thread.ident is not None:
+            self._thread.join()

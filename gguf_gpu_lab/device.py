@@ -1,0 +1,360 @@
+"""Backends: CuPy (CUDA or ROCm) and a host backend (NumPy) for machines without a GPU.
+
+Both expose the same few operations the loader needs: device arrays, exact-size pinned
+staging buffers, lanes (a CUDA/HIP stream, or a worker thread on the host) that run copies and
+dequantization in order, and events that guard buffer reuse and time the work on one clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import BackendError, DeviceMemoryError
+
+_NOTICE_SHOWN = False
+
+
+def _cupy_or_reason():
+    try:
+        import cupy
+    except Exception as e:
+        return None, f"CuPy is not importable ({type(e).__name__})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None, "CuPy finds no GPU"
+    except Exception as e:
+        return None, f"CuPy finds no usable GPU ({type(e).__name__})"
+    return cupy, None
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_available() -> bool:
+    return _cupy_or_reason()[0] is not None
+
+
+def get_backend(backend: str = "auto", device: int = 0) -> "Backend":
+    """``"cupy"``, ``"host"`` or ``"auto"`` (CuPy where a GPU is usable, else host, with a
+    one-line notice the first time)."""
+    global _NOTICE_SHOWN
+    if backend not in ("auto", "cupy", "host"):
+        raise BackendError(f"backend must be 'auto', 'cupy' or 'host', got {backend!r}")
+    if backend == "host":
+        return HostBackend()
+    cupy, reason = _cupy_or_reason()
+    if cupy is None:
+        if backend == "cupy":
+            raise BackendError(f"backend 'cupy' requested but {reason}")
+        if not _NOTICE_SHOWN:
+            print(f"gguf-gpu-lab: no GPU ({reason}); using the host backend (NumPy)", file=sys.stderr)
+            _NOTICE_SHOWN = True
+        return HostBackend()
+    return CupyBackend(device)
+
+
+def device_info(backend: str = "auto", device: int = 0) -> dict[str, Any]:
+    """Name, vendor, memory, PCIe link where readable, CuPy and driver versions."""
+    return get_backend(backend, device).info()
+
+
+class Event:
+    """Completion (and time) of the work a lane had queued when the event was recorded."""
+
+    def synchronize(self) -> None: ...
+    def done(self) -> bool: ...
+    def time_ns(self) -> int:
+        """Host-clock time (perf_counter_ns) at which the event completed."""
+        ...
+
+
+class Backend:
+    name = "?"
+    is_gpu = False
+
+    def info(self) -> dict[str, Any]: ...
+    def lanes(self, n: int) -> list["Lane"]: ...
+    def empty(self, n: int, dtype) -> Any: ...
+    def pinned(self, nbytes: int) -> np.ndarray: ...
+    def free_pinned(self, buf: np.ndarray) -> None: ...
+    def synchronize(self) -> None: ...
+    def mem_free(self) -> int | None: ...
+    def to_host(self, a) -> np.ndarray: ...
+    def close(self) -> None: ...
+
+
+class Lane:
+    index = 0
+
+    def run(self, fn: Callable[[], None]) -> None: ...
+    def copy_h2d(self, dst, src: np.ndarray) -> None: ...
+    def copy_d2d(self, dst, src) -> None: ...
+    def dequant(self, raw, ggml_type, out, dtype: str, first_block: int, n_blocks: int) -> None: ...
+    def record(self) -> Event: ...
+    def close(self) -> None: ...
+
+
+# -- host backend -----------------------------------------------------------------------------
+
+class _HostEvent(Event):
+    def __init__(self, fut: Future):
+        self._fut = fut
+
+    def synchronize(self) -> None:
+        self._fut.result()
+
+    def done(self) -> bool:
+        return self._fut.done()
+
+    def time_ns(self) -> int:
+        return self._fut.result()
+
+
+class _HostLane(Lane):
+    """A lane on the host: one worker thread runs its operations in order. An operation's error
+    is kept and raised by the next event's synchronize(), as a failed stream would."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.error: BaseException | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gguf-lab-lane{index}")
+
+    def _submit(self, fn, *args):
+        def guarded():
+            if self.error is None:
+                try:
+                    fn(*args)
+                except BaseException as e:
+                    self.error = e
+
+        self._pool.submit(guarded)
+
+    def run(self, fn):
+        self._submit(fn)
+
+    def copy_h2d(self, dst, src):
+        self._submit(lambda: np.copyto(dst, src.view(dst.dtype).reshape(dst.shape)))
+
+    def copy_d2d(self, dst, src):
+        self._submit(lambda: np.copyto(dst, src))
+
+    def dequant(self, raw, ggml_type, out, dtype, first_block, n_blocks):
+        from . import quant
+
+        spec = quant.type_spec(ggml_type)
+        odt = quant.resolve_dtype(dtype)
+
+        def work():
+            seg = raw[first_block * spec.type_size:(first_block + n_blocks) * spec.type_size]
+            dst = out.reshape(-1)[first_block * spec.block_size:(first_block + n_blocks) * spec.block_size]
+            quant.dequantize(seg, spec.ggml_type, dtype=dtype, threads=1, out=dst.view(odt))
+
+        self._submit(work)
+
+    def record(self) -> Event:
+        def stamp():
+            if self.error is not None:
+                raise self.error
+            return time.perf_counter_ns()
+
+        return _HostEvent(self._pool.submit(stamp))
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+
+
+class HostBackend(Backend):
+    name = "host"
+    is_gpu = False
+
+    def info(self):
+        from .quant import default_threads
+
+        return {"backend": "host", "name": "host (NumPy)", "vendor": None, "memory_bytes": None,
+                "threads": default_threads(), "numpy": np.__version__}
+
+    def lanes(self, n):
+        return [_HostLane(i) for i in range(n)]
+
+    def empty(self, n, dtype):
+        return np.empty(n, dtype=dtype)
+
+    def pinned(self, nbytes):
+        return np.empty(nbytes, np.uint8)
+
+    def free_pinned(self, buf):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def mem_free(self):
+        return None
+
+    def to_host(self, a):
+        return np.asarray(a)
+
+    def close(self):
+        pass
+
+
+# -- CuPy backend ------------------------------------------------------------------------------
+
+class _CupyEvent(Event):
+    def __init__(self, cupy, stream, clock: "_Clock | None"):
+        self._ev = cupy.cuda.Event()  # timing enabled: never disable_timing here
+        self._ev.record(stream)
+        self._clock = clock
+
+    def synchronize(self):
+        self._ev.synchronize()
+
+    def done(self):
+        return self._ev.done
+
+    def time_ns(self):
+        self._ev.synchronize()
+        return self._clock.to_host_ns(self._ev)
+
+
+class _Clock:
+    """Puts device events on the host clock: a reference event recorded, then synchronized, with
+    the host time read right after; every event is ref_host + elapsed(ref, event)."""
+
+    def __init__(self, cupy):
+        import cupy as cp
+
+        self._cp = cp
+        self.ref = cp.cuda.Event()
+        self.ref.record(cp.cuda.Stream.null)
+        self.ref.synchronize()
+        self.host_ns = time.perf_counter_ns()
+
+    def to_host_ns(self, ev) -> int:
+        return self.host_ns + int(self._cp.cuda.get_elapsed_time(self.ref, ev) * 1e6)
+
+
+class _CupyLane(Lane):
+    def __init__(self, cupy, index: int, device: int, clock: _Clock):
+        self._cp = cupy
+        self.index = index
+        self._dev = device
+        with cupy.cuda.Device(device):
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+        self._clock = clock
+
+    def run(self, fn):
+        raise BackendError("host functions do not run on a GPU stream")
+
+    def copy_h2d(self, dst, src):
+        rt = self._cp.cuda.runtime
+        rt.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes, rt.memcpyHostToDevice, self.stream.ptr)
+
+    def copy_d2d(self, dst, src):
+        rt = self._cp.cuda.runtime
+        rt.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes, rt.memcpyDeviceToDevice, self.stream.ptr)
+
+    def dequant(self, raw, ggml_type, out, dtype, first_block, n_blocks):
+        from .quant.gpu import dequantize_gpu
+
+        dequantize_gpu(raw, ggml_type, dtype=dtype, out=out, stream=self.stream,
+                       first_block=first_block, n_blocks=n_blocks)
+
+    def record(self):
+        return _CupyEvent(self._cp, self.stream, self._clock)
+
+    def close(self):
+        self.stream.synchronize()
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    is_gpu = True
+
+    def __init__(self, device: int = 0):
+        import cupy
+
+        self._cp = cupy
+        self.device = device
+        self._clock: _Clock | None = None
+        self._pinned: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def info(self):
+        cp = self._cp
+        with cp.cuda.Device(self.device):
+            props = cp.cuda.runtime.getDeviceProperties(self.device)
+            free, total = cp.cuda.runtime.memGetInfo()
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        pcie = None
+        try:
+            pci = f"{props.get('pciDomainID', 0):04x}:{props.get('pciBusID', 0):02x}:{props.get('pciDeviceID', 0):02x}.0"
+            base = f"/sys/bus/pci/devices/{pci}/"
+            speed = open(base + "current_link_speed").read().strip()
+            width = open(base + "current_link_width").read().strip()
+            pcie = f"{speed} x{width}"
+        except Exception:
+            pass
+        return {"backend": "cupy", "name": name, "vendor": "AMD" if cp.cuda.runtime.is_hip else "NVIDIA",
+                "device": self.device, "memory_bytes": int(total), "memory_free_bytes": int(free),
+                "multiprocessors": int(props["multiProcessorCount"]), "pcie": pcie, "cupy": cp.__version__,
+                "driver": int(cp.cuda.runtime.driverGetVersion()), "runtime": int(cp.cuda.runtime.runtimeGetVersion())}
+
+    def clock(self) -> _Clock:
+        with self._cp.cuda.Device(self.device):
+            self._clock = _Clock(self._cp)
+        return self._clock
+
+    def lanes(self, n):
+        clock = self._clock or self.clock()
+        return [_CupyLane(self._cp, i, self.device, clock) for i in range(n)]
+
+    def empty(self, n, dtype):
+        cp = self._cp
+        try:
+            with cp.cuda.Device(self.device):
+                return cp.empty(n, dtype=dtype)
+        except cp.cuda.memory.OutOfMemoryError:
+            need = int(n) * np.dtype(dtype).itemsize
+            raise DeviceMemoryError(f"out of GPU memory: {need} bytes needed, {self.mem_free()} bytes free "
+                                    f"on device {self.device}") from None
+
+    def pinned(self, nbytes):
+        # exact size, straight from cudaHostAlloc: CuPy's pinned pool rounds up to powers of two
+        mem = self._cp.cuda.PinnedMemory(max(1, nbytes))
+        ptr = self._cp.cuda.PinnedMemoryPointer(mem, 0)
+        arr = np.frombuffer(ptr, dtype=np.uint8, count=nbytes)
+        with self._lock:
+            self._pinned[arr.ctypes.data] = mem
+        return arr
+
+    def free_pinned(self, buf):
+        with self._lock:
+            self._pinned.pop(buf.ctypes.data, None)
+
+    def pinned_bytes(self) -> int:
+        with self._lock:
+            return sum(m.size for m in self._pinned.values())
+
+    def synchronize(self):
+        with self._cp.cuda.Device(self.device):
+            self._cp.cuda.Device().synchronize()
+
+    def mem_free(self):
+        with self._cp.cuda.Device(self.device):
+            pool = self._cp.get_default_memory_pool()
+            free = int(self._cp.cuda.runtime.memGetInfo()[0]) + int(pool.free_bytes())
+            limit = int(pool.get_limit())
+            return min(free, max(0, limit - int(pool.used_bytes()))) if limit else free
+
+    def to_host(self, a):
+        return self._cp.asnumpy(a)
+
+    def close(self):
+        with self._lock:
+            self._pinned.clear()

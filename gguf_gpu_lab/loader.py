@@ -1,0 +1,574 @@
+"""Loading tensors onto the device: plan, pinned staging ring, reader threads, lanes (streams).
+
+    file --readers--> pinned staging slot --lane k: H2D--> device --lane k: dequant--> output
+
+Chunk i goes to lane i mod ``streams``; an event recorded after its last operation guards the
+staging slot's reuse. Outputs are allocated before any chunk lands. See DESIGN in the README.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from . import quant
+from .device import Backend, Event, get_backend
+from .errors import GGUFLabError, LoadCancelled
+from .model import GGUFModel, TensorInfo, open_model
+from .profiler import Profile, Span
+
+MODES = ("gpu", "raw", "cpu", "sequential")
+ORDERS = ("file", "largest", "layer")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    mode: str = "gpu"
+    dtype: str = "float16"
+    streams: int = 4
+    chunk_mb: float = 16.0
+    readers: int = 4
+    staging_mb: float | None = None  # default: 2 slots a lane
+    order: Any = "file"
+    profile: bool = True
+
+    def check(self) -> "LoadOptions":
+        if self.mode not in MODES:
+            raise GGUFLabError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not (isinstance(self.streams, int) and 1 <= self.streams <= 64):
+            raise GGUFLabError(f"streams must be an integer from 1 to 64, got {self.streams!r}")
+        if not (isinstance(self.readers, int) and 1 <= self.readers <= 256):
+            raise GGUFLabError(f"readers must be an integer from 1 to 256, got {self.readers!r}")
+        if not self.chunk_mb > 0:
+            raise GGUFLabError(f"chunk_mb must be positive, got {self.chunk_mb!r}")
+        if self.staging_mb is not None and not self.staging_mb > 0:
+            raise GGUFLabError(f"staging_mb must be positive, got {self.staging_mb!r}")
+        if not (callable(self.order) or self.order in ORDERS):
+            raise GGUFLabError(f"order must be one of {', '.join(ORDERS)} or a callable, got {self.order!r}")
+        if self.mode != "raw":
+            quant.resolve_dtype(self.dtype)
+        return self
+
+
+@dataclass
+class DeviceTensor:
+    """A loaded tensor: ``array`` (CuPy on a GPU, NumPy on the host backend) and its ``info``.
+    ``dtype`` is the logical dtype ("float16", "bfloat16", ... or "raw" for quantized bytes);
+    bfloat16 arrays hold uint16 bit patterns."""
+
+    info: TensorInfo
+    array: Any
+    dtype: str
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    def to_torch(self):
+        """Zero-copy ``torch.Tensor`` through DLPack (bfloat16 bit patterns as torch.bfloat16)."""
+        import torch
+
+        t = torch.from_dlpack(self.array)
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+
+    def numpy(self) -> np.ndarray:
+        a = self.array
+        if not isinstance(a, np.ndarray):
+            import cupy
+
+            a = cupy.asnumpy(a)
+        if self.dtype == "bfloat16":
+            a = a.view(quant.resolve_dtype("bfloat16"))
+        return a
+
+
+@dataclass
+class LoadResult(Mapping[str, DeviceTensor]):
+    tensors: dict[str, DeviceTensor]
+    file_bytes: int
+    out_bytes: int
+    wall_s: float
+    options: LoadOptions
+    backend: str
+    profile: Profile | None = None
+
+    def __getitem__(self, k):
+        return self.tensors[k]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+    @property
+    def gb_s(self) -> float:
+        """File bytes moved per second of wall time."""
+        return self.file_bytes / self.wall_s / 1e9 if self.wall_s else float("inf")
+
+    def to_torch(self) -> dict:
+        return {k: v.to_torch() for k, v in self.tensors.items()}
+
+    def __repr__(self):
+        return (f"<LoadResult {len(self.tensors)} tensors, {self.file_bytes / 1e9:.3f} GB in {self.wall_s:.3f} s "
+                f"({self.gb_s:.1f} GB/s), mode={self.options.mode}, backend={self.backend}>")
+
+
+# -- planning (pure) --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of whole blocks of one tensor: ``[first_block, first_block + n_blocks)``."""
+
+    tensor: TensorInfo
+    first_block: int
+    n_blocks: int
+    file_offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+
+def select(tensors: Sequence[TensorInfo], names=None, order="file") -> list[TensorInfo]:
+    """The tensors to load, in load order. ``names``: a list of names or a predicate."""
+    if names is None:
+        chosen = list(tensors)
+    elif callable(names):
+        chosen = [t for t in tensors if names(t)]
+    else:
+        by_name = {t.name: t for t in tensors}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise KeyError(f"no tensor named {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        chosen = [by_name[n] for n in dict.fromkeys(names)]
+    if callable(order):
+        return sorted(chosen, key=order)
+    if order == "file":
+        return sorted(chosen, key=lambda t: t.offset)
+    if order == "largest":
+        return sorted(chosen, key=lambda t: (-t.n_bytes, t.offset))
+    if order == "layer":
+        return sorted(chosen, key=lambda t: (-1 if t.layer is None and t.name.startswith("token_embd") else
+                                             (1 << 30) if t.layer is None else t.layer, t.offset))
+    raise GGUFLabError(f"order must be one of {', '.join(ORDERS)} or a callable, got {order!r}")
+
+
+def plan_chunks(tensors: Sequence[TensorInfo], chunk_bytes: int) -> list[Chunk]:
+    """Split big tensors into chunks of whole blocks of at most ``chunk_bytes``; batch small
+    ones together up to ``chunk_bytes``."""
+    chunks: list[Chunk] = []
+    batch: list[Piece] = []
+    size = 0
+
+    def flush():
+        nonlocal batch, size
+        if batch:
+            chunks.append(Chunk(len(chunks), tuple(batch)))
+        batch, size = [], 0
+
+    for t in tensors:
+        spec = quant.type_spec(t.ggml_type)
+        n_blocks = t.n_elements // spec.block_size
+        per = max(1, chunk_bytes // spec.type_size)
+        if t.n_bytes > chunk_bytes:
+            flush()
+            for b0 in range(0, n_blocks, per):
+                nb = min(per, n_blocks - b0)
+                chunks.append(Chunk(len(chunks), (Piece(t, b0, nb, t.offset + b0 * spec.type_size, nb * spec.type_size),)))
+        else:
+            if size + t.n_bytes > chunk_bytes:
+                flush()
+            batch.append(Piece(t, 0, n_blocks, t.offset, t.n_bytes))
+            size += t.n_bytes
+    flush()
+    return chunks
+
+
+def _out_kind(t: TensorInfo, mode: str, dtype: str) -> tuple[str, np.dtype]:
+    """(logical dtype, storage dtype) of a tensor's output in a mode."""
+    spec = quant.type_spec(t.ggml_type)
+    if mode == "raw":
+        return "raw", np.dtype(np.uint8)
+    if spec.kind == "int":
+        return spec.storage_dtype.name, spec.storage_dtype
+    if dtype == "bfloat16":
+        return "bfloat16", np.dtype(np.uint16)
+    return dtype, quant.resolve_dtype(dtype)
+
+
+# -- the pipeline -----------------------------------------------------------------------------
+
+class _Staging:
+    """The ring of pinned staging slots, allocated once at exact size; a slot is handed out only
+    after the event of its previous use has completed."""
+
+    def __init__(self, backend: Backend, n_slots: int, slot_bytes: int):
+        self.backend = backend
+        self.slots = [backend.pinned(slot_bytes) for _ in range(n_slots)]
+        self._free: queue.Queue = queue.Queue()
+        for i in range(n_slots):
+            self._free.put((i, None))
+
+    def acquire(self, cancelled: threading.Event) -> tuple[int, np.ndarray]:
+        while True:
+            try:
+                i, ev = self._free.get(timeout=0.05)
+            except queue.Empty:
+                if cancelled.is_set():
+                    raise LoadCancelled("load cancelled") from None
+                continue
+            if ev is not None:
+                ev.synchronize()
+            return i, self.slots[i]
+
+    def release(self, i: int, ev: Event | None) -> None:
+        self._free.put((i, ev))
+
+    def close(self) -> None:
+        for s in self.slots:
+            self.backend.free_pinned(s)
+        self.slots = []
+
+
+def _read_into(fd: int, mm: np.ndarray | None, dst: np.ndarray, offset: int) -> None:
+    """File bytes [offset, offset + len(dst)) into dst: preadv straight into the buffer."""
+    n = dst.nbytes
+    if hasattr(os, "preadv"):
+        got = 0
+        view = memoryview(dst).cast("B")
+        while got < n:
+            r = os.preadv(fd, [view[got:]], offset + got)
+            if r <= 0:
+                raise GGUFLabError(f"file ended early: read {got} of {n} bytes at offset {offset} "
+                                   "(was it truncated after it was opened?)")
+            got += r
+    else:  # pragma: no cover - platforms without preadv
+        dst[...] = mm[offset:offset + n]
+
+
+def _alloc_outputs(backend: Backend, tensors: Sequence[TensorInfo], mode: str, dtype: str) -> dict[str, DeviceTensor]:
+    out: dict[str, DeviceTensor] = {}
+    for t in tensors:
+        logical, store = _out_kind(t, mode, dtype)
+        n = t.n_bytes if mode == "raw" else t.n_elements
+        out[t.name] = DeviceTensor(t, backend.empty(n, store), logical, mode)
+    return out
+
+
+def _finish_shapes(result: dict[str, DeviceTensor], mode: str) -> None:
+    for dt in result.values():
+        if mode != "raw":
+            dt.array = dt.array.reshape(dt.info.np_shape)
+
+
+class _Loader:
+    def __init__(self, model: GGUFModel, backend: Backend, opts: LoadOptions, tensors: list[TensorInfo],
+                 progress: Callable | None, cancelled: threading.Event):
+        self.model, self.backend, self.opts, self.tensors = model, backend, opts, tensors
+        self.progress = progress
+        self.cancelled = cancelled
+        self.spans: list[Span] = []
+        self._span_lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def span(self, lane: str, stage: str, chunk: int, tensor: str, nbytes: int, t0: int, t1: int) -> None:
+        if self.opts.profile:
+            with self._span_lock:
+                self.spans.append(Span(lane, stage, chunk, tensor, nbytes, t0, t1))
+
+    def run(self) -> tuple[dict[str, DeviceTensor], int]:
+        opts = self.opts
+        if opts.mode == "sequential":
+            return self._sequential()
+        cpu_mode = opts.mode == "cpu"
+        out_item = 1 if opts.mode == "raw" else quant.resolve_dtype(opts.dtype).itemsize
+        chunk_bytes = max(1, int(opts.chunk_mb * (1 << 20)))
+        if cpu_mode:  # the slot holds dequantized values: plan in quantized bytes of about that size
+            chunk_bytes = max(1, int(chunk_bytes / max(out_item / 0.5, 1.0)))
+        chunks = plan_chunks(self.tensors, chunk_bytes)
+        max_chunk = max((c.nbytes for c in chunks), default=0)
+        self._check_memory(opts.streams * max_chunk if opts.mode == "gpu" else 0)
+        outputs = _alloc_outputs(self.backend, self.tensors, opts.mode, opts.dtype)
+        if not chunks:
+            return outputs, 0
+        slot_bytes = max_chunk
+        if cpu_mode:
+            slot_bytes = max(sum(p.n_blocks * quant.type_spec(p.tensor.ggml_type).block_size
+                                 * (quant.resolve_dtype(opts.dtype).itemsize if quant.type_spec(p.tensor.ggml_type).kind != "int"
+                                    else quant.type_spec(p.tensor.ggml_type).type_size) for p in c.pieces) for c in chunks)
+        n_slots = 2 * opts.streams if opts.staging_mb is None else max(2, int(opts.staging_mb * (1 << 20) // slot_bytes))
+        n_slots = min(n_slots, len(chunks))
+        staging = lanes = None
+        scratch: list[Any] = []
+        total = sum(c.nbytes for c in chunks)
+        try:
+            staging = _Staging(self.backend, n_slots, slot_bytes)
+            lanes = self.backend.lanes(opts.streams)
+            lane_locks = [threading.Lock() for _ in lanes]
+            if opts.mode == "gpu":  # quantized bytes land here, per lane, before the kernel expands them
+                scratch = [self.backend.empty(max_chunk, np.uint8) for _ in lanes]
+            done_q: queue.Queue = queue.Queue()
+            work = iter(chunks)
+            work_lock = threading.Lock()
+
+            def reader(rid: int):
+                fd = os.open(self.model.path, os.O_RDONLY)
+                try:
+                    while not self.cancelled.is_set():
+                        with work_lock:
+                            c = next(work, None)
+                        if c is None:
+                            return
+                        slot_i, slot = staging.acquire(self.cancelled)
+                        t0 = time.perf_counter_ns()
+                        pos = 0
+                        stage = "cpu_dequant" if cpu_mode else "read"
+                        for p in c.pieces:
+                            if cpu_mode:
+                                pos = self._cpu_piece(p, slot, pos)
+                            else:
+                                _read_into(fd, None, slot[pos:pos + p.nbytes], p.file_offset)
+                                pos += p.nbytes
+                        t1 = time.perf_counter_ns()
+                        self.span(f"reader {rid}", stage, c.index, c.pieces[0].tensor.name, c.nbytes, t0, t1)
+                        lane = lanes[c.index % len(lanes)]
+                        with lane_locks[lane.index]:  # one chunk's operations at a time per lane
+                            evs = self._enqueue(c, lane, slot[:pos], outputs, scratch)
+                        staging.release(slot_i, evs[-1][1])
+                        done_q.put((c, evs))
+                except BaseException as e:  # re-raised by the main thread after cleanup
+                    self.error = self.error or e
+                    self.cancelled.set()
+                    done_q.put(None)
+                finally:
+                    os.close(fd)
+
+            threads = [threading.Thread(target=reader, args=(i,), name=f"gguf-lab-reader{i}", daemon=True)
+                       for i in range(min(opts.readers, len(chunks)))]
+            for th in threads:
+                th.start()
+            try:
+                done_bytes = 0
+                for _ in range(len(chunks)):
+                    item = self._get(done_q)
+                    if item is None:
+                        break
+                    c, evs = item
+                    evs[-1][1].synchronize()
+                    done_bytes += c.nbytes
+                    self._device_spans(c, lanes, evs)
+                    if self.progress is not None and self.progress(done_bytes, total, c.pieces[-1].tensor.name) is False:
+                        self.cancelled.set()
+                        raise LoadCancelled(f"{self.model.path}: load cancelled by the progress callback "
+                                            f"after {done_bytes} of {total} bytes")
+            except BaseException:
+                self.cancelled.set()
+                raise
+            finally:
+                for th in threads:
+                    th.join()
+                for ln in lanes:
+                    ln.close()
+                self.backend.synchronize()
+            if self.error is not None:
+                raise self.error
+            if self.cancelled.is_set():
+                raise LoadCancelled(f"{self.model.path}: load cancelled")
+            return outputs, total
+        finally:
+            if staging is not None:
+                staging.close()
+            scratch.clear()
+
+    def _check_memory(self, extra: int) -> None:
+        """Fail before allocating anything when the outputs cannot fit."""
+        need = extra + sum((t.n_bytes if self.opts.mode == "raw" else t.n_elements * _out_kind(t, self.opts.mode, self.opts.dtype)[1].itemsize)
+                           for t in self.tensors)
+        free = self.backend.mem_free()
+        if free is not None and need > free:
+            from .errors import DeviceMemoryError
+
+            raise DeviceMemoryError(f"{self.model.path}: loading {len(self.tensors)} tensors ({self.opts.mode}, "
+                                    f"{self.opts.dtype}) needs {need} bytes of device memory; {free} bytes are free")
+
+    def _get(self, q: queue.Queue):
+        while True:
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                if self.cancelled.is_set() and self.error is None:
+                    raise LoadCancelled(f"{self.model.path}: load cancelled")
+                if self.error is not None:
+                    return None
+
+    def _cpu_piece(self, p: Piece, slot: np.ndarray, pos: int) -> int:
+        spec = quant.type_spec(p.tensor.ggml_type)
+        raw = self.model.raw(p.tensor.name)[p.first_block * spec.type_size:(p.first_block + p.n_blocks) * spec.type_size]
+        if spec.kind == "int":
+            slot[pos:pos + raw.nbytes] = raw
+            return pos + raw.nbytes
+        odt = quant.resolve_dtype(self.opts.dtype)
+        n = p.n_blocks * spec.block_size
+        dst = slot[pos:pos + n * odt.itemsize].view(odt)
+        quant.dequantize(raw, spec.ggml_type, dtype=self.opts.dtype, threads=1, out=dst)
+        return pos + n * odt.itemsize
+
+    def _enqueue(self, c: Chunk, lane, data: np.ndarray, outputs, scratch) -> list[tuple[str, Event]]:
+        """Queue a chunk's copy (and kernel) on its lane; returns (stage, event) pairs, the first
+        being the start."""
+        mode = self.opts.mode
+        evs = [("start", lane.record())] if self.opts.profile else []
+        pos = 0
+        if mode == "gpu":
+            dev = scratch[lane.index]
+            lane.copy_h2d(dev[:data.nbytes], data)
+            if self.opts.profile:
+                evs.append(("h2d", lane.record()))
+            for p in c.pieces:
+                spec = quant.type_spec(p.tensor.ggml_type)
+                out = outputs[p.tensor.name].array
+                if spec.kind == "int":  # the bytes are the values
+                    lo = p.first_block * spec.type_size
+                    lane.copy_d2d(out.reshape(-1).view(np.uint8)[lo:lo + p.nbytes], dev[pos:pos + p.nbytes])
+                else:
+                    # the kernel reads the piece's blocks from scratch and writes their slice of out
+                    seg_out = out.reshape(-1)[p.first_block * spec.block_size:(p.first_block + p.n_blocks) * spec.block_size]
+                    lane.dequant(dev[pos:pos + p.nbytes], spec.ggml_type, seg_out, self.opts.dtype, 0, p.n_blocks)
+                pos += p.nbytes
+            evs.append(("dequant", lane.record()))
+        else:  # raw and cpu: the slot already holds the final bytes of each piece
+            for p in c.pieces:
+                out = outputs[p.tensor.name].array.reshape(-1)
+                spec = quant.type_spec(p.tensor.ggml_type)
+                if mode == "raw":
+                    lo, n = p.first_block * spec.type_size, p.nbytes
+                else:
+                    per = spec.block_size if spec.kind != "int" else 1
+                    lo, n = p.first_block * per, p.n_blocks * per
+                dst = out[lo:lo + n]
+                lane.copy_h2d(dst, data[pos:pos + dst.nbytes])
+                pos += dst.nbytes
+            evs.append(("h2d", lane.record()))
+        return evs
+
+    def _device_spans(self, c: Chunk, lanes, evs) -> None:
+        if not self.opts.profile or len(evs) < 2:
+            return
+        lane = f"stream {c.index % len(lanes)}" if self.backend.is_gpu else f"lane {c.index % len(lanes)}"
+        name = c.pieces[0].tensor.name
+        for (_, a), (stage, b) in zip(evs, evs[1:]):
+            self.span(lane, stage, c.index, name, c.nbytes, a.time_ns(), b.time_ns())
+
+    def _sequential(self) -> tuple[dict[str, DeviceTensor], int]:
+        """One tensor at a time, synchronously: CPU dequantization, then a copy from pageable memory."""
+        out: dict[str, DeviceTensor] = {}
+        total = 0
+        opts = self.opts
+        self._check_memory(0)
+        for i, t in enumerate(self.tensors):
+            if self.cancelled.is_set():
+                raise LoadCancelled(f"{self.model.path}: load cancelled")
+            t0 = time.perf_counter_ns()
+            x = quant.dequantize(self.model.raw(t.name), t.ggml_type, dtype=opts.dtype)
+            t1 = time.perf_counter_ns()
+            logical, store = _out_kind(t, "sequential", opts.dtype)
+            arr = self.backend.empty(t.n_elements, store)
+            if isinstance(arr, np.ndarray):
+                arr[...] = x.reshape(-1).view(store)
+            else:
+                arr.set(np.ascontiguousarray(x.reshape(-1).view(store)))
+            self.backend.synchronize()
+            t2 = time.perf_counter_ns()
+            self.span("main", "cpu_dequant", i, t.name, t.n_bytes, t0, t1)
+            self.span("main", "h2d", i, t.name, t.n_bytes, t1, t2)
+            out[t.name] = DeviceTensor(t, arr, logical, "sequential")
+            total += t.n_bytes
+            if self.progress is not None and self.progress(total, sum(x.n_bytes for x in self.tensors), t.name) is False:
+                self.cancelled.set()
+                raise LoadCancelled(f"{self.model.path}: load cancelled by the progress callback")
+        return out, total
+
+
+def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int = 4, chunk_mb: float = 16.0,
+         readers: int = 4, staging_mb: float | None = None, order="file", tensors=None, device: int = 0,
+         progress: Callable[[int, int, str], object] | None = None, profile: bool = True,
+         backend: str | Backend = "auto", cancel: threading.Event | None = None) -> LoadResult:
+    """Load tensors of a GGUF model onto the device.
+
+    Args:
+        path_or_model: a path or an open ``GGUFModel``.
+        mode: "gpu" (quantized bytes uploaded, dequantized on the GPU), "raw" (uploaded and kept
+            quantized), "cpu" (dequantized on the CPU by the reader threads, then uploaded) or
+            "sequential" (one tensor at a time, synchronously: the baseline).
+        dtype: "float16", "float32" or "bfloat16" (ignored by "raw").
+        streams: lanes (CUDA/HIP streams) that chunks are spread over.
+        chunk_mb: the size of a chunk of file bytes (big tensors are split, small ones batched).
+        readers: reader threads filling the pinned staging ring.
+        staging_mb: total pinned staging; default two chunks a stream.
+        order: "file", "largest", "layer" or a key function of ``TensorInfo``.
+        tensors: names to load, or a predicate of ``TensorInfo``; default all.
+        progress: ``progress(bytes_done, bytes_total, tensor)`` after each chunk; return False to
+            cancel. ``True`` shows a tqdm bar (an ipywidgets bar in notebooks).
+        profile: record spans (``result.profile``).
+        backend: "auto", "cupy", "host" or a backend object.
+
+    Example:
+        >>> r = load("model.gguf", mode="gpu", dtype="float16")   # doctest: +SKIP
+        >>> r["blk.0.attn_q.weight"].array.shape
+    """
+    opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, staging_mb, order, profile).check()
+    bar = None
+    if progress is True:  # a tqdm bar: a widget in notebooks, text in terminals
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=f"load ({mode})", leave=False)
+
+        def progress(done, total, name, _last=[0]):
+            bar.total = total
+            bar.update(done - _last[0])
+            _last[0] = done
+            bar.set_postfix_str(name, refresh=False)
+    own = not isinstance(path_or_model, GGUFModel)
+    model = open_model(path_or_model) if own else path_or_model
+    try:
+        be = backend if isinstance(backend, Backend) else get_backend(backend, device)
+        chosen = select(model.tensors, tensors, order)
+        cancelled = cancel or threading.Event()
+        ld = _Loader(model, be, opts, chosen, progress, cancelled)
+        clock_host0 = time.perf_counter_ns()
+        if be.is_gpu:
+            be.clock()
+        t0 = time.perf_counter()
+        outputs, nbytes = ld.run()
+        wall = time.perf_counter() - t0
+        _finish_shapes(outputs, opts.mode if opts.mode != "sequential" else "gpu")
+        out_bytes = sum(v.nbytes for v in outputs.values())
+        prof = Profile.from_spans(ld.spans, origin_ns=clock_host0, wall_s=wall, meta={
+            "mode": opts.mode, "streams": opts.streams, "readers": opts.readers, "chunk_mb": opts.chunk_mb,
+            "backend": be.name, "file_bytes": nbytes, "out_bytes": out_bytes}) if profile else None
+        return LoadResult(outputs, nbytes, out_bytes, wall, opts, be.name, prof)
+    finally:
+        if bar is not None:
+            bar.close()
+        if own:
+            model.close()

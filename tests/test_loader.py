@@ -1,0 +1,188 @@
+"""The loading pipeline on the host backend (runs everywhere): modes, orders, filters, chunking,
+cancellation, the cache, lazy loads, preload, and concurrency."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from gguf_gpu_lab import GGUFLabError, LoadCancelled, open_model
+from gguf_gpu_lab.loader import load, plan_chunks, select
+from gguf_gpu_lab.verify import mismatches
+
+
+def _threads():
+    return {t.name for t in threading.enumerate() if t.name.startswith("gguf-lab")}
+
+
+def _check(m, r, mode, dtype, names=None):
+    for name in names or [t.name for t in m.tensors]:
+        got = r[name]
+        if mode == "raw":
+            assert np.array_equal(got.numpy().reshape(-1), m.raw(name))
+        else:
+            assert got.array.shape == m.info(name).np_shape
+            bad = mismatches(got.numpy().reshape(-1), m.dequantize(name, dtype).reshape(-1))
+            assert bad.size == 0, (mode, dtype, name)
+
+
+@pytest.mark.parametrize("chunk_mb", [0.01, 0.3, 64.0])  # smaller than most tensors .. larger than all
+@pytest.mark.parametrize("mode", ["gpu", "raw", "cpu", "sequential"])
+def test_every_mode_matches_cpu_dequantization(all_types_model, mode, chunk_mb):
+    with open_model(all_types_model) as m:
+        r = load(m, mode=mode, dtype="float32", chunk_mb=chunk_mb, streams=3, readers=2, backend="host")
+        assert len(r) == len(m.tensors) and r.backend == "host"
+        assert r.file_bytes == sum(t.n_bytes for t in m.tensors)
+        _check(m, r, mode, "float32")
+    assert not _threads()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_dtypes(small_model, dtype):
+    with open_model(small_model) as m:
+        r = load(m, mode="gpu", dtype=dtype, chunk_mb=0.2, backend="host")
+        _check(m, r, "gpu", dtype)
+        assert r["output.weight"].dtype == dtype
+
+
+def test_orders_and_filters(small_model):
+    with open_model(small_model) as m:
+        ts = m.tensors
+        assert [t.name for t in select(ts, order="file")] == [t.name for t in sorted(ts, key=lambda t: t.offset)]
+        big = select(ts, order="largest")
+        assert big[0].n_bytes == max(t.n_bytes for t in ts)
+        by_layer = select(ts, order="layer")
+        assert by_layer[0].name == "token_embd.weight" and by_layer[-1].layer is None
+        layers = [t.layer for t in by_layer if t.layer is not None]
+        assert layers == sorted(layers)
+        assert [t.name for t in select(ts, order=lambda t: t.name)] == sorted(t.name for t in ts)
+        r = load(m, tensors=lambda t: t.layer == 1, backend="host")
+        assert set(r) == {t.name for t in ts if t.layer == 1}
+        r = load(m, tensors=["output.weight", "blk.0.attn_k.weight"], order="largest", backend="host")
+        assert set(r) == {"output.weight", "blk.0.attn_k.weight"}
+        with pytest.raises(KeyError, match="nope"):
+            load(m, tensors=["nope"], backend="host")
+
+
+def test_plan_chunks_splits_and_batches(small_model):
+    with open_model(small_model) as m:
+        ts = select(m.tensors)
+        chunk = 64 << 10
+        chunks = plan_chunks(ts, chunk)
+        assert all(c.nbytes <= chunk or len(c.pieces) == 1 for c in chunks)
+        assert any(len(c.pieces) > 1 for c in chunks)  # small tensors batched
+        pieces = [p for c in chunks for p in c.pieces]
+        for t in ts:  # every block of every tensor exactly once, in order
+            mine = [p for p in pieces if p.tensor.name == t.name]
+            assert sum(p.nbytes for p in mine) == t.n_bytes
+            assert [p.first_block for p in mine] == sorted(p.first_block for p in mine)
+
+
+def test_bad_options(small_model):
+    for kw, msg in [({"mode": "fast"}, "mode"), ({"streams": 0}, "streams"), ({"readers": 0}, "readers"),
+                    ({"chunk_mb": 0}, "chunk_mb"), ({"order": "random"}, "order"), ({"dtype": "int8"}, "dtype")]:
+        with pytest.raises(GGUFLabError, match=msg):
+            load(small_model, backend="host", **kw)
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu", "sequential"])
+def test_progress_and_cancel(small_model, mode):
+    seen = []
+
+    def progress(done, total, name):
+        seen.append((done, total, name))
+        return len(seen) < 3
+
+    with open_model(small_model) as m:
+        with pytest.raises(LoadCancelled, match="cancelled"):
+            load(m, mode=mode, chunk_mb=0.05, progress=progress, backend="host")
+        assert len(seen) == 3 and seen[0][0] < seen[1][0] < seen[2][0] and seen[0][1] == sum(t.n_bytes for t in m.tensors)
+        r = load(m, mode=mode, backend="host")  # the next load works
+        assert len(r) == len(m.tensors)
+    assert not _threads()
+
+
+def test_reader_error_is_raised_and_cleaned_up(small_model, monkeypatch):
+    from gguf_gpu_lab import loader
+
+    calls = []
+
+    def broken(fd, mm, dst, offset):
+        calls.append(offset)
+        if len(calls) == 4:
+            raise OSError("disk on fire")
+        dst[...] = 0
+
+    monkeypatch.setattr(loader, "_read_into", broken)
+    with pytest.raises(OSError, match="disk on fire"):
+        load(small_model, chunk_mb=0.05, backend="host")
+    assert not _threads()
+
+
+def test_profile_spans(small_model):
+    r = load(small_model, chunk_mb=0.1, streams=2, readers=2, backend="host")
+    df = r.profile.df
+    assert list(df.columns) == ["lane", "stage", "chunk", "tensor", "bytes", "start_us", "end_us", "dur_us"]
+    assert {"read", "h2d", "dequant"} <= set(df["stage"])
+    assert (df["dur_us"] >= 0).all() and (df["start_us"] >= 0).all()
+    assert df.loc[df.stage == "read", "bytes"].sum() == r.file_bytes
+    assert load(small_model, backend="host", profile=False).profile is None
+
+
+def test_lazy_tensor_cache_and_eviction(small_model):
+    with open_model(small_model) as m:
+        a = m.tensor("output.weight", backend="host")
+        assert m.tensor("output.weight", backend="host") is a
+        b = m.tensor("output.weight", dtype="float32", backend="host")  # another key
+        assert b is not a and b.array.dtype == np.float32
+        info = m.cache_info()
+        assert info["loads"] == 2 and info["hits"] == 1 and info["entries"] == 2
+        assert m.evict("output.weight") == a.nbytes + b.nbytes
+        m.cache_budget = a.nbytes + 1  # room for one
+        m.tensor("output.weight", backend="host")
+        m.tensor("token_embd.weight", backend="host")
+        assert m.cache_info()["entries"] == 1
+
+
+def test_tensor_from_many_threads_loads_once(small_model):
+    with open_model(small_model) as m:
+        names = [t.name for t in m.tensors][:12]
+        got = {}
+        barrier = threading.Barrier(8)
+
+        def worker(i):
+            barrier.wait()
+            for n in names[i % 3:] + names[:i % 3]:
+                got[(i, n)] = m.tensor(n, dtype="float32", backend="host")
+
+        ths = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        [t.start() for t in ths]
+        [t.join() for t in ths]
+        assert m.cache_info()["loads"] == len(names)
+        for n in names:
+            assert len({id(got[(i, n)]) for i in range(8)}) == 1
+            assert np.array_equal(got[(0, n)].numpy(), m.dequantize(n))
+
+
+def test_preload_background_with_tensor_calls(small_model):
+    with open_model(small_model) as m:
+        h = m.preload(order="largest", backend="host", batch_mb=0.2, dtype="float32")
+        x = m.tensor("blk.0.ffn_norm.weight", dtype="float32", backend="host")  # jumps the queue
+        assert np.array_equal(x.numpy(), m.dequantize("blk.0.ffn_norm.weight"))
+        assert h.wait(timeout=60)
+        p = h.progress
+        assert p.bytes_done == p.bytes_total and p.current is None
+        assert m.cache_info()["loads"] == len(m.tensors)
+    assert not _threads()
+
+
+def test_preload_cancel_and_foreground(small_model):
+    with open_model(small_model) as m:
+        h = m.preload(backend="host", batch_mb=0.05)
+        h.cancel()
+        assert h.done()
+        loaded = m.cache_info()["loads"]
+        assert loaded < len(m.tensors)
+        h2 = m.preload(backend="host", background=False)
+        assert h2.done() and m.cache_info()["loads"] == len(m.tensors)
+    assert not _threads()
