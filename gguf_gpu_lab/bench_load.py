@@ -67,6 +67,27 @@ def parallel_read(path: str, threads: int, chunk: int = 16 << 20) -> float:
     return size / (time.perf_counter() - t0) / 1e9
 
 
+def mmap_copy(path: str, threads: int, chunk: int = 16 << 20) -> float:
+    """GB/s of copying the whole file out of its mapping (page cache warm) with ``threads`` threads."""
+    mm = np.memmap(path, mode="r")
+    size = mm.size
+    offs = list(range(0, size, chunk))
+
+    def work(idx):
+        buf = np.empty(chunk, np.uint8)
+        for i in idx:
+            n = min(chunk, size - offs[i])
+            np.copyto(buf[:n], mm[offs[i]:offs[i] + n])
+
+    parts = [list(range(k, len(offs), threads)) for k in range(threads)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(work, parts))
+    dt = time.perf_counter() - t0
+    del mm
+    return size / dt / 1e9
+
+
 def naive_path(model, names) -> tuple[float, int]:
     """gguf-py's dequantize per tensor, then cupy.asarray: (seconds, file bytes)."""
     import cupy as cp
@@ -84,8 +105,6 @@ def naive_path(model, names) -> tuple[float, int]:
 
 
 def bench_load(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K_M", quick: bool = False) -> dict:
-    import cupy as cp
-
     from .bench_gpu import device_info
     from .loader import load
     from .synth import synth
@@ -101,12 +120,14 @@ def bench_load(model_path: str | None = None, params: str = "8B", mix: str = "Q4
     try:
         size = os.path.getsize(model_path)
         read = {t: parallel_read(model_path, t) for t in (1, 4, 16)}  # also warms the page cache
+        mcopy = {t: mmap_copy(model_path, t) for t in (1, 4, 16)}
         peak = pinned_h2d_peak()
         peak4 = pinned_h2d_peak(streams=4)
         res = {"benchmark": "load", "machine": machine_info(), "device": device_info(), "model": {
             "path": os.path.basename(model_path), "file_bytes": size, "synth": synth_info},
             "peaks": {"pinned_h2d_gb_s": peak, "pinned_h2d_4streams_gb_s": peak4,
-                      "read_gb_s": {str(k): v for k, v in read.items()}}}
+                      "read_gb_s": {str(k): v for k, v in read.items()},
+                      "mmap_copy_gb_s": {str(k): v for k, v in mcopy.items()}}}
         modes = {}
         with open_model(model_path) as m:
             tensor_bytes = sum(t.n_bytes for t in m.tensors)
@@ -138,13 +159,13 @@ def bench_load(model_path: str | None = None, params: str = "8B", mix: str = "Q4
             _free_gpu()
             naive_gb_s = naive_bytes / naive_s / 1e9
             sweep = []
-            configs = [(s, 16.0, 4) for s in (1, 2, 4, 8)] + [(4, c, 4) for c in (2.0, 8.0, 64.0)] + \\
-                      [(4, 16.0, r) for r in (1, 2, 8, 16)]
-            for streams, chunk, readers in configs:
+            configs = [(s, 16.0, 16, "mmap") for s in (1, 2, 4, 8)] + [(4, c, 16, "mmap") for c in (2.0, 8.0, 64.0)] + \
+                      [(4, 16.0, r, "mmap") for r in (1, 4, 8)] + [(4, 16.0, r, "preadv") for r in (4, 16)]
+            for streams, chunk, readers, how in configs:
                 r = load(m, mode="gpu", dtype="float16", backend="cupy", streams=streams, chunk_mb=chunk,
-                         readers=readers, profile=False)
-                sweep.append({"streams": streams, "chunk_mb": chunk, "readers": readers, "wall_s": r.wall_s,
-                              "gb_s": r.gb_s, "ratio_to_pinned_peak": r.gb_s / peak})
+                         readers=readers, read=how, profile=False)
+                sweep.append({"streams": streams, "chunk_mb": chunk, "readers": readers, "read": how,
+                              "wall_s": r.wall_s, "gb_s": r.gb_s, "ratio_to_pinned_peak": r.gb_s / peak})
                 del r
                 _free_gpu()
         res.update({"tensor_bytes": tensor_bytes, "modes": modes, "profiler_overhead": prof_cost,
@@ -208,7 +229,8 @@ def format_load(res: dict) -> str:
     lines = [f"load benchmark on {res['device']['name']}, {res['machine']['cores']} cores, {res['machine']['date']}",
              f"model: {res['model']['path']}, {res['model']['file_bytes'] / 2**30:.2f} GiB",
              f"peaks: pinned H2D {p['pinned_h2d_gb_s']:.1f} GB/s (4 streams {p['pinned_h2d_4streams_gb_s']:.1f}); "
-             f"file read " + ", ".join(f"{k} thr {v:.1f}" for k, v in p["read_gb_s"].items()) + " GB/s",
+             "file read (preadv) " + ", ".join(f"{k} thr {v:.1f}" for k, v in p["read_gb_s"].items()) + " GB/s; "
+             "copy out of the mapping " + ", ".join(f"{k} thr {v:.1f}" for k, v in p["mmap_copy_gb_s"].items()) + " GB/s",
              f"{'mode':11} {'wall s':>7} {'GB/s':>6} {'x H2D peak':>10}"]
     for mode, r in res["modes"].items():
         lines.append(f"{mode:11} {r['wall_s']:7.3f} {r['gb_s']:6.2f} {r['ratio_to_pinned_peak']:10.2f}")
@@ -216,9 +238,10 @@ def format_load(res: dict) -> str:
     lines.append(f"naive (gguf-py + cupy.asarray, {n['tensors']} tensors): {n['gb_s']:.3f} GB/s; gpu mode is "
                  f"{res['gpu_vs_naive']:.0f}x faster")
     lines.append(f"profiler overhead: {100 * res['profiler_overhead']:.1f}% of gpu-mode wall time")
-    lines.append("sweep (gpu mode): streams chunk_mb readers -> GB/s")
+    lines.append("sweep (gpu mode): streams chunk_mb readers read -> GB/s")
     for s in res["sweep"]:
-        lines.append(f"  {s['streams']:2d} {s['chunk_mb']:6.1f} {s['readers']:3d} -> {s['gb_s']:6.2f} ({s['ratio_to_pinned_peak']:.2f}x peak)")
+        lines.append(f"  {s['streams']:2d} {s['chunk_mb']:6.1f} {s['readers']:3d} {s['read']:6} -> {s['gb_s']:6.2f} "
+                     f"({s['ratio_to_pinned_peak']:.2f}x peak)")
     hr = res["hostregister"]
     lines.append("hostRegister zero-staging: " + (f"copy {hr['copy_gb_s']:.1f} GB/s, with registration {hr['end_to_end_gb_s']:.1f} GB/s"
                                                 if hr.get("supported") else f"not available ({hr.get('why')})"))

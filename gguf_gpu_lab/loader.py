@@ -34,7 +34,8 @@ class LoadOptions:
     dtype: str = "float16"
     streams: int = 4
     chunk_mb: float = 16.0
-    readers: int = 4
+    readers: int | None = None  # default: one per core, at most 16
+    read: str = "mmap"
     staging_mb: float | None = None  # default: 2 slots a lane
     order: Any = "file"
     profile: bool = True
@@ -44,8 +45,10 @@ class LoadOptions:
             raise GGUFLabError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not (isinstance(self.streams, int) and 1 <= self.streams <= 64):
             raise GGUFLabError(f"streams must be an integer from 1 to 64, got {self.streams!r}")
-        if not (isinstance(self.readers, int) and 1 <= self.readers <= 256):
+        if self.readers is not None and not (isinstance(self.readers, int) and 1 <= self.readers <= 256):
             raise GGUFLabError(f"readers must be an integer from 1 to 256, got {self.readers!r}")
+        if self.read not in ("mmap", "preadv"):
+            raise GGUFLabError(f"read must be 'mmap' or 'preadv', got {self.read!r}")
         if not self.chunk_mb > 0:
             raise GGUFLabError(f"chunk_mb must be positive, got {self.chunk_mb!r}")
         if self.staging_mb is not None and not self.staging_mb > 0:
@@ -250,9 +253,21 @@ class _Staging:
         self.slots = []
 
 
+def default_readers() -> int:
+    return min(16, quant.default_threads())
+
+
 def _read_into(fd: int, mm: np.ndarray | None, dst: np.ndarray, offset: int) -> None:
-    """File bytes [offset, offset + len(dst)) into dst: preadv straight into the buffer."""
+    """File bytes [offset, offset + len(dst)) into dst: a copy out of the file mapping (NumPy
+    releases the GIL; 16 threads measured about 2x faster than preadv on the lent machine), or
+    preadv straight into the buffer when ``mm`` is None."""
     n = dst.nbytes
+    if mm is not None:
+        if offset + n > os.fstat(fd).st_size:  # touching mapped pages past the end is SIGBUS
+            raise GGUFLabError(f"file ended early: needs bytes up to {offset + n}, the file now has "
+                               f"{os.fstat(fd).st_size} (was it truncated after it was opened?)")
+        np.copyto(dst, mm[offset:offset + n])
+        return
     if hasattr(os, "preadv"):
         got = 0
         view = memoryview(dst).cast("B")
@@ -333,6 +348,7 @@ class _Loader:
 
             def reader(rid: int):
                 fd = os.open(self.model.path, os.O_RDONLY)
+                mm = self.model._data() if opts.read == "mmap" else None
                 try:
                     while not self.cancelled.is_set():
                         with work_lock:
@@ -347,7 +363,7 @@ class _Loader:
                             if cpu_mode:
                                 pos = self._cpu_piece(p, slot, pos)
                             else:
-                                _read_into(fd, None, slot[pos:pos + p.nbytes], p.file_offset)
+                                _read_into(fd, mm, slot[pos:pos + p.nbytes], p.file_offset)
                                 pos += p.nbytes
                         t1 = time.perf_counter_ns()
                         self.span(f"reader {rid}", stage, c.index, c.pieces[0].tensor.name, c.nbytes, t0, t1)
@@ -364,7 +380,7 @@ class _Loader:
                     os.close(fd)
 
             threads = [threading.Thread(target=reader, args=(i,), name=f"gguf-lab-reader{i}", daemon=True)
-                       for i in range(min(opts.readers, len(chunks)))]
+                       for i in range(min(opts.readers or default_readers(), len(chunks)))]
             for th in threads:
                 th.start()
             try:
@@ -510,9 +526,9 @@ class _Loader:
 
 
 def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int = 4, chunk_mb: float = 16.0,
-         readers: int = 4, staging_mb: float | None = None, order="file", tensors=None, device: int = 0,
+         readers: int | None = None, staging_mb: float | None = None, order="file", tensors=None, device: int = 0,
          progress: Callable[[int, int, str], object] | None = None, profile: bool = True,
-         backend: str | Backend = "auto", cancel: threading.Event | None = None) -> LoadResult:
+         backend: str | Backend = "auto", cancel: threading.Event | None = None, read: str = "mmap") -> LoadResult:
     """Load tensors of a GGUF model onto the device.
 
     Args:
@@ -523,7 +539,10 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         dtype: "float16", "float32" or "bfloat16" (ignored by "raw").
         streams: lanes (CUDA/HIP streams) that chunks are spread over.
         chunk_mb: the size of a chunk of file bytes (big tensors are split, small ones batched).
-        readers: reader threads filling the pinned staging ring.
+        readers: reader threads filling the pinned staging ring (in "cpu" mode they also
+            dequantize); default one per core, at most 16.
+        read: "mmap" (copy out of the file mapping; the file is checked not to have shrunk) or
+            "preadv" (read(2) into the staging buffer: a file truncated mid-load is an error, never a crash).
         staging_mb: total pinned staging; default two chunks a stream.
         order: "file", "largest", "layer" or a key function of ``TensorInfo``.
         tensors: names to load, or a predicate of ``TensorInfo``; default all.
@@ -536,7 +555,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         >>> r = load("model.gguf", mode="gpu", dtype="float16")   # doctest: +SKIP
         >>> r["blk.0.attn_q.weight"].array.shape
     """
-    opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, staging_mb, order, profile).check()
+    opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, read, staging_mb, order, profile).check()
     bar = None
     if progress is True:  # a tqdm bar: a widget in notebooks, text in terminals
         from tqdm.auto import tqdm

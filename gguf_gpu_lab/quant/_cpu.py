@@ -116,9 +116,11 @@ def _q4_k(b, out):
     q = np.empty((n, 4, 2, 32), np.uint8)  # sub-block 2k: low nibbles of run k, 2k+1: high nibbles
     np.bitwise_and(qs, np.uint8(15), out=q[:, :, 0])
     np.right_shift(qs, np.uint8(4), out=q[:, :, 1])
-    # scales repeated to full width: contiguous inner loops beat 32-wide broadcasting
-    np.multiply(np.repeat(d, 32, axis=1), q.reshape(n, 256), out=out, dtype=_F32)
-    out -= np.repeat(dm, 32, axis=1)
+    # one multiply and one subtract over the whole chunk (np.repeat of the scales would be a
+    # little faster on one thread but holds the GIL, which stops scaling across threads)
+    o = out.reshape(n, 8, 32)
+    np.multiply(d[:, :, None], q.reshape(n, 8, 32), out=o, dtype=_F32)
+    o -= dm[:, :, None]
 
 
 def _q5_k(b, out):
@@ -141,7 +143,7 @@ def _q6_k(b, out):
     lo = (b[:, :128].reshape(n, 2, 1, 2, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1, 1)) & np.uint8(15)
     hi = (b[:, 128:192].reshape(n, 2, 1, 32) >> _SH2.reshape(1, 1, 4, 1)) & np.uint8(3)
     q = lo.reshape(n, 2, 4, 32) | (hi << np.uint8(4))
-    np.multiply(np.repeat(d, 16, axis=1), _signed(q, 32).reshape(n, 256), out=out, dtype=_F32)
+    np.multiply(d.reshape(n, 16, 1), _signed(q, 32).reshape(n, 16, 16), out=out.reshape(n, 16, 16), dtype=_F32)
 
 
 def _f32(b, out):
