@@ -84,7 +84,6 @@ def mmap_copy(path: str, threads: int, chunk: int = 16 << 20) -> float:
     with ThreadPoolExecutor(threads) as ex:
         list(ex.map(work, parts))
     dt = time.perf_counter() - t0
-    del mm
     return size / dt / 1e9
 
 
