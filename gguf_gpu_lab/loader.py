@@ -331,7 +331,10 @@ class _Loader:
             slot_bytes = max(sum(p.n_blocks * quant.type_spec(p.tensor.ggml_type).block_size
                                  * (quant.resolve_dtype(opts.dtype).itemsize if quant.type_spec(p.tensor.ggml_type).kind != "int"
                                     else quant.type_spec(p.tensor.ggml_type).type_size) for p in c.pieces) for c in chunks)
-        n_slots = 2 * opts.streams if opts.staging_mb is None else max(2, int(opts.staging_mb * (1 << 20) // slot_bytes))
+        readers = opts.readers or default_readers()
+        # enough slots for every reader to fill one while each lane has one in flight
+        n_slots = (readers + 2 * opts.streams if opts.staging_mb is None
+                   else max(2, int(opts.staging_mb * (1 << 20) // slot_bytes)))
         n_slots = min(n_slots, len(chunks))
         staging = lanes = None
         scratch: list[Any] = []
@@ -370,7 +373,8 @@ class _Loader:
                         lane = lanes[c.index % len(lanes)]
                         with lane_locks[lane.index]:  # one chunk's operations at a time per lane
                             evs = self._enqueue(c, lane, slot[:pos], outputs, scratch)
-                        staging.release(slot_i, evs[-1][1])
+                        # the slot is free again once its copy is done (the kernel reads device scratch)
+                        staging.release(slot_i, dict(evs)["h2d"])
                         done_q.put((c, evs))
                 except BaseException as e:  # re-raised by the main thread after cleanup
                     self.error = self.error or e
@@ -380,7 +384,7 @@ class _Loader:
                     os.close(fd)
 
             threads = [threading.Thread(target=reader, args=(i,), name=f"gguf-lab-reader{i}", daemon=True)
-                       for i in range(min(opts.readers or default_readers(), len(chunks)))]
+                       for i in range(min(readers, len(chunks)))]
             for th in threads:
                 th.start()
             try:
@@ -458,8 +462,7 @@ class _Loader:
         if mode == "gpu":
             dev = scratch[lane.index]
             lane.copy_h2d(dev[:data.nbytes], data)
-            if self.opts.profile:
-                evs.append(("h2d", lane.record()))
+            evs.append(("h2d", lane.record()))
             for p in c.pieces:
                 spec = quant.type_spec(p.tensor.ggml_type)
                 out = outputs[p.tensor.name].array
