@@ -49,11 +49,12 @@ def test_bfloat16_rounding_is_nearest_even():
     assert got.tolist() == [1.0, 1.0 + 2**-6, 1.0 + 2**-7]
 
 
+@pytest.mark.parametrize("t", [T.Q4_0, T.Q4_K, T.Q6_K], ids=ids)
 @pytest.mark.parametrize("threads", [1, 2, 5])
-def test_thread_count_does_not_change_results(threads, rng):
-    blocks = finite_random_blocks(T.Q4_K, 3001, rng)  # ~770k weights: several chunks
-    ref = quant.dequantize(blocks, T.Q4_K, threads=1)
-    assert_bitexact(quant.dequantize(blocks, T.Q4_K, threads=threads), ref)
+def test_thread_count_does_not_change_results(threads, t, rng):
+    # one thread takes the repeat-the-scales path, a pool the broadcasting one: both exact
+    blocks = finite_random_blocks(t, 3001 if t != T.Q4_0 else 24001, rng)  # several chunks
+    assert_bitexact(quant.dequantize(blocks, t, threads=threads), reference(blocks, t), f"{t.name} x{threads}")
 
 
 def test_out_parameter_and_shape(rng):

@@ -8,6 +8,7 @@ bit-exact), but with lookup tables, fewer temporaries and no per-16-rows Python 
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -23,6 +24,16 @@ _F32 = np.float32
 _SH8 = np.arange(8, dtype=np.uint8)
 _SH32 = np.arange(32, dtype=np.uint32)
 _SH2 = np.array([0, 2, 4, 6], np.uint8)
+
+
+_ALONE = threading.local()  # .on: this thread dequantizes alone (no pool), so holding the GIL is free
+
+
+def _scale_rows(x: np.ndarray, width: int) -> np.ndarray | None:
+    """Per-sub-block scales repeated to full rows, when this thread runs alone: contiguous
+    multiplies beat ``width``-long broadcasting there, but np.repeat holds the GIL, which would
+    stall a thread pool."""
+    return np.repeat(x, width, axis=1) if getattr(_ALONE, "on", False) else None
 
 
 def _f16(blocks: np.ndarray, off: int) -> np.ndarray:
@@ -116,8 +127,11 @@ def _q4_k(b, out):
     q = np.empty((n, 4, 2, 32), np.uint8)  # sub-block 2k: low nibbles of run k, 2k+1: high nibbles
     np.bitwise_and(qs, np.uint8(15), out=q[:, :, 0])
     np.right_shift(qs, np.uint8(4), out=q[:, :, 1])
-    # one multiply and one subtract over the whole chunk (np.repeat of the scales would be a
-    # little faster on one thread but holds the GIL, which stops scaling across threads)
+    rows = _scale_rows(d, 32)
+    if rows is not None:
+        np.multiply(rows, q.reshape(n, 256), out=out, dtype=_F32)
+        out -= _scale_rows(dm, 32)
+        return
     o = out.reshape(n, 8, 32)
     np.multiply(d[:, :, None], q.reshape(n, 8, 32), out=o, dtype=_F32)
     o -= dm[:, :, None]
@@ -143,7 +157,11 @@ def _q6_k(b, out):
     lo = (b[:, :128].reshape(n, 2, 1, 2, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1, 1)) & np.uint8(15)
     hi = (b[:, 128:192].reshape(n, 2, 1, 32) >> _SH2.reshape(1, 1, 4, 1)) & np.uint8(3)
     q = lo.reshape(n, 2, 4, 32) | (hi << np.uint8(4))
-    np.multiply(d.reshape(n, 16, 1), _signed(q, 32).reshape(n, 16, 16), out=out.reshape(n, 16, 16), dtype=_F32)
+    rows = _scale_rows(d, 16)
+    if rows is not None:
+        np.multiply(rows, _signed(q, 32).reshape(n, 256), out=out, dtype=_F32)
+    else:
+        np.multiply(d.reshape(n, 16, 1), _signed(q, 32).reshape(n, 16, 16), out=out.reshape(n, 16, 16), dtype=_F32)
 
 
 def _f32(b, out):
@@ -219,8 +237,12 @@ def dequantize_blocks(spec: TypeSpec, blocks: np.ndarray, out: np.ndarray, threa
 
     starts = range(0, n, step)
     if threads <= 1 or len(starts) <= 1:
-        for lo in starts:
-            task(lo)
+        _ALONE.on = threads <= 1
+        try:
+            for lo in starts:
+                task(lo)
+        finally:
+            _ALONE.on = False
         return
     with ThreadPoolExecutor(max_workers=min(threads, len(starts)), thread_name_prefix="gguf-lab-dequant") as pool:
         for f in [pool.submit(task, lo) for lo in starts]:
