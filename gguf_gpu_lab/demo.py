@@ -1,11 +1,10 @@
-"""The main job on a built-in default: write a synthetic model, inspect it, dequantize it."""
+"""The main job on a built-in default: write a synthetic model, inspect it, dequantize it on the
+CPU against gguf-py, and load it onto the GPU (or the host backend without one)."""
 
 from __future__ import annotations
 
 import os
 import time
-
-import numpy as np
 
 from . import quant
 from .model import _fmt_bytes, open_model
@@ -43,5 +42,17 @@ def run_demo(out_dir: str = "gguf-lab-demo", params: str = "25M", mix: str = "Q4
         print(f"4. dequantized {n_weights / 1e6:.1f} M weights on {quant.default_threads()} threads and compared "
               f"each tensor with gguf-py in {dt:.2f} s: {'bit-exact' if bad == 0 else f'{bad} values differ'}")
         out.update(n_weights=n_weights, mismatches=bad, dequant_and_verify_s=dt, problems=len(problems))
-    print(f"files: {os.path.abspath(out_dir)}")
+
+        from .loader import load
+
+        r = load(m, mode="gpu", dtype="float16", progress=True if progress else None)
+        wrong = sum(mismatches(r[t.name].numpy().reshape(-1), m.dequantize(t.name, "float16").reshape(-1)).size
+                    for t in m.tensors)
+        print(f"5. loaded all tensors ({r.backend} backend, gpu mode, float16): {r.file_bytes / 1e6:.1f} MB of file in "
+              f"{r.wall_s:.3f} s, {r.gb_s:.2f} GB/s; {'equal to the CPU dequantization' if not wrong else f'{wrong} values differ'}")
+        print(r.profile.stage_summary().to_string(index=False))
+        spans = os.path.join(out_dir, "spans.csv")
+        r.profile.df.to_csv(spans, index=False)
+        out.update(load_gb_s=r.gb_s, load_backend=r.backend, load_mismatches=wrong, spans=spans)
+    print(f"files: {os.path.abspath(out_dir)} (the model, spans.csv)")
     return out

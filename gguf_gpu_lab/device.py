@@ -152,7 +152,7 @@ class _HostLane(Lane):
         def work():
             seg = raw[first_block * spec.type_size:(first_block + n_blocks) * spec.type_size]
             dst = out.reshape(-1)[first_block * spec.block_size:(first_block + n_blocks) * spec.block_size]
-            quant.dequantize(seg, spec.ggml_type, dtype=dtype, threads=1, out=dst.view(odt))
+            quant.dequantize(seg, spec.ggml_type, dtype=dtype, out=dst.view(odt))  # all cores
 
         self._submit(work)
 

@@ -559,6 +559,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         >>> r["blk.0.attn_q.weight"].array.shape
     """
     opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, read, staging_mb, order, profile).check()
+    be = backend if isinstance(backend, Backend) else get_backend(backend, device)  # (its notice before any bar)
     bar = None
     if progress is True:  # a tqdm bar: a widget in notebooks, text in terminals
         from tqdm.auto import tqdm
@@ -573,7 +574,6 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     own = not isinstance(path_or_model, GGUFModel)
     model = open_model(path_or_model) if own else path_or_model
     try:
-        be = backend if isinstance(backend, Backend) else get_backend(backend, device)
         chosen = select(model.tensors, tensors, order)
         cancelled = cancel or threading.Event()
         ld = _Loader(model, be, opts, chosen, progress, cancelled)
