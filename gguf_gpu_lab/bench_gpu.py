@@ -3,6 +3,7 @@ same run."""
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -18,19 +19,10 @@ TARGET_MAIN = 0.80
 MAIN_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
-def device_info(cp=None) -> dict:
-    import cupy as cp
+def device_info() -> dict:
+    from .device import get_backend
 
-    dev = cp.cuda.Device()
-    props = cp.cuda.runtime.getDeviceProperties(dev.id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    free, total = cp.cuda.runtime.memGetInfo()
-    return {
-        "name": name, "vendor": "AMD" if cp.cuda.runtime.is_hip else "NVIDIA",
-        "memory_bytes": int(total), "multiprocessors": int(props["multiProcessorCount"]),
-        "cupy": cp.__version__, "runtime": int(cp.cuda.runtime.runtimeGetVersion()),
-        "driver": int(cp.cuda.runtime.driverGetVersion()),
-    }
+    return get_backend("cupy").info()
 
 
 def _time_ms(cp, fn, repeat: int) -> float:
@@ -85,7 +77,7 @@ def bench_gpu_dequant(types: Sequence[str] | None = None, dtypes: Sequence[str] 
                 ref = reference(blk, spec.ggml_type)
                 ref = ref if dtype == "float32" else round_reference(ref, dtype).view(np.uint16)
                 bad += mismatches(got, ref).size
-            ms = _time_ms(cp, lambda: dequantize_gpu(raw, spec.ggml_type, dtype=dtype, out=out), repeat)
+            ms = _time_ms(cp, functools.partial(dequantize_gpu, raw, spec.ggml_type, dtype=dtype, out=out), repeat)
             moved = raw.nbytes + out.nbytes
             gbs = moved / ms / 1e6
             target = TARGET_MAIN if (spec.name in MAIN_TYPES and dtype == "float16") else TARGET_ALL

@@ -8,13 +8,12 @@ staging slot's reuse. Outputs are allocated before any chunk lands. See DESIGN i
 
 from __future__ import annotations
 
-import itertools
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -290,9 +289,10 @@ def _alloc_outputs(backend: Backend, tensors: Sequence[TensorInfo], mode: str, d
     return out
 
 
-def _finish_shapes(result: dict[str, DeviceTensor], mode: str) -> None:
+def _finish_shapes(result: dict[str, DeviceTensor]) -> None:
+    """Outputs were filled flat; give the dequantized ones their tensor shapes (raw stays bytes)."""
     for dt in result.values():
-        if mode != "raw":
+        if dt.dtype != "raw":
             dt.array = dt.array.reshape(dt.info.np_shape)
 
 
@@ -326,11 +326,8 @@ class _Loader:
         outputs = _alloc_outputs(self.backend, self.tensors, opts.mode, opts.dtype)
         if not chunks:
             return outputs, 0
-        slot_bytes = max_chunk
-        if cpu_mode:
-            slot_bytes = max(sum(p.n_blocks * quant.type_spec(p.tensor.ggml_type).block_size
-                                 * (quant.resolve_dtype(opts.dtype).itemsize if quant.type_spec(p.tensor.ggml_type).kind != "int"
-                                    else quant.type_spec(p.tensor.ggml_type).type_size) for p in c.pieces) for c in chunks)
+        # a slot holds a chunk's file bytes, or in cpu mode its dequantized values
+        slot_bytes = max(sum(self._staged_bytes(p) for p in c.pieces) for c in chunks) if cpu_mode else max_chunk
         readers = opts.readers or default_readers()
         # enough slots for every reader to fill one while each lane has one in flight
         n_slots = (readers + 2 * opts.streams if opts.staging_mb is None
@@ -440,6 +437,13 @@ class _Loader:
                     raise LoadCancelled(f"{self.model.path}: load cancelled")
                 if self.error is not None:
                     return None
+
+    def _staged_bytes(self, p: Piece) -> int:
+        """Bytes a piece takes in a cpu-mode staging slot: its values in the output dtype."""
+        spec = quant.type_spec(p.tensor.ggml_type)
+        if spec.kind == "int":
+            return p.nbytes
+        return p.n_blocks * spec.block_size * quant.resolve_dtype(self.opts.dtype).itemsize
 
     def _cpu_piece(self, p: Piece, slot: np.ndarray, pos: int) -> int:
         spec = quant.type_spec(p.tensor.ggml_type)
@@ -583,7 +587,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         t0 = time.perf_counter()
         outputs, nbytes = ld.run()
         wall = time.perf_counter() - t0
-        _finish_shapes(outputs, opts.mode if opts.mode != "sequential" else "gpu")
+        _finish_shapes(outputs)
         out_bytes = sum(v.nbytes for v in outputs.values())
         prof = Profile.from_spans(ld.spans, origin_ns=clock_host0, wall_s=wall, meta={
             "mode": opts.mode, "streams": opts.streams, "readers": opts.readers, "chunk_mb": opts.chunk_mb,
