@@ -151,11 +151,29 @@ def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, re
     if r.profile is not None:
         print(r.profile.stage_summary().to_string(index=False))
         if profile_dir:
-            os.makedirs(profile_dir, exist_ok=True)
-            out = os.path.join(profile_dir, "spans.csv")
-            r.profile.df.to_csv(out, index=False)
-            print(f"spans: {out}")
+            for what, path in write_profile(r.profile, profile_dir).items():
+                print(f"{what}: {path}")
     return 0
+
+
+def write_profile(profile, out_dir: str) -> dict[str, str]:
+    """The spans (CSV), the timeline (PNG) and a Chrome trace (JSON) of a load, into out_dir."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from .plots import timeline
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"spans": os.path.join(out_dir, "spans.csv"), "timeline": os.path.join(out_dir, "timeline.png"),
+             "trace": os.path.join(out_dir, "trace.json")}
+    profile.to_csv(paths["spans"])
+    fig = timeline(profile)
+    fig.savefig(paths["timeline"], dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    profile.to_chrome_trace(paths["trace"])
+    return paths
 
 
 def cmd_demo(out_dir: str, params: str, mix: str) -> int:
@@ -199,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--readers", type=int, default=None, help="reader threads (default: one per core, at most 16)")
     s.add_argument("--order", default="file", choices=["file", "largest", "layer"])
     s.add_argument("--backend", default="auto", choices=["auto", "cupy", "host"])
-    s.add_argument("--profile", metavar="DIR", help="write the spans (CSV) here")
+    s.add_argument("--profile", metavar="DIR", help="write the spans (CSV), the timeline (PNG) and a Chrome trace (JSON) here")
 
     s = sub.add_parser("check", help="scan for NaN/Inf in float tensors and block scales (exit 1 if found)")
     s.add_argument("path")

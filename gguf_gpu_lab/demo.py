@@ -45,14 +45,18 @@ def run_demo(out_dir: str = "gguf-lab-demo", params: str = "25M", mix: str = "Q4
 
         from .loader import load
 
-        r = load(m, mode="gpu", dtype="float16", progress=True if progress else None)
+        r = load(m, mode="gpu", dtype="float16", chunk_mb=1.0, progress=True if progress else None)  # small chunks: a pipeline to see
         wrong = sum(mismatches(r[t.name].numpy().reshape(-1), m.dequantize(t.name, "float16").reshape(-1)).size
                     for t in m.tensors)
         print(f"5. loaded all tensors ({r.backend} backend, gpu mode, float16): {r.file_bytes / 1e6:.1f} MB of file in "
               f"{r.wall_s:.3f} s, {r.gb_s:.2f} GB/s; {'equal to the CPU dequantization' if not wrong else f'{wrong} values differ'}")
-        print(r.profile.stage_summary().to_string(index=False))
-        spans = os.path.join(out_dir, "spans.csv")
-        r.profile.df.to_csv(spans, index=False)
-        out.update(load_gb_s=r.gb_s, load_backend=r.backend, load_mismatches=wrong, spans=spans)
-    print(f"files: {os.path.abspath(out_dir)} (the model, spans.csv)")
+        s = r.profile.summary()
+        print(s["stages"].to_string(index=False))
+        print(f"   overlap of stages {100 * s['overlap']:.0f}% of the wall time; bound by {s['bound_by']}")
+        from .cli import write_profile
+
+        files = write_profile(r.profile, out_dir)
+        out.update(load_gb_s=r.gb_s, load_backend=r.backend, load_mismatches=wrong, **files)
+    print(f"files in {os.path.abspath(out_dir)}: {os.path.basename(path)}, spans.csv, timeline.png, trace.json "
+          "(open it in https://ui.perfetto.dev)")
     return out

@@ -1,16 +1,28 @@
-"""Spans of a load on one clock, as a tidy pandas DataFrame.
+"""Spans of a load on one clock, as a tidy pandas DataFrame, with summaries and trace export.
 
-Columns (units in the names): ``lane`` (reader thread, stream or host lane), ``stage`` (read,
-cpu_dequant, h2d, dequant), ``chunk``, ``tensor`` (first tensor of the chunk), ``bytes``
-(file bytes of the chunk), ``start_us``, ``end_us``, ``dur_us`` (from the start of the load).
+Columns of ``Profile.df`` (units in the names):
+
+| column | meaning |
+| --- | --- |
+| ``lane`` | where the span ran: ``reader N`` (a host thread), ``stream N`` (a GPU stream), ``lane N`` (a host-backend lane), ``main`` |
+| ``stage`` | ``read``, ``cpu_dequant``, ``h2d``, ``dequant`` |
+| ``chunk`` | the chunk's index in the plan (for ``sequential``, the tensor's) |
+| ``tensor`` | the first tensor of the chunk |
+| ``bytes`` | file bytes of the chunk |
+| ``start_us``, ``end_us``, ``dur_us`` | microseconds from the start of the load |
+
+Device spans come from CUDA/HIP events put on the host clock through a reference event; host
+spans from ``time.perf_counter_ns``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 COLUMNS = ("lane", "stage", "chunk", "tensor", "bytes", "start_us", "end_us", "dur_us")
+STAGES = ("read", "cpu_dequant", "h2d", "dequant")
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,15 @@ class Profile:
     def from_spans(cls, spans: Sequence[Span], origin_ns: int, wall_s: float, meta: dict | None = None) -> "Profile":
         return cls(sorted(spans, key=lambda s: s.start_ns), origin_ns, wall_s, dict(meta or {}))
 
+    @classmethod
+    def from_df(cls, df, wall_s: float | None = None, meta: dict | None = None) -> "Profile":
+        """A profile back from its DataFrame (for instance one read from CSV or Parquet)."""
+        spans = [Span(r.lane, r.stage, int(r.chunk), r.tensor, int(r.bytes), int(r.start_us * 1e3), int(r.end_us * 1e3))
+                 for r in df.itertuples(index=False)]
+        wall = wall_s if wall_s is not None else (float(df["end_us"].max()) / 1e6 if len(df) else 0.0)
+        return cls.from_spans(spans, 0, wall, meta)
+
+    # -- the table --------------------------------------------------------------------------
     @property
     def df(self):
         """The spans as a DataFrame with the documented columns, sorted by start."""
@@ -53,19 +74,120 @@ class Profile:
             }, columns=list(COLUMNS))
         return self._df
 
+    @property
+    def wall_us(self) -> float:
+        return self.wall_s * 1e6
+
+    # -- summaries --------------------------------------------------------------------------
     def stage_summary(self):
-        """Busy time (union over lanes) and GB/s of file bytes per stage."""
+        """Per stage: spans, bytes, busy time (union over lanes) and GB/s of file bytes while busy."""
         import pandas as pd
 
         rows = []
         for stage, g in self.df.groupby("stage", sort=False):
-            busy = _union_us(g["start_us"].tolist(), g["end_us"].tolist())
+            busy = union_us(g["start_us"].tolist(), g["end_us"].tolist())
             rows.append({"stage": stage, "spans": len(g), "bytes": int(g["bytes"].sum()), "busy_us": busy,
                          "gb_s": g["bytes"].sum() / busy / 1e3 if busy else float("nan")})
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows, columns=["stage", "spans", "bytes", "busy_us", "gb_s"])
+
+    def lane_summary(self):
+        """Per lane: spans, busy time and utilisation (busy share of the load's wall time)."""
+        import pandas as pd
+
+        rows = []
+        for lane, g in self.df.groupby("lane", sort=True):
+            busy = union_us(g["start_us"].tolist(), g["end_us"].tolist())
+            rows.append({"lane": lane, "spans": len(g), "busy_us": busy,
+                         "utilisation": busy / self.wall_us if self.wall_us else float("nan")})
+        return pd.DataFrame(rows, columns=["lane", "spans", "busy_us", "utilisation"])
+
+    def overlap(self) -> float:
+        """Share of the wall time in which two or more different stages run at once."""
+        edges = []
+        for r in self.df[["stage", "start_us", "end_us"]].itertuples(index=False):
+            edges.append((r.start_us, 1, r.stage))
+            edges.append((r.end_us, -1, r.stage))
+        edges.sort(key=lambda e: (e[0], e[1]))
+        active: dict[str, int] = {}
+        t_prev, both = None, 0.0
+        for t, d, stage in edges:
+            if t_prev is not None and sum(1 for v in active.values() if v > 0) >= 2:
+                both += t - t_prev
+            active[stage] = active.get(stage, 0) + d
+            t_prev = t
+        return both / self.wall_us if self.wall_us else 0.0
+
+    def idle_gaps(self, min_us: float = 100.0):
+        """Intervals of at least ``min_us`` in which nothing ran, from the load's start to its end."""
+        import pandas as pd
+
+        df = self.df
+        gaps, cursor = [], 0.0
+        for s, e in sorted(zip(df["start_us"], df["end_us"])):
+            if s - cursor >= min_us:
+                gaps.append((cursor, s))
+            cursor = max(cursor, e)
+        if self.wall_us - cursor >= min_us:
+            gaps.append((cursor, self.wall_us))
+        return pd.DataFrame(gaps, columns=["start_us", "end_us"]).assign(dur_us=lambda d: d.end_us - d.start_us)
+
+    def bound_by(self) -> str | None:
+        """The stage with the most busy time: the one that bounds the run."""
+        st = self.stage_summary()
+        return None if st.empty else str(st.loc[st["busy_us"].idxmax(), "stage"])
+
+    def summary(self, peaks: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """One dictionary: wall time, GB/s, per-stage table, overlap, idle time, the bounding
+        stage, and the measured peaks (GB/s by stage name, e.g. ``{"h2d": 54.7}``) beside them."""
+        st = self.stage_summary()
+        if peaks:
+            st["peak_gb_s"] = st["stage"].map(lambda s: peaks.get(s, float("nan")))
+            st["of_peak"] = st["gb_s"] / st["peak_gb_s"]
+        file_bytes = self.meta.get("file_bytes", int(self.df.loc[self.df.stage.isin(["read", "cpu_dequant"]), "bytes"].sum()))
+        gaps = self.idle_gaps()
+        return {"wall_s": self.wall_s, "file_bytes": file_bytes,
+                "gb_s": file_bytes / self.wall_s / 1e9 if self.wall_s else float("nan"),
+                "stages": st, "lanes": self.lane_summary(), "overlap": self.overlap(),
+                "idle_us": float(gaps["dur_us"].sum()) if len(gaps) else 0.0, "bound_by": self.bound_by(),
+                "meta": dict(self.meta)}
+
+    # -- export -----------------------------------------------------------------------------
+    def chrome_trace(self) -> dict:
+        """The spans as a Chrome trace (opens in Perfetto and chrome://tracing): process 0 is the
+        host, process 1 the device; one thread per lane, named by metadata events."""
+        lanes = sorted(set(self.df["lane"]))
+        device = lambda lane: lane.startswith("stream")  # noqa: E731
+        tid = {lane: i for i, lane in enumerate(lanes)}
+        events: list[dict] = [
+            {"ph": "M", "name": "process_name", "pid": 0, "tid": 0, "args": {"name": "host"}},
+            {"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "device"}},
+        ]
+        for lane in lanes:
+            events.append({"ph": "M", "name": "thread_name", "pid": int(device(lane)), "tid": tid[lane],
+                           "args": {"name": lane}})
+        for r in self.df.itertuples(index=False):
+            events.append({"ph": "X", "name": r.stage, "cat": r.stage, "pid": int(device(r.lane)), "tid": tid[r.lane],
+                           "ts": float(r.start_us), "dur": float(r.dur_us),
+                           "args": {"tensor": r.tensor, "chunk": int(r.chunk), "bytes": int(r.bytes)}})
+        return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {k: str(v) for k, v in self.meta.items()}}
+
+    def to_chrome_trace(self, path: str) -> str:
+        with open(path, "w") as f:
+            json.dump(self.chrome_trace(), f)
+        return path
+
+    def to_csv(self, path: str) -> str:
+        self.df.to_csv(path, index=False)
+        return path
+
+    def to_parquet(self, path: str) -> str:
+        """Needs pyarrow (or fastparquet); CSV needs nothing."""
+        self.df.to_parquet(path, index=False)
+        return path
 
 
-def _union_us(starts: list[float], ends: list[float]) -> float:
+def union_us(starts: list[float], ends: list[float]) -> float:
+    """Length of the union of intervals."""
     total, cur_s, cur_e = 0.0, None, None
     for s, e in sorted(zip(starts, ends)):
         if cur_e is None or s > cur_e:
@@ -77,3 +199,21 @@ def _union_us(starts: list[float], ends: list[float]) -> float:
     if cur_e is not None:
         total += cur_e - cur_s
     return total
+
+
+def compare(runs: Mapping[str, Any]):
+    """A table with one row per run (``LoadResult`` or ``Profile``, keyed by a label): wall
+    time, GB/s, overlap, the bounding stage and each stage's GB/s."""
+    import pandas as pd
+
+    rows = []
+    for label, run in runs.items():
+        prof = getattr(run, "profile", run)
+        if prof is None:
+            raise ValueError(f"run {label!r} has no profile (it was loaded with profile=False)")
+        s = prof.summary()
+        row = {"run": label, "wall_s": s["wall_s"], "gb_s": s["gb_s"], "overlap": s["overlap"], "bound_by": s["bound_by"]}
+        for r in s["stages"].itertuples(index=False):
+            row[f"{r.stage}_gb_s"] = r.gb_s
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")

@@ -1,0 +1,130 @@
+"""Matplotlib figures of a load and of a model. Each function returns the Figure and accepts
+``ax=`` to draw into an existing axes."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+STAGE_COLORS = {"read": "#4C72B0", "cpu_dequant": "#8172B2", "h2d": "#DD8452", "dequant": "#55A868"}
+
+
+def _axes(ax, figsize):
+    import matplotlib.pyplot as plt
+
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return fig, ax
+
+
+def _lane_order(lanes) -> list[str]:
+    def key(name: str):
+        kind, _, num = name.partition(" ")
+        rank = {"reader": 0, "main": 1, "lane": 2, "stream": 3}.get(kind, 4)
+        return (rank, int(num) if num.isdigit() else 0, name)
+
+    return sorted(set(lanes), key=key)
+
+
+def merge_spans(starts: np.ndarray, ends: np.ndarray, min_gap: float) -> tuple[np.ndarray, np.ndarray]:
+    """Join spans (sorted by start) separated by less than ``min_gap``: at 10,000 spans a lane,
+    the ones closer than a pixel draw as one bar, and the picture stays readable and fast."""
+    if len(starts) == 0:
+        return starts, ends
+    out_s, out_e = [starts[0]], [ends[0]]
+    for s, e in zip(starts[1:], ends[1:]):
+        if s - out_e[-1] < min_gap:
+            out_e[-1] = max(out_e[-1], e)
+        else:
+            out_s.append(s)
+            out_e.append(e)
+    return np.asarray(out_s), np.asarray(out_e)
+
+
+def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None):
+    """Per-lane timeline (reader threads, then streams), one bar per span, coloured by stage."""
+    df = profile.df
+    lanes = _lane_order(df["lane"])
+    fig, ax = _axes(ax, (11, 0.45 * len(lanes) + 1.4))
+    t_end_ms = max(profile.wall_s * 1e3, float(df["end_us"].max()) / 1e3 if len(df) else 0.0, 1e-3)
+    min_gap = t_end_ms / width_px  # one pixel, in ms
+    for y, lane in enumerate(lanes):
+        g = df[df["lane"] == lane]
+        for stage, gs in g.groupby("stage"):
+            gs = gs.sort_values("start_us")
+            s, e = merge_spans(gs["start_us"].to_numpy() / 1e3, gs["end_us"].to_numpy() / 1e3, min_gap)
+            widths = np.maximum(e - s, min_gap)
+            ax.broken_barh(list(zip(s, widths)), (y - 0.4, 0.8), facecolors=STAGE_COLORS.get(stage, "#999999"))
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.invert_yaxis()
+    ax.set_xlim(0, t_end_ms)
+    ax.set_xlabel("ms since the start of the load")
+    from matplotlib.patches import Patch
+
+    present = [s for s in STAGE_COLORS if s in set(df["stage"])]
+    ax.legend(handles=[Patch(color=STAGE_COLORS[s], label=s) for s in present], loc="upper right", ncols=len(present),
+              fontsize="small", framealpha=0.9)
+    meta = profile.meta
+    ax.set_title(title or f"{meta.get('mode', '')} load on {meta.get('backend', '')}: "
+                 f"{len(df)} spans, {profile.wall_s * 1e3:.1f} ms")
+    return fig
+
+
+def throughput(profile, ax=None, *, bins: int = 60, stages=("read", "h2d", "dequant", "cpu_dequant")):
+    """GB/s over time per stage: each span's bytes spread evenly over its duration, in bins."""
+    df = profile.df
+    fig, ax = _axes(ax, (9, 3.2))
+    t_end = max(profile.wall_s * 1e6, float(df["end_us"].max()) if len(df) else 1.0)
+    edges = np.linspace(0.0, t_end, bins + 1)
+    width = edges[1] - edges[0]
+    for stage in stages:
+        g = df[df["stage"] == stage]
+        if g.empty:
+            continue
+        acc = np.zeros(bins)
+        for s, e, b in zip(g["start_us"], g["end_us"], g["bytes"]):
+            dur = max(e - s, 1e-3)
+            lo, hi = np.searchsorted(edges, s, "right") - 1, np.searchsorted(edges, e, "left")
+            for k in range(max(lo, 0), min(hi, bins)):
+                overlap = min(e, edges[k + 1]) - max(s, edges[k])
+                if overlap > 0:
+                    acc[k] += b * overlap / dur
+        ax.plot((edges[:-1] + width / 2) / 1e3, acc / width / 1e3, label=stage, color=STAGE_COLORS.get(stage))
+    ax.set_xlabel("ms since the start of the load")
+    ax.set_ylabel("GB/s")
+    ax.set_title("throughput over time")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def stage_bandwidth(profile, peaks: Mapping[str, float] | None = None, ax=None):
+    """GB/s per stage while busy, beside the measured peaks (dashed) where given."""
+    st = profile.stage_summary()
+    fig, ax = _axes(ax, (6, 3.2))
+    x = np.arange(len(st))
+    ax.bar(x, st["gb_s"], color=[STAGE_COLORS.get(s, "#999999") for s in st["stage"]])
+    for i, s in enumerate(st["stage"]):
+        if peaks and s in peaks:
+            ax.hlines(peaks[s], i - 0.4, i + 0.4, colors="black", linestyles="dashed")
+            ax.annotate(f"peak {peaks[s]:.0f}", (i, peaks[s]), textcoords="offset points", xytext=(0, 3),
+                        ha="center", fontsize="small")
+    ax.set_xticks(x, st["stage"])
+    ax.set_ylabel("GB/s of file bytes while busy")
+    ax.set_title("bandwidth per stage")
+    return fig
+
+
+def model_bytes(model, by: str = "type", ax=None):
+    """A model's tensor bytes by type or by layer."""
+    s = model.summary()
+    if by not in ("type", "layer"):
+        raise ValueError(f"by must be 'type' or 'layer', got {by!r}")
+    fig, ax = _axes(ax, (8, 3.2))
+    data = s["by_type"] if by == "type" else s["by_layer"]
+    (data["n_bytes"] / 2**20).plot.bar(ax=ax, color="#4C72B0")
+    ax.set_ylabel("MiB")
+    ax.set_xlabel(by)
+    ax.set_title(f"{s['n_tensors']} tensors, {s['tensor_bytes'] / 2**20:.1f} MiB, by {by}")
+    return fig

@@ -1,0 +1,221 @@
+"""ipywidgets dashboards: a model explorer and a load lab. Figures are made under
+``plt.ioff()`` and shown through the ipympl canvas when that backend is active, otherwise in
+an Output widget (the inline backend). Jupyter-only imports stay in this module."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+
+def _widgets():
+    try:
+        import ipywidgets as w
+    except ImportError as e:  # pragma: no cover - notebook extra
+        raise ImportError("the dashboards need ipywidgets: pip install 'gguf-gpu-lab[notebook]'") from e
+    return w
+
+
+def _ipympl() -> bool:
+    import matplotlib
+
+    return "ipympl" in matplotlib.get_backend() or matplotlib.get_backend() == "widget"
+
+
+class _FigurePane:
+    """A matplotlib figure inside a widget layout, redrawn in place."""
+
+    def __init__(self, figsize):
+        import matplotlib.pyplot as plt
+
+        w = _widgets()
+        with plt.ioff():
+            self.fig = plt.figure(figsize=figsize, layout="constrained")
+        self.widget = self.fig.canvas if _ipympl() else w.Output()
+
+    def draw(self):
+        if _ipympl():
+            self.fig.canvas.draw_idle()
+            return
+        from IPython.display import display
+
+        self.widget.clear_output(wait=True)
+        with self.widget:
+            display(self.fig)
+
+
+class ModelExplorer:
+    """Filterable tensor table; for the chosen tensor: statistics, a histogram, a heatmap of a
+    slice, and the difference between CPU and GPU dequantization (where a GPU is present).
+
+    Example:
+        >>> ModelExplorer(model).ui          # doctest: +SKIP
+    """
+
+    def __init__(self, model, *, max_rows: int = 30, heatmap: int = 64):
+        w = _widgets()
+        self.model = model
+        self.max_rows = max_rows
+        self.heatmap = heatmap
+        types = ["all"] + sorted({t.type_name for t in model.tensors})
+        self.filter = w.Text(placeholder="name contains…", description="filter")
+        self.type = w.Dropdown(options=types, value="all", description="type")
+        self.choice = w.Select(options=[t.name for t in model.tensors], rows=8, description="tensor",
+                               layout=w.Layout(width="420px"))
+        self.table = w.HTML()
+        self.stats = w.HTML()
+        self.pane = _FigurePane((9, 3.2))
+        self.filter.observe(self._on_filter, "value")
+        self.type.observe(self._on_filter, "value")
+        self.choice.observe(self._on_choice, "value")
+        self.ui = w.VBox([w.HBox([self.filter, self.type]), self.table, self.choice, self.stats, self.pane.widget])
+        self._on_filter()
+        self._on_choice()
+
+    def rows(self):
+        df = self.model.tensors_df()
+        if self.filter.value:
+            df = df[df["name"].str.contains(self.filter.value, regex=False)]
+        if self.type.value != "all":
+            df = df[df["type"] == self.type.value]
+        return df
+
+    def _on_filter(self, change=None):
+        df = self.rows()
+        self.table.value = df.head(self.max_rows).drop(columns=["np_shape"]).to_html(index=False) + \
+            (f"<i>{len(df) - self.max_rows} more</i>" if len(df) > self.max_rows else "")
+        names = list(df["name"])
+        self.choice.options = names
+        if names and self.choice.value not in names:
+            self.choice.value = names[0]
+
+    def _on_choice(self, change=None):
+        name = self.choice.value
+        if not name:
+            return
+        t = self.model.info(name)
+        x = self.model.dequantize(name)
+        flat = x.reshape(-1)
+        diff = self.gpu_difference(name)
+        self.stats.value = (f"<b>{name}</b>: {t.type_name}, shape {t.np_shape}, {t.n_bytes / 2**20:.2f} MiB, "
+                            f"{t.bits_per_weight:.2f} bits/weight<br>min {flat.min():.5g} · max {flat.max():.5g} · "
+                            f"mean {flat.mean():.5g} · std {flat.std():.5g} · zeros {np.mean(flat == 0):.1%}<br>"
+                            f"CPU vs GPU: {diff}")
+        fig = self.pane.fig
+        fig.clear()
+        a1, a2 = fig.subplots(1, 2)
+        a1.hist(flat, bins=100, color="#4C72B0")
+        a1.set_title("values")
+        sl = x if x.ndim == 2 else flat[: self.heatmap * self.heatmap].reshape(-1, min(self.heatmap, flat.size))
+        im = a2.imshow(sl[: self.heatmap, : self.heatmap], aspect="auto", cmap="RdBu_r")
+        fig.colorbar(im, ax=a2)
+        a2.set_title(f"first {min(self.heatmap, sl.shape[0])}×{min(self.heatmap, sl.shape[-1])}")
+        self.pane.draw()
+
+    def gpu_difference(self, name: str) -> str:
+        from .device import gpu_available
+
+        if not gpu_available():
+            return "no GPU here"
+        import cupy
+
+        from .quant.gpu import dequantize_gpu
+        from .verify import mismatches
+
+        t = self.model.info(name)
+        g = dequantize_gpu(cupy.asarray(self.model.raw(name)), t.ggml_type, dtype="float32").get()
+        c = self.model.dequantize(name)
+        bad = mismatches(g, c).size
+        return "bit-exact (float32)" if bad == 0 else f"{bad} values differ, max |diff| {np.abs(g - c.reshape(-1)).max():.3g}"
+
+
+class LoadLab:
+    """Choose mode, streams, chunk size, readers, order and dtype; run with a live progress bar;
+    see the timeline and summary; keep runs and compare them; sweep streams × chunk size into a
+    heatmap of GB/s.
+
+    Example:
+        >>> LoadLab("model.gguf").ui           # doctest: +SKIP
+    """
+
+    def __init__(self, path: str, *, backend: str = "auto"):
+        w = _widgets()
+        self.path = path
+        self.backend = backend
+        self.runs: dict[str, Any] = {}
+        self.mode = w.Dropdown(options=["gpu", "raw", "cpu", "sequential"], value="gpu", description="mode")
+        self.dtype = w.Dropdown(options=["float16", "float32", "bfloat16"], value="float16", description="dtype")
+        self.streams = w.IntSlider(value=4, min=1, max=8, description="streams")
+        self.chunk_mb = w.FloatLogSlider(value=16, base=2, min=-2, max=7, description="chunk MiB")
+        self.readers = w.IntSlider(value=4, min=1, max=16, description="readers")
+        self.order = w.Dropdown(options=["file", "largest", "layer"], value="file", description="order")
+        self.run_button = w.Button(description="run", button_style="primary")
+        self.sweep_button = w.Button(description="sweep streams × chunk")
+        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, description="progress")
+        self.status = w.HTML()
+        self.summary = w.HTML()
+        self.compare_table = w.HTML()
+        self.pane = _FigurePane((10, 3.6))
+        self.sweep_pane = _FigurePane((5, 3.2))
+        self.run_button.on_click(self.on_run)
+        self.sweep_button.on_click(self.on_sweep)
+        controls = w.VBox([w.HBox([self.mode, self.dtype, self.order]), w.HBox([self.streams, self.chunk_mb, self.readers]),
+                           w.HBox([self.run_button, self.sweep_button, self.bar]), self.status])
+        self.ui = w.VBox([controls, self.pane.widget, self.summary, self.compare_table, self.sweep_pane.widget])
+
+    def _progress(self, done, total, name):
+        self.bar.value = done / total if total else 1.0
+        self.status.value = f"{done / 2**20:.1f} / {total / 2**20:.1f} MiB · {name}"
+
+    def options(self) -> dict[str, Any]:
+        return {"mode": self.mode.value, "dtype": self.dtype.value, "streams": self.streams.value,
+                "chunk_mb": float(self.chunk_mb.value), "readers": self.readers.value, "order": self.order.value}
+
+    def on_run(self, _button=None):
+        from .loader import load
+        from .plots import timeline
+        from .profiler import compare
+
+        opts = self.options()
+        self.bar.value = 0.0
+        r = load(self.path, backend=self.backend, progress=self._progress, **opts)
+        label = f"#{len(self.runs) + 1} {opts['mode']} s{opts['streams']} c{opts['chunk_mb']:g} r{opts['readers']}"
+        self.runs[label] = r
+        s = r.profile.summary()
+        self.summary.value = (f"<b>{label}</b>: {r.gb_s:.2f} GB/s, {r.wall_s * 1e3:.1f} ms, backend {r.backend}, "
+                              f"overlap {s['overlap']:.0%}, bound by {s['bound_by']}" + s["stages"].to_html(index=False))
+        self.pane.fig.clear()
+        timeline(r.profile, ax=self.pane.fig.subplots())
+        self.pane.draw()
+        self.compare_table.value = compare({k: v for k, v in self.runs.items()}).to_html(float_format="%.3f")
+        for v in self.runs.values():  # keep the profiles, drop the device arrays of older runs
+            v.tensors.clear()
+        return r
+
+    def on_sweep(self, _button=None, streams=(1, 2, 4, 8), chunks=(4.0, 16.0, 64.0)):
+        from .loader import load
+
+        grid = np.zeros((len(streams), len(chunks)))
+        base = self.options()
+        for (i, s), (j, c) in itertools.product(enumerate(streams), enumerate(chunks)):
+            r = load(self.path, backend=self.backend, profile=False,
+                     **{**base, "streams": s, "chunk_mb": c})
+            grid[i, j] = r.gb_s
+            self.bar.value = (i * len(chunks) + j + 1) / grid.size
+        fig = self.sweep_pane.fig
+        fig.clear()
+        ax = fig.subplots()
+        im = ax.imshow(grid, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(chunks)), [f"{c:g}" for c in chunks])
+        ax.set_yticks(range(len(streams)), [str(s) for s in streams])
+        ax.set_xlabel("chunk MiB")
+        ax.set_ylabel("streams")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize="small")
+        fig.colorbar(im, ax=ax, label="GB/s")
+        ax.set_title(f"{base['mode']} mode: GB/s")
+        self.sweep_pane.draw()
+        self.sweep = grid
+        return grid
