@@ -176,6 +176,29 @@ def write_profile(profile, out_dir: str) -> dict[str, str]:
     return paths
 
 
+def cmd_fuzz(cases: int, seed: int, out: str | None) -> int:
+    import json
+
+    from . import fuzz
+    from .bench import machine_info
+
+    bar = _progress_bar("fuzz", total=cases, unit="case")
+    try:
+        rep = fuzz.run(cases, seed, progress=lambda i: bar.update(1))
+    finally:
+        bar.close()
+    print(f"{rep.cases} cases: " + ", ".join(f"{k} {v}" for k, v in rep.outcomes.most_common())
+          + f"; slowest {rep.slowest_s:.3f} s; peak traced memory {rep.peak_bytes / 2**20:.1f} MiB")
+    for f in rep.failures[:20]:
+        print(f"FAILED case {f[0]} ({f[1]}): {f[2]}")
+    if out:
+        doc = {"benchmark": "fuzz", "machine": machine_info(), "seed": seed, **rep.to_dict()}
+        with open(out, "w") as fh:
+            json.dump(doc, fh, indent=2)
+        print(f"saved {out}")
+    return 0 if rep.ok() else 1
+
+
 def cmd_demo(out_dir: str, params: str, mix: str) -> int:
     from .demo import run_demo
 
@@ -233,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output size per type: float32 MB for --cpu, float16 MiB for --dequant (default 256)")
     s.add_argument("--types", nargs="*", help="GGML types (default: Q4_0 Q8_0 Q4_K Q6_K for --cpu, every type for --dequant)")
 
+    s = sub.add_parser("fuzz", help="fuzz the parser and CPU load path with mutated GGUF files (exit 1 on a failure)")
+    s.add_argument("--cases", type=int, default=10000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="save the counts as JSON")
+
     s = sub.add_parser("demo", help="the main job on a built-in synthetic model")
     s.add_argument("--out-dir", default="gguf-lab-demo")
     s.add_argument("--params", default="25M")
@@ -256,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args.path, args.max_problems)
         if args.command == "bench":
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params)
+        if args.command == "fuzz":
+            return cmd_fuzz(args.cases, args.seed, args.out)
         if args.command == "demo":
             return cmd_demo(args.out_dir, args.params, args.mix)
     except (GGUFLabError, KeyError) as e:

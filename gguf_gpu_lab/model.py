@@ -294,9 +294,16 @@ class GGUFModel:
 
     # -- data -------------------------------------------------------------------------------
     def raw(self, name: str) -> np.ndarray:
-        """A zero-copy, read-only uint8 view of the tensor's bytes in the file mapping."""
+        """A zero-copy, read-only uint8 view of the tensor's bytes in the file mapping. The file's
+        size is checked first; a file truncated between that check and the use of the view can
+        still end the process with SIGBUS (a limit of memory maps; ``load(read="preadv")`` has none)."""
         t = self.info(name)
-        return self._data()[t.offset:t.offset + t.n_bytes].view(np.ndarray)
+        data = self._data()
+        size = os.stat(self.path).st_size
+        if t.offset + t.n_bytes > size:  # touching mapped pages past the end would be SIGBUS
+            raise GGUFFormatError(f"file shrank after it was opened: data [{t.offset}, {t.offset + t.n_bytes}) "
+                                  f"is past its end ({size} bytes now)", path=self.path, tensor=name)
+        return data[t.offset:t.offset + t.n_bytes].view(np.ndarray)
 
     def dequantize(self, name: str, dtype="float32", *, threads: int | None = None) -> np.ndarray:
         """The tensor as a NumPy array in ``np_shape`` on the CPU (float32, float16 or bfloat16)."""

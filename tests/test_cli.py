@@ -12,7 +12,7 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "gguf_gpu_lab", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("cmd", ["inspect", "synth", "dequant", "check", "bench", "demo"])
+@pytest.mark.parametrize("cmd", ["inspect", "synth", "dequant", "check", "load", "bench", "fuzz", "demo"])
 def test_help(cmd):
     r = run(cmd, "--help")
     assert r.returncode == 0 and "usage: gguf-gpu-lab " + cmd in r.stdout
