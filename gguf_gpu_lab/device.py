@@ -39,14 +39,28 @@ def gpu_available() -> bool:
     return _cupy_or_reason()[0] is not None
 
 
+_INSTANCES: dict[tuple[str, int], "Backend"] = {}
+_INSTANCES_LOCK = threading.Lock()
+
+
 def get_backend(backend: str = "auto", device: int = 0) -> "Backend":
     """``"cupy"``, ``"host"`` or ``"auto"`` (CuPy where a GPU is usable, else host, with a
-    one-line notice the first time)."""
+    one-line notice the first time). One instance per kind and device, so that loads share its
+    pinned staging ring (``release_staging()`` frees it)."""
+    kind = _resolve(backend)
+    with _INSTANCES_LOCK:
+        key = (kind, device if kind == "cupy" else 0)
+        if key not in _INSTANCES:
+            _INSTANCES[key] = CupyBackend(device) if kind == "cupy" else HostBackend()
+        return _INSTANCES[key]
+
+
+def _resolve(backend: str) -> str:
     global _NOTICE_SHOWN
     if backend not in ("auto", "cupy", "host"):
         raise BackendError(f"backend must be 'auto', 'cupy' or 'host', got {backend!r}")
     if backend == "host":
-        return HostBackend()
+        return "host"
     cupy, reason = _cupy_or_reason()
     if cupy is None:
         if backend == "cupy":
@@ -54,8 +68,8 @@ def get_backend(backend: str = "auto", device: int = 0) -> "Backend":
         if not _NOTICE_SHOWN:
             print(f"gguf-gpu-lab: no GPU ({reason}); using the host backend (NumPy)", file=sys.stderr)
             _NOTICE_SHOWN = True
-        return HostBackend()
-    return CupyBackend(device)
+        return "host"
+    return "cupy"
 
 
 def device_info(backend: str = "auto", device: int = 0) -> dict[str, Any]:
@@ -76,6 +90,44 @@ class Event:
 class Backend:
     name = "?"
     is_gpu = False
+    _ring: list | None = None  # pinned staging kept between loads
+    _ring_busy = False
+    _ring_lock = threading.Lock()
+
+    def lease_staging(self, n_slots: int, slot_bytes: int) -> tuple[list[np.ndarray], bool]:
+        """Staging buffers for one load: the backend's kept ring when it is free and large enough
+        (allocated once, at exact size, reused by later loads), else a new ring. Returns the
+        buffers and whether they are the kept ring; give them back with ``return_staging``."""
+        with self._ring_lock:
+            if not self._ring_busy:
+                ring = self._ring
+                if ring is None or len(ring) < n_slots or ring[0].nbytes < slot_bytes:
+                    for buf in ring or ():
+                        self.free_pinned(buf)
+                    self._ring = None
+                    ring = self._ring = [self.pinned(slot_bytes) for _ in range(n_slots)]
+                self._ring_busy = True
+                return ring[:n_slots], True
+        return [self.pinned(slot_bytes) for _ in range(n_slots)], False  # a concurrent load
+
+    def return_staging(self, bufs: list[np.ndarray], kept: bool) -> None:
+        if kept:
+            with self._ring_lock:
+                self._ring_busy = False
+        else:
+            for buf in bufs:
+                self.free_pinned(buf)
+
+    def release_staging(self) -> int:
+        """Free the kept staging ring (when no load is using it); returns the bytes freed."""
+        with self._ring_lock:
+            if self._ring_busy or self._ring is None:
+                return 0
+            freed = sum(b.nbytes for b in self._ring)
+            for buf in self._ring:
+                self.free_pinned(buf)
+            self._ring = None
+            return freed
 
     def info(self) -> dict[str, Any]: ...
     def lanes(self, n: int) -> list["Lane"]: ...
@@ -171,6 +223,9 @@ class _HostLane(Lane):
 class HostBackend(Backend):
     name = "host"
     is_gpu = False
+
+    def __init__(self):
+        self._ring_lock = threading.Lock()
 
     def info(self):
         from .quant import default_threads
@@ -284,6 +339,7 @@ class CupyBackend(Backend):
         self._clock: _Clock | None = None
         self._pinned: dict[int, Any] = {}
         self._lock = threading.Lock()
+        self._ring_lock = threading.Lock()
 
     def info(self):
         cp = self._cp

@@ -22,6 +22,7 @@ from .device import Backend, Event, get_backend
 from .errors import GGUFLabError, LoadCancelled
 from .model import GGUFModel, TensorInfo, open_model
 from .profiler import Profile, Span
+from .quant._cpu import dequantize_blocks
 
 MODES = ("gpu", "raw", "cpu", "sequential")
 ORDERS = ("file", "largest", "layer")
@@ -226,7 +227,7 @@ class _Staging:
 
     def __init__(self, backend: Backend, n_slots: int, slot_bytes: int):
         self.backend = backend
-        self.slots = [backend.pinned(slot_bytes) for _ in range(n_slots)]
+        self.slots, self._kept = backend.lease_staging(n_slots, slot_bytes)
         self._free: queue.Queue = queue.Queue()
         for i in range(n_slots):
             self._free.put((i, None))
@@ -247,8 +248,7 @@ class _Staging:
         self._free.put((i, ev))
 
     def close(self) -> None:
-        for s in self.slots:
-            self.backend.free_pinned(s)
+        self.backend.return_staging(self.slots, self._kept)
         self.slots = []
 
 
@@ -454,7 +454,13 @@ class _Loader:
         odt = quant.resolve_dtype(self.opts.dtype)
         n = p.n_blocks * spec.block_size
         dst = slot[pos:pos + n * odt.itemsize].view(odt)
-        quant.dequantize(raw, spec.ggml_type, dtype=self.opts.dtype, threads=1, out=dst)
+        if spec.kind == "quant":
+            # one thread per reader, readers in parallel: large tasks and no GIL-holding fast path
+            blocks = np.ascontiguousarray(raw).reshape(p.n_blocks, spec.type_size)
+            dequantize_blocks(spec, blocks, dst.reshape(p.n_blocks, spec.block_size), 1,
+                              task_elements=1 << 22, alone=False)
+        else:  # plain floats: a cast
+            quant.dequantize(raw, spec.ggml_type, dtype=self.opts.dtype, threads=1, out=dst)
         return pos + n * odt.itemsize
 
     def _enqueue(self, c: Chunk, lane, data: np.ndarray, outputs, scratch) -> list[tuple[str, Event]]:

@@ -183,23 +183,15 @@ class GGUFModel:
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop any preload, drop cached device tensors and release the file mapping. Views
-        from ``raw()`` must not be used afterwards."""
+        """Stop any preload, drop cached device tensors and this model's references to the file
+        mapping. The mapping itself goes when the last array viewing it does (views from
+        ``raw()`` stay valid): unmapping under a live view would crash the process."""
         if getattr(self, "_preload", None) is not None:
             self._preload.cancel()
             self._preload = None
         if getattr(self, "_tensor_cache", None) is not None:
             self._tensor_cache.evict()
-        reader = getattr(self, "_reader", None)
-        if reader is not None:
-            mm = getattr(reader.data, "_mmap", None)
-            self._reader = None
-            reader.data = None
-            if mm is not None:
-                try:
-                    mm.close()
-                except BufferError:  # a raw() view is still alive; the mapping goes with it
-                    pass
+        self._reader = None
 
     def __enter__(self) -> "GGUFModel":
         return self

@@ -186,3 +186,22 @@ def test_preload_cancel_and_foreground(small_model):
         h2 = m.preload(backend="host", background=False)
         assert h2.done() and m.cache_info()["loads"] == len(m.tensors)
     assert not _threads()
+
+
+def test_staging_ring_is_kept_between_loads_and_not_shared_by_concurrent_ones():
+    from gguf_gpu_lab.device import HostBackend, get_backend
+
+    assert get_backend("host") is get_backend("host")
+    be = HostBackend()
+    a, kept_a = be.lease_staging(4, 1000)
+    b, kept_b = be.lease_staging(4, 1000)  # while a is out: a ring of its own
+    assert kept_a and not kept_b and {id(x) for x in a}.isdisjoint(id(x) for x in b)
+    be.return_staging(b, kept_b)
+    be.return_staging(a, kept_a)
+    c, kept_c = be.lease_staging(3, 800)  # smaller: the kept ring again
+    assert kept_c and [id(x) for x in c] == [id(x) for x in a[:3]]
+    be.return_staging(c, kept_c)
+    d, _ = be.lease_staging(4, 5000)  # larger: reallocated
+    assert d[0].nbytes == 5000
+    be.return_staging(d, True)
+    assert be.release_staging() == 4 * 5000 and be.release_staging() == 0

@@ -263,3 +263,13 @@ def test_check_iq1_m_packed_scale(tmp_path):
     b[2, 53] |= 0xC0  # ... bits 10-11 in the top of the third: exponent all ones
     (p,) = check_raw("t", "IQ1_M", b)
     assert p.block == 2 and p.where.startswith("scale@48")
+
+
+def test_raw_views_outlive_close(small_model):
+    m = lab.open_model(small_model)
+    raw = m.raw("output.weight")
+    expected = bytes(raw[:64])
+    m.close()
+    assert m.closed
+    assert bytes(raw[:64]) == expected  # still mapped: no crash, same bytes
+    del raw

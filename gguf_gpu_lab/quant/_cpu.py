@@ -217,8 +217,10 @@ def default_threads() -> int:
 
 
 def dequantize_blocks(spec: TypeSpec, blocks: np.ndarray, out: np.ndarray, threads: int,
-                      task_elements: int | None = None) -> None:
-    """Dequantize ``blocks`` (n, type_size) into ``out`` (n, block_size) of any float dtype."""
+                      task_elements: int | None = None, alone: bool | None = None) -> None:
+    """Dequantize ``blocks`` (n, type_size) into ``out`` (n, block_size) of any float dtype.
+    ``alone``: no other thread of this process dequantizes meanwhile (default: ``threads <= 1``);
+    callers that run several one-thread calls at once (the loader's cpu mode) pass False."""
     n = blocks.shape[0]
     kernel = block_kernel(spec)
     direct = out.dtype == np.float32
@@ -237,7 +239,7 @@ def dequantize_blocks(spec: TypeSpec, blocks: np.ndarray, out: np.ndarray, threa
 
     starts = range(0, n, step)
     if threads <= 1 or len(starts) <= 1:
-        _ALONE.on = threads <= 1
+        _ALONE.on = (threads <= 1) if alone is None else alone
         try:
             for lo in starts:
                 task(lo)
