@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -90,9 +90,11 @@ class Event:
 class Backend:
     name = "?"
     is_gpu = False
-    _ring: list | None = None  # pinned staging kept between loads
-    _ring_busy = False
-    _ring_lock = threading.Lock()
+
+    def __init__(self):
+        self._ring: list | None = None  # pinned staging kept between loads
+        self._ring_busy = False
+        self._ring_lock = threading.Lock()
 
     def lease_staging(self, n_slots: int, slot_bytes: int) -> tuple[list[np.ndarray], bool]:
         """Staging buffers for one load: the backend's kept ring when it is free and large enough
@@ -143,7 +145,6 @@ class Backend:
 class Lane:
     index = 0
 
-    def run(self, fn: Callable[[], None]) -> None: ...
     def copy_h2d(self, dst, src: np.ndarray) -> None: ...
     def copy_d2d(self, dst, src) -> None: ...
     def dequant(self, raw, ggml_type, out, dtype: str, first_block: int, n_blocks: int) -> None: ...
@@ -186,9 +187,6 @@ class _HostLane(Lane):
 
         self._pool.submit(guarded)
 
-    def run(self, fn):
-        self._submit(fn)
-
     def copy_h2d(self, dst, src):
         self._submit(lambda: np.copyto(dst, src.view(dst.dtype).reshape(dst.shape)))
 
@@ -223,9 +221,6 @@ class _HostLane(Lane):
 class HostBackend(Backend):
     name = "host"
     is_gpu = False
-
-    def __init__(self):
-        self._ring_lock = threading.Lock()
 
     def info(self):
         from .quant import default_threads
@@ -303,9 +298,6 @@ class _CupyLane(Lane):
             self.stream = cupy.cuda.Stream(non_blocking=True)
         self._clock = clock
 
-    def run(self, fn):
-        raise BackendError("host functions do not run on a GPU stream")
-
     def copy_h2d(self, dst, src):
         rt = self._cp.cuda.runtime
         rt.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes, rt.memcpyHostToDevice, self.stream.ptr)
@@ -334,12 +326,12 @@ class CupyBackend(Backend):
     def __init__(self, device: int = 0):
         import cupy
 
+        super().__init__()
         self._cp = cupy
         self.device = device
         self._clock: _Clock | None = None
         self._pinned: dict[int, Any] = {}
         self._lock = threading.Lock()
-        self._ring_lock = threading.Lock()
 
     def info(self):
         cp = self._cp

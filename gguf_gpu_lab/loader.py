@@ -576,10 +576,9 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
 
         bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=f"load ({mode})", leave=False)
 
-        def progress(done, total, name, _last=[0]):
+        def progress(done, total, name):
             bar.total = total
-            bar.update(done - _last[0])
-            _last[0] = done
+            bar.update(done - bar.n)
             bar.set_postfix_str(name, refresh=False)
     own = not isinstance(path_or_model, GGUFModel)
     model = open_model(path_or_model) if own else path_or_model

@@ -179,7 +179,6 @@ class GGUFModel:
         self.cache_budget: int | None = None  # bytes of device memory the tensor cache may hold
         self._tensor_cache = None
         self._preload = None
-        self._backends: dict = {}
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -314,12 +313,7 @@ class GGUFModel:
     def _backend(self, backend, device: int):
         from .device import Backend, get_backend
 
-        if isinstance(backend, Backend):
-            return backend
-        key = (backend, device)
-        if key not in self._backends:
-            self._backends[key] = get_backend(backend, device)
-        return self._backends[key]
+        return backend if isinstance(backend, Backend) else get_backend(backend, device)  # one per kind and device
 
     def tensor(self, name: str, dtype: str = "float16", mode: str = "gpu", *, backend="auto", device: int = 0):
         """One tensor on the device, loaded on first use and then served from the cache (keyed by
