@@ -7,6 +7,7 @@ dequantization in order, and events that guard buffer reuse and time the work on
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import threading
@@ -131,6 +132,11 @@ class Backend:
             self._ring = None
             return freed
 
+    def range(self, name: str, color: int = 0):
+        """A named range around host work, for Nsight Systems (NVTX) or rocprof (roctx); a
+        no-op context where neither is available."""
+        return contextlib.nullcontext()
+
     def info(self) -> dict[str, Any]: ...
     def lanes(self, n: int) -> list["Lane"]: ...
     def empty(self, n: int, dtype) -> Any: ...
@@ -145,9 +151,11 @@ class Backend:
 class Lane:
     index = 0
 
-    def copy_h2d(self, dst, src: np.ndarray) -> None: ...
-    def copy_d2d(self, dst, src) -> None: ...
-    def dequant(self, raw, ggml_type, out, dtype: str, first_block: int, n_blocks: int) -> None: ...
+    # Offsets are in bytes, except ``out_elem`` (elements of ``out``); arrays are flat buffers.
+    def copy_h2d(self, dst, dst_off: int, src: np.ndarray, src_off: int, nbytes: int) -> None: ...
+    def copy_d2d(self, dst, dst_off: int, src, src_off: int, nbytes: int) -> None: ...
+    def dequant(self, src, src_off: int, ggml_type, out, out_elem: int, dtype: str, n_blocks: int) -> None:
+        """Dequantize ``n_blocks`` blocks at byte ``src_off`` of ``src`` into ``out`` from element ``out_elem``."""
     def record(self) -> Event: ...
     def close(self) -> None: ...
 
@@ -187,24 +195,19 @@ class _HostLane(Lane):
 
         self._pool.submit(guarded)
 
-    def copy_h2d(self, dst, src):
-        self._submit(lambda: np.copyto(dst, src.view(dst.dtype).reshape(dst.shape)))
+    def copy_h2d(self, dst, dst_off, src, src_off, nbytes):
+        d, s = _bytes(dst)[dst_off:dst_off + nbytes], _bytes(src)[src_off:src_off + nbytes]
+        self._submit(lambda: np.copyto(d, s))
 
-    def copy_d2d(self, dst, src):
-        self._submit(lambda: np.copyto(dst, src))
+    copy_d2d = copy_h2d
 
-    def dequant(self, raw, ggml_type, out, dtype, first_block, n_blocks):
+    def dequant(self, src, src_off, ggml_type, out, out_elem, dtype, n_blocks):
         from . import quant
 
         spec = quant.type_spec(ggml_type)
-        odt = quant.resolve_dtype(dtype)
-
-        def work():
-            seg = raw[first_block * spec.type_size:(first_block + n_blocks) * spec.type_size]
-            dst = out.reshape(-1)[first_block * spec.block_size:(first_block + n_blocks) * spec.block_size]
-            quant.dequantize(seg, spec.ggml_type, dtype=dtype, out=dst.view(odt))  # all cores
-
-        self._submit(work)
+        seg = _bytes(src)[src_off:src_off + n_blocks * spec.type_size]
+        dst = out.reshape(-1)[out_elem:out_elem + n_blocks * spec.block_size].view(quant.resolve_dtype(dtype))
+        self._submit(lambda: quant.dequantize(seg, spec.ggml_type, dtype=dtype, out=dst))  # all cores
 
     def record(self) -> Event:
         def stamp():
@@ -216,6 +219,10 @@ class _HostLane(Lane):
 
     def close(self):
         self._pool.shutdown(wait=True)
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1).view(np.uint8)
 
 
 class HostBackend(Backend):
@@ -257,7 +264,7 @@ class HostBackend(Backend):
 
 class _CupyEvent(Event):
     def __init__(self, cupy, stream, clock: "_Clock | None"):
-        self._ev = cupy.cuda.Event()  # timing enabled: never disable_timing here
+        self._ev = cupy.cuda.Event(block=True)  # a waiting thread sleeps, not spins; timing enabled
         self._ev.record(stream)
         self._clock = clock
 
@@ -297,20 +304,21 @@ class _CupyLane(Lane):
         with cupy.cuda.Device(device):
             self.stream = cupy.cuda.Stream(non_blocking=True)
         self._clock = clock
+        self._rt = cupy.cuda.runtime
 
-    def copy_h2d(self, dst, src):
-        rt = self._cp.cuda.runtime
-        rt.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes, rt.memcpyHostToDevice, self.stream.ptr)
+    def copy_h2d(self, dst, dst_off, src, src_off, nbytes):
+        self._rt.memcpyAsync(dst.data.ptr + dst_off, src.ctypes.data + src_off, nbytes, self._rt.memcpyHostToDevice,
+                             self.stream.ptr)
 
-    def copy_d2d(self, dst, src):
-        rt = self._cp.cuda.runtime
-        rt.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes, rt.memcpyDeviceToDevice, self.stream.ptr)
+    def copy_d2d(self, dst, dst_off, src, src_off, nbytes):
+        self._rt.memcpyAsync(dst.data.ptr + dst_off, src.data.ptr + src_off, nbytes, self._rt.memcpyDeviceToDevice,
+                             self.stream.ptr)
 
-    def dequant(self, raw, ggml_type, out, dtype, first_block, n_blocks):
-        from .quant.gpu import dequantize_gpu
+    def dequant(self, src, src_off, ggml_type, out, out_elem, dtype, n_blocks):
+        from .quant.gpu import launch
 
-        dequantize_gpu(raw, ggml_type, dtype=dtype, out=out, stream=self.stream,
-                       first_block=first_block, n_blocks=n_blocks)
+        launch(src.data.ptr + src_off, out.data.ptr + out_elem * out.itemsize, ggml_type, dtype, n_blocks,
+               self._dev, self.stream)
 
     def record(self):
         return _CupyEvent(self._cp, self.stream, self._clock)
@@ -332,6 +340,14 @@ class CupyBackend(Backend):
         self._clock: _Clock | None = None
         self._pinned: dict[int, Any] = {}
         self._lock = threading.Lock()
+        self._time_range = None
+        try:  # NVTX on CUDA, roctx on ROCm, where CuPy was built with them
+            from cupyx.profiler import time_range
+
+            if cupy.cuda.nvtx.available:
+                self._time_range = time_range
+        except Exception:
+            pass
 
     def info(self):
         cp = self._cp
@@ -352,6 +368,11 @@ class CupyBackend(Backend):
                 "device": self.device, "memory_bytes": int(total), "memory_free_bytes": int(free),
                 "multiprocessors": int(props["multiProcessorCount"]), "pcie": pcie, "cupy": cp.__version__,
                 "driver": int(cp.cuda.runtime.driverGetVersion()), "runtime": int(cp.cuda.runtime.runtimeGetVersion())}
+
+    def range(self, name: str, color: int = 0):
+        if self._time_range is None:
+            return contextlib.nullcontext()
+        return self._time_range(name, color_id=color)
 
     def clock(self) -> _Clock:
         with self._cp.cuda.Device(self.device):

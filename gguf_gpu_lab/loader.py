@@ -2,12 +2,15 @@
 
     file --readers--> pinned staging slot --lane k: H2D--> device --lane k: dequant--> output
 
-Chunk i goes to lane i mod ``streams``; an event recorded after its last operation guards the
-staging slot's reuse. Outputs are allocated before any chunk lands. See DESIGN in the README.
+Reader threads only fill staging slots; one thread (the caller's) queues each chunk's copy and
+kernel as its read finishes, round robin over the lanes, so no reader waits on another's Python
+work. The event after a chunk's copy guards its slot's reuse. Outputs are allocated while the
+first reads run, and before any chunk's copy is queued.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
@@ -221,6 +224,21 @@ def _out_kind(t: TensorInfo, mode: str, dtype: str) -> tuple[str, np.dtype]:
 
 # -- the pipeline -----------------------------------------------------------------------------
 
+class _Stop:
+    """The load's stop flag: set by the load itself (an error, a cancelling callback), or by the
+    caller's ``cancel`` event, which the load only reads."""
+
+    def __init__(self, user: threading.Event | None):
+        self._own = threading.Event()
+        self._user = user
+
+    def set(self) -> None:
+        self._own.set()
+
+    def is_set(self) -> bool:
+        return self._own.is_set() or (self._user is not None and self._user.is_set())
+
+
 class _Staging:
     """The ring of pinned staging slots, allocated once at exact size; a slot is handed out only
     after the event of its previous use has completed."""
@@ -232,7 +250,7 @@ class _Staging:
         for i in range(n_slots):
             self._free.put((i, None))
 
-    def acquire(self, cancelled: threading.Event) -> tuple[int, np.ndarray]:
+    def acquire(self, cancelled: _Stop) -> tuple[int, np.ndarray]:
         while True:
             try:
                 i, ev = self._free.get(timeout=0.05)
@@ -298,11 +316,12 @@ def _finish_shapes(result: dict[str, DeviceTensor]) -> None:
 
 class _Loader:
     def __init__(self, model: GGUFModel, backend: Backend, opts: LoadOptions, tensors: list[TensorInfo],
-                 progress: Callable | None, cancelled: threading.Event):
+                 progress: Callable | None, cancelled: _Stop):
         self.model, self.backend, self.opts, self.tensors = model, backend, opts, tensors
         self.progress = progress
         self.cancelled = cancelled
         self.spans: list[Span] = []
+        self.device_events: list = []  # (lane name, chunk, [(stage, event)]): spans once read
         self._span_lock = threading.Lock()
         self.error: BaseException | None = None
 
@@ -323,32 +342,32 @@ class _Loader:
         chunks = plan_chunks(self.tensors, chunk_bytes)
         max_chunk = max((c.nbytes for c in chunks), default=0)
         self._check_memory(opts.streams * max_chunk if opts.mode == "gpu" else 0)
-        outputs = _alloc_outputs(self.backend, self.tensors, opts.mode, opts.dtype)
         if not chunks:
-            return outputs, 0
+            return _alloc_outputs(self.backend, self.tensors, opts.mode, opts.dtype), 0
         # a slot holds a chunk's file bytes, or in cpu mode its dequantized values
         slot_bytes = max(sum(self._staged_bytes(p) for p in c.pieces) for c in chunks) if cpu_mode else max_chunk
-        readers = opts.readers or default_readers()
+        readers = min(opts.readers or default_readers(), len(chunks))
         # enough slots for every reader to fill one while each lane has one in flight
         n_slots = (readers + 2 * opts.streams if opts.staging_mb is None
                    else max(2, int(opts.staging_mb * (1 << 20) // slot_bytes)))
         n_slots = min(n_slots, len(chunks))
-        staging = lanes = None
-        scratch: list[Any] = []
         total = sum(c.nbytes for c in chunks)
+        staging = None
+        lanes: list = []
+        threads: list[threading.Thread] = []
+        scratch: list[Any] = []
+        fd = os.open(self.model.path, os.O_RDONLY)
         try:
             staging = _Staging(self.backend, n_slots, slot_bytes)
-            lanes = self.backend.lanes(opts.streams)
-            lane_locks = [threading.Lock() for _ in lanes]
-            if opts.mode == "gpu":  # quantized bytes land here, per lane, before the kernel expands them
-                scratch = [self.backend.empty(max_chunk, np.uint8) for _ in lanes]
-            done_q: queue.Queue = queue.Queue()
+            mm = self.model._data() if opts.read == "mmap" else None
+            ready_q: queue.Queue = queue.Queue()
             work = iter(chunks)
             work_lock = threading.Lock()
+            rng = self.backend.range
 
             def reader(rid: int):
-                fd = os.open(self.model.path, os.O_RDONLY)
-                mm = self.model._data() if opts.read == "mmap" else None
+                """Fill staging slots: file bytes (or, in cpu mode, dequantized values); the
+                main thread queues their copies and kernels."""
                 try:
                     while not self.cancelled.is_set():
                         with work_lock:
@@ -356,48 +375,56 @@ class _Loader:
                         if c is None:
                             return
                         slot_i, slot = staging.acquire(self.cancelled)
-                        t0 = time.perf_counter_ns()
-                        pos = 0
-                        stage = "cpu_dequant" if cpu_mode else "read"
-                        for p in c.pieces:
-                            if cpu_mode:
-                                pos = self._cpu_piece(p, slot, pos)
-                            else:
-                                _read_into(fd, mm, slot[pos:pos + p.nbytes], p.file_offset)
-                                pos += p.nbytes
-                        t1 = time.perf_counter_ns()
-                        self.span(f"reader {rid}", stage, c.index, c.pieces[0].tensor.name, c.nbytes, t0, t1)
-                        lane = lanes[c.index % len(lanes)]
-                        with lane_locks[lane.index]:  # one chunk's operations at a time per lane
-                            evs = self._enqueue(c, lane, slot[:pos], outputs, scratch)
-                        # the slot is free again once its copy is done (the kernel reads device scratch)
-                        staging.release(slot_i, dict(evs)["h2d"])
-                        done_q.put((c, evs))
+                        with rng(f"read chunk {c.index}", 0):
+                            t0 = time.perf_counter_ns()
+                            pos = 0
+                            for p in c.pieces:
+                                if cpu_mode:
+                                    pos = self._cpu_piece(p, slot, pos)
+                                else:
+                                    _read_into(fd, mm, slot[pos:pos + p.nbytes], p.file_offset)
+                                    pos += p.nbytes
+                            t1 = time.perf_counter_ns()
+                        self.span(f"reader {rid}", "cpu_dequant" if cpu_mode else "read", c.index,
+                                  c.pieces[0].tensor.name, c.nbytes, t0, t1)
+                        ready_q.put((c, slot_i, slot[:pos]))
                 except BaseException as e:  # re-raised by the main thread after cleanup
                     self.error = self.error or e
                     self.cancelled.set()
-                    done_q.put(None)
-                finally:
-                    os.close(fd)
+                    ready_q.put(None)
 
+            # readers start first; outputs are allocated while they fill the first slots
             threads = [threading.Thread(target=reader, args=(i,), name=f"gguf-lab-reader{i}", daemon=True)
-                       for i in range(min(readers, len(chunks)))]
+                       for i in range(readers)]
             for th in threads:
                 th.start()
+            with rng("allocate outputs", 1):
+                outputs = _alloc_outputs(self.backend, self.tensors, opts.mode, opts.dtype)
+                lanes = self.backend.lanes(opts.streams)
+                if opts.mode == "gpu":  # quantized bytes land here, per lane, before the kernel expands them
+                    scratch = [self.backend.empty(max_chunk, np.uint8) for _ in lanes]
             try:
-                done_bytes = 0
-                for _ in range(len(chunks)):
-                    item = self._get(done_q)
+                # one thread queues every chunk, in the order its read finished, round robin over
+                # the lanes; completions are reported in queueing order
+                pending: collections.deque = collections.deque()
+                done_bytes = submitted = 0
+                while submitted < len(chunks):
+                    item = self._get(ready_q)
                     if item is None:
                         break
-                    c, evs = item
-                    evs[-1][1].synchronize()
-                    done_bytes += c.nbytes
-                    self._device_spans(c, lanes, evs)
-                    if self.progress is not None and self.progress(done_bytes, total, c.pieces[-1].tensor.name) is False:
-                        self.cancelled.set()
-                        raise LoadCancelled(f"{self.model.path}: load cancelled by the progress callback "
-                                            f"after {done_bytes} of {total} bytes")
+                    c, slot_i, data = item
+                    lane = lanes[submitted % len(lanes)]
+                    with rng(f"queue chunk {c.index}", 2):
+                        evs = self._enqueue(c, lane, data, outputs, scratch)
+                    # the slot is free again once its copy is done (the kernel reads device scratch)
+                    staging.release(slot_i, dict(evs)["h2d"])
+                    pending.append((c, lane, evs))
+                    submitted += 1
+                    while pending and pending[0][2][-1][1].done():
+                        done_bytes = self._complete(pending.popleft(), done_bytes, total)
+                while pending and self.error is None:
+                    pending[0][2][-1][1].synchronize()
+                    done_bytes = self._complete(pending.popleft(), done_bytes, total)
             except BaseException:
                 self.cancelled.set()
                 raise
@@ -413,9 +440,25 @@ class _Loader:
                 raise LoadCancelled(f"{self.model.path}: load cancelled")
             return outputs, total
         finally:
+            self.cancelled.set()  # stops readers still running after an error in this thread
+            for th in threads:
+                th.join()
             if staging is not None:
                 staging.close()
             scratch.clear()
+            os.close(fd)
+
+    def _complete(self, item, done_bytes: int, total: int) -> int:
+        """A chunk's work is done: its device spans, then the progress callback."""
+        c, lane, evs = item
+        done_bytes += c.nbytes
+        if self.opts.profile and len(evs) > 1:
+            self.device_events.append((f"stream {lane.index}" if self.backend.is_gpu else f"lane {lane.index}", c, evs))
+        if self.progress is not None and self.progress(done_bytes, total, c.pieces[-1].tensor.name) is False:
+            self.cancelled.set()
+            raise LoadCancelled(f"{self.model.path}: load cancelled by the progress callback "
+                                f"after {done_bytes} of {total} bytes")
+        return done_bytes
 
     def _check_memory(self, extra: int) -> None:
         """Fail before allocating anything when the outputs cannot fit."""
@@ -464,49 +507,49 @@ class _Loader:
         return pos + n * odt.itemsize
 
     def _enqueue(self, c: Chunk, lane, data: np.ndarray, outputs, scratch) -> list[tuple[str, Event]]:
-        """Queue a chunk's copy (and kernel) on its lane; returns (stage, event) pairs, the first
-        being the start."""
+        """Queue a chunk's copy (and kernels) on its lane; returns (stage, event) pairs, the first
+        being the start when profiling. Offsets only: no array views are made per piece."""
         mode = self.opts.mode
         evs = [("start", lane.record())] if self.opts.profile else []
         pos = 0
         if mode == "gpu":
             dev = scratch[lane.index]
-            lane.copy_h2d(dev[:data.nbytes], data)
+            lane.copy_h2d(dev, 0, data, 0, data.nbytes)
             evs.append(("h2d", lane.record()))
             for p in c.pieces:
                 spec = quant.type_spec(p.tensor.ggml_type)
                 out = outputs[p.tensor.name].array
                 if spec.kind == "int":  # the bytes are the values
-                    lo = p.first_block * spec.type_size
-                    lane.copy_d2d(out.reshape(-1).view(np.uint8)[lo:lo + p.nbytes], dev[pos:pos + p.nbytes])
-                else:
-                    # the kernel reads the piece's blocks from scratch and writes their slice of out
-                    seg_out = out.reshape(-1)[p.first_block * spec.block_size:(p.first_block + p.n_blocks) * spec.block_size]
-                    lane.dequant(dev[pos:pos + p.nbytes], spec.ggml_type, seg_out, self.opts.dtype, 0, p.n_blocks)
+                    lane.copy_d2d(out, p.first_block * spec.type_size, dev, pos, p.nbytes)
+                else:  # the kernel reads the piece's blocks from scratch and writes their slice of out
+                    lane.dequant(dev, pos, spec.ggml_type, out, p.first_block * spec.block_size, self.opts.dtype,
+                                 p.n_blocks)
                 pos += p.nbytes
             evs.append(("dequant", lane.record()))
         else:  # raw and cpu: the slot already holds the final bytes of each piece
             for p in c.pieces:
-                out = outputs[p.tensor.name].array.reshape(-1)
-                spec = quant.type_spec(p.tensor.ggml_type)
+                out = outputs[p.tensor.name].array
                 if mode == "raw":
-                    lo, n = p.first_block * spec.type_size, p.nbytes
+                    lo, n = p.first_block * quant.type_spec(p.tensor.ggml_type).type_size, p.nbytes
                 else:
-                    per = spec.block_size if spec.kind != "int" else 1
+                    spec = quant.type_spec(p.tensor.ggml_type)
+                    per = (spec.block_size if spec.kind != "int" else 1) * out.itemsize
                     lo, n = p.first_block * per, p.n_blocks * per
-                dst = out[lo:lo + n]
-                lane.copy_h2d(dst, data[pos:pos + dst.nbytes])
-                pos += dst.nbytes
+                lane.copy_h2d(out, lo, data, pos, n)
+                pos += n
             evs.append(("h2d", lane.record()))
         return evs
 
-    def _device_spans(self, c: Chunk, lanes, evs) -> None:
-        if not self.opts.profile or len(evs) < 2:
-            return
-        lane = f"stream {c.index % len(lanes)}" if self.backend.is_gpu else f"lane {c.index % len(lanes)}"
-        name = c.pieces[0].tensor.name
-        for (_, a), (stage, b) in zip(evs, evs[1:]):
-            self.span(lane, stage, c.index, name, c.nbytes, a.time_ns(), b.time_ns())
+    def _device_spans(self) -> list[Span]:
+        """Device spans from the recorded events; called when the profile is first read, so the
+        load itself never waits on timing queries."""
+        spans = []
+        for lane_name, c, evs in self.device_events:
+            first = c.pieces[0].tensor.name
+            for (_, a), (stage, b) in zip(evs, evs[1:]):
+                spans.append(Span(lane_name, stage, c.index, first, c.nbytes, a.time_ns(), b.time_ns()))
+        self.device_events = []
+        return spans
 
     def _sequential(self) -> tuple[dict[str, DeviceTensor], int]:
         """One tensor at a time, synchronously: CPU dequantization, then a copy from pageable memory."""
@@ -584,8 +627,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     model = open_model(path_or_model) if own else path_or_model
     try:
         chosen = select(model.tensors, tensors, order)
-        cancelled = cancel or threading.Event()
-        ld = _Loader(model, be, opts, chosen, progress, cancelled)
+        ld = _Loader(model, be, opts, chosen, progress, _Stop(cancel))
         clock_host0 = time.perf_counter_ns()
         if be.is_gpu:
             be.clock()
@@ -594,7 +636,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         wall = time.perf_counter() - t0
         _finish_shapes(outputs)
         out_bytes = sum(v.nbytes for v in outputs.values())
-        prof = Profile.from_spans(ld.spans, origin_ns=clock_host0, wall_s=wall, meta={
+        prof = Profile.from_spans(ld.spans, origin_ns=clock_host0, wall_s=wall, deferred=ld._device_spans, meta={
             "mode": opts.mode, "streams": opts.streams, "readers": opts.readers, "chunk_mb": opts.chunk_mb,
             "backend": be.name, "file_bytes": nbytes, "out_bytes": out_bytes}) if profile else None
         return LoadResult(outputs, nbytes, out_bytes, wall, opts, be.name, prof)

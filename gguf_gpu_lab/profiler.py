@@ -12,14 +12,15 @@ Columns of ``Profile.df`` (units in the names):
 | ``start_us``, ``end_us``, ``dur_us`` | microseconds from the start of the load |
 
 Device spans come from CUDA/HIP events put on the host clock through a reference event; host
-spans from ``time.perf_counter_ns``.
+spans from ``time.perf_counter_ns``. The loader keeps the events and reads their times when the
+profile is first looked at, so a load never waits on timing queries.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 COLUMNS = ("lane", "stage", "chunk", "tensor", "bytes", "start_us", "end_us", "dur_us")
 STAGES = ("read", "cpu_dequant", "h2d", "dequant")
@@ -36,17 +37,39 @@ class Span:
     end_ns: int
 
 
-@dataclass
 class Profile:
-    spans: list[Span]
-    origin_ns: int
-    wall_s: float
-    meta: dict[str, Any] = field(default_factory=dict)
-    _df: Any = None
+    """The spans of one load. ``deferred``: a callable giving more spans, called once, when
+    the spans are first read (the loader's device spans, read from their events)."""
+
+    def __init__(self, spans: Sequence[Span], origin_ns: int, wall_s: float, meta: dict | None = None,
+                 deferred: Callable[[], Sequence[Span]] | None = None):
+        self._spans = list(spans)
+        self.origin_ns = origin_ns
+        self.wall_s = wall_s
+        self.meta = dict(meta or {})
+        self._deferred = deferred
+        self._sorted = False
+        self._df = None
 
     @classmethod
-    def from_spans(cls, spans: Sequence[Span], origin_ns: int, wall_s: float, meta: dict | None = None) -> "Profile":
-        return cls(sorted(spans, key=lambda s: s.start_ns), origin_ns, wall_s, dict(meta or {}))
+    def from_spans(cls, spans: Sequence[Span], origin_ns: int, wall_s: float, meta: dict | None = None,
+                   deferred: Callable[[], Sequence[Span]] | None = None) -> "Profile":
+        return cls(spans, origin_ns, wall_s, meta, deferred)
+
+    @property
+    def spans(self) -> list[Span]:
+        """Every span, sorted by start."""
+        if self._deferred is not None:
+            more, self._deferred = self._deferred, None
+            self._spans.extend(more())
+            self._sorted = False
+        if not self._sorted:
+            self._spans.sort(key=lambda s: s.start_ns)
+            self._sorted = True
+        return self._spans
+
+    def __repr__(self):
+        return f"<Profile {self.meta.get('mode', '')} wall={self.wall_s:.3f}s>"
 
     @classmethod
     def from_df(cls, df, wall_s: float | None = None, meta: dict | None = None) -> "Profile":
@@ -64,13 +87,14 @@ class Profile:
             import pandas as pd
 
             o = self.origin_ns
+            spans = self.spans
             self._df = pd.DataFrame({
-                "lane": [s.lane for s in self.spans], "stage": [s.stage for s in self.spans],
-                "chunk": [s.chunk for s in self.spans], "tensor": [s.tensor for s in self.spans],
-                "bytes": [s.bytes for s in self.spans],
-                "start_us": [(s.start_ns - o) / 1e3 for s in self.spans],
-                "end_us": [(s.end_ns - o) / 1e3 for s in self.spans],
-                "dur_us": [(s.end_ns - s.start_ns) / 1e3 for s in self.spans],
+                "lane": [s.lane for s in spans], "stage": [s.stage for s in spans],
+                "chunk": [s.chunk for s in spans], "tensor": [s.tensor for s in spans],
+                "bytes": [s.bytes for s in spans],
+                "start_us": [(s.start_ns - o) / 1e3 for s in spans],
+                "end_us": [(s.end_ns - o) / 1e3 for s in spans],
+                "dur_us": [(s.end_ns - s.start_ns) / 1e3 for s in spans],
             }, columns=list(COLUMNS))
         return self._df
 

@@ -205,3 +205,52 @@ def test_staging_ring_is_kept_between_loads_and_not_shared_by_concurrent_ones():
     assert d[0].nbytes == 5000
     be.return_staging(d, True)
     assert be.release_staging() == 4 * 5000 and be.release_staging() == 0
+
+
+def test_named_ranges_for_system_profilers(small_model):
+    """Every load phase is wrapped in a named range (NVTX/roctx on a GPU backend)."""
+    from gguf_gpu_lab.device import HostBackend
+
+    class Recording(HostBackend):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def range(self, name, color=0):
+            self.names.append(name)
+            return super().range(name, color)
+
+    be = Recording()
+    r = load(small_model, chunk_mb=0.5, backend=be)
+    n_chunks = len(plan_chunks(list(r[k].info for k in r), int(0.5 * (1 << 20))))
+    assert "allocate outputs" in be.names
+    assert sorted(n for n in be.names if n.startswith("read chunk")) == sorted(f"read chunk {i}" for i in range(n_chunks))
+    assert sorted(n for n in be.names if n.startswith("queue chunk")) == sorted(f"queue chunk {i}" for i in range(n_chunks))
+
+
+def test_errors_leave_the_callers_cancel_event_alone(small_model, monkeypatch):
+    from gguf_gpu_lab import loader
+
+    def broken(fd, mm, dst, offset):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(loader, "_read_into", broken)
+    ev = threading.Event()
+    with pytest.raises(OSError, match="disk on fire"):
+        load(small_model, chunk_mb=0.05, backend="host", cancel=ev)
+    assert not ev.is_set() and not _threads()
+
+
+def test_failed_output_allocation_stops_the_readers(small_model, monkeypatch):
+    from gguf_gpu_lab import loader
+    from gguf_gpu_lab.errors import DeviceMemoryError
+
+    def no_memory(*a, **k):
+        raise DeviceMemoryError("out of memory (injected)")
+
+    monkeypatch.setattr(loader, "_alloc_outputs", no_memory)
+    with pytest.raises(DeviceMemoryError, match="injected"):
+        load(small_model, chunk_mb=0.05, backend="host")
+    assert not _threads()
+    monkeypatch.undo()
+    assert len(load(small_model, chunk_mb=0.05, backend="host")) > 0

@@ -5,6 +5,7 @@ binding into a cubin kept in this toolkit's own disk cache (see ``_nvrtc_cubin``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Sequence
@@ -207,7 +208,7 @@ def dequantize_gpu(raw, ggml_type, shape: Sequence[int] | None = None, dtype="fl
         shape = (n_elem,) if shape is None else tuple(int(s) for s in shape)
         if int(np.prod(shape, dtype=np.int64)) != n_elem:
             raise GGUFLabError(f"{spec.name}: shape {shape} does not hold {n_elem} elements")
-        with (stream if stream is not None else _null()):
+        with (stream if stream is not None else contextlib.nullcontext()):
             out = cupy.empty(shape, dtype=store)
     elif (not isinstance(out, cupy.ndarray) or out.dtype != store or out.size != n_elem
           or not out.flags.c_contiguous):
@@ -217,24 +218,31 @@ def dequantize_gpu(raw, ggml_type, shape: Sequence[int] | None = None, dtype="fl
         return out
     src = raw[first_block * spec.type_size:(first_block + n_blocks) * spec.type_size]
     dst = out.reshape(-1)[first_block * spec.block_size:(first_block + n_blocks) * spec.block_size]
-    device_id = out.device.id
-    vec = int(dst.data.ptr % 16 == 0)
-    vec_load = int(spec.block_size == 1 and src.data.ptr % 16 == 0)
-    kern = _kernel(int(spec.ggml_type), _OUT_KIND[name], vec, vec_load, device_id)[1]
-    grid_tab, ksigns = _tables(int(spec.ggml_type), device_id)
-    n_out = n_blocks * spec.block_size
-    blocks, threads = launch_config(n_out, spec.block_size, device_id)
-    with (stream if stream is not None else _null()):  # both kernel kinds launch on the current stream
-        kern((blocks,), (threads,), (src, dst, np.int64(n_out), grid_tab, ksigns))
+    launch(src.data.ptr, dst.data.ptr, spec.ggml_type, name, n_blocks, out.device.id, stream)
     return out
 
 
-class _null:
-    def __enter__(self):
-        return None
+def launch(src_ptr: int, dst_ptr: int, ggml_type, dtype: str, n_blocks: int, device_id: int, stream=None) -> None:
+    """Queue the kernel for ``n_blocks`` blocks at ``src_ptr`` into ``dst_ptr`` (device
+    addresses) on ``stream``; no checks. The loader's per-chunk path: no array views to build,
+    so the host time a launch takes stays small next to the copy it follows."""
+    spec = type_spec(ggml_type)
+    kind = _OUT_KIND[dtype]
+    vec = int(dst_ptr % 16 == 0)
+    vec_load = int(spec.block_size == 1 and src_ptr % 16 == 0)
+    fn = _function(int(spec.ggml_type), kind, vec, vec_load, device_id)
+    grid_tab, ksigns = _tables(int(spec.ggml_type), device_id)
+    n_out = n_blocks * spec.block_size
+    blocks, threads = launch_config(n_out, spec.block_size, device_id)
+    fn((blocks,), (threads,), (np.uint64(src_ptr), np.uint64(dst_ptr), np.int64(n_out), grid_tab, ksigns),
+       stream=stream)
 
-    def __exit__(self, *exc):
-        return False
+
+@functools.lru_cache(maxsize=None)
+def _function(type_id: int, out_kind: int, vec: int, vec_load: int, device_id: int):
+    """The compiled kernel as a ``cupy.cuda.Function`` (whose call takes a stream)."""
+    k = _kernel(type_id, out_kind, vec, vec_load, device_id)[1]
+    return getattr(k, "kernel", k)  # RawModule (HIP) gives a RawKernel; its .kernel is the Function
 
 
 def as_torch(array, dtype="float16"):
