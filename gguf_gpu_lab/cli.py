@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
     s.add_argument("--streams", type=int, default=4)
     s.add_argument("--chunk-mb", type=float, default=16.0)
-    s.add_argument("--readers", type=int, default=None, help="reader threads (default: one per core, at most 16)")
+    s.add_argument("--readers", type=int, default=None, help="reader threads (default: two fewer than the cores, 2 to 14)")
     s.add_argument("--order", default="file", choices=["file", "largest", "layer"])
     s.add_argument("--backend", default="auto", choices=["auto", "cupy", "host"])
     s.add_argument("--profile", metavar="DIR", help="write the spans (CSV), the timeline (PNG) and a Chrome trace (JSON) here")

@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,7 +38,7 @@ class LoadOptions:
     dtype: str = "float16"
     streams: int = 4
     chunk_mb: float = 16.0
-    readers: int | None = None  # default: one per core, at most 16
+    readers: int | None = None  # default: default_readers()
     read: str = "mmap"
     staging_mb: float | None = None  # default: 2 slots a lane
     order: Any = "file"
@@ -271,7 +272,10 @@ class _Staging:
 
 
 def default_readers() -> int:
-    return min(16, quant.default_threads())
+    """Two cores fewer than the machine has (one for the thread that queues copies and kernels,
+    one for the driver), at least two, at most 14: on the lent 16-core H100 host 14 readers
+    loaded fastest (12: 7% slower, 16: level or slower; BENCHMARKS.md)."""
+    return max(2, min(14, quant.default_threads() - 2))
 
 
 def _read_into(fd: int, mm: np.ndarray | None, dst: np.ndarray, offset: int) -> None:
@@ -356,6 +360,7 @@ class _Loader:
         lanes: list = []
         threads: list[threading.Thread] = []
         scratch: list[Any] = []
+        outputs: dict[str, DeviceTensor] = {}
         fd = os.open(self.model.path, os.O_RDONLY)
         try:
             staging = _Staging(self.backend, n_slots, slot_bytes)
@@ -399,7 +404,7 @@ class _Loader:
             for th in threads:
                 th.start()
             with rng("allocate outputs", 1):
-                outputs = _alloc_outputs(self.backend, self.tensors, opts.mode, opts.dtype)
+                outputs.update(_alloc_outputs(self.backend, self.tensors, opts.mode, opts.dtype))
                 lanes = self.backend.lanes(opts.streams)
                 if opts.mode == "gpu":  # quantized bytes land here, per lane, before the kernel expands them
                     scratch = [self.backend.empty(max_chunk, np.uint8) for _ in lanes]
@@ -439,6 +444,13 @@ class _Loader:
             if self.cancelled.is_set():
                 raise LoadCancelled(f"{self.model.path}: load cancelled")
             return outputs, total
+        except BaseException as e:
+            # a traceback kept alive (a notebook's last error) must not keep device memory: drop
+            # the partial outputs, and the locals of the finished frames below this one
+            outputs.clear()
+            if e.__traceback__ is not None and e.__traceback__.tb_next is not None:
+                traceback.clear_frames(e.__traceback__.tb_next)
+            raise
         finally:
             self.cancelled.set()  # stops readers still running after an error in this thread
             for th in threads:
@@ -596,7 +608,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         streams: lanes (CUDA/HIP streams) that chunks are spread over.
         chunk_mb: the size of a chunk of file bytes (big tensors are split, small ones batched).
         readers: reader threads filling the pinned staging ring (in "cpu" mode they also
-            dequantize); default one per core, at most 16.
+            dequantize); default two fewer than the cores, from 2 to 14.
         read: "mmap" (copy out of the file mapping; the file is checked not to have shrunk) or
             "preadv" (read(2) into the staging buffer: a file truncated mid-load is an error, never a crash).
         staging_mb: total pinned staging; default two chunks a stream.

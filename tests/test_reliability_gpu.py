@@ -1,0 +1,135 @@
+"""Resource safety on the GPU (run with -m gpu): repeated loads, injected faults, cancellation,
+KeyboardInterrupt and out-of-memory leave no device memory, pinned memory or thread behind."""
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+
+from gguf_gpu_lab import DeviceMemoryError, LoadCancelled, open_model
+from gguf_gpu_lab.device import get_backend
+from gguf_gpu_lab.loader import load
+
+pytestmark = pytest.mark.gpu
+
+
+def _state():
+    """(device bytes in use by CuPy's pool, pinned bytes the backend holds, loader threads)."""
+    import cupy
+
+    gc.collect()
+    return (cupy.get_default_memory_pool().used_bytes(), get_backend("cupy").pinned_bytes(),
+            sorted(t.name for t in threading.enumerate() if t.name.startswith("gguf-lab")))
+
+
+@pytest.fixture
+def warm(small_model):
+    """The model, open, after one load of each mode (kernels compiled, staging ring allocated at
+    the size every load below uses), and the resource state then."""
+    with open_model(small_model) as m:
+        for mode in ("gpu", "raw", "cpu", "sequential"):
+            load(m, mode=mode, chunk_mb=0.25, readers=4, backend="cupy")
+        yield m, _state()
+
+
+def _correct(m, r, name="output.weight"):
+    assert np.array_equal(r[name].numpy().reshape(-1), m.dequantize(name, "float16").reshape(-1))
+
+
+def test_100_load_and_free_cycles_leave_nothing_behind(warm):
+    import cupy
+
+    m, base = warm
+    free0 = cupy.cuda.runtime.memGetInfo()[0]
+    for i in range(100):
+        r = load(m, mode=("gpu", "raw", "cpu")[i % 3], chunk_mb=0.25, readers=4, backend="cupy")
+        assert len(r) == len(m.tensors)
+        del r
+        assert _state() == base, f"after cycle {i}"
+    # the pool may keep freed blocks; nothing new was taken from the device
+    assert cupy.cuda.runtime.memGetInfo()[0] >= free0 - (2 << 20)
+
+
+def test_injected_kernel_launch_error(warm, monkeypatch):
+    from gguf_gpu_lab.quant import gpu
+
+    m, base = warm
+    real, calls = gpu.launch, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("injected launch failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(gpu, "launch", flaky)
+    with pytest.raises(RuntimeError, match="injected launch failure") as exc:
+        load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy")
+    # even while the traceback is alive (a notebook keeps the last one), its memory is back
+    assert _state() == base
+    del exc
+    monkeypatch.setattr(gpu, "launch", real)
+    _correct(m, load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy"))
+
+
+def test_injected_reader_error(warm, monkeypatch):
+    from gguf_gpu_lab import loader
+
+    m, base = warm
+    real, calls = loader._read_into, []
+
+    def flaky(*a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("injected read failure")
+        return real(*a)
+
+    monkeypatch.setattr(loader, "_read_into", flaky)
+    with pytest.raises(OSError, match="injected read failure"):
+        load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy")
+    assert _state() == base
+    monkeypatch.setattr(loader, "_read_into", real)
+    _correct(m, load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy"))
+
+
+@pytest.mark.parametrize("mode", ["gpu", "raw", "cpu"])
+@pytest.mark.parametrize("at", [1, 3, 8])
+@pytest.mark.parametrize("how", ["cancel", "interrupt"])
+def test_cancel_and_keyboard_interrupt_at_several_points(warm, mode, at, how):
+    m, base = warm
+    seen = []
+
+    def progress(done, total, name):
+        seen.append(done)
+        if len(seen) == at:
+            if how == "interrupt":
+                raise KeyboardInterrupt
+            return False
+
+    with pytest.raises(KeyboardInterrupt if how == "interrupt" else LoadCancelled):
+        load(m, mode=mode, chunk_mb=0.25, readers=4, progress=progress, backend="cupy")
+    assert _state() == base
+    _correct(m, load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy"))
+
+
+def test_out_of_memory_while_allocating_outputs(warm, monkeypatch):
+    """The up-front check is bypassed (as if free memory were unknown), so the pool's limit is
+    hit part way through the allocation of the outputs."""
+    import cupy
+
+    m, base = warm
+    be = get_backend("cupy")
+    monkeypatch.setattr(be, "mem_free", lambda: None)
+    pool = cupy.get_default_memory_pool()
+    limit = pool.get_limit()
+    need = sum(t.n_elements * 4 for t in m.tensors)
+    try:
+        pool.set_limit(size=pool.used_bytes() + need // 2)
+        with pytest.raises(DeviceMemoryError, match="bytes needed"):
+            load(m, mode="gpu", dtype="float32", chunk_mb=0.25, readers=4, backend="cupy")
+        assert _state() == base
+    finally:
+        pool.set_limit(size=limit)
+    monkeypatch.undo()
+    _correct(m, load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy"))
