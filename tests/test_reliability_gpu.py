@@ -125,6 +125,7 @@ def test_out_of_memory_while_allocating_outputs(warm, monkeypatch):
     limit = pool.get_limit()
     need = sum(t.n_elements * 4 for t in m.tensors)
     try:
+        pool.free_all_blocks()  # the limit counts cached free blocks too; start from none
         pool.set_limit(size=pool.used_bytes() + need // 2)
         with pytest.raises(DeviceMemoryError, match="bytes needed"):
             load(m, mode="gpu", dtype="float32", chunk_mb=0.25, readers=4, backend="cupy")
