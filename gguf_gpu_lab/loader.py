@@ -640,12 +640,11 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     try:
         chosen = select(model.tensors, tensors, order)
         ld = _Loader(model, be, opts, chosen, progress, _Stop(cancel))
-        clock_host0 = time.perf_counter_ns()
-        if be.is_gpu:
+        if be.is_gpu:  # anchors device events to the host clock (the process's first CUDA call may be this)
             be.clock()
-        t0 = time.perf_counter()
+        clock_host0 = time.perf_counter_ns()  # the profile's zero and the start of the wall time
         outputs, nbytes = ld.run()
-        wall = time.perf_counter() - t0
+        wall = (time.perf_counter_ns() - clock_host0) / 1e9
         _finish_shapes(outputs)
         out_bytes = sum(v.nbytes for v in outputs.values())
         prof = Profile.from_spans(ld.spans, origin_ns=clock_host0, wall_s=wall, deferred=ld._device_spans, meta={
