@@ -97,38 +97,38 @@ class Backend:
         self._ring_busy = False
         self._ring_lock = threading.Lock()
 
-    def lease_staging(self, n_slots: int, slot_bytes: int) -> tuple["StagingRing", bool]:
-        """Staging buffers for one load: the backend's kept ring when it is free (its slots are
-        pinned once, at exact size, on first use, and reused by later loads), else a ring of the
-        load's own. Returns the ring and whether it is the kept one; give it back with
-        ``return_staging``."""
+    def lease_staging(self, n_slots: int, slot_bytes: int) -> tuple[list[np.ndarray], bool]:
+        """Staging buffers for one load: the backend's kept ring when it is free and large enough
+        (allocated once, at exact size, reused by later loads), else a new ring. Returns the
+        buffers and whether they are the kept ring; give them back with ``return_staging``."""
         with self._ring_lock:
             if not self._ring_busy:
                 ring = self._ring
-                if ring is None or ring.slot_bytes < slot_bytes:
-                    if ring is not None:
-                        ring.free()
-                    ring = self._ring = StagingRing(self, slot_bytes)
-                ring.reserve(n_slots)
+                if ring is None or len(ring) < n_slots or ring[0].nbytes < slot_bytes:
+                    for buf in ring or ():
+                        self.free_pinned(buf)
+                    self._ring = None
+                    ring = self._ring = [self.pinned(slot_bytes) for _ in range(n_slots)]
                 self._ring_busy = True
-                return ring, True
-        ring = StagingRing(self, slot_bytes)  # a concurrent load
-        ring.reserve(n_slots)
-        return ring, False
+                return ring[:n_slots], True
+        return [self.pinned(slot_bytes) for _ in range(n_slots)], False  # a concurrent load
 
-    def return_staging(self, ring: "StagingRing", kept: bool) -> None:
+    def return_staging(self, bufs: list[np.ndarray], kept: bool) -> None:
         if kept:
             with self._ring_lock:
                 self._ring_busy = False
         else:
-            ring.free()
+            for buf in bufs:
+                self.free_pinned(buf)
 
     def release_staging(self) -> int:
         """Free the kept staging ring (when no load is using it); returns the bytes freed."""
         with self._ring_lock:
             if self._ring_busy or self._ring is None:
                 return 0
-            freed = self._ring.free()
+            freed = sum(b.nbytes for b in self._ring)
+            for buf in self._ring:
+                self.free_pinned(buf)
             self._ring = None
             return freed
 
@@ -146,43 +146,6 @@ class Backend:
     def mem_free(self) -> int | None: ...
     def to_host(self, a) -> np.ndarray: ...
     def close(self) -> None: ...
-
-
-class StagingRing:
-    """Pinned staging slots of ``slot_bytes`` each. A slot is pinned the first time it is used,
-    by the reader thread that needs it, so the first load starts reading at once instead of
-    waiting for the whole ring (hundreds of MiB of page-locked memory) to be allocated."""
-
-    def __init__(self, backend: "Backend", slot_bytes: int):
-        self.backend = backend
-        self.slot_bytes = slot_bytes
-        self._slots: list[np.ndarray | None] = []
-        self._lock = threading.Lock()
-
-    def reserve(self, n: int) -> None:
-        with self._lock:
-            self._slots.extend([None] * (n - len(self._slots)))
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def slot(self, i: int) -> np.ndarray:
-        buf = self._slots[i]
-        if buf is None:  # each index is used by one thread at a time: no two threads pin it
-            buf = self._slots[i] = self.backend.pinned(self.slot_bytes)
-        return buf
-
-    def allocated_bytes(self) -> int:
-        return sum(b.nbytes for b in self._slots if b is not None)
-
-    def free(self) -> int:
-        with self._lock:
-            freed = self.allocated_bytes()
-            for buf in self._slots:
-                if buf is not None:
-                    self.backend.free_pinned(buf)
-            self._slots = []
-            return freed
 
 
 class Lane:

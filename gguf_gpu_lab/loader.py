@@ -241,12 +241,12 @@ class _Stop:
 
 
 class _Staging:
-    """A load's use of a pinned staging ring (``StagingRing``: slots of exact size, pinned on
-    first use); a slot is handed out only after the event of its previous use has completed."""
+    """The ring of pinned staging slots, allocated once at exact size; a slot is handed out only
+    after the event of its previous use has completed."""
 
     def __init__(self, backend: Backend, n_slots: int, slot_bytes: int):
         self.backend = backend
-        self.ring, self._kept = backend.lease_staging(n_slots, slot_bytes)
+        self.slots, self._kept = backend.lease_staging(n_slots, slot_bytes)
         self._free: queue.Queue = queue.Queue()
         for i in range(n_slots):
             self._free.put((i, None))
@@ -261,13 +261,14 @@ class _Staging:
                 continue
             if ev is not None:
                 ev.synchronize()
-            return i, self.ring.slot(i)
+            return i, self.slots[i]
 
     def release(self, i: int, ev: Event | None) -> None:
         self._free.put((i, ev))
 
     def close(self) -> None:
-        self.backend.return_staging(self.ring, self._kept)
+        self.backend.return_staging(self.slots, self._kept)
+        self.slots = []
 
 
 def default_readers() -> int:

@@ -194,32 +194,17 @@ def test_staging_ring_is_kept_between_loads_and_not_shared_by_concurrent_ones():
     assert get_backend("host") is get_backend("host")
     be = HostBackend()
     a, kept_a = be.lease_staging(4, 1000)
-    assert kept_a and len(a) == 4 and a.allocated_bytes() == 0  # slots are pinned on first use
-    a0, a1 = a.slot(0), a.slot(1)
-    assert a0.nbytes == 1000 and a.slot(0) is a0 and a.allocated_bytes() == 2000
     b, kept_b = be.lease_staging(4, 1000)  # while a is out: a ring of its own
-    assert not kept_b and b is not a and b.slot(0) is not a0
+    assert kept_a and not kept_b and {id(x) for x in a}.isdisjoint(id(x) for x in b)
     be.return_staging(b, kept_b)
-    assert b.allocated_bytes() == 0
     be.return_staging(a, kept_a)
-    c, kept_c = be.lease_staging(3, 800)  # smaller: the kept ring again, its slots as they were
-    assert kept_c and c is a and c.slot(0) is a0 and c.slot(1) is a1
+    c, kept_c = be.lease_staging(3, 800)  # smaller: the kept ring again
+    assert kept_c and [id(x) for x in c] == [id(x) for x in a[:3]]
     be.return_staging(c, kept_c)
-    d, _ = be.lease_staging(6, 5000)  # larger: a new ring
-    assert d is not a and len(d) == 6 and d.slot(5).nbytes == 5000
+    d, _ = be.lease_staging(4, 5000)  # larger: reallocated
+    assert d[0].nbytes == 5000
     be.return_staging(d, True)
-    assert be.release_staging() == 5000 and be.release_staging() == 0
-
-
-def test_a_load_pins_only_the_slots_it_uses(small_model):
-    from gguf_gpu_lab.device import HostBackend
-
-    be = HostBackend()
-    r = load(small_model, backend=be, chunk_mb=0.25, readers=2, streams=2)
-    ring = be._ring
-    assert len(r) > 0 and 0 < ring.allocated_bytes() <= len(ring) * ring.slot_bytes
-    load(small_model, backend=be, chunk_mb=0.25, readers=2, streams=2)
-    assert be._ring is ring  # kept and reused
+    assert be.release_staging() == 4 * 5000 and be.release_staging() == 0
 
 
 def test_named_ranges_for_system_profilers(small_model):
