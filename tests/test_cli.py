@@ -79,3 +79,22 @@ def test_bench_cpu_small(tmp_path, capsys):
     (row,) = res["results"]
     assert row["type"] == "Q4_0" and row["mismatches"] == 0 and row["ours_1t_mw_s"] > 0
     assert res["machine"]["numpy"] == np.__version__
+
+
+def test_load_benchmark_results_format():
+    """Every committed loader result formats (the current layout, and the older ones)."""
+    import json
+    from pathlib import Path
+
+    from gguf_gpu_lab.bench_load import format_load
+
+    files = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "results").glob("load-*.json"))
+    assert files
+    for f in files:
+        res = json.loads(f.read_text())
+        text = format_load(res)
+        assert "gpu " in text and "naive" in text and "sweep" in text, f.name
+    res["profiler"] = {"load_overhead": 0.014, "spans": 951, "first_df_s": 0.010, "with_first_df_overhead": 0.093}
+    res["hostregister"].update({"parallel_threads": 8, "parallel_register_gb_s": 35.4})
+    text = format_load(res)
+    assert "+1.4% of a gpu-mode load() call" in text and "951 spans" in text and "8 threads 35.4 GB/s" in text
