@@ -140,19 +140,29 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
 
 
 def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, readers: int, order: str,
-             backend: str, profile_dir: str | None) -> int:
+             backend: str, profile_dir: str | None, repeat: int = 1) -> int:
     from .loader import load
+    from .model import open_model
 
+    if repeat < 1:
+        raise GGUFLabError(f"--repeat must be at least 1, got {repeat}")
     show = sys.stderr.isatty() or os.environ.get("GGUF_LAB_PROGRESS") == "1"
-    r = load(path, mode=mode, dtype=dtype, streams=streams, chunk_mb=chunk_mb, readers=readers, order=order,
-             backend=backend, progress=True if show else None)
-    print(f"loaded {len(r)} tensors ({r.file_bytes / 1e9:.3f} GB of file, {r.out_bytes / 1e9:.3f} GB on the device) "
-          f"in {r.wall_s:.3f} s: {r.gb_s:.2f} GB/s, mode {mode}, backend {r.backend}")
-    if r.profile is not None:
-        print(r.profile.stage_summary().to_string(index=False))
-        if profile_dir:
-            for what, path in write_profile(r.profile, profile_dir).items():
-                print(f"{what}: {path}")
+    with open_model(path) as m:
+        for i in range(repeat):
+            # the first load in a process also pins the staging ring and grows the device pool;
+            # later ones reuse both, as a process that loads often would
+            r = load(m, mode=mode, dtype=dtype, streams=streams, chunk_mb=chunk_mb, readers=readers, order=order,
+                     backend=backend, progress=True if show else None)
+            which = f"load {i + 1} of {repeat}: " if repeat > 1 else ""
+            print(f"{which}loaded {len(r)} tensors ({r.file_bytes / 1e9:.3f} GB of file, {r.out_bytes / 1e9:.3f} GB on "
+                  f"the device) in {r.wall_s:.3f} s: {r.gb_s:.2f} GB/s, mode {mode}, backend {r.backend}")
+            if i < repeat - 1:
+                del r
+        if r.profile is not None:
+            print(r.profile.stage_summary().to_string(index=False))
+            if profile_dir:
+                for what, p in write_profile(r.profile, profile_dir).items():
+                    print(f"{what}: {p}")
     return 0
 
 
@@ -241,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--order", default="file", choices=["file", "largest", "layer"])
     s.add_argument("--backend", default="auto", choices=["auto", "cupy", "host"])
     s.add_argument("--profile", metavar="DIR", help="write the spans (CSV), the timeline (PNG) and a Chrome trace (JSON) here")
+    s.add_argument("--repeat", type=int, default=1,
+                   help="load N times, each reported (the first also pins the staging ring and grows the device "
+                        "pool); the profile is the last load's")
 
     s = sub.add_parser("check", help="scan for NaN/Inf in float tensors and block scales (exit 1 if found)")
     s.add_argument("path")
@@ -279,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify)
         if args.command == "load":
             return cmd_load(args.path, args.mode, args.dtype, args.streams, args.chunk_mb, args.readers, args.order,
-                            args.backend, args.profile)
+                            args.backend, args.profile, args.repeat)
         if args.command == "check":
             return cmd_check(args.path, args.max_problems)
         if args.command == "bench":

@@ -55,6 +55,7 @@ def test_check_exit_code_on_problem(tmp_path, capsys):
     (["synth", "{tmp}/x.gguf", "--mix", "nope"], "unknown mix"),
     (["dequant", "{model}", "missing.weight"], "no tensor named 'missing.weight'"),
     (["inspect", "{garbage}"], "bad magic"),
+    (["load", "{model}", "--repeat", "0", "--backend", "host"], "--repeat must be at least 1"),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, small_model, args, needle):
     garbage = tmp_path / "garbage.gguf"
@@ -98,3 +99,11 @@ def test_load_benchmark_results_format():
     res["hostregister"].update({"parallel_threads": 8, "parallel_register_gb_s": 35.4})
     text = format_load(res)
     assert "+1.4% of a gpu-mode load() call" in text and "951 spans" in text and "8 threads 35.4 GB/s" in text
+
+
+def test_load_repeat_and_profile(tmp_path, small_model, capsys):
+    assert main(["load", str(small_model), "--backend", "host", "--repeat", "3", "--chunk-mb", "0.5",
+                 "--profile", str(tmp_path / "prof")]) == 0
+    out = capsys.readouterr().out
+    assert "load 1 of 3: loaded" in out and "load 3 of 3: loaded" in out
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["spans.csv", "timeline.png", "trace.json"]
