@@ -15,6 +15,11 @@ from .bench import machine_info
 from .model import open_model
 
 
+def _median(xs: list[float]) -> float:
+    """The middle value (the upper middle of an even count), as the results always reported."""
+    return sorted(xs)[len(xs) // 2]
+
+
 def _free_gpu():
     import cupy as cp
 
@@ -155,11 +160,11 @@ def profiler_overhead(m, repeats: int = 9) -> dict:
                 first_use.append(time.perf_counter() - t1)
             del r
             gc.collect()
-    med = {k: sorted(v)[len(v) // 2] for k, v in calls.items()}
+    med = {k: _median(v) for k, v in calls.items()}
+    first_df = _median(first_use)
     return {"load_overhead": med[True] / med[False] - 1.0, "median_call_s": {"on": med[True], "off": med[False]},
             "calls_s": {"on": calls[True], "off": calls[False]}, "spans": n,
-            "first_df_s": sorted(first_use)[len(first_use) // 2],
-            "with_first_df_overhead": (med[True] + sorted(first_use)[len(first_use) // 2]) / med[False] - 1.0}
+            "first_df_s": first_df, "with_first_df_overhead": (med[True] + first_df) / med[False] - 1.0}
 
 
 def naive_path(model, names) -> tuple[float, int]:
@@ -227,7 +232,7 @@ def bench_load(model_path: str | None = None, params: str = "8B", mix: str = "Q4
                         extra["overlap"] = r.profile.overlap()
                     del r
                     gc.collect()
-                best, med = min(walls), sorted(walls)[len(walls) // 2]
+                best, med = min(walls), _median(walls)
                 modes[mode] = {"wall_s": best, "median_wall_s": med, "walls": walls,
                                "gb_s": extra["file_bytes"] / best / 1e9, "median_gb_s": extra["file_bytes"] / med / 1e9,
                                "ratio_to_pinned_peak": extra["file_bytes"] / best / 1e9 / peak, **extra}
@@ -250,8 +255,8 @@ def bench_load(model_path: str | None = None, params: str = "8B", mix: str = "Q4
                     gc.collect()
                 best = min(ws)
                 sweep.append({"streams": streams, "chunk_mb": chunk, "readers": readers or default_readers(), "read": how,
-                              "wall_s": best, "median_wall_s": sorted(ws)[1], "gb_s": size_t(m) / best / 1e9,
-                              "ratio_to_pinned_peak": size_t(m) / best / 1e9 / peak})
+                              "wall_s": best, "median_wall_s": _median(ws), "gb_s": tensor_bytes / best / 1e9,
+                              "ratio_to_pinned_peak": tensor_bytes / best / 1e9 / peak})
         _free_gpu()
         res.update({"tensor_bytes": tensor_bytes, "cold_gpu_load": cold, "modes": modes, "profiler_overhead": overhead["load_overhead"],
                     "profiler": overhead,
@@ -264,10 +269,6 @@ def bench_load(model_path: str | None = None, params: str = "8B", mix: str = "Q4
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def size_t(m) -> int:
-    return sum(t.n_bytes for t in m.tensors)
 
 
 def hostregister_experiment(path: str, nbytes: int = 1 << 30) -> dict:

@@ -143,6 +143,7 @@ def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, re
              backend: str, profile_dir: str | None, repeat: int = 1) -> int:
     from .loader import load
     from .model import open_model
+    from .plots import write_profile
 
     if repeat < 1:
         raise GGUFLabError(f"--repeat must be at least 1, got {repeat}")
@@ -164,26 +165,6 @@ def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, re
                 for what, p in write_profile(r.profile, profile_dir).items():
                     print(f"{what}: {p}")
     return 0
-
-
-def write_profile(profile, out_dir: str) -> dict[str, str]:
-    """The spans (CSV), the timeline (PNG) and a Chrome trace (JSON) of a load, into out_dir."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from .plots import timeline
-
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"spans": os.path.join(out_dir, "spans.csv"), "timeline": os.path.join(out_dir, "timeline.png"),
-             "trace": os.path.join(out_dir, "trace.json")}
-    profile.to_csv(paths["spans"])
-    fig = timeline(profile)
-    fig.savefig(paths["timeline"], dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    profile.to_chrome_trace(paths["trace"])
-    return paths
 
 
 def cmd_fuzz(cases: int, seed: int, out: str | None) -> int:

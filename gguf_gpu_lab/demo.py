@@ -53,7 +53,7 @@ def run_demo(out_dir: str = "gguf-lab-demo", params: str = "25M", mix: str = "Q4
         s = r.profile.summary()
         print(s["stages"].to_string(index=False))
         print(f"   overlap of stages {100 * s['overlap']:.0f}% of the wall time; bound by {s['bound_by']}")
-        from .cli import write_profile
+        from .plots import write_profile
 
         files = write_profile(r.profile, out_dir)
         out.update(load_gb_s=r.gb_s, load_backend=r.backend, load_mismatches=wrong, **files)

@@ -44,10 +44,12 @@ _INSTANCES: dict[tuple[str, int], "Backend"] = {}
 _INSTANCES_LOCK = threading.Lock()
 
 
-def get_backend(backend: str = "auto", device: int = 0) -> "Backend":
+def get_backend(backend: "str | Backend" = "auto", device: int = 0) -> "Backend":
     """``"cupy"``, ``"host"`` or ``"auto"`` (CuPy where a GPU is usable, else host, with a
     one-line notice the first time). One instance per kind and device, so that loads share its
-    pinned staging ring (``release_staging()`` frees it)."""
+    pinned staging ring (``release_staging()`` frees it). A ``Backend`` object is returned as is."""
+    if isinstance(backend, Backend):
+        return backend
     kind = _resolve(backend)
     with _INSTANCES_LOCK:
         key = (kind, device if kind == "cupy" else 0)

@@ -624,7 +624,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         >>> r["blk.0.attn_q.weight"].array.shape
     """
     opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, read, staging_mb, order, profile).check()
-    be = backend if isinstance(backend, Backend) else get_backend(backend, device)  # (its notice before any bar)
+    be = get_backend(backend, device)  # (its notice before any bar)
     bar = None
     if progress is True:  # a tqdm bar: a widget in notebooks, text in terminals
         from tqdm.auto import tqdm

@@ -310,11 +310,6 @@ class GGUFModel:
         self._tensor_cache.budget = self.cache_budget
         return self._tensor_cache
 
-    def _backend(self, backend, device: int):
-        from .device import Backend, get_backend
-
-        return backend if isinstance(backend, Backend) else get_backend(backend, device)  # one per kind and device
-
     def tensor(self, name: str, dtype: str = "float16", mode: str = "gpu", *, backend="auto", device: int = 0):
         """One tensor on the device, loaded on first use and then served from the cache (keyed by
         file, tensor, mode and dtype). Concurrent callers share one load; a tensor still queued
@@ -324,13 +319,14 @@ class GGUFModel:
             >>> w = model.tensor("blk.0.attn_q.weight")            # doctest: +SKIP
             >>> w.array.dtype, w.to_torch().shape
         """
+        from .device import get_backend
         from .loader import load
 
         self.info(name)
         self._data()
         if self._preload is not None:
             self._preload.take(name)
-        be = self._backend(backend, device)
+        be = get_backend(backend, device)
         key = (self.path, name, mode, dtype)
         return self._cache().get_or_load(
             key, lambda: load(self, mode=mode, dtype=dtype, tensors=[name], backend=be, profile=False)[name])
@@ -345,11 +341,12 @@ class GGUFModel:
             >>> h.wait(); model.cache_info()
         """
         from .cache import PreloadHandle
+        from .device import get_backend
         from .loader import load, select
 
         if self._preload is not None and not self._preload.done():
             raise GGUFLabError(f"{self.path}: a preload is already running; cancel() or wait() for it first")
-        be = self._backend(backend, device)
+        be = get_backend(backend, device)
         cache = self._cache()
         names = [t.name for t in select(self.tensors, tensors, order)]
         names = [n for n in names if (self.path, n, mode, dtype) not in cache]

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import numpy as np
+
+from .profiler import merge_spans  # noqa: F401  (also part of this module's API)
 
 STAGE_COLORS = {"read": "#4C72B0", "cpu_dequant": "#8172B2", "h2d": "#DD8452", "dequant": "#55A868"}
 
@@ -26,21 +29,6 @@ def _lane_order(lanes) -> list[str]:
         return (rank, int(num) if num.isdigit() else 0, name)
 
     return sorted(set(lanes), key=key)
-
-
-def merge_spans(starts: np.ndarray, ends: np.ndarray, min_gap: float) -> tuple[np.ndarray, np.ndarray]:
-    """Join spans (sorted by start) separated by less than ``min_gap``: at 10,000 spans a lane,
-    the ones closer than a pixel draw as one bar, and the picture stays readable and fast."""
-    if len(starts) == 0:
-        return starts, ends
-    out_s, out_e = [starts[0]], [ends[0]]
-    for s, e in zip(starts[1:], ends[1:]):
-        if s - out_e[-1] < min_gap:
-            out_e[-1] = max(out_e[-1], e)
-        else:
-            out_s.append(s)
-            out_e.append(e)
-    return np.asarray(out_s), np.asarray(out_e)
 
 
 def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None):
@@ -128,3 +116,22 @@ def model_bytes(model, by: str = "type", ax=None):
     ax.set_xlabel(by)
     ax.set_title(f"{s['n_tensors']} tensors, {s['tensor_bytes'] / 2**20:.1f} MiB, by {by}")
     return fig
+
+
+def write_profile(profile, out_dir: str) -> dict[str, str]:
+    """The spans (CSV), the timeline (PNG) and a Chrome trace (JSON) of a load, into out_dir
+    (what ``gguf-gpu-lab load --profile DIR`` and the demo write)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"spans": os.path.join(out_dir, "spans.csv"), "timeline": os.path.join(out_dir, "timeline.png"),
+             "trace": os.path.join(out_dir, "trace.json")}
+    profile.to_csv(paths["spans"])
+    fig = timeline(profile)
+    fig.savefig(paths["timeline"], dpi=110)
+    plt.close(fig)
+    profile.to_chrome_trace(paths["trace"])
+    return paths

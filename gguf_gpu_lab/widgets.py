@@ -98,7 +98,7 @@ class ModelExplorer:
         t = self.model.info(name)
         x = self.model.dequantize(name)
         flat = x.reshape(-1)
-        diff = self.gpu_difference(name)
+        diff = self.gpu_difference(name, cpu=x)
         self.stats.value = (f"<b>{name}</b>: {t.type_name}, shape {t.np_shape}, {t.n_bytes / 2**20:.2f} MiB, "
                             f"{t.bits_per_weight:.2f} bits/weight<br>min {flat.min():.5g} · max {flat.max():.5g} · "
                             f"mean {flat.mean():.5g} · std {flat.std():.5g} · zeros {np.mean(flat == 0):.1%}<br>"
@@ -114,7 +114,8 @@ class ModelExplorer:
         a2.set_title(f"first {min(self.heatmap, sl.shape[0])}×{min(self.heatmap, sl.shape[-1])}")
         self.pane.draw()
 
-    def gpu_difference(self, name: str) -> str:
+    def gpu_difference(self, name: str, cpu: np.ndarray | None = None) -> str:
+        """CPU against GPU float32 dequantization of a tensor (``cpu``: its CPU result, if at hand)."""
         from .device import gpu_available
 
         if not gpu_available():
@@ -126,7 +127,7 @@ class ModelExplorer:
 
         t = self.model.info(name)
         g = dequantize_gpu(cupy.asarray(self.model.raw(name)), t.ggml_type, dtype="float32").get()
-        c = self.model.dequantize(name)
+        c = self.model.dequantize(name) if cpu is None else cpu
         bad = mismatches(g, c).size
         return "bit-exact (float32)" if bad == 0 else f"{bad} values differ, max |diff| {np.abs(g - c.reshape(-1)).max():.3g}"
 
@@ -189,7 +190,7 @@ class LoadLab:
         self.pane.fig.clear()
         timeline(r.profile, ax=self.pane.fig.subplots())
         self.pane.draw()
-        self.compare_table.value = compare({k: v for k, v in self.runs.items()}).to_html(float_format="%.3f")
+        self.compare_table.value = compare(self.runs).to_html(float_format="%.3f")
         for v in self.runs.values():  # keep the profiles, drop the device arrays of older runs
             v.tensors.clear()
         return r

@@ -9,6 +9,8 @@ import pytest
 from gguf_gpu_lab import GGUFFormatError, GGUFLabError, LoadCancelled, open_model
 from gguf_gpu_lab.loader import load
 
+from .faults import failing_on
+
 
 def _lab_threads():
     return {t.name for t in threading.enumerate() if t.name.startswith("gguf-lab")}
@@ -18,15 +20,7 @@ def test_error_in_a_lane_operation_is_raised_and_cleaned_up(small_model, monkeyp
     from gguf_gpu_lab import quant
 
     real = quant.dequantize
-    calls = []
-
-    def flaky(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("injected kernel failure")
-        return real(*a, **k)
-
-    monkeypatch.setattr(quant, "dequantize", flaky)
+    monkeypatch.setattr(quant, "dequantize", failing_on(5, real, RuntimeError("injected kernel failure")))
     with pytest.raises(RuntimeError, match="injected kernel failure"):
         load(small_model, mode="gpu", chunk_mb=0.05, backend="host")
     assert not _lab_threads()

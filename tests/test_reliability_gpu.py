@@ -11,6 +11,8 @@ from gguf_gpu_lab import DeviceMemoryError, LoadCancelled, open_model
 from gguf_gpu_lab.device import get_backend
 from gguf_gpu_lab.loader import load
 
+from .faults import failing_on
+
 pytestmark = pytest.mark.gpu
 
 
@@ -55,15 +57,8 @@ def test_injected_kernel_launch_error(warm, monkeypatch):
     from gguf_gpu_lab.quant import gpu
 
     m, base = warm
-    real, calls = gpu.launch, []
-
-    def flaky(*a, **k):
-        calls.append(1)
-        if len(calls) == 7:
-            raise RuntimeError("injected launch failure")
-        return real(*a, **k)
-
-    monkeypatch.setattr(gpu, "launch", flaky)
+    real = gpu.launch
+    monkeypatch.setattr(gpu, "launch", failing_on(7, real, RuntimeError("injected launch failure")))
     with pytest.raises(RuntimeError, match="injected launch failure") as exc:
         load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy")
     # even while the traceback is alive (a notebook keeps the last one), its memory is back
@@ -77,15 +72,8 @@ def test_injected_reader_error(warm, monkeypatch):
     from gguf_gpu_lab import loader
 
     m, base = warm
-    real, calls = loader._read_into, []
-
-    def flaky(*a):
-        calls.append(1)
-        if len(calls) == 5:
-            raise OSError("injected read failure")
-        return real(*a)
-
-    monkeypatch.setattr(loader, "_read_into", flaky)
+    real = loader._read_into
+    monkeypatch.setattr(loader, "_read_into", failing_on(5, real, OSError("injected read failure")))
     with pytest.raises(OSError, match="injected read failure"):
         load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy")
     assert _state() == base
