@@ -58,7 +58,7 @@ def cmd_inspect(path: str, as_json: bool, tensors: bool) -> int:
     return 0
 
 
-def cmd_synth(out: str, params: str, mix: str, seed: int) -> int:
+def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = None) -> int:
     from .synth import synth
 
     bar = _progress_bar(f"synth {params} {mix}")
@@ -70,7 +70,7 @@ def cmd_synth(out: str, params: str, mix: str, seed: int) -> int:
         last[0] = done
 
     try:
-        r = synth(out, params, mix, seed, progress=progress)
+        r = synth(out, params, mix, seed, vocab=vocab, progress=progress)
     finally:
         bar.close()
     print(f"wrote {r.path}: {r.n_tensors} tensors, {r.n_params / 1e6:.1f} M weights, "
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", default="25M", help="size: 25M, 1B, 7B, ... (default 25M)")
     s.add_argument("--mix", default="Q4_K_M", help="Q4_0, Q8_0, Q4_K_M, Q6_K, F16 or all-types (default Q4_K_M)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--vocab", type=int, default=None,
+                   help="vocabulary size: token list, scores and types, embedding rows (default: the size's own)")
 
     s = sub.add_parser("dequant", help="dequantize one tensor on the CPU")
     s.add_argument("path")
@@ -268,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return cmd_inspect(args.path, args.json, args.tensors)
         if args.command == "synth":
-            return cmd_synth(args.out, args.params, args.mix, args.seed)
+            return cmd_synth(args.out, args.params, args.mix, args.seed, args.vocab)
         if args.command == "dequant":
             return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify)
         if args.command == "load":

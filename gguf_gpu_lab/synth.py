@@ -7,6 +7,7 @@ deterministic for a given seed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -210,6 +211,12 @@ def _tensor_bytes(p: TensorPlan, seed: int) -> np.ndarray:
     return random_blocks(p.ggml_type, n_elem // spec.block_size, rng).reshape(-1)
 
 
+def _tokens(n: int) -> list[str]:
+    """Token strings of varied length, some non-ASCII (as a real vocabulary has), all distinct."""
+    pieces = ("", "\u2581", "\u2581the", "ing", "\u00e9t\u00e9", "\u4e2d\u6587", "\U0001f600")
+    return [f"<tok{i}>" if i < 256 else f"{pieces[i % len(pieces)]}{i}" for i in range(n)]
+
+
 @dataclass(frozen=True)
 class SynthResult:
     path: str
@@ -231,6 +238,7 @@ def synth(
     mix: str = "Q4_K_M",
     seed: int = 0,
     *,
+    vocab: int | None = None,
     progress: Callable[[int, int, str], object] | None = None,
 ) -> SynthResult:
     """Write a synthetic llama-shaped GGUF model.
@@ -240,6 +248,9 @@ def synth(
         params: size, as a count ("25M", "7B") or a named config (1B, 3B, 7B, 8B, 13B, 70B).
         mix: one of ``MIXES``: F16, Q8_0, Q6_K, Q4_0, Q4_K_M, all-types.
         seed: the same seed gives the same bytes.
+        vocab: vocabulary size (default: the configuration's); sets the token list, its scores
+            and token types, and the embedding and output rows, as a real model of that
+            vocabulary has them (262144 for a Gemma-3-sized vocabulary).
         progress: called as ``progress(bytes_done, bytes_total, tensor_name)`` after each tensor.
 
     Example:
@@ -247,6 +258,10 @@ def synth(
     """
     t0 = time.perf_counter()
     cfg = llama_config(params)
+    if vocab is not None:
+        if not (isinstance(vocab, (int, np.integer)) and 1 <= vocab <= 1 << 24):
+            raise GGUFLabError(f"--vocab must be a whole number from 1 to {1 << 24}, got {vocab!r}")
+        cfg = dataclasses.replace(cfg, vocab=int(vocab))
     plans = _plan(cfg, mix)
     path = os.fspath(path)
     w = GGUFWriter(path, "llama")
@@ -262,8 +277,9 @@ def synth(
     w.add_rope_dimension_count(cfg.n_embd // cfg.n_head)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_tokenizer_model("llama")
-    w.add_token_list([f"<tok{i}>" for i in range(cfg.vocab)])
-    w.add_token_scores([0.0] * cfg.vocab)
+    w.add_token_list(_tokens(cfg.vocab))
+    w.add_token_scores(np.linspace(0.0, -1.0, cfg.vocab, dtype=np.float32).tolist())
+    w.add_token_types([3] * min(3, cfg.vocab) + [1] * max(0, cfg.vocab - 3))  # 3: control, 1: normal
     total = 0
     for p in plans:
         spec = quant.type_spec(p.ggml_type)
