@@ -36,8 +36,14 @@ def seed_file() -> bytes:
         w = gguf.GGUFWriter(path, "llama")
         w.add_name("fuzz seed")
         w.add_uint32("llama.block_count", 1)
-        w.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc", "dddd"])
-        w.add_array("tokenizer.ggml.scores", [0.0, 1.0, 2.0, 3.0])
+        # a vocabulary with empty, long and non-ASCII strings exercises the vectorised string scan
+        tokens = ["a", "bb", "", "\u4e2d\u6587"] + [f"\u2581t{i}" * (1 + i % 3) for i in range(200)] + ["x" * 300, ""]
+        w.add_array("tokenizer.ggml.tokens", tokens)
+        w.add_array("tokenizer.ggml.scores", [float(i) for i in range(len(tokens))])
+        w.add_array("fuzz.nested", [[1, 2], [3], [4, 5, 6]])
+        w.add_bool("fuzz.flag", True)
+        w.add_float64("fuzz.f64", 0.25)
+        w.add_uint64("fuzz.u64", 2**40)
         tensors = [("token_embd.weight", "Q4_0", (4, 64)), ("blk.0.attn_q.weight", "Q4_K", (2, 256)),
                    ("blk.0.attn_norm.weight", "F32", (64,)), ("blk.0.ffn_up.weight", "Q8_0", (2, 64)),
                    ("output.weight", "IQ4_NL", (2, 32))]
@@ -80,12 +86,11 @@ def layout(data: bytes) -> Layout:
         f.write(data)
     try:
         with open_model(f.name) as m:
-            r = m._reader
-            kvs = [fl for k, fl in r.fields.items() if not k.startswith("GGUF.")]
-            kv_starts = [int(fl.offset) for fl in kvs]
-            kv_values = [(int(fl.offset) + 8 + len(fl.name.encode()), int(fl.types[0])) for fl in kvs]
-            ti_starts = [int(t.field.offset) for t in r.tensors]
-            data_offset = int(r.data_offset)
+            h = m._header
+            kv_starts = [f.offset for f in h.fields.values()]
+            kv_values = [(f.value_offset - 4, int(f.type)) for f in h.fields.values()]
+            ti_starts = [t.info_offset for t in h.tensors]
+            data_offset = h.data_offset
             tensor_edges = [e for t in m.tensors for e in (t.offset, t.offset + t.n_bytes)]
     finally:
         os.unlink(f.name)
@@ -161,7 +166,8 @@ class FuzzReport:
 
 def run(cases: int, seed: int = 0, *, time_limit_s: float = 2.0, memory_limit: int = 256 << 20,
         progress: Callable[[int], object] | None = None) -> FuzzReport:
-    """Run ``cases`` mutated files through open, every tensor's CPU dequantization and check()."""
+    """Run ``cases`` mutated files through open, every metadata value in full, every tensor's CPU
+    dequantization and check()."""
     data = seed_file()
     lay = layout(data)
     rng = np.random.Generator(np.random.SFC64(seed))
@@ -182,6 +188,8 @@ def run(cases: int, seed: int = 0, *, time_limit_s: float = 2.0, memory_limit: i
                 t0 = time.perf_counter()
                 try:
                     with open_model(path) as m:
+                        for k in m.metadata:  # arrays are decoded on access: decode each in full
+                            m.metadata_value(k)
                         for t in m.tensors:
                             m.dequantize(t.name)
                         m.check()

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import html
+import math
 import os
 import re
-import struct
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from . import quant
-from .errors import GGUFFormatError, GGUFLabError, UnsupportedTypeError
+from .errors import GGUFFormatError, GGUFLabError
+from .header import Field, Header, map_file
 
-GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian
-SUPPORTED_VERSIONS = (2, 3)
-MAX_DIMS = 4  # GGML_MAX_DIMS
-# Smallest possible encodings, used to reject absurd counts before parsing anything.
-_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, one-byte value (empty key)
-_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset (empty name, 0 dims)
 _ARRAY_SUMMARY_LEN = 8  # metadata arrays longer than this are summarised
+_NUMERIC = frozenset(GGUFValueType) - {GGUFValueType.STRING, GGUFValueType.ARRAY}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -48,101 +44,11 @@ class TensorInfo:
         return 8.0 * self.n_bytes / self.n_elements if self.n_elements else 0.0
 
 
-class _CheckedReader(GGUFReader):
-    """gguf's reader with bounds checks: a short read raises instead of returning a short array,
-    and tensor infos are validated (with names and values in the message) before use."""
-
-    _path = ""
-
-    def _get(self, offset, dtype, count=1, override_order=None):
-        count = int(count)
-        itemsize = np.dtype(dtype).itemsize
-        end = int(offset) + itemsize * count
-        if count < 0 or end > len(self.data):
-            raise GGUFFormatError(
-                f"truncated: needs {count} x {np.dtype(dtype).name} at offset {offset}, "
-                f"past the end of the file ({len(self.data)} bytes)", path=self._path)
-        return super()._get(offset, dtype, count, override_order)
-
-    def _build_tensors(self, start_offs, fields):
-        _validate_tensor_infos(self._path, fields, start_offs, int(self.alignment), len(self.data))
-        super()._build_tensors(start_offs, fields)
-
-
-def _validate_header(path: str, size: int) -> None:
-    if size < 24:
-        raise GGUFFormatError(f"file is {size} bytes, too short for a GGUF header (24 bytes)", path=path)
-    with open(path, "rb") as f:
-        magic, version, n_tensors, n_kv = struct.unpack("<IIQQ", f.read(24))
-    if magic != GGUF_MAGIC:
-        raise GGUFFormatError(f"bad magic 0x{magic:08x} (expected 0x{GGUF_MAGIC:08x}, 'GGUF')", path=path)
-    if version not in SUPPORTED_VERSIONS:
-        raise GGUFFormatError(f"unsupported GGUF version {version} (supported: 2, 3)", path=path)
-    if n_kv * _MIN_KV_BYTES > size:
-        raise GGUFFormatError(f"key-value count {n_kv} cannot fit in a {size}-byte file", path=path)
-    if n_tensors * _MIN_TENSOR_INFO_BYTES > size:
-        raise GGUFFormatError(f"tensor count {n_tensors} cannot fit in a {size}-byte file", path=path)
-
-
-def _validate_tensor_infos(path: str, fields, data_start: int, alignment: int, size: int) -> None:
-    seen: set[str] = set()
-    spans = []
-    for field in fields:
-        _nl, name_data, n_dims, dims, raw_type, rel_off = field.parts
-        try:
-            name = bytes(name_data).decode("utf-8")
-        except UnicodeDecodeError:
-            raise GGUFFormatError(f"tensor name at offset {field.offset} is not UTF-8: {bytes(name_data)[:40]!r}", path=path) from None
-        if name in seen:
-            raise GGUFFormatError("duplicate tensor name", path=path, tensor=name)
-        seen.add(name)
-        nd = int(n_dims[0])
-        if nd > MAX_DIMS:
-            raise GGUFFormatError(f"{nd} dimensions (at most {MAX_DIMS})", path=path, tensor=name)
-        type_id = int(raw_type[0])
-        try:
-            spec = quant.type_spec(type_id)
-        except UnsupportedTypeError as e:
-            raise GGUFFormatError(f"type id {type_id}: {e}", path=path, tensor=name) from None
-        shape = [int(d) for d in dims]
-        n_elem = 1
-        for d in shape:
-            n_elem *= d
-        if n_elem >= 2**63:
-            raise GGUFFormatError(f"shape {shape} overflows: {n_elem} elements", path=path, tensor=name)
-        if shape and shape[0] % spec.block_size:
-            raise GGUFFormatError(
-                f"row length {shape[0]} is not a multiple of {spec.name}'s block size {spec.block_size}",
-                path=path, tensor=name)
-        off = int(rel_off[0])
-        if off % alignment:
-            raise GGUFFormatError(f"data offset {off} is not a multiple of the alignment {alignment}", path=path, tensor=name)
-        start = data_start + off
-        n_bytes = spec.n_bytes(n_elem)
-        if start + n_bytes > size:
-            raise GGUFFormatError(
-                f"data [{start}, {start + n_bytes}) ends past the end of the file ({size} bytes)",
-                path=path, tensor=name)
-        spans.append((start, start + n_bytes, name))
-    spans.sort()
-    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
-        if s1 < e0 and e1 > s1:
-            raise GGUFFormatError(f"data [{s1}, {e1}) overlaps tensor {n0!r} [{s0}, {e0})", path=path, tensor=n1)
-
-
-def _field_value(field) -> Any:
-    """A metadata value as Python data; long arrays summarised as length and head."""
-    types = field.types
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        n = len(field.data)
-        if n > _ARRAY_SUMMARY_LEN:
-            head = [field.contents(i) for i in range(min(n, 4))]
-            return {"type": "array", "length": n, "element_type": types[-1].name.lower(), "head": head}
-        return field.contents()
-    v = field.contents()
-    return v.item() if isinstance(v, np.generic) else v
+def _summarise(f: Field) -> Any:
+    """A metadata value as Python data; arrays longer than a few elements as length and head."""
+    if f.is_array and f.length > _ARRAY_SUMMARY_LEN:
+        return {"type": "array", "length": f.length, "element_type": f.element_type.name.lower(), "head": f.head(4)}
+    return f.value()
 
 
 class GGUFModel:
@@ -151,29 +57,26 @@ class GGUFModel:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            size = os.path.getsize(self.path)
+            mapping = map_file(self.path)
         except OSError as e:
             raise GGUFLabError(f"{self.path}: cannot open: {e.strerror}") from None
-        _validate_header(self.path, size)
-        reader_cls = type("_Reader", (_CheckedReader,), {"_path": self.path})
-        try:
-            self._reader = reader_cls(self.path, "r")
-        except GGUFLabError:
-            raise
-        except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError, TypeError, struct.error) as e:
-            raise GGUFFormatError(f"malformed GGUF ({type(e).__name__}: {e})", path=self.path) from None
-        self.file_size = size
-        self.version = int(self._reader.fields["GGUF.version"].parts[0][0])
-        self.alignment = int(self._reader.alignment)
-        self.data_offset = int(self._reader.data_offset)
+        self._header = Header(mapping, self.path)
+        self._mapping = mapping
+        self._bytes = np.frombuffer(mapping, np.uint8)  # the whole file, zero-copy
+        h = self._header
+        self.file_size = h.size
+        self.version = h.version
+        self.alignment = h.alignment
+        self.data_offset = h.data_offset
         self.tensors: list[TensorInfo] = []
-        for t in self._reader.tensors:
-            gshape = tuple(int(d) for d in t.shape)
+        for t in h.tensors:
+            spec = quant.type_spec(t.type_id)
+            n_elem = math.prod(t.dims)
             m = _LAYER_RE.match(t.name)
             self.tensors.append(TensorInfo(
-                name=t.name, ggml_type=GGMLQuantizationType(int(t.tensor_type)), shape=gshape,
-                np_shape=tuple(reversed(gshape)), n_elements=int(t.n_elements), n_bytes=int(t.n_bytes),
-                offset=int(t.data_offset), layer=int(m.group(1)) if m else None))
+                name=t.name, ggml_type=GGMLQuantizationType(t.type_id), shape=t.dims, np_shape=tuple(reversed(t.dims)),
+                n_elements=n_elem, n_bytes=spec.n_bytes(n_elem), offset=h.data_offset + t.rel_offset,
+                layer=int(m.group(1)) if m else None))
         self._by_name = {t.name: t for t in self.tensors}
         self._metadata: dict[str, Any] | None = None
         self.cache_budget: int | None = None  # bytes of device memory the tensor cache may hold
@@ -190,7 +93,9 @@ class GGUFModel:
             self._preload = None
         if getattr(self, "_tensor_cache", None) is not None:
             self._tensor_cache.evict()
-        self._reader = None
+        self._bytes = None
+        self._mapping = None
+        self._header = None
 
     def __enter__(self) -> "GGUFModel":
         return self
@@ -200,21 +105,42 @@ class GGUFModel:
 
     @property
     def closed(self) -> bool:
-        return self._reader is None
+        return self._bytes is None
 
-    def _data(self) -> np.memmap:
-        if self._reader is None:
+    def _data(self) -> np.ndarray:
+        """The whole file as a read-only uint8 array over the mapping."""
+        if self._bytes is None:
             raise GGUFLabError(f"{self.path}: model is closed")
-        return self._reader.data
+        return self._bytes
 
     # -- metadata ---------------------------------------------------------------------------
     @property
     def metadata(self) -> dict[str, Any]:
-        """Key-value metadata (``GGUF.*`` header fields left out)."""
+        """Key-value metadata in file order. Arrays of more than 8 elements are summarised as
+        ``{"type": "array", "length", "element_type", "head"}``; ``metadata_value(key)`` gives
+        a whole one."""
         if self._metadata is None:
             self._data()
-            self._metadata = {k: _field_value(f) for k, f in self._reader.fields.items() if not k.startswith("GGUF.")}
+            self._metadata = {k: _summarise(f) for k, f in self._header.fields.items()}
         return self._metadata
+
+    def metadata_value(self, key: str) -> Any:
+        """One metadata value in full: a string array as a list of str (decoded now, not at
+        open), a numeric array as a read-only NumPy view of the file (no copy), a nested array
+        as nested lists.
+
+        Example:
+            >>> m.metadata_value("tokenizer.ggml.tokens")[:2]      # doctest: +SKIP
+            ['<tok0>', '<tok1>']
+        """
+        self._data()
+        try:
+            f = self._header.fields[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no metadata key {key!r}") from None
+        if f.is_array and f.element_type in _NUMERIC:
+            return f.numpy()
+        return f.value()
 
     @property
     def architecture(self) -> str | None:

@@ -51,7 +51,7 @@ def test_raw_is_zero_copy_and_matches_gguf_reader(small_model):
         for rt in r.tensors[:5]:
             raw = m.raw(rt.name)
             assert raw.dtype == np.uint8 and raw.base is not None  # a view, not a copy
-            assert np.shares_memory(raw, m._reader.data)
+            assert np.shares_memory(raw, m._data())
             assert bytes(raw) == bytes(rt.data.view(np.uint8).reshape(-1))
 
 
@@ -204,10 +204,35 @@ def test_truncated_metadata_is_wrapped(tmp_path):
         lab.open_model(p)
 
 
-def test_unknown_value_type_is_wrapped(tmp_path):
+def test_unknown_value_type_names_the_key(tmp_path):
     g = _ok()
     g.kv.append(gstr("bad.key") + struct.pack("<I", 77) + b"\0" * 8)
-    _expect(tmp_path, g, "malformed")
+    _expect(tmp_path, g, "'bad.key'", "unknown value type 77")
+
+
+def test_string_value_not_utf8_names_the_key(tmp_path):
+    g = _ok()
+    g.kv.append(gstr("bad.text") + struct.pack("<I", 8) + gstr(b"ok\xeb\xff"))
+    _expect(tmp_path, g, "'bad.text'", "not UTF-8", "0xeb")
+
+
+def test_key_not_utf8(tmp_path):
+    g = _ok()
+    g.kv.append(gstr(b"k\xff") + struct.pack("<II", 4, 1))
+    _expect(tmp_path, g, "key 1", "not UTF-8")
+
+
+def test_duplicate_key(tmp_path):
+    g = _ok()
+    g.add_str("general.architecture", "again")
+    _expect(tmp_path, g, "duplicate key 'general.architecture'")
+
+
+def test_big_endian_file_is_rejected_clearly(tmp_path):
+    p = tmp_path / "be.gguf"
+    p.write_bytes(b"GGUF" + struct.pack(">IQQ", 3, 0, 0))
+    with pytest.raises(GGUFFormatError, match="big-endian"):
+        lab.open_model(p)
 
 
 def test_every_truncation_of_a_real_file_is_handled(small_model, tmp_path):
