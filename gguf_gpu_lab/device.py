@@ -134,6 +134,10 @@ class Backend:
             self._ring = None
             return freed
 
+    def prepare_kernels(self, variants) -> None:
+        """Have the dequantization kernels ``variants`` (see ``quant.gpu.kernel_variants``) ready
+        before their first launch; nothing to do on the host."""
+
     def range(self, name: str, color: int = 0):
         """A named range around host work, for Nsight Systems (NVTX) or rocprof (roctx); a
         no-op context where neither is available."""
@@ -373,6 +377,11 @@ class CupyBackend(Backend):
                 "device": self.device, "memory_bytes": int(total), "memory_free_bytes": int(free),
                 "multiprocessors": int(props["multiProcessorCount"]), "pcie": pcie, "cupy": cp.__version__,
                 "driver": int(cp.cuda.runtime.driverGetVersion()), "runtime": int(cp.cuda.runtime.runtimeGetVersion())}
+
+    def prepare_kernels(self, variants) -> None:
+        from .quant.gpu import prepare
+
+        prepare(variants, self.device)
 
     def range(self, name: str, color: int = 0):
         if self._time_range is None:

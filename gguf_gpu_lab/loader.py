@@ -24,7 +24,7 @@ import numpy as np
 from . import quant
 from .device import Backend, Event, get_backend
 from .errors import GGUFLabError, LoadCancelled
-from .model import GGUFModel, TensorInfo, open_model
+from .model import GGUFModel, TensorInfo, shared_model
 from .profiler import Profile, Span
 from .quant._cpu import dequantize_blocks
 
@@ -362,8 +362,11 @@ class _Loader:
         scratch: list[Any] = []
         outputs: dict[str, DeviceTensor] = {}
         fd = os.open(self.model.path, os.O_RDONLY)
+        kernels = self._prepare_kernels(chunks)  # compiles (or loads) while the first reads run
         try:
+            t0 = time.perf_counter_ns()
             staging = _Staging(self.backend, n_slots, slot_bytes)
+            self.span("setup", "pin staging", -1, "", 0, t0, time.perf_counter_ns())
             mm = self.model._data() if opts.read == "mmap" else None
             ready_q: queue.Queue = queue.Queue()
             work = iter(chunks)
@@ -404,10 +407,17 @@ class _Loader:
             for th in threads:
                 th.start()
             with rng("allocate outputs", 1):
+                t0 = time.perf_counter_ns()
                 outputs.update(_alloc_outputs(self.backend, self.tensors, opts.mode, opts.dtype))
                 lanes = self.backend.lanes(opts.streams)
                 if opts.mode == "gpu":  # quantized bytes land here, per lane, before the kernel expands them
                     scratch = [self.backend.empty(max_chunk, np.uint8) for _ in lanes]
+                self.span("setup", "allocate outputs", -1, "", 0, t0,
+                          time.perf_counter_ns())
+            if kernels is not None:
+                kernels.join()
+                if kernels.error is not None:
+                    raise kernels.error
             try:
                 # one thread queues every chunk, in the order its read finished, round robin over
                 # the lanes; completions are reported in queueing order
@@ -455,10 +465,41 @@ class _Loader:
             self.cancelled.set()  # stops readers still running after an error in this thread
             for th in threads:
                 th.join()
+            if kernels is not None:
+                kernels.join()
             if staging is not None:
                 staging.close()
             scratch.clear()
             os.close(fd)
+
+    def _prepare_kernels(self, chunks: Sequence[Chunk]) -> "threading.Thread | None":
+        """In gpu mode on a GPU, a thread that gets ready exactly the kernel variants the plan will
+        launch (compiled by NVRTC/hipRTC on a cold cache), so the first launches do not wait;
+        the queueing thread joins it before queueing the first chunk. Its error is ``.error``."""
+        if self.opts.mode != "gpu" or not self.backend.is_gpu:
+            return None
+        from .quant.gpu import kernel_variants
+
+        pieces = []
+        for c in chunks:
+            pos = 0
+            for p in c.pieces:
+                pieces.append((p.tensor.ggml_type, p.first_block * quant.type_spec(p.tensor.ggml_type).block_size, pos))
+                pos += p.nbytes
+        variants = kernel_variants(pieces, self.opts.dtype)
+
+        def run():
+            t0 = time.perf_counter_ns()
+            try:
+                self.backend.prepare_kernels(variants)
+            except BaseException as e:
+                th.error = e
+            self.span("setup", "kernels", -1, "", 0, t0, time.perf_counter_ns())
+
+        th = threading.Thread(target=run, name="gguf-lab-kernels", daemon=True)
+        th.error = None
+        th.start()
+        return th
 
     def _complete(self, item, done_bytes: int, total: int) -> int:
         """A chunk's work is done: its device spans, then the progress callback."""
@@ -635,8 +676,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             bar.total = total
             bar.update(done - bar.n)
             bar.set_postfix_str(name, refresh=False)
-    own = not isinstance(path_or_model, GGUFModel)
-    model = open_model(path_or_model) if own else path_or_model
+    # a path is parsed once per process (and again only if the file changes): reloads reuse it
+    model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
     try:
         chosen = select(model.tensors, tensors, order)
         ld = _Loader(model, be, opts, chosen, progress, _Stop(cancel))
@@ -654,5 +695,3 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     finally:
         if bar is not None:
             bar.close()
-        if own:
-            model.close()

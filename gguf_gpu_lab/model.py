@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import html
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -319,6 +321,38 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+_SHARED: "collections.OrderedDict[tuple, GGUFModel]" = collections.OrderedDict()
+_SHARED_LOCK = threading.Lock()
+_SHARED_MAX = 8
+
+
+def shared_model(path: str | os.PathLike) -> GGUFModel:
+    """An open model for ``path`` shared by the calls that take a path (``load(path)``, a
+    dashboard's clicks): parsed once per process and parsed again only when the file changes
+    (its inode, size or modification time). The last few files are kept open; never close one.
+
+    Example:
+        >>> shared_model(path) is shared_model(path)                  # doctest: +SKIP
+        True"""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise GGUFLabError(f"{path}: cannot open: {e.strerror}") from None
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _SHARED_LOCK:
+        m = _SHARED.get(key)
+        if m is not None and not m.closed:
+            _SHARED.move_to_end(key)
+            return m
+    m = GGUFModel(path)
+    with _SHARED_LOCK:
+        _SHARED[key] = m
+        while len(_SHARED) > _SHARED_MAX:  # dropped, not closed: a load may still be using it
+            _SHARED.popitem(last=False)
+    return m
 
 
 def open_model(path: str | os.PathLike) -> GGUFModel:

@@ -239,6 +239,7 @@ def synth(
     seed: int = 0,
     *,
     vocab: int | None = None,
+    data: bool = True,
     progress: Callable[[int, int, str], object] | None = None,
 ) -> SynthResult:
     """Write a synthetic llama-shaped GGUF model.
@@ -251,6 +252,8 @@ def synth(
         vocab: vocabulary size (default: the configuration's); sets the token list, its scores
             and token types, and the embedding and output rows, as a real model of that
             vocabulary has them (262144 for a Gemma-3-sized vocabulary).
+        data: False writes the header only and leaves the tensor data a hole of the right size
+            (a sparse file that reads as zeros): for benchmarks of opening, which read no data.
         progress: called as ``progress(bytes_done, bytes_total, tensor_name)`` after each tensor.
 
     Example:
@@ -296,6 +299,12 @@ def synth(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         done = 0
+        if not data:
+            pad = lambda n: n + (-n) % w.data_alignment  # noqa: E731
+            end = pad(w.fout[0].tell()) + sum(pad(quant.type_spec(p.ggml_type).n_bytes(int(np.prod(p.np_shape))))
+                                                for p in plans)
+            w.fout[0].truncate(end)
+            plans = []
         for p in plans:
             data = _tensor_bytes(p, seed)
             w.write_tensor_data(data)

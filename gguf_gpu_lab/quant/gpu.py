@@ -238,6 +238,29 @@ def launch(src_ptr: int, dst_ptr: int, ggml_type, dtype: str, n_blocks: int, dev
        stream=stream)
 
 
+def kernel_variants(pieces, dtype: str) -> set[tuple[int, int, int, int]]:
+    """The (type id, output kind, vector store, vector load) kernels that ``launch`` will pick for
+    ``pieces``: (ggml type, output element offset, byte offset in a 16-byte-aligned source)
+    triples, outputs and sources starting 16-byte aligned (CuPy allocations are)."""
+    kind, item = _OUT_KIND[dtype], gpu_dtype(dtype)[1].itemsize
+    out = set()
+    for ggml_type, out_elem, src_off in pieces:
+        spec = type_spec(ggml_type)
+        if spec.kind == "int":
+            continue
+        out.add((int(spec.ggml_type), kind, int(out_elem * item % 16 == 0),
+                 int(spec.block_size == 1 and src_off % 16 == 0)))
+    return out
+
+
+def prepare(variants, device_id: int) -> None:
+    """Compile (or take from the disk cache) and load these kernels and their lookup tables, so
+    that a load's first launches find them ready; the loader runs this while its first reads run."""
+    for type_id, kind, vec, vec_load in sorted(variants):
+        _function(type_id, kind, vec, vec_load, device_id)
+        _tables(type_id, device_id)
+
+
 @functools.lru_cache(maxsize=None)
 def _function(type_id: int, out_kind: int, vec: int, vec_load: int, device_id: int):
     """The compiled kernel as a ``cupy.cuda.Function`` (whose call takes a stream)."""
