@@ -107,21 +107,20 @@ class Backend:
             if not self._ring_busy:
                 ring = self._ring
                 if ring is None or len(ring) < n_slots or ring[0].nbytes < slot_bytes:
-                    for buf in ring or ():
-                        self.free_pinned(buf)
+                    if ring is not None:
+                        self.free_ring(ring)
                     self._ring = None
-                    ring = self._ring = [self.pinned(slot_bytes) for _ in range(n_slots)]
+                    ring = self._ring = self.pinned_ring(n_slots, slot_bytes)
                 self._ring_busy = True
                 return ring[:n_slots], True
-        return [self.pinned(slot_bytes) for _ in range(n_slots)], False  # a concurrent load
+        return self.pinned_ring(n_slots, slot_bytes), False  # a concurrent load
 
     def return_staging(self, bufs: list[np.ndarray], kept: bool) -> None:
         if kept:
             with self._ring_lock:
                 self._ring_busy = False
         else:
-            for buf in bufs:
-                self.free_pinned(buf)
+            self.free_ring(bufs)
 
     def release_staging(self) -> int:
         """Free the kept staging ring (when no load is using it); returns the bytes freed."""
@@ -129,10 +128,17 @@ class Backend:
             if self._ring_busy or self._ring is None:
                 return 0
             freed = sum(b.nbytes for b in self._ring)
-            for buf in self._ring:
-                self.free_pinned(buf)
+            self.free_ring(self._ring)
             self._ring = None
             return freed
+
+    def pinned_ring(self, n_slots: int, slot_bytes: int) -> list[np.ndarray]:
+        """``n_slots`` exact-size pinned buffers; give them back with ``free_ring``."""
+        return [self.pinned(slot_bytes) for _ in range(n_slots)]
+
+    def free_ring(self, ring: list[np.ndarray]) -> None:
+        for buf in ring:
+            self.free_pinned(buf)
 
     def prepare_kernels(self, variants) -> None:
         """Have the dequantization kernels ``variants`` (see ``quant.gpu.kernel_variants``) ready
@@ -348,6 +354,7 @@ class CupyBackend(Backend):
         self.device = device
         self._clock: _Clock | None = None
         self._pinned: dict[int, Any] = {}
+        self._regions: dict[int, _RegisteredRegion] = {}
         self._lock = threading.Lock()
         self._time_range = None
         try:  # NVTX on CUDA, roctx on ROCm, where CuPy was built with them
@@ -420,9 +427,34 @@ class CupyBackend(Backend):
         with self._lock:
             self._pinned.pop(buf.ctypes.data, None)
 
+    def pinned_ring(self, n_slots, slot_bytes):
+        """On CUDA, one anonymous mapping, its pages faulted in by several threads, then
+        registered with ``cudaHostRegister``: on the lent H100 host 352 MiB took about 25 ms this
+        way against 200-390 ms through ``cudaHostAlloc`` (which zeroes and pins on one thread;
+        BENCHMARKS.md). CuPy's ROCm build has no ``hostRegister``: there, and wherever
+        registering fails, exact-size ``cudaHostAlloc`` buffers."""
+        if self._cp.cuda.runtime.is_hip:
+            return super().pinned_ring(n_slots, slot_bytes)
+        try:
+            region = _RegisteredRegion(self._cp, n_slots * slot_bytes)
+        except Exception:
+            return super().pinned_ring(n_slots, slot_bytes)
+        ring = [region.array[i * slot_bytes:(i + 1) * slot_bytes] for i in range(n_slots)]
+        with self._lock:
+            self._regions[ring[0].ctypes.data] = region
+        return ring
+
+    def free_ring(self, ring):
+        with self._lock:
+            region = self._regions.pop(ring[0].ctypes.data, None) if ring else None
+        if region is None:
+            super().free_ring(ring)
+        else:
+            region.release()
+
     def pinned_bytes(self) -> int:
         with self._lock:
-            return sum(m.size for m in self._pinned.values())
+            return sum(m.size for m in self._pinned.values()) + sum(r.nbytes for r in self._regions.values())
 
     def synchronize(self):
         with self._cp.cuda.Device(self.device):
@@ -441,3 +473,35 @@ class CupyBackend(Backend):
     def close(self):
         with self._lock:
             self._pinned.clear()
+            regions, self._regions = list(self._regions.values()), {}
+        for r in regions:
+            r.release()
+
+
+class _RegisteredRegion:
+    """Page-locked host memory from an anonymous mapping: pages faulted in by several threads
+    (transparent huge pages where the kernel allows), then registered with the driver. The
+    mapping lives as long as any view of it; ``release()`` unregisters it."""
+
+    def __init__(self, cupy, nbytes: int):
+        import mmap
+
+        from .quant import default_threads
+
+        self._rt = cupy.cuda.runtime
+        self.nbytes = nbytes
+        self._mm = mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(AttributeError, OSError):
+            self._mm.madvise(mmap.MADV_HUGEPAGE)
+        self.array = np.frombuffer(self._mm, np.uint8, nbytes)
+        n = max(1, min(16, default_threads(), nbytes >> 24))
+        bounds = [nbytes * i // n // 4096 * 4096 for i in range(n)] + [nbytes]
+        with ThreadPoolExecutor(n, thread_name_prefix="gguf-lab-pin") as pool:  # first touch: page faults
+            list(pool.map(lambda i: self.array[bounds[i]:bounds[i + 1]:4096].fill(0), range(n)))
+        self._rt.hostRegister(self.array.ctypes.data, nbytes, 0)
+        self._registered = True
+
+    def release(self) -> None:
+        if self._registered:
+            self._registered = False
+            self._rt.hostUnregister(self.array.ctypes.data)
