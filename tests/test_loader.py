@@ -1,6 +1,7 @@
 """The loading pipeline on the host backend (runs everywhere): modes, orders, filters, chunking,
 cancellation, the cache, lazy loads, preload, and concurrency."""
 
+import os
 import threading
 
 import numpy as np
@@ -254,3 +255,28 @@ def test_failed_output_allocation_stops_the_readers(small_model, monkeypatch):
     assert not _threads()
     monkeypatch.undo()
     assert len(load(small_model, chunk_mb=0.05, backend="host")) > 0
+
+
+def test_loads_from_a_path_parse_the_file_once(small_model, monkeypatch, tmp_path):
+    """A dashboard click or a notebook cell that passes a path reuses the parsed model; a
+    changed file is parsed again."""
+    import shutil
+
+    from gguf_gpu_lab import header
+
+    calls = []
+    real = header.Header.__init__
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(header.Header, "__init__", counting)
+    p = tmp_path / "copy.gguf"
+    shutil.copy(small_model, p)
+    for _ in range(3):
+        load(str(p), mode="raw", backend="host", profile=False)
+    assert len(calls) == 1
+    os.utime(p, ns=(0, 10**9))  # the file changed (its modification time did)
+    load(str(p), mode="raw", backend="host", profile=False)
+    assert len(calls) == 2

@@ -74,3 +74,46 @@ def test_out_of_memory_raises_and_cleans_up(small_model):
     with open_model(small_model) as m:  # and the next load works
         r = load(m, mode="gpu", backend="cupy", tensors=["output.weight"])
         assert r["output.weight"].array.shape == m.info("output.weight").np_shape
+
+
+def test_staging_ring_is_registered_host_memory_and_freed():
+    import cupy
+
+    from gguf_gpu_lab.device import get_backend
+
+    be = get_backend("cupy")
+    before = be.pinned_bytes()
+    ring = be.pinned_ring(3, 1 << 20)
+    try:
+        assert [b.nbytes for b in ring] == [1 << 20] * 3 and be.pinned_bytes() == before + 3 * (1 << 20)
+        if not cupy.cuda.runtime.is_hip:  # one registered region: the driver knows every slot as host memory
+            for b in ring:
+                attrs = cupy.cuda.runtime.pointerGetAttributes(b.ctypes.data)
+                assert attrs.type == cupy.cuda.runtime.memoryTypeHost
+        ring[1][:] = np.arange(1 << 20, dtype=np.uint64).view(np.uint8)[: 1 << 20]
+        dev = cupy.empty(1 << 20, cupy.uint8)
+        s = cupy.cuda.Stream(non_blocking=True)
+        cupy.cuda.runtime.memcpyAsync(dev.data.ptr, ring[1].ctypes.data, 1 << 20, cupy.cuda.runtime.memcpyHostToDevice,
+                                      s.ptr)
+        s.synchronize()
+        assert np.array_equal(cupy.asnumpy(dev), ring[1])
+    finally:
+        be.free_ring(ring)
+    assert be.pinned_bytes() == before
+
+
+def test_first_load_prepares_the_kernels_it_launches(small_model, monkeypatch):
+    """The plan's kernel variants are compiled (or loaded) before the first chunk is queued: a
+    setup span says so, and the launches then find every variant ready (none compiled late)."""
+    from gguf_gpu_lab.quant import gpu as qgpu
+
+    prepared = []
+    real = qgpu.prepare
+    monkeypatch.setattr(qgpu, "prepare", lambda variants, device_id: (prepared.extend(variants),
+                                                                     real(variants, device_id)))
+    qgpu._function.cache_clear()
+    for dtype in ("bfloat16", "float32"):
+        r = load(small_model, mode="gpu", dtype=dtype, chunk_mb=0.5, backend="cupy")
+        setup = r.profile.df[r.profile.df["lane"] == "setup"]
+        assert set(setup["stage"]) == {"pin staging", "allocate outputs", "kernels"}
+    assert prepared and qgpu._function.cache_info().currsize == len(set(prepared))

@@ -256,7 +256,7 @@ def prepare(variants, device_id: int) -> None:
     """Compile (or take from the disk cache) and load these kernels and their lookup tables, so
     that a load's first launches find them ready; the loader runs this while its first reads run.
     Variants compile side by side in threads: on the lent machines the 8B Q4_K_M file's took
-    0.51 s so against 1.19 s one after another (BENCHMARKS.md)."""
+    0.51 s against 1.19 s one after another (BENCHMARKS.md)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(v):
