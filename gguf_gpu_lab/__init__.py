@@ -1,23 +1,67 @@
-"""gguf-gpu-lab: load GGUF models onto a GPU fast, and see how it was done."""
+"""gguf-gpu-lab: load GGUF models onto a GPU fast, and see how it was done.
+
+The ways in::
+
+    import gguf_gpu_lab as lab
+    m = lab.open_model("model.gguf")          # header only: metadata, tensor table, m[name]
+    r = lab.load("model.gguf")                # every tensor on the GPU (host backend without one)
+    r.profile                                 # what the loader did, span by span
+    lab.plots.timeline(r.profile)             # ... as a picture
+
+``lab.plots``, ``lab.widgets`` (notebooks), ``lab.synth``, ``lab.loader`` and ``lab.quant`` are
+imported on first use, so ``import gguf_gpu_lab`` stays light.
+"""
 
 from __future__ import annotations
 
-from .check import Problem
+import importlib as _importlib
+
 from .errors import (
     BackendError,
     DeviceMemoryError,
     GGUFFormatError,
     GGUFLabError,
     LoadCancelled,
+    ModelNotFoundError,
+    TensorNotFoundError,
     UnsupportedTypeError,
 )
+from .loader import DeviceTensor, LoadResult, load
 from .model import GGUFModel, TensorInfo, open_model
 from .quant import dequantize, type_spec
+from .scan import Problem
 
 __version__ = "0.1.0"
 
+_LAZY_MODULES = ("plots", "widgets", "synth", "bench", "fuzz", "profiler", "device")
+
+
+def check(model, *, max_problems: int = 100) -> list[Problem]:
+    """NaN/Inf in float tensors and in quantized block scales, by tensor and block, of an open
+    model or a path (``[]`` when every value is finite).
+
+    Example:
+        >>> lab.check("gguf-lab-demo/synthetic-25M-Q4_K_M.gguf")         # doctest: +SKIP
+        []
+    """
+    if isinstance(model, GGUFModel):
+        return model.check(max_problems=max_problems)
+    with open_model(model) as m:
+        return m.check(max_problems=max_problems)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():  # what tab completion offers: the public face and the submodules meant for users
+    return sorted({*__all__, *_LAZY_MODULES, "loader", "model", "quant", "errors"})
+
+
 __all__ = [
-    "open_model", "GGUFModel", "TensorInfo", "Problem", "dequantize", "type_spec",
-    "GGUFLabError", "GGUFFormatError", "UnsupportedTypeError", "DeviceMemoryError",
-    "LoadCancelled", "BackendError", "__version__",
+    "open_model", "load", "check", "GGUFModel", "TensorInfo", "LoadResult", "DeviceTensor", "Problem",
+    "dequantize", "type_spec", "GGUFLabError", "GGUFFormatError", "ModelNotFoundError", "TensorNotFoundError",
+    "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "__version__",
 ]

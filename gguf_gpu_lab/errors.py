@@ -22,6 +22,18 @@ class GGUFFormatError(GGUFLabError, ValueError):
         self.tensor = tensor
 
 
+class ModelNotFoundError(GGUFLabError, FileNotFoundError):
+    """The model file does not exist (also a ``FileNotFoundError``)."""
+
+
+class TensorNotFoundError(GGUFLabError, KeyError):
+    """A tensor name that the model does not have (also a ``KeyError``); the message names the
+    file and the closest names it does have."""
+
+    def __str__(self) -> str:  # a KeyError would show its message quoted
+        return str(self.args[0]) if self.args else ""
+
+
 class UnsupportedTypeError(GGUFLabError, NotImplementedError):
     """A GGML tensor type this toolkit cannot dequantize."""
 

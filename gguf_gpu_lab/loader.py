@@ -103,6 +103,12 @@ class DeviceTensor:
 
 @dataclass
 class LoadResult(Mapping[str, DeviceTensor]):
+    """What ``load`` returns: a read-only mapping of tensor name to ``DeviceTensor`` (``r[name]``,
+    ``len(r)``, ``for name in r``), with ``file_bytes`` moved, ``out_bytes`` on the device,
+    ``wall_s`` (from the backend being ready to the last byte in place), ``gb_s``, the
+    ``options`` used, the ``backend`` name and the ``profile`` (spans; None with ``profile=False``).
+    ``to_torch()`` gives every tensor as a ``torch.Tensor`` without copies (needs torch)."""
+
     tensors: dict[str, DeviceTensor]
     file_bytes: int
     out_bytes: int

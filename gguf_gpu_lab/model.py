@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import difflib
 import html
 import math
 import os
@@ -15,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from . import quant
-from .errors import GGUFFormatError, GGUFLabError
+from .errors import GGUFFormatError, GGUFLabError, ModelNotFoundError, TensorNotFoundError
 from .header import Field, Header, map_file
 
 _ARRAY_SUMMARY_LEN = 8  # metadata arrays longer than this are summarised
@@ -60,8 +61,10 @@ class GGUFModel:
         self.path = os.fspath(path)
         try:
             mapping = map_file(self.path)
+        except FileNotFoundError:
+            raise ModelNotFoundError(f"{self.path}: cannot open: no such file") from None
         except OSError as e:
-            raise GGUFLabError(f"{self.path}: cannot open: {e.strerror}") from None
+            raise GGUFLabError(f"{self.path}: cannot open: {e.strerror or e}") from None
         self._header = Header(mapping, self.path)
         self._mapping = mapping
         self._bytes = np.frombuffer(mapping, np.uint8)  # the whole file, zero-copy
@@ -158,10 +161,22 @@ class GGUFModel:
         return name in self._by_name
 
     def info(self, name: str) -> TensorInfo:
+        """The ``TensorInfo`` of a tensor (no data read); ``TensorNotFoundError`` (a ``KeyError``)
+        naming the closest names when there is none."""
         try:
             return self._by_name[name]
         except KeyError:
-            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+            close = difflib.get_close_matches(str(name), list(self._by_name), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise TensorNotFoundError(f"{self.path}: no tensor named {name!r}{hint}") from None
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        """``m[name]`` is ``m.info(name)``: the tensor's type, shape, size and offset."""
+        return self.info(name)
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return [t.name for t in self.tensors]
 
     # -- tables -----------------------------------------------------------------------------
     def tensors_df(self):
@@ -310,7 +325,7 @@ class GGUFModel:
 
     def check(self, *, max_problems: int = 100) -> list["Problem"]:
         """Scan tensor data for NaN/Inf in float tensors and in quantized block scales."""
-        from .check import check_model
+        from .scan import check_model
 
         return check_model(self, max_problems=max_problems)
 
@@ -339,8 +354,10 @@ def shared_model(path: str | os.PathLike) -> GGUFModel:
     path = os.fspath(path)
     try:
         st = os.stat(path)
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{path}: cannot open: no such file") from None
     except OSError as e:
-        raise GGUFLabError(f"{path}: cannot open: {e.strerror}") from None
+        raise GGUFLabError(f"{path}: cannot open: {e.strerror or e}") from None
     key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     with _SHARED_LOCK:
         m = _SHARED.get(key)
@@ -366,4 +383,4 @@ def open_model(path: str | os.PathLike) -> GGUFModel:
     return GGUFModel(path)
 
 
-from .check import Problem  # noqa: E402  (type of check()'s result)
+from .scan import Problem  # noqa: E402  (type of check()'s result)

@@ -279,7 +279,7 @@ def test_check_finds_nan_in_float_tensor_and_inf_in_scales(tmp_path, small_model
 
 
 def test_check_iq1_m_packed_scale(tmp_path):
-    from gguf_gpu_lab.check import check_raw
+    from gguf_gpu_lab.scan import check_raw
     from gguf_gpu_lab.synth import random_blocks
 
     b = random_blocks("IQ1_M", 4, np.random.Generator(np.random.SFC64(0)))
@@ -298,3 +298,25 @@ def test_raw_views_outlive_close(small_model):
     assert m.closed
     assert bytes(raw[:64]) == expected  # still mapped: no crash, same bytes
     del raw
+
+
+def test_public_face(small_model):
+    assert callable(lab.load) and callable(lab.check) and callable(lab.open_model)
+    assert {"load", "open_model", "check", "plots", "widgets", "synth", "LoadResult"} <= set(dir(lab))
+    assert lab.plots.timeline is not None and lab.LoadResult.__doc__
+    assert lab.check(small_model) == []
+    with lab.open_model(small_model) as m:
+        assert m["blk.0.attn_q.weight"] is m.info("blk.0.attn_q.weight")
+        assert m.keys()[0] == "token_embd.weight" and len(m.keys()) == len(m)
+        with pytest.raises(KeyError) as e:
+            m["blk.0.attn_qq.weight"]
+        assert isinstance(e.value, lab.TensorNotFoundError) and isinstance(e.value, GGUFLabError)
+        assert "did you mean 'blk.0.attn_q.weight'" in str(e.value) and str(small_model) in str(e.value)
+
+
+def test_missing_file_is_also_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        lab.open_model(tmp_path / "nope.gguf")
+    assert isinstance(e.value, GGUFLabError) and "nope.gguf" in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        lab.load(tmp_path / "nope.gguf", backend="host")
