@@ -42,7 +42,7 @@ class LoadOptions:
     read: str = "mmap"
     staging_mb: float | None = None  # default: 2 slots a lane
     order: Any = "file"
-    profile: bool = True
+    profile: bool | str = True  # True or "events": CUDA/HIP events; "cupti": CUPTI activity records
 
     def check(self) -> "LoadOptions":
         if self.mode not in MODES:
@@ -59,6 +59,8 @@ class LoadOptions:
             raise GGUFLabError(f"staging_mb must be positive, got {self.staging_mb!r}")
         if not (callable(self.order) or self.order in ORDERS):
             raise GGUFLabError(f"order must be one of {', '.join(ORDERS)} or a callable, got {self.order!r}")
+        if self.profile not in (True, False, "events", "cupti"):
+            raise GGUFLabError(f"profile must be True, False, 'events' or 'cupti', got {self.profile!r}")
         if self.mode != "raw":
             quant.resolve_dtype(self.dtype)
         return self
@@ -332,6 +334,8 @@ class _Loader:
         self.cancelled = cancelled
         self.spans: list[Span] = []
         self.device_events: list = []  # (lane name, chunk, [(stage, event)]): spans once read
+        self.cupti = None  # a cupti_trace.Recorder when the device work is timed by CUPTI
+        self.event_timing = bool(opts.profile) and opts.profile != "cupti"
         self._span_lock = threading.Lock()
         self.error: BaseException | None = None
 
@@ -511,7 +515,7 @@ class _Loader:
         """A chunk's work is done: its device spans, then the progress callback."""
         c, lane, evs = item
         done_bytes += c.nbytes
-        if self.opts.profile and len(evs) > 1:
+        if self.event_timing and len(evs) > 1:
             self.device_events.append((f"stream {lane.index}" if self.backend.is_gpu else f"lane {lane.index}", c, evs))
         if self.progress is not None and self.progress(done_bytes, total, c.pieces[-1].tensor.name) is False:
             self.cancelled.set()
@@ -569,20 +573,29 @@ class _Loader:
         """Queue a chunk's copy (and kernels) on its lane; returns (stage, event) pairs, the first
         being the start when profiling. Offsets only: no array views are made per piece."""
         mode = self.opts.mode
-        evs = [("start", lane.record())] if self.opts.profile else []
+        evs = [("start", lane.record())] if self.event_timing else []
+        rec = self.cupti  # tags each copy and launch with the chunk and tensor it is for
         pos = 0
         if mode == "gpu":
             dev = scratch[lane.index]
+            if rec:
+                rec.push("h2d", c.index, c.pieces[0].tensor.name, data.nbytes)
             lane.copy_h2d(dev, 0, data, 0, data.nbytes)
+            if rec:
+                rec.pop()
             evs.append(("h2d", lane.record()))
             for p in c.pieces:
                 spec = quant.type_spec(p.tensor.ggml_type)
                 out = outputs[p.tensor.name].array
+                if rec:
+                    rec.push("dequant", c.index, p.tensor.name, p.nbytes)
                 if spec.kind == "int":  # the bytes are the values
                     lane.copy_d2d(out, p.first_block * spec.type_size, dev, pos, p.nbytes)
                 else:  # the kernel reads the piece's blocks from scratch and writes their slice of out
                     lane.dequant(dev, pos, spec.ggml_type, out, p.first_block * spec.block_size, self.opts.dtype,
                                  p.n_blocks)
+                if rec:
+                    rec.pop()
                 pos += p.nbytes
             evs.append(("dequant", lane.record()))
         else:  # raw and cpu: the slot already holds the final bytes of each piece
@@ -594,14 +607,20 @@ class _Loader:
                     spec = quant.type_spec(p.tensor.ggml_type)
                     per = (spec.block_size if spec.kind != "int" else 1) * out.itemsize
                     lo, n = p.first_block * per, p.n_blocks * per
+                if rec:
+                    rec.push("h2d", c.index, p.tensor.name, n)
                 lane.copy_h2d(out, lo, data, pos, n)
+                if rec:
+                    rec.pop()
                 pos += n
             evs.append(("h2d", lane.record()))
         return evs
 
     def _device_spans(self) -> list[Span]:
-        """Device spans from the recorded events; called when the profile is first read, so the
-        load itself never waits on timing queries."""
+        """Device spans from the recorded events (or CUPTI's records); called when the profile is
+        first read, so the load itself never waits on timing queries."""
+        if self.cupti is not None:
+            return self.cupti.spans()
         spans = []
         for lane_name, c, evs in self.device_events:
             first = c.pieces[0].tensor.name
@@ -640,9 +659,19 @@ class _Loader:
         return out, total
 
 
+def _cupti_recorder(backend: Backend):
+    from . import cupti_trace
+    from .errors import BackendError
+
+    if not backend.is_gpu or backend.info().get("vendor") != "NVIDIA":
+        raise BackendError(f"profile='cupti' times device work on an NVIDIA GPU; this load runs on "
+                           f"{backend.info().get('name')}: use profile=True (events)")
+    return cupti_trace.Recorder()
+
+
 def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int = 4, chunk_mb: float = 16.0,
          readers: int | None = None, staging_mb: float | None = None, order="file", tensors=None, device: int = 0,
-         progress: Callable[[int, int, str], object] | None = None, profile: bool = True,
+         progress: Callable[[int, int, str], object] | None = None, profile: bool | str = True,
          backend: str | Backend = "auto", cancel: threading.Event | None = None, read: str = "mmap") -> LoadResult:
     """Load tensors of a GGUF model onto the device.
 
@@ -663,7 +692,10 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         tensors: names to load, or a predicate of ``TensorInfo``; default all.
         progress: ``progress(bytes_done, bytes_total, tensor)`` after each chunk; return False to
             cancel. ``True`` shows a tqdm bar (an ipywidgets bar in notebooks).
-        profile: record spans (``result.profile``).
+        profile: record spans (``result.profile``): True (or "events") times device work with
+            CUDA/HIP events, which fire when a stream reaches them; "cupti" (NVIDIA, needs
+            ``cupti-python``) records when each copy and kernel really ran, on a ``copy engine``
+            and a ``kernels`` lane; False records nothing.
         backend: "auto", "cupy", "host" or a backend object.
 
     Example:
@@ -689,14 +721,23 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         ld = _Loader(model, be, opts, chosen, progress, _Stop(cancel))
         if be.is_gpu:  # anchors device events to the host clock (the process's first CUDA call may be this)
             be.clock()
+        if opts.profile == "cupti":
+            ld.cupti = _cupti_recorder(be)
         clock_host0 = time.perf_counter_ns()  # the profile's zero and the start of the wall time
-        outputs, nbytes = ld.run()
+        try:
+            if ld.cupti is not None:
+                ld.cupti.start()
+            outputs, nbytes = ld.run()
+        finally:
+            if ld.cupti is not None:  # run() has synchronized: every record is complete
+                ld.cupti.stop()
         wall = (time.perf_counter_ns() - clock_host0) / 1e9
         _finish_shapes(outputs)
         out_bytes = sum(v.nbytes for v in outputs.values())
         prof = Profile.from_spans(ld.spans, origin_ns=clock_host0, wall_s=wall, deferred=ld._device_spans, meta={
             "mode": opts.mode, "streams": opts.streams, "readers": opts.readers, "chunk_mb": opts.chunk_mb,
-            "backend": be.name, "file_bytes": nbytes, "out_bytes": out_bytes}) if profile else None
+            "backend": be.name, "file_bytes": nbytes, "out_bytes": out_bytes,
+            "device_timing": "cupti" if ld.cupti is not None else "events"}) if profile else None
         return LoadResult(outputs, nbytes, out_bytes, wall, opts, be.name, prof)
     finally:
         if bar is not None:

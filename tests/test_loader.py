@@ -280,3 +280,32 @@ def test_loads_from_a_path_parse_the_file_once(small_model, monkeypatch, tmp_pat
     os.utime(p, ns=(0, 10**9))  # the file changed (its modification time did)
     load(str(p), mode="raw", backend="host", profile=False)
     assert len(calls) == 2
+
+
+def test_profile_option_is_checked(small_model):
+    from gguf_gpu_lab import BackendError
+
+    with pytest.raises(GGUFLabError, match="profile must be"):
+        load(small_model, profile="nvtx", backend="host")
+    with pytest.raises(BackendError, match="NVIDIA GPU"):
+        load(small_model, profile="cupti", backend="host")
+
+
+def test_cupti_records_are_attributed_to_what_the_loader_issued():
+    from gguf_gpu_lab.cupti_trace import COPY_LANE, KERNEL_LANE, attribute
+
+    HTOD, DTOD = 1, 8
+    issued = [("h2d", 0, "a", 100), ("dequant", 0, "a", 100), ("h2d", 1, "b", 50), ("dequant", 1, "b", 50)]
+    records = [  # (kind, copy kind, bytes, start, end, name, correlation id), as CUPTI delivers them
+        ("memcpy", HTOD, 100, 10, 20, "", 7), ("kernel", 0, 0, 21, 25, "dequant", 8),
+        ("memcpy", HTOD, 50, 20, 30, "", 9), ("kernel", 0, 0, 31, 33, "dequant", 10),
+        ("memcpy", HTOD, 4, 40, 41, "", 11),  # someone else's copy: no external id
+        ("kernel", 0, 0, 50, 51, "fill", 12), ("memcpy", 2, 64, 60, 61, "", 13),  # a D2H copy: not drawn
+    ]
+    external = {7: 1, 8: 2, 9: 3, 10: 4}
+    spans = attribute(records, external, issued, offset_ns=1000, htod=HTOD, dtod=DTOD)
+    got = [(s.lane, s.stage, s.chunk, s.tensor, s.bytes, s.start_ns, s.end_ns) for s in spans]
+    assert got == [
+        (COPY_LANE, "h2d", 0, "a", 100, 1010, 1020), (KERNEL_LANE, "dequant", 0, "a", 100, 1021, 1025),
+        (COPY_LANE, "h2d", 1, "b", 50, 1020, 1030), (KERNEL_LANE, "dequant", 1, "b", 50, 1031, 1033),
+        (COPY_LANE, "h2d", -1, "", 4, 1040, 1041), (KERNEL_LANE, "kernel", -1, "", 0, 1050, 1051)]

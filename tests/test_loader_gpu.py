@@ -117,3 +117,24 @@ def test_first_load_prepares_the_kernels_it_launches(small_model, monkeypatch):
         setup = r.profile.df[r.profile.df["lane"] == "setup"]
         assert set(setup["stage"]) == {"pin staging", "allocate outputs", "kernels"}
     assert prepared and qgpu._function.cache_info().currsize == len(set(prepared))
+
+
+def test_cupti_profile_shows_the_copy_engine(small_model):
+    """With profile="cupti" the device spans are CUPTI's: one copy engine lane whose copies never
+    overlap (one engine per direction), kernels on their own lane, every span attributed."""
+    from gguf_gpu_lab import cupti_trace
+
+    if not cupti_trace.available():
+        pytest.skip("cupti-python is not installed")
+    for mode in ("gpu", "raw"):
+        r = load(small_model, mode=mode, chunk_mb=0.25, backend="cupy", profile="cupti")
+        df = r.profile.df
+        assert r.profile.meta["device_timing"] == "cupti"
+        assert not df["lane"].str.startswith("stream").any()
+        h2d = df[df["lane"] == cupti_trace.COPY_LANE].sort_values("start_us")
+        assert len(h2d) and (h2d["chunk"] >= 0).all() and int(h2d["bytes"].sum()) == r.file_bytes
+        assert (h2d["start_us"].to_numpy()[1:] >= h2d["end_us"].to_numpy()[:-1] - 1e-3).all()
+        if mode == "gpu":
+            k = df[df["lane"] == cupti_trace.KERNEL_LANE]
+            assert (k["chunk"] >= 0).all() and set(k["stage"]) <= {"dequant", "d2d"} and len(k) > 0
+            assert 0 <= k["start_us"].min() and k["end_us"].max() <= r.wall_s * 1e6 + 1e3
