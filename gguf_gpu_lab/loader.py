@@ -420,6 +420,8 @@ class _Loader:
                 t0 = time.perf_counter_ns()
                 outputs.update(_alloc_outputs(self.backend, self.tensors, opts.mode, opts.dtype))
                 lanes = self.backend.lanes(opts.streams)
+                if self.cupti is not None:
+                    self.cupti.bind(lanes)
                 if opts.mode == "gpu":  # quantized bytes land here, per lane, before the kernel expands them
                     scratch = [self.backend.empty(max_chunk, np.uint8) for _ in lanes]
                 self.span("setup", "allocate outputs", -1, "", 0, t0,
@@ -574,28 +576,24 @@ class _Loader:
         being the start when profiling. Offsets only: no array views are made per piece."""
         mode = self.opts.mode
         evs = [("start", lane.record())] if self.event_timing else []
-        rec = self.cupti  # tags each copy and launch with the chunk and tensor it is for
+        rec = self.cupti  # notes each copy and launch, with its chunk and tensor
         pos = 0
         if mode == "gpu":
             dev = scratch[lane.index]
             if rec:
-                rec.push("h2d", c.index, c.pieces[0].tensor.name, data.nbytes)
+                rec.issue(lane.index, "h2d", c.index, c.pieces[0].tensor.name, data.nbytes)
             lane.copy_h2d(dev, 0, data, 0, data.nbytes)
-            if rec:
-                rec.pop()
             evs.append(("h2d", lane.record()))
             for p in c.pieces:
                 spec = quant.type_spec(p.tensor.ggml_type)
                 out = outputs[p.tensor.name].array
                 if rec:
-                    rec.push("dequant", c.index, p.tensor.name, p.nbytes)
+                    rec.issue(lane.index, "d2d" if spec.kind == "int" else "dequant", c.index, p.tensor.name, p.nbytes)
                 if spec.kind == "int":  # the bytes are the values
                     lane.copy_d2d(out, p.first_block * spec.type_size, dev, pos, p.nbytes)
                 else:  # the kernel reads the piece's blocks from scratch and writes their slice of out
                     lane.dequant(dev, pos, spec.ggml_type, out, p.first_block * spec.block_size, self.opts.dtype,
                                  p.n_blocks)
-                if rec:
-                    rec.pop()
                 pos += p.nbytes
             evs.append(("dequant", lane.record()))
         else:  # raw and cpu: the slot already holds the final bytes of each piece
@@ -608,10 +606,8 @@ class _Loader:
                     per = (spec.block_size if spec.kind != "int" else 1) * out.itemsize
                     lo, n = p.first_block * per, p.n_blocks * per
                 if rec:
-                    rec.push("h2d", c.index, p.tensor.name, n)
+                    rec.issue(lane.index, "h2d", c.index, p.tensor.name, n)
                 lane.copy_h2d(out, lo, data, pos, n)
-                if rec:
-                    rec.pop()
                 pos += n
             evs.append(("h2d", lane.record()))
         return evs
@@ -728,10 +724,10 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             if ld.cupti is not None:
                 ld.cupti.start()
             outputs, nbytes = ld.run()
+            wall = (time.perf_counter_ns() - clock_host0) / 1e9
         finally:
             if ld.cupti is not None:  # run() has synchronized: every record is complete
                 ld.cupti.stop()
-        wall = (time.perf_counter_ns() - clock_host0) / 1e9
         _finish_shapes(outputs)
         out_bytes = sum(v.nbytes for v in outputs.values())
         prof = Profile.from_spans(ld.spans, origin_ns=clock_host0, wall_s=wall, deferred=ld._device_spans, meta={

@@ -295,17 +295,20 @@ def test_cupti_records_are_attributed_to_what_the_loader_issued():
     from gguf_gpu_lab.cupti_trace import COPY_LANE, KERNEL_LANE, attribute
 
     HTOD, DTOD = 1, 8
-    issued = [("h2d", 0, "a", 100), ("dequant", 0, "a", 100), ("h2d", 1, "b", 50), ("dequant", 1, "b", 50)]
-    records = [  # (kind, copy kind, bytes, start, end, name, correlation id), as CUPTI delivers them
-        ("memcpy", HTOD, 100, 10, 20, "", 7), ("kernel", 0, 0, 21, 25, "dequant", 8),
-        ("memcpy", HTOD, 50, 20, 30, "", 9), ("kernel", 0, 0, 31, 33, "dequant", 10),
-        ("memcpy", HTOD, 4, 40, 41, "", 11),  # someone else's copy: no external id
-        ("kernel", 0, 0, 50, 51, "fill", 12), ("memcpy", 2, 64, 60, 61, "", 13),  # a D2H copy: not drawn
+    # lane 0 (CUPTI stream 70) issued chunk 0, lane 1 (stream 71) chunk 1 with an integer tensor
+    issued = [(0, "h2d", 0, "a", 100), (0, "dequant", 0, "a", 100),
+              (1, "h2d", 1, "b", 50), (1, "dequant", 1, "b", 40), (1, "d2d", 1, "i", 10)]
+    records = [  # (kind, copy kind, bytes, start, end, name, stream), as CUPTI delivers them
+        ("memcpy", HTOD, 50, 10, 20, "", 71), ("memcpy", HTOD, 100, 20, 30, "", 70),
+        ("kernel", 0, 0, 21, 25, "dequant", 71), ("memcpy", DTOD, 10, 26, 27, "", 71),
+        ("kernel", 0, 0, 31, 33, "dequant", 70),
+        ("memcpy", HTOD, 4, 40, 41, "", 5),  # someone else's copy on another stream
+        ("kernel", 0, 0, 50, 51, "fill", 70), ("memcpy", 2, 64, 60, 61, "", 70),  # an extra kernel; a D2H copy
     ]
-    external = {7: 1, 8: 2, 9: 3, 10: 4}
-    spans = attribute(records, external, issued, offset_ns=1000, htod=HTOD, dtod=DTOD)
-    got = [(s.lane, s.stage, s.chunk, s.tensor, s.bytes, s.start_ns, s.end_ns) for s in spans]
+    spans = attribute(records, {70: 0, 71: 1}, issued, offset_ns=1000, htod=HTOD, dtod=DTOD)
+    got = [(s.lane, s.stage, s.chunk, s.tensor, s.bytes, s.start_ns) for s in spans]
     assert got == [
-        (COPY_LANE, "h2d", 0, "a", 100, 1010, 1020), (KERNEL_LANE, "dequant", 0, "a", 100, 1021, 1025),
-        (COPY_LANE, "h2d", 1, "b", 50, 1020, 1030), (KERNEL_LANE, "dequant", 1, "b", 50, 1031, 1033),
-        (COPY_LANE, "h2d", -1, "", 4, 1040, 1041), (KERNEL_LANE, "kernel", -1, "", 0, 1050, 1051)]
+        (COPY_LANE, "h2d", 1, "b", 50, 1010), (COPY_LANE, "h2d", 0, "a", 100, 1020),
+        (KERNEL_LANE, "dequant", 1, "b", 40, 1021), (KERNEL_LANE, "d2d", 1, "i", 10, 1026),
+        (KERNEL_LANE, "dequant", 0, "a", 100, 1031), (COPY_LANE, "h2d", -1, "", 4, 1040),
+        (KERNEL_LANE, "kernel", -1, "", 0, 1050)]
