@@ -174,9 +174,10 @@ def select(tensors: Sequence[TensorInfo], names=None, order="file") -> list[Tens
         return sorted(chosen, key=lambda t: t.offset)
     if order == "largest":
         return sorted(chosen, key=lambda t: (-t.n_bytes, t.offset))
-    if order == "layer":
-        return sorted(chosen, key=lambda t: (-1 if t.layer is None and t.name.startswith("token_embd") else
-                                             (1 << 30) if t.layer is None else t.layer, t.offset))
+    if order == "layer":  # embeddings, each stack's blocks (a decoder's, a vision tower's...), the rest
+        from .naming import layer_key
+
+        return sorted(chosen, key=layer_key(chosen))
     raise GGUFLabError(f"order must be one of {', '.join(ORDERS)} or a callable, got {order!r}")
 
 

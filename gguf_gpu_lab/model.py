@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import os
-import re
 import struct
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -12,7 +11,7 @@ from typing import Any, Iterator
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
-from . import quant
+from . import naming, quant
 from .errors import GGUFFormatError, GGUFLabError, UnsupportedTypeError
 
 GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian
@@ -22,13 +21,15 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, one-byte value (empty key)
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset (empty name, 0 dims)
 _ARRAY_SUMMARY_LEN = 8  # metadata arrays longer than this are summarised
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+_LAYER_RE = naming.BLOCK_RE  # a block of any stack: "blk.3." or a vision tower's "v.blk.3."
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of a GGUF file. ``shape`` is in GGUF order (fastest dimension first),
-    ``np_shape`` in row-major NumPy order; ``offset`` is the absolute file offset of its data."""
+    ``np_shape`` in row-major NumPy order; ``offset`` is the absolute file offset of its data.
+    ``layer`` is the index of its block and ``group`` the stack of that block (``"blk"`` for a
+    decoder, ``"v.blk"`` for a vision tower, ...); both None outside every block."""
 
     name: str
     ggml_type: GGMLQuantizationType
@@ -38,6 +39,11 @@ class TensorInfo:
     n_bytes: int
     offset: int
     layer: int | None
+
+    @property
+    def group(self) -> str | None:
+        b = naming.block(self.name)
+        return None if b is None else b[0]
 
     @property
     def type_name(self) -> str:
@@ -249,17 +255,19 @@ class GGUFModel:
             "n_bytes": [t.n_bytes for t in self.tensors],
             "bits_per_weight": [round(t.bits_per_weight, 3) for t in self.tensors],
             "offset": [t.offset for t in self.tensors],
+            "group": [t.group for t in self.tensors],
             "layer": pd.array([t.layer for t in self.tensors], dtype="Int64"),
         })
 
     def summary(self) -> dict[str, Any]:
-        """Counts and bytes by type and by layer, bits per weight, file size against tensor bytes."""
+        """Counts and bytes by type and by layer (indexed by group and layer: ``("blk", 3)``; tensors
+        outside every block left out), bits per weight, file size against tensor bytes."""
         df = self.tensors_df()
         tensor_bytes = int(df["n_bytes"].sum()) if len(df) else 0
         n_elem = int(df["n_elements"].sum()) if len(df) else 0
         by_type = df.groupby("type").agg(count=("name", "size"), n_bytes=("n_bytes", "sum"),
                                          n_elements=("n_elements", "sum")).sort_values("n_bytes", ascending=False)
-        by_layer = df.dropna(subset=["layer"]).groupby("layer").agg(count=("name", "size"), n_bytes=("n_bytes", "sum"))
+        by_layer = df.dropna(subset=["layer"]).groupby(["group", "layer"]).agg(count=("name", "size"), n_bytes=("n_bytes", "sum"))
         return {
             "path": self.path, "architecture": self.architecture, "version": self.version,
             "n_tensors": len(self.tensors), "n_elements": n_elem, "tensor_bytes": tensor_bytes,
