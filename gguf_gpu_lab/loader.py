@@ -621,8 +621,9 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         backend: "auto", "cupy", "host" or a backend object.
 
     Example:
-        >>> r = load("model.gguf", mode="gpu", dtype="float16")   # doctest: +SKIP
+        >>> r = load("model.gguf", mode="gpu", dtype="float16")   # without a GPU, on the host backend
         >>> r["blk.0.attn_q.weight"].array.shape
+        (256, 256)
     """
     opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, read, staging_mb, order, profile).check()
     be = get_backend(backend, device)  # (its notice before any bar)

@@ -324,8 +324,11 @@ class GGUFModel:
         in a running preload is taken out of its queue and loaded at once.
 
         Example:
-            >>> w = model.tensor("blk.0.attn_q.weight")            # doctest: +SKIP
-            >>> w.array.dtype, w.to_torch().shape
+            >>> w = model.tensor("blk.0.attn_q.weight")        # on the GPU; without one, the host backend
+            >>> w.array.dtype, w.array.shape
+            (dtype('float16'), (256, 256))
+            >>> model.tensor("blk.0.attn_q.weight") is w       # served from the cache
+            True
         """
         from .device import get_backend
         from .loader import load
@@ -345,8 +348,11 @@ class GGUFModel:
         ``progress``, ``wait()`` and ``cancel()``; ``tensor()`` calls jump the queue.
 
         Example:
-            >>> h = model.preload(order="layer")                     # doctest: +SKIP
-            >>> h.wait(); model.cache_info()
+            >>> h = model.preload(order="layer")
+            >>> h.wait()
+            True
+            >>> model.cache_info()["entries"] == len(model)
+            True
         """
         from .cache import PreloadHandle
         from .device import get_backend
@@ -407,9 +413,10 @@ def open_model(path: str | os.PathLike) -> GGUFModel:
     """Open and validate a GGUF file (no tensor data is read).
 
     Example:
-        >>> with open_model("model.gguf") as m:          # doctest: +SKIP
+        >>> with open_model("model.gguf") as m:
         ...     print(m.architecture, len(m.tensors))
         ...     w = m.dequantize("blk.0.attn_q.weight")
+        llama 21
     """
     return GGUFModel(path)
 

@@ -52,7 +52,10 @@ class ModelExplorer:
     slice, and the difference between CPU and GPU dequantization (where a GPU is present).
 
     Example:
-        >>> ModelExplorer(model).ui          # doctest: +SKIP
+        >>> explorer = ModelExplorer(model)          # in a notebook, show explorer.ui
+        >>> explorer.filter.value = "attn_q"         # what typing into the filter box does
+        >>> explorer.choice.options
+        ('blk.0.attn_q.weight', 'blk.1.attn_q.weight')
     """
 
     def __init__(self, model, *, max_rows: int = 30, heatmap: int = 64):
@@ -140,7 +143,11 @@ class LoadLab:
     heatmap of GB/s.
 
     Example:
-        >>> LoadLab("model.gguf").ui           # doctest: +SKIP
+        >>> load_lab = LoadLab("model.gguf")         # in a notebook, show load_lab.ui
+        >>> load_lab.streams.value = 2               # what moving the slider does
+        >>> r = load_lab.on_run()                    # what pressing "run" does
+        >>> r.options.streams, list(load_lab.runs)
+        (2, ['#1 gpu s2 c16 r4'])
     """
 
     def __init__(self, path: str, *, backend: str = "auto"):

@@ -2,35 +2,6 @@ import numpy as np
 import pytest
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a GPU through CuPy; skipped with a reason where none is found")
-    config.addinivalue_line("markers", "slow: long-running; sampled versions run in CI")
-
-
-def _gpu_reason() -> str | None:
-    try:
-        import cupy
-    except Exception as e:  # ImportError, or a broken CUDA/ROCm install
-        return f"CuPy is not importable ({type(e).__name__}: {e})"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:
-        return f"CuPy finds no usable GPU ({type(e).__name__}: {e})"
-    return None if n > 0 else "CuPy reports 0 GPUs"
-
-
-_REASON = _gpu_reason()
-
-
-def pytest_collection_modifyitems(config, items):
-    if _REASON is None:
-        return
-    skip = pytest.mark.skip(reason=f"no GPU: {_REASON}")
-    for item in items:
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip)
-
-
 @pytest.fixture
 def rng():
     return np.random.Generator(np.random.SFC64(1234))
