@@ -58,6 +58,8 @@ def _docstring_examples(request):
     if not isinstance(request.node, DoctestItem):
         yield
         return
+    if request.node.name.startswith("gguf_gpu_lab.widgets."):
+        pytest.importorskip("ipywidgets", reason="the dashboards need ipywidgets (the test and notebook extras)")
     from gguf_gpu_lab import open_model
 
     tmp_path = request.getfixturevalue("tmp_path")

@@ -255,7 +255,7 @@ class GGUFModel:
             "n_bytes": [t.n_bytes for t in self.tensors],
             "bits_per_weight": [round(t.bits_per_weight, 3) for t in self.tensors],
             "offset": [t.offset for t in self.tensors],
-            "group": [t.group for t in self.tensors],
+            "group": pd.Series([t.group for t in self.tensors], dtype=object),  # None outside blocks, not NaN
             "layer": pd.array([t.layer for t in self.tensors], dtype="Int64"),
         })
 

@@ -36,7 +36,7 @@ def layer_key(tensors: Sequence) -> Callable:
     def key(t):
         b = block(t.name)
         if b is not None:
-            return (1, stacks.get(b[0], len(stacks)), b[1], t.offset)
+            return (1, stacks[b[0]], b[1], t.offset)
         return (0 if "embd" in t.name else 2, 0, 0, t.offset)
 
     return key
