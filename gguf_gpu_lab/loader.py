@@ -182,9 +182,10 @@ def select(tensors: Sequence[TensorInfo], names=None, order="file") -> list[Tens
         return sorted(chosen, key=lambda t: t.offset)
     if order == "largest":
         return sorted(chosen, key=lambda t: (-t.n_bytes, t.offset))
-    if order == "layer":
-        return sorted(chosen, key=lambda t: (-1 if t.layer is None and t.name.startswith("token_embd") else
-                                             (1 << 30) if t.layer is None else t.layer, t.offset))
+    if order == "layer":  # embeddings, each stack's blocks (a decoder's, a vision tower's...), the rest
+        from .naming import layer_key
+
+        return sorted(chosen, key=layer_key(chosen))
     raise GGUFLabError(f"order must be one of {', '.join(ORDERS)} or a callable, got {order!r}")
 
 
@@ -695,8 +696,9 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         backend: "auto", "cupy", "host" or a backend object.
 
     Example:
-        >>> r = load("model.gguf", mode="gpu", dtype="float16")   # doctest: +SKIP
+        >>> r = load("model.gguf", mode="gpu", dtype="float16")   # without a GPU, on the host backend
         >>> r["blk.0.attn_q.weight"].array.shape
+        (256, 256)
     """
     opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, read, staging_mb, order, profile).check()
     be = get_backend(backend, device)  # (its notice before any bar)

@@ -7,7 +7,6 @@ import difflib
 import html
 import math
 import os
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -15,19 +14,21 @@ from typing import Any, Iterator
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from . import quant
+from . import naming, quant
 from .errors import GGUFFormatError, GGUFLabError, ModelNotFoundError, TensorNotFoundError
 from .header import Field, Header, map_file
 
 _ARRAY_SUMMARY_LEN = 8  # metadata arrays longer than this are summarised
 _NUMERIC = frozenset(GGUFValueType) - {GGUFValueType.STRING, GGUFValueType.ARRAY}
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+_LAYER_RE = naming.BLOCK_RE  # a block of any stack: "blk.3." or a vision tower's "v.blk.3."
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of a GGUF file. ``shape`` is in GGUF order (fastest dimension first),
-    ``np_shape`` in row-major NumPy order; ``offset`` is the absolute file offset of its data."""
+    ``np_shape`` in row-major NumPy order; ``offset`` is the absolute file offset of its data.
+    ``layer`` is the index of its block and ``group`` the stack of that block (``"blk"`` for a
+    decoder, ``"v.blk"`` for a vision tower, ...); both None outside every block."""
 
     name: str
     ggml_type: GGMLQuantizationType
@@ -37,6 +38,11 @@ class TensorInfo:
     n_bytes: int
     offset: int
     layer: int | None
+
+    @property
+    def group(self) -> str | None:
+        b = naming.block(self.name)
+        return None if b is None else b[0]
 
     @property
     def type_name(self) -> str:
@@ -192,17 +198,19 @@ class GGUFModel:
             "n_bytes": [t.n_bytes for t in self.tensors],
             "bits_per_weight": [round(t.bits_per_weight, 3) for t in self.tensors],
             "offset": [t.offset for t in self.tensors],
+            "group": pd.Series([t.group for t in self.tensors], dtype=object),  # None outside blocks, not NaN
             "layer": pd.array([t.layer for t in self.tensors], dtype="Int64"),
         })
 
     def summary(self) -> dict[str, Any]:
-        """Counts and bytes by type and by layer, bits per weight, file size against tensor bytes."""
+        """Counts and bytes by type and by layer (indexed by group and layer: ``("blk", 3)``; tensors
+        outside every block left out), bits per weight, file size against tensor bytes."""
         df = self.tensors_df()
         tensor_bytes = int(df["n_bytes"].sum()) if len(df) else 0
         n_elem = int(df["n_elements"].sum()) if len(df) else 0
         by_type = df.groupby("type").agg(count=("name", "size"), n_bytes=("n_bytes", "sum"),
                                          n_elements=("n_elements", "sum")).sort_values("n_bytes", ascending=False)
-        by_layer = df.dropna(subset=["layer"]).groupby("layer").agg(count=("name", "size"), n_bytes=("n_bytes", "sum"))
+        by_layer = df.dropna(subset=["layer"]).groupby(["group", "layer"]).agg(count=("name", "size"), n_bytes=("n_bytes", "sum"))
         return {
             "path": self.path, "architecture": self.architecture, "version": self.version,
             "n_tensors": len(self.tensors), "n_elements": n_elem, "tensor_bytes": tensor_bytes,
@@ -259,8 +267,11 @@ class GGUFModel:
         in a running preload is taken out of its queue and loaded at once.
 
         Example:
-            >>> w = model.tensor("blk.0.attn_q.weight")            # doctest: +SKIP
-            >>> w.array.dtype, w.to_torch().shape
+            >>> w = model.tensor("blk.0.attn_q.weight")        # on the GPU; without one, the host backend
+            >>> w.array.dtype, w.array.shape
+            (dtype('float16'), (256, 256))
+            >>> model.tensor("blk.0.attn_q.weight") is w       # served from the cache
+            True
         """
         from .device import get_backend
         from .loader import load
@@ -280,8 +291,11 @@ class GGUFModel:
         ``progress``, ``wait()`` and ``cancel()``; ``tensor()`` calls jump the queue.
 
         Example:
-            >>> h = model.preload(order="layer")                     # doctest: +SKIP
-            >>> h.wait(); model.cache_info()
+            >>> h = model.preload(order="layer")
+            >>> h.wait()
+            True
+            >>> model.cache_info()["entries"] == len(model)
+            True
         """
         from .cache import PreloadHandle
         from .device import get_backend
@@ -376,9 +390,10 @@ def open_model(path: str | os.PathLike) -> GGUFModel:
     """Open and validate a GGUF file (no tensor data is read).
 
     Example:
-        >>> with open_model("model.gguf") as m:          # doctest: +SKIP
+        >>> with open_model("model.gguf") as m:
         ...     print(m.architecture, len(m.tensors))
         ...     w = m.dequantize("blk.0.attn_q.weight")
+        llama 21
     """
     return GGUFModel(path)
 

@@ -1,5 +1,6 @@
 """Matplotlib figures of a load and of a model. Each function returns the Figure and accepts
-``ax=`` to draw into an existing axes."""
+``ax=`` to draw into an existing axes. Pyplot lets go of each figure as soon as it is made, so a
+notebook shows a returned figure once and no figure is left open."""
 
 from __future__ import annotations
 
@@ -13,12 +14,24 @@ from .profiler import merge_spans  # noqa: F401  (also part of this module's API
 STAGE_COLORS = {"read": "#4C72B0", "cpu_dequant": "#8172B2", "h2d": "#DD8452", "dequant": "#55A868"}
 
 
+def _ipympl() -> bool:
+    import matplotlib
+
+    return "ipympl" in matplotlib.get_backend() or matplotlib.get_backend() == "widget"
+
+
 def _axes(ax, figsize):
     import matplotlib.pyplot as plt
 
     if ax is not None:
         return ax.figure, ax
-    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    # made through pyplot, which sets up a notebook's inline backend to show a returned figure,
+    # then let go of at once, so that backend does not show it a second time (ipympl's canvas,
+    # the figure's widget, needs it kept; made under ioff(), it is shown only when returned)
+    with plt.ioff():
+        fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    if not _ipympl():
+        plt.close(fig)
     return fig, ax
 
 
@@ -105,13 +118,21 @@ def stage_bandwidth(profile, peaks: Mapping[str, float] | None = None, ax=None):
 
 
 def model_bytes(model, by: str = "type", ax=None):
-    """A model's tensor bytes by type or by layer."""
+    """A model's tensor bytes by type or by layer (bars labelled by index where every block is a
+    decoder's ``blk.N``, by ``group.N`` where there are other stacks such as ``v.blk``)."""
     s = model.summary()
     if by not in ("type", "layer"):
         raise ValueError(f"by must be 'type' or 'layer', got {by!r}")
     fig, ax = _axes(ax, (8, 3.2))
     data = s["by_type"] if by == "type" else s["by_layer"]
-    (data["n_bytes"] / 2**20).plot.bar(ax=ax, color="#4C72B0")
+    if by == "layer":
+        groups = set(data.index.get_level_values("group"))
+        data = data.set_axis([str(i) if groups == {"blk"} else f"{g}.{i}" for g, i in data.index])
+    if len(data):
+        (data["n_bytes"] / 2**20).plot.bar(ax=ax, color="#4C72B0")
+    else:
+        ax.text(0.5, 0.5, f"no tensor belongs to a {by}", ha="center", va="center",
+                transform=ax.transAxes)
     ax.set_ylabel("MiB")
     ax.set_xlabel(by)
     ax.set_title(f"{s['n_tensors']} tensors, {s['tensor_bytes'] / 2**20:.1f} MiB, by {by}")

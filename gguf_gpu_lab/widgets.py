@@ -1,13 +1,17 @@
 """ipywidgets dashboards: a model explorer and a load lab. Figures are made under
-``plt.ioff()`` and shown through the ipympl canvas when that backend is active, otherwise in
-an Output widget (the inline backend). Jupyter-only imports stay in this module."""
+``plt.ioff()`` and shown through the ipympl canvas when that backend is active, otherwise made
+without pyplot and shown as a PNG in an Image widget (the inline backend), so no stray figure
+is shown or printed. Jupyter-only imports stay in this module."""
 
 from __future__ import annotations
 
+import io
 import itertools
 from typing import Any
 
 import numpy as np
+
+from .plots import _ipympl
 
 
 def _widgets():
@@ -18,32 +22,29 @@ def _widgets():
     return w
 
 
-def _ipympl() -> bool:
-    import matplotlib
-
-    return "ipympl" in matplotlib.get_backend() or matplotlib.get_backend() == "widget"
-
-
 class _FigurePane:
     """A matplotlib figure inside a widget layout, redrawn in place."""
 
     def __init__(self, figsize):
         import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         w = _widgets()
-        with plt.ioff():
-            self.fig = plt.figure(figsize=figsize, layout="constrained")
-        self.widget = self.fig.canvas if _ipympl() else w.Output()
+        if _ipympl():
+            with plt.ioff():
+                self.fig = plt.figure(figsize=figsize, layout="constrained")
+            self.widget = self.fig.canvas
+        else:
+            self.fig = Figure(figsize=figsize, layout="constrained")
+            self.widget = w.Image(format="png")
 
     def draw(self):
         if _ipympl():
             self.fig.canvas.draw_idle()
             return
-        from IPython.display import display
-
-        self.widget.clear_output(wait=True)
-        with self.widget:
-            display(self.fig)
+        buf = io.BytesIO()
+        self.fig.savefig(buf, format="png")
+        self.widget.value = buf.getvalue()
 
 
 class ModelExplorer:
@@ -51,7 +52,10 @@ class ModelExplorer:
     slice, and the difference between CPU and GPU dequantization (where a GPU is present).
 
     Example:
-        >>> ModelExplorer(model).ui          # doctest: +SKIP
+        >>> explorer = ModelExplorer(model)          # in a notebook, show explorer.ui
+        >>> explorer.filter.value = "attn_q"         # what typing into the filter box does
+        >>> explorer.choice.options
+        ('blk.0.attn_q.weight', 'blk.1.attn_q.weight')
     """
 
     def __init__(self, model, *, max_rows: int = 30, heatmap: int = 64):
@@ -108,7 +112,8 @@ class ModelExplorer:
         a1, a2 = fig.subplots(1, 2)
         a1.hist(flat, bins=100, color="#4C72B0")
         a1.set_title("values")
-        sl = x if x.ndim == 2 else flat[: self.heatmap * self.heatmap].reshape(-1, min(self.heatmap, flat.size))
+        width = min(self.heatmap, flat.size)  # not 2-D: whole rows of the first values, any size
+        sl = x if x.ndim == 2 else flat[: min(self.heatmap, flat.size // width) * width].reshape(-1, width)
         im = a2.imshow(sl[: self.heatmap, : self.heatmap], aspect="auto", cmap="RdBu_r")
         fig.colorbar(im, ax=a2)
         a2.set_title(f"first {min(self.heatmap, sl.shape[0])}×{min(self.heatmap, sl.shape[-1])}")
@@ -138,7 +143,11 @@ class LoadLab:
     heatmap of GB/s.
 
     Example:
-        >>> LoadLab("model.gguf").ui           # doctest: +SKIP
+        >>> load_lab = LoadLab("model.gguf")         # in a notebook, show load_lab.ui
+        >>> load_lab.streams.value = 2               # what moving the slider does
+        >>> r = load_lab.on_run()                    # what pressing "run" does
+        >>> r.options.streams, list(load_lab.runs)
+        (2, ['#1 gpu s2 c16 r4'])
     """
 
     def __init__(self, path: str, *, backend: str = "auto"):
@@ -196,6 +205,10 @@ class LoadLab:
         return r
 
     def on_sweep(self, _button=None, streams=(1, 2, 4, 8), chunks=(4.0, 16.0, 64.0)):
+        """Load once per streams × chunk size; returns the GB/s as a DataFrame (index: streams,
+        columns: chunk MiB), also kept as ``self.sweep``, and draws it as a heatmap."""
+        import pandas as pd
+
         from .loader import load
 
         grid = np.zeros((len(streams), len(chunks)))
@@ -218,5 +231,6 @@ class LoadLab:
         fig.colorbar(im, ax=ax, label="GB/s")
         ax.set_title(f"{base['mode']} mode: GB/s")
         self.sweep_pane.draw()
-        self.sweep = grid
-        return grid
+        self.sweep = pd.DataFrame(grid, index=pd.Index(streams, name="streams"),
+                                  columns=pd.Index(chunks, name="chunk_mb"))
+        return self.sweep

@@ -35,6 +35,13 @@ def test_synth_inspect_dequant_check(tmp_path, capsys):
     assert main(["check", p]) == 0
 
 
+def test_inspect_json_of_a_model_without_decoder_blocks(no_block_model, capsys):
+    assert main(["inspect", str(no_block_model), "--json", "--tensors"]) == 0
+    doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    rows = {t["name"]: (t["group"], t["layer"]) for t in doc["tensors"]}
+    assert rows["v.blk.1.attn_q.weight"] == ("v.blk", 1) and rows["mm.0.weight"] == (None, None)
+
+
 def test_check_exit_code_on_problem(tmp_path, capsys):
     import gguf_gpu_lab as lab
 

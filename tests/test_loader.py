@@ -65,6 +65,16 @@ def test_orders_and_filters(small_model):
             load(m, tensors=["nope"], backend="host")
 
 
+def test_layer_order_of_other_stacks(no_block_model):
+    with open_model(no_block_model) as m:
+        order = [t.name for t in select(m.tensors, order="layer")]
+        # embeddings, then each stack in file order (the vision tower starts first), the rest last
+        assert order == ["v.patch_embd.weight", "v.blk.0.attn_q.weight", "v.blk.1.attn_q.weight",
+                         "enc.blk.0.ffn_up.weight", "v.post_ln.weight", "mm.0.weight"]
+        r = load(m, order="layer", backend="host")
+        assert set(r) == set(order)
+
+
 def test_plan_chunks_splits_and_batches(small_model):
     with open_model(small_model) as m:
         ts = select(m.tensors)

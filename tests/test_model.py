@@ -34,7 +34,7 @@ def test_tensor_table_and_summary(small_model):
     with lab.open_model(small_model) as m:
         df = m.tensors_df()
         assert isinstance(df, pd.DataFrame) and len(df) == len(m.tensors)
-        assert {"name", "type", "shape", "n_elements", "n_bytes", "offset", "layer", "bits_per_weight"} <= set(df.columns)
+        assert {"name", "type", "shape", "n_elements", "n_bytes", "offset", "group", "layer", "bits_per_weight"} <= set(df.columns)
         s = m.summary()
         assert s["tensor_bytes"] == df["n_bytes"].sum()
         assert s["file_size"] == os.path.getsize(small_model) > s["tensor_bytes"]
@@ -43,6 +43,26 @@ def test_tensor_table_and_summary(small_model):
         assert 4.5 < s["bits_per_weight"] < 6
         html = m._repr_html_()
         assert "Q4_K" in html and "llama" in html
+
+
+def test_blocks_of_other_stacks_and_none(no_block_model, small_model):
+    from gguf_gpu_lab.naming import block
+
+    assert block("blk.12.ffn_up.weight") == ("blk", 12) and block("a.blk.0.x") == ("a.blk", 0)
+    assert block("enc.blk.3.attn_k.weight") == ("enc.blk", 3) and block("blk.x.weight") is None
+    with lab.open_model(no_block_model) as m:
+        got = {t.name: (t.group, t.layer) for t in m.tensors}
+        assert got == {"v.patch_embd.weight": (None, None), "v.blk.0.attn_q.weight": ("v.blk", 0),
+                       "v.blk.1.attn_q.weight": ("v.blk", 1), "enc.blk.0.ffn_up.weight": ("enc.blk", 0),
+                       "v.post_ln.weight": (None, None), "mm.0.weight": (None, None)}
+        assert list(m.tensors_df()["group"]) == [g for g, _ in got.values()]
+        by_layer = m.summary()["by_layer"]
+        assert list(by_layer.index) == [("enc.blk", 0), ("v.blk", 0), ("v.blk", 1)]
+        assert list(by_layer["count"]) == [1, 1, 1]
+    with lab.open_model(small_model) as m:  # a plain decoder: one group
+        by_layer = m.summary()["by_layer"]
+        assert set(by_layer.index.get_level_values("group")) == {"blk"}
+        assert list(by_layer.index.get_level_values("layer")) == list(range(m.metadata["llama.block_count"]))
 
 
 def test_raw_is_zero_copy_and_matches_gguf_reader(small_model):

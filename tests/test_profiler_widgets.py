@@ -1,9 +1,11 @@
 """Profiler summaries, plots, trace export and the dashboards' logic (plain pytest, no browser)."""
 
 import json
+from io import BytesIO
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 
 matplotlib.use("Agg")
@@ -11,6 +13,8 @@ matplotlib.use("Agg")
 from gguf_gpu_lab import open_model, plots  # noqa: E402
 from gguf_gpu_lab.loader import load  # noqa: E402
 from gguf_gpu_lab.profiler import Profile, Span, compare, union_us  # noqa: E402
+
+PNG = b"\x89PNG"
 
 
 def _profile():
@@ -56,8 +60,6 @@ def test_chrome_trace(tmp_path):
 
 
 def test_csv_round_trip(tmp_path):
-    import pandas as pd
-
     p = _profile()
     back = Profile.from_df(pd.read_csv(p.to_csv(str(tmp_path / "s.csv"))))
     assert back.stage_summary().equals(p.stage_summary())
@@ -87,6 +89,36 @@ def test_plots_from_a_real_load(small_model):
     plt.close("all")
 
 
+def test_plots_leave_no_pyplot_figure(small_model, no_block_model):
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    r = load(small_model, chunk_mb=0.1, backend="host")
+    figs = [plots.timeline(r.profile), plots.throughput(r.profile), plots.stage_bandwidth(r.profile)]
+    with open_model(no_block_model) as m:
+        layers = plots.model_bytes(m, "layer")
+        figs.append(layers)
+    # pyplot keeps none of them, so a notebook shows each only as the cell's result
+    assert plt.get_fignums() == []
+    assert [t.get_text() for t in layers.axes[0].get_xticklabels()] == ["enc.blk.0", "v.blk.0", "v.blk.1"]
+    for fig in figs:
+        fig.savefig(BytesIO(), format="png")
+    with open_model(small_model) as m:
+        labels = [t.get_text() for t in plots.model_bytes(m, "layer").axes[0].get_xticklabels()]
+        assert labels == [str(i) for i in range(m.metadata["llama.block_count"])]
+
+
+def test_model_bytes_without_layers(tmp_path):
+    from .gguf_bytes import GGUFBytes, f32_tensor
+
+    path = GGUFBytes(tensors=[f32_tensor("mm.0.weight", 32), f32_tensor("mm.2.bias", 32)]).write(tmp_path / "loose.gguf")
+    with open_model(path) as m:
+        assert m.summary()["by_layer"].empty
+        fig = plots.model_bytes(m, "layer")
+        assert "no tensor belongs to a layer" in [t.get_text() for t in fig.axes[0].texts]
+        fig.savefig(BytesIO(), format="png")
+
+
 def test_compare_runs(small_model):
     a = load(small_model, chunk_mb=0.1, streams=1, backend="host")
     b = load(small_model, chunk_mb=0.1, streams=4, backend="host")
@@ -110,14 +142,35 @@ def test_model_explorer_logic(small_model):
         assert all("ffn_down" in n for n in ex.choice.options)
         ex.choice.value = ex.choice.options[-1]
         assert ex.choice.value in ex.stats.value and "std" in ex.stats.value and "no GPU here" in ex.stats.value
-        assert ex.pane.fig.axes
+        assert ex.pane.fig.axes and ex.pane.widget.value[:4] == PNG
 
 
-def test_load_lab_logic(small_model):
+def test_model_explorer_without_decoder_blocks(no_block_model, capsys):
     pytest.importorskip("ipywidgets")
+    import matplotlib.pyplot as plt
+
+    from gguf_gpu_lab.widgets import ModelExplorer
+
+    plt.close("all")
+    with open_model(no_block_model) as m:
+        ex = ModelExplorer(m)
+        assert "v.blk" in ex.table.value and "enc.blk" in ex.table.value
+        for name in ex.choice.options:  # every tensor: 4-D, 1-D of 100 values, quantized...
+            ex.choice.value = name
+            assert name in ex.stats.value and ex.pane.widget.value[:4] == PNG
+    assert plt.get_fignums() == [] and capsys.readouterr().out == ""  # nothing shown or printed outside
+
+
+def test_load_lab_logic(small_model, capsys):
+    pytest.importorskip("ipywidgets")
+    import matplotlib.pyplot as plt
+
     from gguf_gpu_lab.widgets import LoadLab
 
+    plt.close("all")
     lab = LoadLab(str(small_model), backend="host")
+    # no empty figure under the widget, none printed outside Jupyter
+    assert plt.get_fignums() == [] and capsys.readouterr().out == "" and len(lab.pane.widget.value) == 0
     lab.mode.value = "raw"
     lab.streams.value = 2
     lab.chunk_mb.value = 0.25
@@ -126,5 +179,10 @@ def test_load_lab_logic(small_model):
     lab.mode.value = "gpu"
     lab.on_run()
     assert len(lab.runs) == 2 and "#2 gpu" in lab.compare_table.value and "GB/s" in lab.summary.value
-    grid = lab.on_sweep(streams=(1, 2), chunks=(0.25, 1.0))
-    assert grid.shape == (2, 2) and (grid > 0).all() and lab.sweep_pane.fig.axes
+    assert lab.pane.widget.value[:4] == PNG
+    sweep = lab.on_sweep(streams=(1, 2), chunks=(0.25, 1.0))
+    assert isinstance(sweep, pd.DataFrame) and sweep is lab.sweep
+    assert sweep.index.name == "streams" and list(sweep.index) == [1, 2]
+    assert sweep.columns.name == "chunk_mb" and list(sweep.columns) == [0.25, 1.0]
+    assert (sweep.to_numpy() > 0).all() and lab.sweep_pane.widget.value[:4] == PNG
+    assert plt.get_fignums() == []

@@ -171,10 +171,11 @@ def dequantize_gpu(raw, ggml_type, shape: Sequence[int] | None = None, dtype="fl
         ``out``, or a new array of ``shape``.
 
     Example:
-        >>> import cupy, numpy as np                                    # doctest: +SKIP
-        >>> blk = np.zeros(34, np.uint8); blk[:2] = np.float16(1).view(np.uint8).reshape(1)
-        >>> dequantize_gpu(cupy.asarray(blk), "Q8_0", dtype="float32")[:2]
-        array([0., 0.], dtype=float32)
+        >>> import cupy, numpy as np
+        >>> blk = np.zeros(34, np.uint8); blk[:2] = np.array([1.0], np.float16).view(np.uint8)
+        >>> blk[2:4] = (3, 254)                               # the first two int8 weights: 3, -2
+        >>> dequantize_gpu(cupy.asarray(blk), "Q8_0", dtype="float32")[:3]
+        array([ 3., -2.,  0.], dtype=float32)
     """
     cupy = _cupy()
     spec = type_spec(ggml_type)
