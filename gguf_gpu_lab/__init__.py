@@ -41,7 +41,7 @@ def check(model, *, max_problems: int = 100) -> list[Problem]:
     model or a path (``[]`` when every value is finite).
 
     Example:
-        >>> lab.check("gguf-lab-demo/synthetic-25M-Q4_K_M.gguf")         # doctest: +SKIP
+        >>> check("model.gguf")
         []
     """
     if isinstance(model, GGUFModel):

@@ -11,7 +11,14 @@ import numpy as np
 
 from .profiler import merge_spans  # noqa: F401  (also part of this module's API)
 
-STAGE_COLORS = {"read": "#4C72B0", "cpu_dequant": "#8172B2", "h2d": "#DD8452", "dequant": "#55A868"}
+STAGE_COLORS = {"read": "#4C72B0", "cpu_dequant": "#8172B2", "h2d": "#DD8452", "dequant": "#55A868",
+                "d2d": "#C44E52", "pin staging": "#937860", "allocate outputs": "#8C8C8C", "kernels": "#CCB974"}
+# what a device bar means, by how the device work was timed (the profile's meta["device_timing"])
+DEVICE_TIMING_NOTE = {
+    "events": "stream bars: from the stream reaching the work to its end (a copy waiting for the one copy "
+              "engine counts as busy)",
+    "cupti": "copy engine and kernels: when the hardware ran each copy and kernel (CUPTI)",
+}
 
 
 def _ipympl() -> bool:
@@ -38,14 +45,16 @@ def _axes(ax, figsize):
 def _lane_order(lanes) -> list[str]:
     def key(name: str):
         kind, _, num = name.partition(" ")
-        rank = {"reader": 0, "main": 1, "lane": 2, "stream": 3}.get(kind, 4)
+        rank = {"reader": 0, "main": 1, "lane": 2, "stream": 3, "copy": 4, "kernels": 5, "setup": 7}.get(kind, 6)
         return (rank, int(num) if num.isdigit() else 0, name)
 
     return sorted(set(lanes), key=key)
 
 
 def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None):
-    """Per-lane timeline (reader threads, then streams), one bar per span, coloured by stage."""
+    """Per-lane timeline (reader threads, then streams, or with ``profile="cupti"`` the copy
+    engine and the kernels, then the first load's setup), one bar per span, coloured by stage;
+    the caption says what a device bar means."""
     df = profile.df
     lanes = _lane_order(df["lane"])
     fig, ax = _axes(ax, (11, 0.45 * len(lanes) + 1.4))
@@ -70,6 +79,10 @@ def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None
     meta = profile.meta
     ax.set_title(title or f"{meta.get('mode', '')} load on {meta.get('backend', '')}: "
                  f"{len(df)} spans, {profile.wall_s * 1e3:.1f} ms")
+    note = DEVICE_TIMING_NOTE.get(meta.get("device_timing", ""))
+    if note and meta.get("backend") != "host":
+        ax.annotate(note, (0, 0), xycoords="figure fraction", xytext=(6, 4), textcoords="offset points",
+                    fontsize="x-small", color="#555555")
     return fig
 
 

@@ -186,3 +186,19 @@ def test_load_lab_logic(small_model, capsys):
     assert sweep.columns.name == "chunk_mb" and list(sweep.columns) == [0.25, 1.0]
     assert (sweep.to_numpy() > 0).all() and lab.sweep_pane.widget.value[:4] == PNG
     assert plt.get_fignums() == []
+
+
+def test_timeline_says_what_a_device_bar_means():
+    ms = 1_000_000
+    spans = [Span("reader 0", "read", 0, "a", 10, 0, 2 * ms), Span("copy engine", "h2d", 0, "a", 10, 2 * ms, 3 * ms),
+             Span("kernels", "dequant", 0, "a", 10, 3 * ms, 4 * ms), Span("setup", "pin staging", -1, "", 0, 0, ms),
+             Span("stream 0", "h2d", 0, "a", 10, 2 * ms, 3 * ms)]
+    for timing in ("cupti", "events"):
+        p = Profile.from_spans(spans, 0, 0.004, meta={"backend": "cupy", "device_timing": timing})
+        fig = plots.timeline(p)
+        texts = [t.get_text() for t in fig.axes[0].texts]
+        assert texts == [plots.DEVICE_TIMING_NOTE[timing]]
+        assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
+            "reader 0", "stream 0", "copy engine", "kernels", "setup"]
+    host = Profile.from_spans(spans[:1], 0, 0.004, meta={"backend": "host", "device_timing": "events"})
+    assert plots.timeline(host).axes[0].texts == []
