@@ -153,6 +153,7 @@ class PreloadHandle:
         self._done_bytes = 0
         self._done_n = 0
         self._total = sum(sizes[n] for n in names)
+        self._total_n = len(names)  # tensors, like the bytes: every one queued, less those taken
         self._current: str | None = None
         self._thread = threading.Thread(target=self._main, name="gguf-lab-preload", daemon=True)
 
@@ -201,13 +202,13 @@ class PreloadHandle:
             except ValueError:
                 return False
             self._total -= self._sizes[name]
+            self._total_n -= 1
             return True
 
     @property
     def progress(self) -> PreloadProgress:
         with self._lock:
-            return PreloadProgress(self._done_bytes, self._total, self._done_n,
-                                   self._done_n + len(self._queue) + (1 if self._current else 0), self._current)
+            return PreloadProgress(self._done_bytes, self._total, self._done_n, self._total_n, self._current)
 
     def done(self) -> bool:
         return not self._thread.is_alive()

@@ -9,13 +9,66 @@ import sys
 from typing import Sequence
 
 from .errors import GGUFLabError
+from .progress import ProgressBar, progress_bar
+
+BENCH_DIR = "gguf-lab-bench"  # under the working directory; the committed results are benchmarks/results
 
 
-def _progress_bar(desc: str, total: int | None = None, unit: str = "B"):
-    from tqdm.auto import tqdm
+def _whole(low: int, high: int | None = None):
+    """An argparse type: a whole number from ``low`` (to ``high``); argparse names the flag."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < low or (high is not None and n > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {n}")
+        return n
+    return parse
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024, leave=False,
-                disable=not sys.stderr.isatty() and os.environ.get("GGUF_LAB_PROGRESS") != "1")
+
+def _positive(text: str) -> float:
+    """An argparse type: a number above 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return x
+
+
+def _writable_dir(path: str, flag: str) -> None:
+    """Create ``path`` and check that it takes files, before the work whose results go there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise GGUFLabError(f"{flag} {path}: cannot create the folder ({e.strerror or type(e).__name__})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise GGUFLabError(f"{flag} {path}: cannot write into the folder")
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError on one line, never empty (some carry neither errno nor file name)."""
+    if e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename is not None else e.strerror
+    return str(e) or type(e).__name__
+
+
+def _show_value(key: str, v) -> str:
+    """A metadata value on one line: the file type named, long or multi-line strings shortened
+    with their length (``--json`` keeps them whole)."""
+    if key == "general.file_type" and isinstance(v, int):
+        from gguf import LlamaFileType
+
+        try:
+            return f"{v} ({LlamaFileType(v).name})"
+        except ValueError:
+            return f"{v} (not a llama.cpp file type)"
+    if isinstance(v, str) and (len(v) > 80 or "\n" in v):
+        return f"{v[:60]!r}... ({len(v):,} characters, {v.count(chr(10)) + 1} lines)"
+    return str(v)
 
 
 def _json_default(o):
@@ -46,7 +99,7 @@ def cmd_inspect(path: str, as_json: bool, tensors: bool) -> int:
               f"{s['bits_per_weight']:.2f} bits/weight")
         print("\nmetadata:")
         for k, v in m.metadata.items():
-            print(f"  {k} = {v}")
+            print(f"  {k} = {_show_value(k, v)}")
         print("\nby type:")
         print(s["by_type"].to_string())
         if tensors:
@@ -61,16 +114,9 @@ def cmd_inspect(path: str, as_json: bool, tensors: bool) -> int:
 def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = None) -> int:
     from .synth import synth
 
-    bar = _progress_bar(f"synth {params} {mix}")
-    last = [0]
-
-    def progress(done, total, name):
-        bar.total = total
-        bar.update(done - last[0])
-        last[0] = done
-
+    bar = ProgressBar(f"synth {params} {mix}")
     try:
-        r = synth(out, params, mix, seed, vocab=vocab, progress=progress)
+        r = synth(out, params, mix, seed, vocab=vocab, progress=bar)
     finally:
         bar.close()
     print(f"wrote {r.path}: {r.n_tensors} tensors, {r.n_params / 1e6:.1f} M weights, "
@@ -78,11 +124,13 @@ def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = No
     return 0
 
 
-def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool) -> int:
+def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool, bf16_bits: bool = False) -> int:
     import numpy as np
 
     from .model import open_model
 
+    if bf16_bits and dtype != "bfloat16":
+        raise GGUFLabError(f"--bf16-bits needs --dtype bfloat16, got --dtype {dtype}")
     with open_model(path) as m:
         t = m.info(name)
         x = m.dequantize(name, dtype)
@@ -96,8 +144,10 @@ def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool)
             if not ok:
                 return 1
         if out:
+            if dtype == "bfloat16":  # .npy has no bfloat16 (np.load would give void |V2): exact float32, or the bits
+                x = x.view(np.uint16) if bf16_bits else x.astype(np.float32)
             np.save(out, x)
-            print(f"saved {out}")
+            print(f"saved {out} ({x.dtype})")
     return 0
 
 
@@ -121,6 +171,14 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
 
     if cpu and dequant:
         raise GGUFLabError("choose one benchmark: --cpu, --dequant, or neither (the loader)")
+    if not cpu:  # before the loader benchmark writes its model (4.6 GiB for 8B)
+        from .device import _cupy_or_reason
+
+        reason = _cupy_or_reason()[1]
+        if reason is not None:
+            raise GGUFLabError(f"bench{' --dequant' if dequant else ''} needs a GPU: {reason}; "
+                               "bench --cpu runs without one")
+    _writable_dir(out_dir, "--out-dir")
     if not cpu and not dequant:
         from .bench_load import bench_load, format_load
 
@@ -145,18 +203,18 @@ def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, re
     from .model import open_model
     from .plots import write_profile
 
-    if repeat < 1:
-        raise GGUFLabError(f"--repeat must be at least 1, got {repeat}")
-    show = sys.stderr.isatty() or os.environ.get("GGUF_LAB_PROGRESS") == "1"
+    if profile_dir:
+        _writable_dir(profile_dir, "--profile")
     with open_model(path) as m:
         for i in range(repeat):
             # the first load in a process also pins the staging ring and grows the device pool;
             # later ones reuse both, as a process that loads often would
             r = load(m, mode=mode, dtype=dtype, streams=streams, chunk_mb=chunk_mb, readers=readers, order=order,
-                     backend=backend, progress=True if show else None)
+                     backend=backend, progress=True)
             which = f"load {i + 1} of {repeat}: " if repeat > 1 else ""
-            print(f"{which}loaded {len(r)} tensors ({r.file_bytes / 1e9:.3f} GB of file, {r.out_bytes / 1e9:.3f} GB on "
-                  f"the device) in {r.wall_s:.3f} s: {r.gb_s:.2f} GB/s, mode {mode}, backend {r.backend}")
+            where = "in host memory (host backend)" if r.backend == "host" else "on the device"
+            print(f"{which}loaded {len(r)} tensors ({r.file_bytes / 1e9:.3f} GB of file, {r.out_bytes / 1e9:.3f} GB "
+                  f"{where}) in {r.wall_s:.3f} s: {r.gb_s:.2f} GB/s, mode {mode}, backend {r.backend}")
             if i < repeat - 1:
                 del r
         if r.profile is not None:
@@ -173,7 +231,7 @@ def cmd_fuzz(cases: int, seed: int, out: str | None) -> int:
     from . import fuzz
     from .bench import machine_info
 
-    bar = _progress_bar("fuzz", total=cases, unit="case")
+    bar = progress_bar("fuzz", total=cases, unit="case")
     try:
         rep = fuzz.run(cases, seed, progress=lambda i: bar.update(1))
     finally:
@@ -193,7 +251,7 @@ def cmd_fuzz(cases: int, seed: int, out: str | None) -> int:
 def cmd_demo(out_dir: str, params: str, mix: str) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir, params=params, mix=mix, progress=_progress_bar)
+    run_demo(out_dir, params=params, mix=mix, progress=progress_bar)
     return 0
 
 
@@ -204,63 +262,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("inspect", help="show a model's metadata and tensor table")
-    s.add_argument("path")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--tensors", action="store_true", help="list every tensor")
+    s = sub.add_parser("inspect", help="show a model's metadata and bytes by tensor type (--tensors: every tensor)")
+    s.add_argument("path", help="GGUF model file")
+    s.add_argument("--json", action="store_true", help="machine-readable output (metadata values in full)")
+    s.add_argument("--tensors", action="store_true", help="also list every tensor: type, shape, bytes, offset, layer")
 
     s = sub.add_parser("synth", help="write a synthetic llama-shaped model")
     s.add_argument("out", help="output .gguf path")
     s.add_argument("--params", default="25M", help="size: 25M, 1B, 7B, ... (default 25M)")
     s.add_argument("--mix", default="Q4_K_M", help="Q4_0, Q8_0, Q4_K_M, Q6_K, F16 or all-types (default Q4_K_M)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0, help="the same seed writes the same bytes (default 0)")
     s.add_argument("--vocab", type=int, default=None,
                    help="vocabulary size: token list, scores and types, embedding rows (default: the size's own)")
 
     s = sub.add_parser("dequant", help="dequantize one tensor on the CPU")
-    s.add_argument("path")
-    s.add_argument("name")
-    s.add_argument("--out", help="save as .npy")
-    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("path", help="GGUF model file")
+    s.add_argument("name", help="tensor name, as inspect --tensors lists it (e.g. blk.0.attn_q.weight)")
+    s.add_argument("--out", help="save as .npy; bfloat16 is saved as its exact float32 values, since NumPy has "
+                                 "no bfloat16 (see --bf16-bits)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="output dtype (default float32); float16 and bfloat16 are rounded to nearest even")
+    s.add_argument("--bf16-bits", action="store_true",
+                   help="with --dtype bfloat16: save the bfloat16 bit patterns as uint16 instead of float32 values")
     s.add_argument("--verify", action="store_true", help="compare with gguf-py's dequantize")
 
     s = sub.add_parser("load", help="load a model onto the GPU (or the host backend) and report")
-    s.add_argument("path")
-    s.add_argument("--mode", default="gpu", choices=["gpu", "raw", "cpu", "sequential"])
-    s.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
-    s.add_argument("--streams", type=int, default=4)
-    s.add_argument("--chunk-mb", type=float, default=16.0)
-    s.add_argument("--readers", type=int, default=None, help="reader threads (default: two fewer than the cores, 2 to 14)")
-    s.add_argument("--order", default="file", choices=["file", "largest", "layer"])
-    s.add_argument("--backend", default="auto", choices=["auto", "cupy", "host"])
+    s.add_argument("path", help="GGUF model file")
+    s.add_argument("--mode", default="gpu", choices=["gpu", "raw", "cpu", "sequential"],
+                   help="gpu: upload quantized bytes, dequantize on the device; raw: upload and keep them quantized; "
+                        "cpu: dequantize on the CPU, then upload; sequential: one tensor at a time (default gpu)")
+    s.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"],
+                   help="dtype of the loaded tensors (default float16; not used by --mode raw)")
+    s.add_argument("--streams", type=_whole(1, 64), default=4, help="streams the chunks are spread over, 1 to 64 (default 4)")
+    s.add_argument("--chunk-mb", type=_positive, default=16.0,
+                   help="MiB of file per chunk: big tensors are split, small ones batched (default 16)")
+    s.add_argument("--readers", type=_whole(1, 256), default=None,
+                   help="reader threads (default: two fewer than the cores, 2 to 14)")
+    s.add_argument("--order", default="file", choices=["file", "largest", "layer"],
+                   help="the order tensors are loaded in (default file)")
+    s.add_argument("--backend", default="auto", choices=["auto", "cupy", "host"],
+                   help="cupy (a GPU), host (NumPy, no GPU) or auto: cupy where a GPU is usable (default auto)")
     s.add_argument("--profile", metavar="DIR", help="write the spans (CSV), the timeline (PNG) and a Chrome trace (JSON) here")
-    s.add_argument("--repeat", type=int, default=1,
+    s.add_argument("--repeat", type=_whole(1), default=1,
                    help="load N times, each reported (the first also pins the staging ring and grows the device "
                         "pool); the profile is the last load's")
 
     s = sub.add_parser("check", help="scan for NaN/Inf in float tensors and block scales (exit 1 if found)")
-    s.add_argument("path")
-    s.add_argument("--max-problems", type=int, default=100)
+    s.add_argument("path", help="GGUF model file")
+    s.add_argument("--max-problems", type=_whole(1), default=100, help="stop after this many problems (default 100)")
 
     s = sub.add_parser("bench", help="run a benchmark (default: the loader on the GPU) and save its JSON result")
-    s.add_argument("--cpu", action="store_true", help="CPU dequantization throughput")
+    s.add_argument("--cpu", action="store_true", help="CPU dequantization throughput (needs no GPU)")
     s.add_argument("--dequant", action="store_true", help="GPU dequantization throughput against a device copy")
     s.add_argument("--model", help="loader benchmark: this model (default: a synthetic one of --params)")
     s.add_argument("--params", default="8B", help="loader benchmark: synthetic model size (default 8B, ~4.6 GiB Q4_K_M)")
-    s.add_argument("--out-dir", default="benchmarks/results")
-    s.add_argument("--size-mb", type=int, default=256,
+    s.add_argument("--out-dir", default=BENCH_DIR,
+                   help=f"folder for the JSON result (default: {BENCH_DIR}/ under the working directory)")
+    s.add_argument("--size-mb", type=_whole(1), default=256,
                    help="output size per type: float32 MB for --cpu, float16 MiB for --dequant (default 256)")
     s.add_argument("--types", nargs="*", help="GGML types (default: Q4_0 Q8_0 Q4_K Q6_K for --cpu, every type for --dequant)")
 
     s = sub.add_parser("fuzz", help="fuzz the parser and CPU load path with mutated GGUF files (exit 1 on a failure)")
-    s.add_argument("--cases", type=int, default=10000)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cases", type=_whole(1), default=10000, help="how many mutated files (default 10000)")
+    s.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0, help="the same seed gives the same cases (default 0)")
     s.add_argument("--out", help="save the counts as JSON")
 
     s = sub.add_parser("demo", help="the main job on a built-in synthetic model")
-    s.add_argument("--out-dir", default="gguf-lab-demo")
-    s.add_argument("--params", default="25M")
-    s.add_argument("--mix", default="Q4_K_M")
+    s.add_argument("--out-dir", default="gguf-lab-demo", help="folder for the model, spans, timeline and trace "
+                                                              "(default gguf-lab-demo)")
+    s.add_argument("--params", default="25M", help="size of the synthetic model (default 25M)")
+    s.add_argument("--mix", default="Q4_K_M", help="quantization mix, as for synth (default Q4_K_M)")
     return p
 
 
@@ -272,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "synth":
             return cmd_synth(args.out, args.params, args.mix, args.seed, args.vocab)
         if args.command == "dequant":
-            return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify)
+            return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify, args.bf16_bits)
         if args.command == "load":
             return cmd_load(args.path, args.mode, args.dtype, args.streams, args.chunk_mb, args.readers, args.order,
                             args.backend, args.profile, args.repeat)
@@ -289,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gguf-gpu-lab: error: {msg}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"gguf-gpu-lab: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        print(f"gguf-gpu-lab: error: {_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gguf-gpu-lab: interrupted", file=sys.stderr)

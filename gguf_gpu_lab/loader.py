@@ -688,7 +688,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         order: "file", "largest", "layer" or a key function of ``TensorInfo``.
         tensors: names to load, or a predicate of ``TensorInfo``; default all.
         progress: ``progress(bytes_done, bytes_total, tensor)`` after each chunk; return False to
-            cancel. ``True`` shows a tqdm bar (an ipywidgets bar in notebooks).
+            cancel. ``True`` shows a tqdm bar in a notebook (ipywidgets) or a terminal (see
+            ``gguf_gpu_lab.progress``).
         profile: record spans (``result.profile``): True (or "events") times device work with
             CUDA/HIP events, which fire when a stream reaches them; "cupti" (NVIDIA, needs
             ``cupti-python``) records when each copy and kernel really ran, on a ``copy engine``
@@ -704,14 +705,9 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     be = get_backend(backend, device)  # (its notice before any bar)
     bar = None
     if progress is True:  # a tqdm bar: a widget in notebooks, text in terminals
-        from tqdm.auto import tqdm
+        from .progress import ProgressBar
 
-        bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=f"load ({mode})", leave=False)
-
-        def progress(done, total, name):
-            bar.total = total
-            bar.update(done - bar.n)
-            bar.set_postfix_str(name, refresh=False)
+        bar = progress = ProgressBar(f"load ({mode})")
     # a path is parsed once per process (and again only if the file changes): reloads reuse it
     model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
     try:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -217,6 +218,27 @@ def _tokens(n: int) -> list[str]:
     return [f"<tok{i}>" if i < 256 else f"{pieces[i % len(pieces)]}{i}" for i in range(n)]
 
 
+def file_bytes(plans: list[TensorPlan], tokens: list[str], alignment: int = 32) -> int:
+    """The file's size, from above by at most a few KB: the header (small metadata values, the
+    token list with its scores and types, the tensor infos) and each tensor's data, aligned."""
+    header = 4096  # magic, counts and the small metadata values, with room to spare
+    header += sum(8 + len(t.encode()) for t in tokens) + 2 * 4 * len(tokens)
+    header += sum(8 + len(p.name.encode()) + 4 + 8 * len(p.np_shape) + 4 + 8 for p in plans)
+    data = sum(-(-quant.type_spec(p.ggml_type).n_bytes(int(np.prod(p.np_shape))) // alignment) * alignment
+               for p in plans)
+    return header + alignment + data
+
+
+def _check_space(path: str, need: int) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if os.path.isfile(path):  # an old file there is replaced
+        free += os.path.getsize(path)
+    if need > free:
+        raise GGUFLabError(f"{path}: the model needs {need / 1e9:.2f} GB ({need} bytes), {folder} has "
+                           f"{free / 1e9:.2f} GB free ({free} bytes)")
+
+
 @dataclass(frozen=True)
 class SynthResult:
     path: str
@@ -256,6 +278,9 @@ def synth(
             (a sparse file that reads as zeros): for benchmarks of opening, which read no data.
         progress: called as ``progress(bytes_done, bytes_total, tensor_name)`` after each tensor.
 
+    Raises ``GGUFLabError`` before writing anything when the folder has less free space than the
+    file needs (both named).
+
     Example:
         >>> r = synth(tmp_path / "m.gguf", "10M", "Q4_0")
         >>> r.config.n_layer, r.n_tensors
@@ -269,6 +294,8 @@ def synth(
         cfg = dataclasses.replace(cfg, vocab=int(vocab))
     plans = _plan(cfg, mix)
     path = os.fspath(path)
+    tokens = _tokens(cfg.vocab)
+    _check_space(path, file_bytes(plans, tokens))  # before writing: a 1T model would fill the disk first
     w = GGUFWriter(path, "llama")
     w.add_name(f"synthetic llama {params} {mix}")
     w.add_string("general.source", "gguf-gpu-lab synth")
@@ -282,7 +309,7 @@ def synth(
     w.add_rope_dimension_count(cfg.n_embd // cfg.n_head)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_tokenizer_model("llama")
-    w.add_token_list(_tokens(cfg.vocab))
+    w.add_token_list(tokens)
     w.add_token_scores(np.linspace(0.0, -1.0, cfg.vocab, dtype=np.float32).tolist())
     w.add_token_types([3] * min(3, cfg.vocab) + [1] * max(0, cfg.vocab - 3))  # 3: control, 1: normal
     total = 0

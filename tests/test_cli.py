@@ -62,7 +62,6 @@ def test_check_exit_code_on_problem(tmp_path, capsys):
     (["synth", "{tmp}/x.gguf", "--mix", "nope"], "unknown mix"),
     (["dequant", "{model}", "missing.weight"], "no tensor named 'missing.weight'"),
     (["inspect", "{garbage}"], "bad magic"),
-    (["load", "{model}", "--repeat", "0", "--backend", "host"], "--repeat must be at least 1"),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, small_model, args, needle):
     garbage = tmp_path / "garbage.gguf"
@@ -113,4 +112,121 @@ def test_load_repeat_and_profile(tmp_path, small_model, capsys):
                  "--profile", str(tmp_path / "prof")]) == 0
     out = capsys.readouterr().out
     assert "load 1 of 3: loaded" in out and "load 3 of 3: loaded" in out
+    assert "GB in host memory (host backend))" in out and "on the device" not in out
     assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["spans.csv", "timeline.png", "trace.json"]
+
+
+@pytest.mark.parametrize("flags,what", [([], "bench"), (["--dequant"], "bench --dequant")])
+def test_bench_without_a_gpu_stops_before_any_work(tmp_path, monkeypatch, capsys, flags, what):
+    import gguf_gpu_lab.bench_gpu
+    import gguf_gpu_lab.bench_load
+    import gguf_gpu_lab.device
+
+    def never(*a, **k):
+        raise AssertionError("the benchmark ran without a GPU")
+
+    monkeypatch.setattr(gguf_gpu_lab.device, "_cupy_or_reason", lambda: (None, "CuPy is not importable (ModuleNotFoundError)"))
+    monkeypatch.setattr(gguf_gpu_lab.bench_load, "bench_load", never)
+    monkeypatch.setattr(gguf_gpu_lab.bench_gpu, "bench_gpu_dequant", never)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"gguf-gpu-lab: error: {what} needs a GPU: CuPy is not importable (ModuleNotFoundError); "
+                   "bench --cpu runs without one\n")
+    assert not list(tmp_path.iterdir())  # no results folder, no model
+
+
+def test_synth_without_room_is_one_line_before_writing(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
+    assert main(["synth", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gguf-gpu-lab: error: {tmp_path / 'x.gguf'}: the model needs ") and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_oserror_without_errno_is_not_an_empty_message(monkeypatch, capsys):
+    import gguf_gpu_lab.synth
+
+    def fail(*a, **k):
+        raise OSError()
+
+    monkeypatch.setattr(gguf_gpu_lab.synth, "synth", fail)
+    assert main(["synth", "x.gguf"]) == 2
+    assert capsys.readouterr().err == "gguf-gpu-lab: error: OSError\n"
+
+
+def test_bfloat16_npy_loads_in_numpy(tmp_path, small_model, capsys):
+    import gguf_gpu_lab as lab
+
+    name = "blk.0.attn_k.weight"
+    with lab.open_model(small_model) as m:
+        want = m.dequantize(name, "bfloat16")
+    npy, bits = str(tmp_path / "w.npy"), str(tmp_path / "bits.npy")
+    assert main(["dequant", str(small_model), name, "--dtype", "bfloat16", "--out", npy]) == 0
+    got = np.load(npy)
+    assert got.dtype == np.float32 and np.array_equal(got, want.astype(np.float32))
+    assert main(["dequant", str(small_model), name, "--dtype", "bfloat16", "--bf16-bits", "--out", bits]) == 0
+    got = np.load(bits)
+    assert got.dtype == np.uint16 and np.array_equal(got, want.view(np.uint16))
+    capsys.readouterr()
+    assert main(["dequant", str(small_model), name, "--bf16-bits"]) == 2
+    assert "--bf16-bits needs --dtype bfloat16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["load", "/nonexistent.gguf", "--streams", "0"], "argument --streams: must be from 1 to 64, got 0"),
+    (["load", "/nonexistent.gguf", "--chunk-mb", "0"], "argument --chunk-mb: must be above 0, got 0"),
+    (["load", "/nonexistent.gguf", "--readers", "two"], "argument --readers: expected a whole number, got 'two'"),
+    (["load", "/nonexistent.gguf", "--repeat", "0"], "argument --repeat: must be at least 1, got 0"),
+    (["fuzz", "--cases", "-5"], "argument --cases: must be at least 1, got -5"),
+    (["synth", "x.gguf", "--seed", "-1"], "argument --seed: must be from 0 to 4294967295, got -1"),
+    (["check", "/nonexistent.gguf", "--max-problems", "0"], "argument --max-problems: must be at least 1, got 0"),
+    (["bench", "--cpu", "--size-mb", "0"], "argument --size-mb: must be at least 1, got 0"),
+])
+def test_bad_numbers_are_refused_up_front_by_their_flag(tmp_path, monkeypatch, capsys, args, needle):
+    monkeypatch.chdir(tmp_path)  # were a check missing, what the command writes stays here
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_profile_folder_is_checked_before_loading(tmp_path, small_model, capsys):
+    (tmp_path / "file").write_text("")
+    prof = tmp_path / "file" / "prof"  # under a file: cannot be made
+    assert main(["load", str(small_model), "--backend", "host", "--profile", str(prof)]) == 2
+    out, err = capsys.readouterr()
+    assert "loaded" not in out
+    assert err.startswith(f"gguf-gpu-lab: error: --profile {prof}: cannot create the folder") and err.count("\n") == 1
+
+
+def test_every_option_and_positional_has_help():
+    from gguf_gpu_lab.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    missing = [f"{cmd} {a.dest}" for cmd, p in sub.choices.items() for a in p._actions if not a.help]
+    assert not missing
+    assert "--tensors" in {a.dest: a.help for a in sub._choices_actions}["inspect"]  # the table is behind it
+
+
+def test_bench_results_go_to_a_user_folder_by_default():
+    from gguf_gpu_lab.cli import build_parser
+
+    args = build_parser().parse_args(["bench"])
+    assert args.out_dir == "gguf-lab-bench"
+
+
+def test_inspect_names_the_file_type_and_keeps_long_strings_on_one_line(tmp_path, capsys):
+    from .gguf_bytes import GGUFBytes, f32_tensor
+
+    template = "{% for message in messages %}\n{{ message['content'] }}\n{% endfor %}" * 20
+    p = GGUFBytes(tensors=[f32_tensor("w", 32)]).add_str("general.architecture", "llama")
+    p = p.add_u32("general.file_type", 15).add_str("tokenizer.chat_template", template).write(tmp_path / "m.gguf")
+    assert main(["inspect", p]) == 0
+    out = capsys.readouterr().out
+    assert "  general.file_type = 15 (MOSTLY_Q4_K_M)\n" in out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("  tokenizer.chat_template = ")]
+    assert len(line) < 140 and f"({len(template):,} characters, 41 lines)" in line
+    assert main(["inspect", p, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["tokenizer.chat_template"] == template

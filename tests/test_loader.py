@@ -322,3 +322,17 @@ def test_cupti_records_are_attributed_to_what_the_loader_issued():
         (KERNEL_LANE, "dequant", 1, "b", 40, 1021), (KERNEL_LANE, "d2d", 1, "i", 10, 1026),
         (KERNEL_LANE, "dequant", 0, "a", 100, 1031), (COPY_LANE, "h2d", -1, "", 4, 1040),
         (KERNEL_LANE, "kernel", -1, "", 0, 1050)]
+
+
+def test_preload_progress_counts_the_tensors_of_a_batch():
+    from gguf_gpu_lab.cache import PreloadHandle
+
+    names = [f"t{i}" for i in range(65)]
+    seen = []
+    h = PreloadHandle(names, {n: 10 for n in names}, lambda batch, cancel: seen.append((len(batch), h.progress)), 1 << 20)
+    assert h.take("t64")  # taken by a tensor() call: out of both totals
+    h.start(background=False)
+    ((n, during),) = seen  # one batch
+    assert n == 64 and (during.tensors_done, during.tensors_total, during.bytes_done, during.bytes_total) == (0, 64, 0, 640)
+    after = h.progress
+    assert (after.tensors_done, after.tensors_total, after.bytes_done, after.bytes_total) == (64, 64, 640, 640)

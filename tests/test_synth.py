@@ -85,3 +85,21 @@ def test_interrupted_synth_leaves_no_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         synth(tmp_path / "x.gguf", "4M", "Q4_0", progress=boom)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("params,mix,vocab", [("4M", "Q4_0", None), ("4M", "all-types", 3000), ("25M", "Q4_K_M", None)])
+def test_file_bytes_is_the_size_from_above(tmp_path, params, mix, vocab):
+    from gguf_gpu_lab.synth import _plan, _tokens, file_bytes
+
+    r = synth(tmp_path / "m.gguf", params, mix, vocab=vocab)
+    need = file_bytes(_plan(r.config, mix), _tokens(r.config.vocab))
+    assert r.file_size <= need <= r.file_size + 8192
+
+
+def test_too_little_free_space_is_an_error_before_writing(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1_000_000))
+    with pytest.raises(GGUFLabError, match=r"x.gguf: the model needs .* GB \(\d+ bytes\), .* has 0.00 GB free \(1000000 bytes\)"):
+        synth(tmp_path / "x.gguf", "4M", "Q4_0")
+    assert not (tmp_path / "x.gguf").exists()
