@@ -46,6 +46,10 @@ def _time_gguf_reader(path: str) -> float:
     return time.perf_counter() - t0
 
 
+_OPEN_CASES = [("vocab-262144", dict(params="25M", mix="Q4_0", vocab=262144), 0.1),  # (name, synth, target s)
+               ("8B-Q4_K_M-header", dict(params="8B", mix="Q4_K_M", data=False), 0.05)]
+
+
 def bench_open(out_dir: str | None = None, repeat: int = 7, reader: bool = True) -> dict:
     """``open_model`` on a 262,144-token vocabulary (tokens, scores and token types) and on the 8B
     synthetic's header, with gguf-py's ``GGUFReader`` on the same files once for comparison.
@@ -54,11 +58,9 @@ def bench_open(out_dir: str | None = None, repeat: int = 7, reader: bool = True)
     from .synth import synth
 
     tmp = tempfile.mkdtemp(prefix="gguf-lab-open-", dir=out_dir)
-    cases = [("vocab-262144", dict(params="25M", mix="Q4_0", vocab=262144), 0.1),
-             ("8B-Q4_K_M-header", dict(params="8B", mix="Q4_K_M", data=False), 0.05)]
     rows = []
     try:
-        for name, kw, target in cases:
+        for name, kw, target in _OPEN_CASES:
             path = os.path.join(tmp, f"{name}.gguf")
             s = synth(path, **kw)
             times = _time_open(path, repeat)

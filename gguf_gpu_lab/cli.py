@@ -166,20 +166,32 @@ def cmd_check(path: str, max_problems: int) -> int:
 
 
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
-              model_path: str | None = None, params: str = "8B") -> int:
+              model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False) -> int:
     from . import bench
 
-    if cpu and dequant:
-        raise GGUFLabError("choose one benchmark: --cpu, --dequant, or neither (the loader)")
-    if not cpu:  # before the loader benchmark writes its model (4.6 GiB for 8B)
+    chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e)) if on]
+    if len(chosen) > 1:
+        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, or none (the loader); got "
+                           f"{' '.join(chosen)}")
+    if not cpu and not open_:  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
 
         reason = _cupy_or_reason()[1]
         if reason is not None:
-            raise GGUFLabError(f"bench{' --dequant' if dequant else ''} needs a GPU: {reason}; "
-                               "bench --cpu runs without one")
+            raise GGUFLabError(f"bench{' ' + chosen[0] if chosen else ''} needs a GPU: {reason}; "
+                               "bench --cpu and bench --open run without one")
     _writable_dir(out_dir, "--out-dir")
-    if not cpu and not dequant:
+    if open_:
+        from .bench_e2e import bench_open, format_open
+
+        res = bench_open()
+        print(format_open(res))
+    elif e2e:
+        from .bench_e2e import bench_e2e, format_e2e
+
+        res = bench_e2e(model_path, params=params)
+        print(format_e2e(res))
+    elif not cpu and not dequant:
         from .bench_load import bench_load, format_load
 
         res = bench_load(model_path, params=params)
@@ -314,7 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="run a benchmark (default: the loader on the GPU) and save its JSON result")
     s.add_argument("--cpu", action="store_true", help="CPU dequantization throughput (needs no GPU)")
     s.add_argument("--dequant", action="store_true", help="GPU dequantization throughput against a device copy")
-    s.add_argument("--model", help="loader benchmark: this model (default: a synthetic one of --params)")
+    s.add_argument("--open", action="store_true", dest="open_",
+                   help="open_model on a 262,144-token vocabulary and on an 8B header, against gguf-py's reader "
+                        "(needs no GPU)")
+    s.add_argument("--e2e", action="store_true",
+                   help="open + load + synchronize in fresh processes (first) and again (steady), gpu and raw "
+                        "modes, against transformers' from_pretrained(gguf_file=...) where it is installed")
+    s.add_argument("--model", help="loader and --e2e benchmarks: this model (default: a synthetic one of --params)")
     s.add_argument("--params", default="8B", help="loader benchmark: synthetic model size (default 8B, ~4.6 GiB Q4_K_M)")
     s.add_argument("--out-dir", default=BENCH_DIR,
                    help=f"folder for the JSON result (default: {BENCH_DIR}/ under the working directory)")
@@ -350,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(args.path, args.max_problems)
         if args.command == "bench":
-            return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params)
+            return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
+                             args.open_, args.e2e)
         if args.command == "fuzz":
             return cmd_fuzz(args.cases, args.seed, args.out)
         if args.command == "demo":

@@ -116,8 +116,9 @@ def test_load_repeat_and_profile(tmp_path, small_model, capsys):
     assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["spans.csv", "timeline.png", "trace.json"]
 
 
-@pytest.mark.parametrize("flags,what", [([], "bench"), (["--dequant"], "bench --dequant")])
+@pytest.mark.parametrize("flags,what", [([], "bench"), (["--dequant"], "bench --dequant"), (["--e2e"], "bench --e2e")])
 def test_bench_without_a_gpu_stops_before_any_work(tmp_path, monkeypatch, capsys, flags, what):
+    import gguf_gpu_lab.bench_e2e
     import gguf_gpu_lab.bench_gpu
     import gguf_gpu_lab.bench_load
     import gguf_gpu_lab.device
@@ -125,6 +126,7 @@ def test_bench_without_a_gpu_stops_before_any_work(tmp_path, monkeypatch, capsys
     def never(*a, **k):
         raise AssertionError("the benchmark ran without a GPU")
 
+    monkeypatch.setattr(gguf_gpu_lab.bench_e2e, "bench_e2e", never)
     monkeypatch.setattr(gguf_gpu_lab.device, "_cupy_or_reason", lambda: (None, "CuPy is not importable (ModuleNotFoundError)"))
     monkeypatch.setattr(gguf_gpu_lab.bench_load, "bench_load", never)
     monkeypatch.setattr(gguf_gpu_lab.bench_gpu, "bench_gpu_dequant", never)
@@ -132,8 +134,25 @@ def test_bench_without_a_gpu_stops_before_any_work(tmp_path, monkeypatch, capsys
     assert main(["bench", *flags]) == 2
     err = capsys.readouterr().err
     assert err == (f"gguf-gpu-lab: error: {what} needs a GPU: CuPy is not importable (ModuleNotFoundError); "
-                   "bench --cpu runs without one\n")
+                   "bench --cpu and bench --open run without one\n")
     assert not list(tmp_path.iterdir())  # no results folder, no model
+
+
+def test_bench_open_runs_without_a_gpu(tmp_path, monkeypatch, capsys):
+    """The open benchmark on small stand-ins for its files (the real ones are written by bench --open)."""
+    import gguf_gpu_lab.bench_e2e as be
+
+    monkeypatch.setattr(be, "_OPEN_CASES", [("vocab-3000", dict(params="4M", mix="Q4_0", vocab=3000), 0.1),
+                                           ("4M-header", dict(params="4M", mix="Q4_K_M", data=False), 0.05)])
+    assert main(["bench", "--open", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "vocab-3000" in out and "4M-header" in out and "saved" in out
+    (saved,) = tmp_path.glob("open-*.json")
+    doc = json.loads(saved.read_text())
+    assert [r["vocab"] for r in doc["results"]] == [3000, 4096]
+    assert all(r["open_s_median"] > 0 and r["gguf_reader_s"] > 0 for r in doc["results"])
+    assert doc["results"][1]["sparse"] and not doc["results"][0]["sparse"]
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".gguf" or p.is_dir()]  # its models are gone
 
 
 def test_synth_without_room_is_one_line_before_writing(tmp_path, monkeypatch, capsys):
