@@ -58,10 +58,11 @@ def cmd_inspect(path: str, as_json: bool, tensors: bool) -> int:
     return 0
 
 
-def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = None) -> int:
+def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = None, arch: str = "llama",
+              heads: int | None = None, kv_heads: int | None = None, weights: str = "random") -> int:
     from .synth import synth
 
-    bar = _progress_bar(f"synth {params} {mix}")
+    bar = _progress_bar(f"synth {arch} {params} {mix}")
     last = [0]
 
     def progress(done, total, name):
@@ -70,7 +71,8 @@ def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = No
         last[0] = done
 
     try:
-        r = synth(out, params, mix, seed, vocab=vocab, progress=progress)
+        r = synth(out, params, mix, seed, vocab=vocab, progress=progress, arch=arch, heads=heads, kv_heads=kv_heads,
+                  weights=weights)
     finally:
         bar.close()
     print(f"wrote {r.path}: {r.n_tensors} tensors, {r.n_params / 1e6:.1f} M weights, "
@@ -209,13 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--tensors", action="store_true", help="list every tensor")
 
-    s = sub.add_parser("synth", help="write a synthetic llama-shaped model")
+    s = sub.add_parser("synth", help="write a synthetic model (llama-shaped, or --arch)")
     s.add_argument("out", help="output .gguf path")
     s.add_argument("--params", default="25M", help="size: 25M, 1B, 7B, ... (default 25M)")
     s.add_argument("--mix", default="Q4_K_M", help="Q4_0, Q8_0, Q4_K_M, Q6_K, F16 or all-types (default Q4_K_M)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--vocab", type=int, default=None,
                    help="vocabulary size: token list, scores and types, embedding rows (default: the size's own)")
+    s.add_argument("--arch", default="llama",
+                   help="architecture: llama, mistral, qwen2, qwen3, gemma2, gemma3 or phi3 (default llama)")
+    s.add_argument("--heads", type=int, default=None, help="attention heads (default: the size's own)")
+    s.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: as many as --heads)")
+    s.add_argument("--weights", default="random", choices=["random", "small"],
+                   help="small: weights the size a trained model's are (finite float16 forward passes)")
 
     s = sub.add_parser("dequant", help="dequantize one tensor on the CPU")
     s.add_argument("path")
@@ -270,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return cmd_inspect(args.path, args.json, args.tensors)
         if args.command == "synth":
-            return cmd_synth(args.out, args.params, args.mix, args.seed, args.vocab)
+            return cmd_synth(args.out, args.params, args.mix, args.seed, args.vocab, args.arch, args.heads,
+                             args.kv_heads, args.weights)
         if args.command == "dequant":
             return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify)
         if args.command == "load":

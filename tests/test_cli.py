@@ -107,3 +107,15 @@ def test_load_repeat_and_profile(tmp_path, small_model, capsys):
     out = capsys.readouterr().out
     assert "load 1 of 3: loaded" in out and "load 3 of 3: loaded" in out
     assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["spans.csv", "timeline.png", "trace.json"]
+
+
+def test_synth_arch(tmp_path, capsys):
+    import gguf_gpu_lab as lab
+
+    p = str(tmp_path / "g.gguf")
+    assert main(["synth", p, "--params", "1M", "--mix", "Q8_0", "--arch", "gemma2", "--heads", "4", "--kv-heads", "2",
+                 "--weights", "small"]) == 0
+    with lab.open_model(p) as m:
+        assert m.architecture == "gemma2" and m.metadata["gemma2.attention.head_count_kv"] == 2
+    assert main(["synth", p, "--arch", "bert"]) == 2
+    assert "unknown architecture 'bert'" in capsys.readouterr().err
