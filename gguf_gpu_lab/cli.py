@@ -118,12 +118,17 @@ def cmd_check(path: str, max_problems: int) -> int:
 
 
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
-              model_path: str | None = None, params: str = "8B") -> int:
+              model_path: str | None = None, params: str = "8B", hf: bool = False) -> int:
     from . import bench
 
-    if cpu and dequant:
-        raise GGUFLabError("choose one benchmark: --cpu, --dequant, or neither (the loader)")
-    if not cpu and not dequant:
+    if cpu + dequant + hf > 1:
+        raise GGUFLabError("choose one benchmark: --cpu, --dequant, --hf, or none (the loader)")
+    if hf:
+        from .bench_hf import bench_hf, format_hf
+
+        res = bench_hf(model_path, params=params)
+        print(format_hf(res))
+    elif not cpu and not dequant:
         from .bench_load import bench_load, format_load
 
         res = bench_load(model_path, params=params)
@@ -253,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="run a benchmark (default: the loader on the GPU) and save its JSON result")
     s.add_argument("--cpu", action="store_true", help="CPU dequantization throughput")
     s.add_argument("--dequant", action="store_true", help="GPU dequantization throughput against a device copy")
-    s.add_argument("--model", help="loader benchmark: this model (default: a synthetic one of --params)")
-    s.add_argument("--params", default="8B", help="loader benchmark: synthetic model size (default 8B, ~4.6 GiB Q4_K_M)")
+    s.add_argument("--hf", action="store_true",
+                   help="hf.from_gguf against transformers' from_pretrained(gguf_file=...) and load() (needs the hf extra)")
+    s.add_argument("--model", help="loader and --hf benchmarks: this model (default: a synthetic one of --params)")
+    s.add_argument("--params", default="8B", help="loader and --hf benchmarks: synthetic model size (default 8B, ~4.6 GiB Q4_K_M)")
     s.add_argument("--out-dir", default="benchmarks/results")
     s.add_argument("--size-mb", type=int, default=256,
                    help="output size per type: float32 MB for --cpu, float16 MiB for --dequant (default 256)")
@@ -288,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(args.path, args.max_problems)
         if args.command == "bench":
-            return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params)
+            return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
+                             args.hf)
         if args.command == "fuzz":
             return cmd_fuzz(args.cases, args.seed, args.out)
         if args.command == "demo":

@@ -5,15 +5,26 @@ and the logits of a short input. On the CPU with the host backend; GPU variants 
 Needs the hf extra (torch, transformers, accelerate): skipped without it, except where CI=true.
 """
 
-import importlib.util
+import importlib
 import os
 
 import numpy as np
 import pytest
 
-_MISSING = [m for m in ("torch", "transformers", "accelerate") if importlib.util.find_spec(m) is None]
+
+def _missing() -> list[str]:
+    out = []
+    for name in ("torch", "transformers", "accelerate"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            out.append(f"{name} ({e})")
+    return out
+
+
+_MISSING = _missing()
 if _MISSING:
-    _WHY = f"{', '.join(_MISSING)} not installed (the hf extra: pip install -e '.[hf]')"
+    _WHY = f"not importable: {', '.join(_MISSING)}; the hf extra installs them: pip install -e '.[hf]'"
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true, and {_WHY}", pytrace=False)
     pytest.skip(_WHY, allow_module_level=True)
@@ -230,3 +241,15 @@ def test_gpu_weights_are_the_loaded_cupy_arrays(model_dir):
     sd = hf.to_state_dict(_file(model_dir, "gemma3"), dtype="bfloat16", device="cuda")
     ref = _reference(model_dir, "gemma3", "Q4_K_M", "bfloat16")
     assert all(torch.equal(_bits(sd[k]), _bits(v)) for k, v in ref.state_dict().items() if k in sd)
+
+
+def test_bench_hf_on_the_host(tmp_path):
+    """The benchmark's own path, small and on the CPU (the lead runs it on a GPU with an 8B file)."""
+    from gguf_gpu_lab.bench_hf import bench_hf, format_hf
+
+    p = synth(tmp_path / "m.gguf", "1M", "Q4_K_M", vocab=VOCAB, weights="small").path
+    res = bench_hf(p, dtype="float32", device="cpu", repeat=1)
+    assert res["same_weights"]["bit_identical"] == res["same_weights"]["tensors"] > 0
+    assert res["from_gguf_s"] > 0 and res["load_s"] > 0 and res["transformers_s"] > 0
+    assert set(res["meets_targets"]) == {"vs_load", "vs_transformers"}
+    assert "from_gguf" in format_hf(res)
