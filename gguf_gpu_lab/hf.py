@@ -158,6 +158,8 @@ def _device(device) -> tuple[Any, str, int]:
     if dev.type == "cpu":
         return dev, "host", 0
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GGUFLabError(f"device {device!r}: torch sees no GPU here; device='cpu' loads on the host backend")
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         return torch.device("cuda", index), "cupy", index
     raise GGUFLabError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")

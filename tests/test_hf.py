@@ -212,6 +212,9 @@ def test_bad_arguments(model_dir):
         hf.from_gguf(p, device="tpu")
     with pytest.raises(GGUFLabError, match="dtype must be one of"):
         hf.from_gguf(p, dtype="int8", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(GGUFLabError, match="torch sees no GPU"):
+            hf.from_gguf(p, device="cuda")
 
 
 # -- a real file, where one is given (tests never download) -------------------------------------
