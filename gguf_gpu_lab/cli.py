@@ -111,12 +111,14 @@ def cmd_inspect(path: str, as_json: bool, tensors: bool) -> int:
     return 0
 
 
-def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = None) -> int:
+def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = None, arch: str = "llama",
+              heads: int | None = None, kv_heads: int | None = None, weights: str = "random") -> int:
     from .synth import synth
 
-    bar = ProgressBar(f"synth {params} {mix}")
+    bar = ProgressBar(f"synth {arch} {params} {mix}")
     try:
-        r = synth(out, params, mix, seed, vocab=vocab, progress=bar)
+        r = synth(out, params, mix, seed, vocab=vocab, progress=bar, arch=arch, heads=heads, kv_heads=kv_heads,
+                  weights=weights)
     finally:
         bar.close()
     print(f"wrote {r.path}: {r.n_tensors} tensors, {r.n_params / 1e6:.1f} M weights, "
@@ -166,12 +168,14 @@ def cmd_check(path: str, max_problems: int) -> int:
 
 
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
-              model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False) -> int:
+              model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
+              hf: bool = False) -> int:
     from . import bench
 
-    chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e)) if on]
+    chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
+                                    ("--hf", hf)) if on]
     if len(chosen) > 1:
-        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, or none (the loader); got "
+        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, or none (the loader); got "
                            f"{' '.join(chosen)}")
     if not cpu and not open_:  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
@@ -191,6 +195,11 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
 
         res = bench_e2e(model_path, params=params)
         print(format_e2e(res))
+    elif hf:
+        from .bench_hf import bench_hf, format_hf
+
+        res = bench_hf(model_path, params=params)
+        print(format_hf(res))
     elif not cpu and not dequant:
         from .bench_load import bench_load, format_load
 
@@ -279,13 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output (metadata values in full)")
     s.add_argument("--tensors", action="store_true", help="also list every tensor: type, shape, bytes, offset, layer")
 
-    s = sub.add_parser("synth", help="write a synthetic llama-shaped model")
+    s = sub.add_parser("synth", help="write a synthetic model (llama-shaped, or --arch)")
     s.add_argument("out", help="output .gguf path")
     s.add_argument("--params", default="25M", help="size: 25M, 1B, 7B, ... (default 25M)")
     s.add_argument("--mix", default="Q4_K_M", help="Q4_0, Q8_0, Q4_K_M, Q6_K, F16 or all-types (default Q4_K_M)")
     s.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0, help="the same seed writes the same bytes (default 0)")
     s.add_argument("--vocab", type=int, default=None,
                    help="vocabulary size: token list, scores and types, embedding rows (default: the size's own)")
+    s.add_argument("--arch", default="llama",
+                   help="architecture: llama, mistral, qwen2, qwen3, gemma2, gemma3 or phi3 (default llama)")
+    s.add_argument("--heads", type=int, default=None, help="attention heads (default: the size's own)")
+    s.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: as many as --heads)")
+    s.add_argument("--weights", default="random", choices=["random", "small"],
+                   help="small: weights the size a trained model's are (finite float16 forward passes)")
 
     s = sub.add_parser("dequant", help="dequantize one tensor on the CPU")
     s.add_argument("path", help="GGUF model file")
@@ -332,8 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--e2e", action="store_true",
                    help="open + load + synchronize in fresh processes (first) and again (steady), gpu and raw "
                         "modes, against transformers' from_pretrained(gguf_file=...) where it is installed")
-    s.add_argument("--model", help="loader and --e2e benchmarks: this model (default: a synthetic one of --params)")
-    s.add_argument("--params", default="8B", help="loader benchmark: synthetic model size (default 8B, ~4.6 GiB Q4_K_M)")
+    s.add_argument("--hf", action="store_true",
+                   help="hf.from_gguf against transformers' from_pretrained(gguf_file=...) and load() (needs the hf extra)")
+    s.add_argument("--model", help="loader, --e2e and --hf benchmarks: this model (default: a synthetic one of --params)")
+    s.add_argument("--params", default="8B", help="loader, --e2e and --hf benchmarks: synthetic model size (default 8B, "
+                                                  "~4.6 GiB Q4_K_M)")
     s.add_argument("--out-dir", default=BENCH_DIR,
                    help=f"folder for the JSON result (default: {BENCH_DIR}/ under the working directory)")
     s.add_argument("--size-mb", type=_whole(1), default=256,
@@ -359,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return cmd_inspect(args.path, args.json, args.tensors)
         if args.command == "synth":
-            return cmd_synth(args.out, args.params, args.mix, args.seed, args.vocab)
+            return cmd_synth(args.out, args.params, args.mix, args.seed, args.vocab, args.arch, args.heads,
+                             args.kv_heads, args.weights)
         if args.command == "dequant":
             return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify, args.bf16_bits)
         if args.command == "load":
@@ -369,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args.path, args.max_problems)
         if args.command == "bench":
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
-                             args.open_, args.e2e)
+                             args.open_, args.e2e, args.hf)
         if args.command == "fuzz":
             return cmd_fuzz(args.cases, args.seed, args.out)
         if args.command == "demo":

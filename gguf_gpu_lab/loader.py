@@ -108,8 +108,9 @@ class LoadResult(Mapping[str, DeviceTensor]):
     """What ``load`` returns: a read-only mapping of tensor name to ``DeviceTensor`` (``r[name]``,
     ``len(r)``, ``for name in r``), with ``file_bytes`` moved, ``out_bytes`` on the device,
     ``wall_s`` (from the backend being ready to the last byte in place), ``gb_s``, the
-    ``options`` used, the ``backend`` name and the ``profile`` (spans; None with ``profile=False``).
-    ``to_torch()`` gives every tensor as a ``torch.Tensor`` without copies (needs torch)."""
+    ``options`` used, the ``backend`` name, the ``profile`` (spans; None with ``profile=False``) and
+    the ``path`` of the file. ``to_torch()`` gives every tensor as a ``torch.Tensor`` without copies
+    (needs torch)."""
 
     tensors: dict[str, DeviceTensor]
     file_bytes: int
@@ -118,6 +119,7 @@ class LoadResult(Mapping[str, DeviceTensor]):
     options: LoadOptions
     backend: str
     profile: Profile | None = None
+    path: str | None = None
 
     def __getitem__(self, k):
         return self.tensors[k]
@@ -732,7 +734,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             "mode": opts.mode, "streams": opts.streams, "readers": opts.readers, "chunk_mb": opts.chunk_mb,
             "backend": be.name, "file_bytes": nbytes, "out_bytes": out_bytes,
             "device_timing": "cupti" if ld.cupti is not None else "events"}) if profile else None
-        return LoadResult(outputs, nbytes, out_bytes, wall, opts, be.name, prof)
+        return LoadResult(outputs, nbytes, out_bytes, wall, opts, be.name, prof, model.path)
     finally:
         if bar is not None:
             bar.close()

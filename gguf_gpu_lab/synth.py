@@ -1,4 +1,5 @@
-"""Synthetic llama-shaped GGUF models of any size and quantization mix.
+"""Synthetic GGUF models of any size and quantization mix: llama-shaped by default, or laid out as
+another architecture that transformers reads (``arch=``; the layouts are in ``synth_archs``).
 
 Blocks are random but valid: every fp16 scale is a finite value between about 1e-3 and 1.5e-2,
 so the model dequantizes without NaN or Inf, in float32 and float16 alike. Output is
@@ -21,10 +22,16 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 
 from . import quant
+from . import synth_archs
 from .errors import GGUFLabError
 
 # fp16 bit patterns 0x1400..0x2400: positive values from ~0.00098 to ~0.0156.
 _SCALE_LO, _SCALE_HI = 0x1400, 0x2400
+# weights="small": fp16 scales from ~6.1e-5 to ~1.0e-4 (0x0400..0x0690), so quantized weights stay
+# below ~0.1 (Q4_K: d * 63 * 15) to ~0.4 (Q6_K) as a trained model's do, and plain floats are N(0, 0.02)
+_SMALL_LO, _SMALL_HI = 0x0400, 0x0690
+_SMALL_STD = 0.02
+WEIGHTS = ("random", "small")
 
 
 @dataclass(frozen=True)
@@ -125,21 +132,10 @@ class TensorPlan:
     np_shape: tuple[int, ...]  # row-major; last dimension is the GGUF row (ne[0])
 
 
-def _plan(cfg: LlamaConfig, mix: str) -> list[TensorPlan]:
+def _plan(cfg: LlamaConfig, mix: str, arch: str = "llama") -> list[TensorPlan]:
     if mix not in MIXES:
         raise GGUFLabError(f"--mix: unknown mix {mix!r}; choose one of {', '.join(MIXES)}")
-    e, ff, kv = cfg.n_embd, cfg.n_ff, cfg.n_embd * cfg.n_head_kv // cfg.n_head
-    shapes: list[tuple[str, int, tuple[int, ...]]] = [("token_embd.weight", -1, (cfg.vocab, e))]
-    for i in range(cfg.n_layer):
-        p = f"blk.{i}."
-        shapes += [
-            (p + "attn_norm.weight", i, (e,)), (p + "attn_q.weight", i, (e, e)),
-            (p + "attn_k.weight", i, (kv, e)), (p + "attn_v.weight", i, (kv, e)),
-            (p + "attn_output.weight", i, (e, e)), (p + "ffn_norm.weight", i, (e,)),
-            (p + "ffn_gate.weight", i, (ff, e)), (p + "ffn_up.weight", i, (ff, e)),
-            (p + "ffn_down.weight", i, (e, ff)),
-        ]
-    shapes += [("output_norm.weight", -1, (e,)), ("output.weight", -1, (cfg.vocab, e))]
+    shapes = synth_archs.tensor_shapes(arch, cfg)
     plans: list[TensorPlan] = []
     if mix == "all-types":
         cycle = [s.ggml_type for s in quant.TYPES.values() if s.kind != "int" and s.ggml_type != T.F64]
@@ -162,35 +158,51 @@ def _plan(cfg: LlamaConfig, mix: str) -> list[TensorPlan]:
     return plans
 
 
+def _with_heads(cfg: LlamaConfig, heads: int | None, kv_heads: int | None) -> LlamaConfig:
+    heads = cfg.n_head if heads is None else heads
+    kv_heads = (cfg.n_head_kv if heads == cfg.n_head else heads) if kv_heads is None else kv_heads
+    for what, n in (("--heads", heads), ("--kv-heads", kv_heads)):
+        if not (isinstance(n, (int, np.integer)) and n >= 1):
+            raise GGUFLabError(f"{what} must be a whole number of at least 1, got {n!r}")
+    if cfg.n_embd % heads or heads % kv_heads:
+        raise GGUFLabError(f"--heads {heads}, --kv-heads {kv_heads}: the width {cfg.n_embd} must divide by the heads, "
+                           "and the heads by the key/value heads")
+    return dataclasses.replace(cfg, n_head=int(heads), n_head_kv=int(kv_heads))
+
+
 def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little")
 
 
-def random_blocks(ggml_type, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
-    """``n_blocks`` random, valid blocks of a type, (n_blocks, type_size) uint8, finite scales."""
+def random_blocks(ggml_type, n_blocks: int, rng: np.random.Generator, small: bool = False) -> np.ndarray:
+    """``n_blocks`` random, valid blocks of a type, (n_blocks, type_size) uint8, finite scales
+    (``small``: scales that keep the weights the size a trained model's are)."""
     spec = quant.type_spec(ggml_type)
     n = n_blocks * spec.type_size
     # raw 64-bit words from the generator: ~3x faster than integers(0, 256, dtype=uint8)
     b = rng.bit_generator.random_raw((n + 7) // 8).view(np.uint8)[:n].reshape(n_blocks, spec.type_size)
-    make_valid(spec.ggml_type, b, rng)
+    make_valid(spec.ggml_type, b, rng, small)
     return b
 
 
-def make_valid(ggml_type, blocks: np.ndarray, rng: np.random.Generator) -> None:
+def make_valid(ggml_type, blocks: np.ndarray, rng: np.random.Generator, small: bool = False) -> None:
     """Overwrite the scale fields of random blocks (n, type_size) with finite values, in place."""
     spec = quant.type_spec(ggml_type)
     t, n = spec.ggml_type, blocks.shape[0]
-    scale = lambda: rng.integers(_SCALE_LO, _SCALE_HI, size=(n, 1), dtype=np.uint16).view(np.uint8)  # noqa: E731
+    lo, hi = (_SMALL_LO, _SMALL_HI) if small else (_SCALE_LO, _SCALE_HI)
+    scale = lambda: rng.integers(lo, hi, size=(n, 1), dtype=np.uint16).view(np.uint8)  # noqa: E731
     for off in spec.f16_scale_offsets:
         blocks[:, off:off + 2] = scale()
     if t == T.IQ1_M:
-        d = rng.integers(_SCALE_LO, _SCALE_HI, size=n, dtype=np.uint16)
+        d = rng.integers(lo, hi, size=n, dtype=np.uint16)
         s = np.ascontiguousarray(blocks[:, 48:56]).view(np.uint16) & np.uint16(0x0FFF)
         for k in range(4):
             s[:, k] |= ((d >> np.uint16(4 * k)) & np.uint16(0xF)) << np.uint16(12)
         blocks[:, 48:56] = s.view(np.uint8)
     elif t == T.MXFP4:  # e8m0 exponent: keep values small enough for float16 output
-        blocks[:, 0] = rng.integers(118, 127, size=n, dtype=np.uint8)
+        blocks[:, 0] = rng.integers(110, 114, size=n, dtype=np.uint8) if small else rng.integers(118, 127, size=n, dtype=np.uint8)
+    elif t == T.NVFP4 and small:  # four ue4m3 scales: exponents 1-2, about 0.004-0.015
+        blocks[:, :4] = rng.integers(0x08, 0x18, size=(n, 4), dtype=np.uint8)
     elif spec.kind == "float":
         # clear the top exponent bit: finite values of magnitude below 2
         if t == T.F32:
@@ -201,7 +213,7 @@ def make_valid(ggml_type, blocks: np.ndarray, rng: np.random.Generator) -> None:
             blocks.view(np.uint16)[...] &= np.uint16(0xBFFF)
 
 
-def _tensor_bytes(p: TensorPlan, seed: int) -> np.ndarray:
+def _tensor_bytes(p: TensorPlan, seed: int, small: bool = False) -> np.ndarray:
     spec = quant.type_spec(p.ggml_type)
     n_elem = int(np.prod(p.np_shape))
     rng = np.random.Generator(np.random.SFC64(_tensor_seed(seed, p.name)))
@@ -209,7 +221,10 @@ def _tensor_bytes(p: TensorPlan, seed: int) -> np.ndarray:
         return rng.integers(0, 100, size=n_elem).astype(spec.storage_dtype).reshape(p.np_shape)
     if p.ggml_type == T.F32 and len(p.np_shape) == 1:  # norms: near 1, as in a trained model
         return (1.0 + 0.05 * rng.standard_normal(n_elem)).astype(np.float32)
-    return random_blocks(p.ggml_type, n_elem // spec.block_size, rng).reshape(-1)
+    if small and spec.kind == "float":
+        dt = spec.storage_dtype if spec.storage_dtype is not None else quant.resolve_dtype("bfloat16")  # BF16
+        return (_SMALL_STD * rng.standard_normal(n_elem)).astype(dt).view(np.uint8)
+    return random_blocks(p.ggml_type, n_elem // spec.block_size, rng, small).reshape(-1)
 
 
 def _tokens(n: int) -> list[str]:
@@ -263,8 +278,12 @@ def synth(
     vocab: int | None = None,
     data: bool = True,
     progress: Callable[[int, int, str], object] | None = None,
+    arch: str = "llama",
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    weights: str = "random",
 ) -> SynthResult:
-    """Write a synthetic llama-shaped GGUF model.
+    """Write a synthetic GGUF model, llama-shaped unless ``arch`` says otherwise.
 
     Args:
         path: output file.
@@ -277,6 +296,12 @@ def synth(
         data: False writes the header only and leaves the tensor data a hole of the right size
             (a sparse file that reads as zeros): for benchmarks of opening, which read no data.
         progress: called as ``progress(bytes_done, bytes_total, tensor_name)`` after each tensor.
+        arch: one of ``synth_archs.ARCHS`` (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3): the
+            tensors and metadata keys a file of that architecture has, as transformers reads them.
+        heads, kv_heads: attention heads and key/value heads (default: the configuration's; the
+            embedding width must divide by ``heads``, and ``heads`` by ``kv_heads``).
+        weights: "random" (random valid blocks, scales up to ~0.016) or "small" (weights the size a
+            trained model's are, so that a forward pass in float16 stays finite).
 
     Raises ``GGUFLabError`` before writing anything when the folder has less free space than the
     file needs (both named).
@@ -285,33 +310,26 @@ def synth(
         >>> r = synth(tmp_path / "m.gguf", "10M", "Q4_0")
         >>> r.config.n_layer, r.n_tensors
         (2, 21)
+        >>> g = synth(tmp_path / "g.gguf", "1M", "Q8_0", arch="gemma3", heads=4, kv_heads=2)
     """
     t0 = time.perf_counter()
-    cfg = llama_config(params)
+    if weights not in WEIGHTS:
+        raise GGUFLabError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    cfg = _with_heads(llama_config(params), heads, kv_heads)
     if vocab is not None:
         if not (isinstance(vocab, (int, np.integer)) and 1 <= vocab <= 1 << 24):
             raise GGUFLabError(f"--vocab must be a whole number from 1 to {1 << 24}, got {vocab!r}")
         cfg = dataclasses.replace(cfg, vocab=int(vocab))
-    plans = _plan(cfg, mix)
+    plans = _plan(cfg, mix, synth_archs.check_arch(arch))
+    tokens = synth_archs.tokens(arch, cfg.vocab, _tokens(cfg.vocab))
     path = os.fspath(path)
-    tokens = _tokens(cfg.vocab)
     _check_space(path, file_bytes(plans, tokens))  # before writing: a 1T model would fill the disk first
-    w = GGUFWriter(path, "llama")
-    w.add_name(f"synthetic llama {params} {mix}")
+    w = GGUFWriter(path, synth_archs.gguf_arch(arch))
+    # transformers reads a llama file as Mistral only when its name is exactly "mistral"
+    w.add_name("mistral" if arch == "mistral" else f"synthetic {arch} {params} {mix}")
     w.add_string("general.source", "gguf-gpu-lab synth")
     w.add_uint32("general.seed", int(seed))
-    w.add_context_length(cfg.context)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.n_ff)
-    w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_head_kv)
-    w.add_rope_dimension_count(cfg.n_embd // cfg.n_head)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(np.linspace(0.0, -1.0, cfg.vocab, dtype=np.float32).tolist())
-    w.add_token_types([3] * min(3, cfg.vocab) + [1] * max(0, cfg.vocab - 3))  # 3: control, 1: normal
+    synth_archs.add_metadata(w, arch, cfg, tokens)
     total = 0
     for p in plans:
         spec = quant.type_spec(p.ggml_type)
@@ -335,7 +353,7 @@ def synth(
             w.fout[0].truncate(end)
             plans = []
         for p in plans:
-            data = _tensor_bytes(p, seed)
+            data = _tensor_bytes(p, seed, weights == "small")
             w.write_tensor_data(data)
             done += data.nbytes
             if progress is not None:

@@ -249,3 +249,15 @@ def test_inspect_names_the_file_type_and_keeps_long_strings_on_one_line(tmp_path
     assert len(line) < 140 and f"({len(template):,} characters, 41 lines)" in line
     assert main(["inspect", p, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["metadata"]["tokenizer.chat_template"] == template
+
+
+def test_synth_arch(tmp_path, capsys):
+    import gguf_gpu_lab as lab
+
+    p = str(tmp_path / "g.gguf")
+    assert main(["synth", p, "--params", "1M", "--mix", "Q8_0", "--arch", "gemma2", "--heads", "4", "--kv-heads", "2",
+                 "--weights", "small"]) == 0
+    with lab.open_model(p) as m:
+        assert m.architecture == "gemma2" and m.metadata["gemma2.attention.head_count_kv"] == 2
+    assert main(["synth", p, "--arch", "bert"]) == 2
+    assert "unknown architecture 'bert'" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import gguf_gpu_lab as lab
-from gguf_gpu_lab import GGUFLabError, quant
+from gguf_gpu_lab import GGUFLabError, quant, synth_archs
 from gguf_gpu_lab.synth import MIXES, llama_config, parse_params, synth
 
 
@@ -102,4 +102,60 @@ def test_too_little_free_space_is_an_error_before_writing(tmp_path, monkeypatch)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1_000_000))
     with pytest.raises(GGUFLabError, match=r"x.gguf: the model needs .* GB \(\d+ bytes\), .* has 0.00 GB free \(1000000 bytes\)"):
         synth(tmp_path / "x.gguf", "4M", "Q4_0")
+
+
+# -- architectures (what transformers' GGUF loader reads is checked in test_hf.py) -------------
+
+@pytest.mark.parametrize("arch", synth_archs.ARCHS)
+def test_arch_files_use_gguf_py_names_and_finite_small_weights(tmp_path, arch):
+    r = synth(tmp_path / "m.gguf", "1M", "Q4_K_M", arch=arch, heads=4, kv_heads=2, vocab=300, weights="small")
+    gguf_arch = synth_archs.gguf_arch(arch)
+    known = gguf.MODEL_TENSORS[next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == gguf_arch)]
+    allowed = {gguf.TENSOR_NAMES[t] for t in known}
+    with lab.open_model(r.path) as m:
+        assert m.metadata["general.architecture"] == gguf_arch
+        assert (m.metadata["general.name"] == "mistral") == (arch == "mistral")
+        assert m.metadata[f"{gguf_arch}.attention.head_count_kv"] == 2
+        assert len(m.metadata_value("tokenizer.ggml.tokens")) == 300
+        for t in m.tensors:
+            base = t.name.rsplit(".", 1)[0]
+            assert base.replace(f"blk.{t.layer}.", "blk.{bid}.") in allowed, t.name
+            if len(t.shape) > 1:
+                assert np.abs(m.dequantize(t.name)).max() < 0.5, t.name  # trained-model sized
+        tied = "output.weight" not in m
+    assert tied == (arch in ("qwen2", "qwen3", "gemma2", "gemma3"))
+
+
+def test_arch_specifics(tmp_path):
+    with lab.open_model(synth(tmp_path / "p.gguf", "1M", "Q8_0", arch="phi3", heads=4, kv_heads=2).path) as m:
+        e, ff = m.metadata["phi3.embedding_length"], m.metadata["phi3.feed_forward_length"]
+        assert m["blk.0.attn_qkv.weight"].np_shape == (e + 2 * e // 2, e)  # q, then k and v of 2 of 4 heads
+        assert m["blk.0.ffn_up.weight"].np_shape == (2 * ff, e)  # gate and up in one tensor
+    with lab.open_model(synth(tmp_path / "q.gguf", "1M", "Q8_0", arch="qwen2").path) as m:
+        assert "blk.1.attn_k.bias" in m and m.metadata["tokenizer.ggml.model"] == "gpt2"
+        merges = m.metadata_value("tokenizer.ggml.merges")
+        tokens = set(m.metadata_value("tokenizer.ggml.tokens"))
+        assert merges and all(a in tokens and b in tokens and a + b in tokens for a, b in (x.split(" ") for x in merges))
+    with lab.open_model(synth(tmp_path / "g.gguf", "1M", "Q8_0", arch="gemma3").path) as m:
+        assert m.metadata_value("tokenizer.ggml.tokens")[:4] == ["<pad>", "<eos>", "<bos>", "<unk>"]
+        assert m.metadata["gemma3.attention.key_length"] == m["blk.0.attn_q_norm.weight"].shape[0]
+
+
+def test_default_llama_file_is_unchanged_by_the_arch_option(tmp_path):
+    a = synth(tmp_path / "a.gguf", "4M", "Q4_0", seed=1)
+    b = synth(tmp_path / "b.gguf", "4M", "Q4_0", seed=1, arch="llama", weights="random")
+    assert _digest(a.path) == _digest(b.path)
+    with lab.open_model(a.path) as m:  # the keys synth has always written, no more
+        assert "llama.rope.freq_base" not in m.metadata and "tokenizer.ggml.bos_token_id" not in m.metadata
+
+
+def test_arch_arguments_are_checked(tmp_path):
+    with pytest.raises(GGUFLabError, match="unknown architecture 'bert'.*llama, mistral"):
+        synth(tmp_path / "x.gguf", "1M", "Q8_0", arch="bert")
+    with pytest.raises(GGUFLabError, match="must divide"):
+        synth(tmp_path / "x.gguf", "1M", "Q8_0", heads=3)
+    with pytest.raises(GGUFLabError, match="must divide"):
+        synth(tmp_path / "x.gguf", "1M", "Q8_0", heads=4, kv_heads=3)
+    with pytest.raises(GGUFLabError, match="--weights"):
+        synth(tmp_path / "x.gguf", "1M", "Q8_0", weights="tiny")
     assert not (tmp_path / "x.gguf").exists()

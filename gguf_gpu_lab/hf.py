@@ -1,0 +1,364 @@
+"""From a GGUF file to a running transformers model: the config built by transformers' own GGUF
+tables from this project's header parser, the model built on the meta device (no weights allocated),
+the weights from ``load()`` (dequantized on the GPU, handed to torch through DLPack without a copy;
+NumPy arrays on the host backend), renamed by transformers' own GGUF name map and transformed by
+transformers' own ``TensorProcessor`` classes, on the device.
+
+    model = from_gguf("model.gguf", dtype="float16", device="cuda")
+    sd = to_state_dict("model.gguf", device="cpu")     # transformers' names -> torch tensors
+
+Needs the ``hf`` extra (torch, transformers, accelerate). Bit-exactness: transformers dequantizes
+to float32, transforms, then casts; here every tensor is loaded in the target dtype (the loader
+rounds as that cast does) and transformed there, which gives the same bits for a reordering (for
+every supported architecture, transformers' processors only reorder 2-D tensors); a 1-D tensor
+whose values the processor changes (Gemma's norms) is loaded again in float32, changed there and
+cast, as transformers does. The tests check every tensor bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from .errors import GGUFLabError
+from .loader import DeviceTensor, LoadResult, load
+from .model import GGUFModel, shared_model
+
+# the architectures checked equal to transformers' own load, tensor for tensor (tests/test_hf.py);
+# "mistral" is a llama file named exactly "mistral", which transformers reads as a Mistral model
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _deps():
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise GGUFLabError(f"gguf_gpu_lab.hf needs torch and transformers ({e}); "
+                           "install them with: pip install 'gguf-gpu-lab[hf]'") from None
+    return torch
+
+
+def architecture(model: GGUFModel) -> tuple[str, str]:
+    """(the file's ``general.architecture``, the one transformers reads it as), or a
+    ``GGUFLabError`` naming an architecture that is not supported here."""
+    md = model.metadata
+    arch = md.get("general.architecture")
+    # transformers' own rule: a llama file whose name is exactly "mistral" is a Mistral model
+    updated = "mistral" if arch is not None and "llama" in arch and md.get("general.name") == "mistral" else arch
+    if updated not in SUPPORTED_ARCHITECTURES:
+        raise GGUFLabError(f"{model.path}: architecture {updated!r} is not supported by gguf_gpu_lab.hf; "
+                           f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch, updated
+
+
+def _value(model: GGUFModel, key: str) -> Any:
+    """A metadata value as transformers' GGUF reader gives it: a one-element array as its element."""
+    v = model.metadata[key]
+    if isinstance(v, dict) or isinstance(v, list):
+        v = model.metadata_value(key)
+        v = v.tolist() if isinstance(v, np.ndarray) else list(v)
+        if len(v) == 1:
+            v = v[0]
+    return v
+
+
+def config_dict(model: GGUFModel) -> dict[str, Any]:
+    """The transformers config dict of a GGUF file: transformers' GGUF key table
+    (``GGUF_CONFIG_MAPPING``) and defaults applied to metadata read by this project's parser
+    (string arrays stay undecoded), with the rules ``load_gguf_checkpoint`` adds for the
+    supported architectures (tied embeddings, Gemma 3's text model, the vocabulary size)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    arch, updated = architecture(model)
+    cfg: dict[str, Any] = {}
+    for key in model.metadata:
+        prefix, _, rest = key.replace(arch, updated).partition(".")
+        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if renamed is None or renamed == -1:
+            continue
+        value = _value(model, key)
+        if isinstance(value, str) and arch in value:
+            value = value.replace(arch, updated)
+        cfg[renamed] = value
+    cfg["tie_word_embeddings"] = "output.weight" not in model
+    for k, v in GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch) or {}).items():
+        cfg.setdefault(k, v)
+    if cfg.get("model_type") == "gemma3":  # the file holds the text backbone only
+        cfg["model_type"] = "gemma3_text"
+    if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in model.metadata:
+        tokens = model.metadata["tokenizer.ggml.tokens"]
+        cfg["vocab_size"] = tokens["length"] if isinstance(tokens, dict) else len(tokens)
+    return cfg
+
+
+def config(path_or_model):
+    """The ``transformers`` config of a GGUF file (see ``config_dict``)."""
+    _deps()
+    from transformers import CONFIG_MAPPING
+
+    model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
+    d = config_dict(model)
+    return CONFIG_MAPPING[d["model_type"]].from_dict(d)
+
+
+# -- the name map -------------------------------------------------------------------------------
+
+_NAME_MAP_LOCK = threading.Lock()
+_NAME_MAPS: dict[tuple, dict[str, str]] = {}
+
+
+@contextlib.contextmanager
+def _gguf_name_maps_memoized():
+    """transformers' ``get_gguf_hf_weights_map`` builds gguf-py's name table again for every module
+    it recurses into: 11-12 s for an 8B llama against 0.05 s with the table built once (the 2-core
+    development machine, 2026-11-28). Memoized for the call only; the results are the same."""
+    import gguf
+
+    real = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(real)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = real
+
+
+def weights_map(hf_model, processor, arch: str) -> dict[str, str]:
+    """GGUF tensor name -> transformers parameter name, by transformers' ``get_gguf_hf_weights_map``
+    for the file's architecture (cached by the model's parameter names)."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    key = (type(processor).__name__, arch, hf_model.config.num_hidden_layers, tuple(hf_model.state_dict()))
+    with _NAME_MAP_LOCK:
+        if key not in _NAME_MAPS:
+            with _gguf_name_maps_memoized():
+                _NAME_MAPS[key] = get_gguf_hf_weights_map(hf_model, processor, model_type=arch)
+            while len(_NAME_MAPS) > 8:
+                _NAME_MAPS.pop(next(iter(_NAME_MAPS)))
+        return _NAME_MAPS[key]
+
+
+# -- state dict -----------------------------------------------------------------------------------
+
+def _device(device) -> tuple[Any, str, int]:
+    """(torch.device, backend, device index) for a device given as "cuda", "cuda:1", "cpu" or a torch.device."""
+    torch = _deps()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise GGUFLabError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r} ({e})") from None
+    if dev.type == "cpu":
+        return dev, "host", 0
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GGUFLabError(f"device {device!r}: torch sees no GPU here; device='cpu' loads on the host backend")
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return torch.device("cuda", index), "cupy", index
+    raise GGUFLabError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+
+
+def _as_torch(dt: DeviceTensor):
+    """The loaded array as a torch tensor sharing its memory: ``torch.from_numpy`` on the host,
+    DLPack on a GPU."""
+    torch = _deps()
+    if isinstance(dt.array, np.ndarray):
+        t = torch.from_numpy(dt.array)
+        return t.view(torch.bfloat16) if dt.dtype == "bfloat16" else t
+    return dt.to_torch()
+
+
+class _Conversion:
+    """What turning one file into transformers' tensors needs: config, meta model, processor, names."""
+
+    def __init__(self, model: GGUFModel, dtype: str, attn_implementation: str | None = None):
+        torch = _deps()
+        from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        if dtype not in _DTYPES:
+            raise GGUFLabError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        self.steps: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.model, self.dtype, self.torch_dtype = model, dtype, getattr(torch, dtype)
+        self.arch, self.updated = architecture(model)
+        self.config_dict = config_dict(model)
+        self.config = CONFIG_MAPPING[self.config_dict["model_type"]].from_dict(self.config_dict)
+        t1 = time.perf_counter()
+        kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        with torch.device("meta"):
+            self.hf_model = AutoModelForCausalLM.from_config(self.config, dtype=self.torch_dtype, **kw)
+        t2 = time.perf_counter()
+        self.processor = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=self.config_dict)
+        self.names = weights_map(self.hf_model, self.processor, self.arch)
+        t3 = time.perf_counter()
+        self.steps.update(config_s=t1 - t0, meta_model_s=t2 - t1, names_s=t3 - t2)
+        self.wanted = [t.name for t in model.tensors if t.name in self.names]
+
+    def _process(self, name: str, t):
+        r = self.processor.process(weights=t, name=name, tensor_key_mapping=self.names,
+                                   parsed_parameters={"tensors": {}})
+        if r.name != name:
+            raise GGUFLabError(f"{self.model.path}: transformers' {type(self.processor).__name__} renames or consumes "
+                               f"tensor {name!r}; gguf_gpu_lab.hf does not handle that")
+        return r.weights
+
+    def load(self, backend: str, index: int, load_options: dict) -> LoadResult:
+        t0 = time.perf_counter()
+        r = load(self.model, dtype=self.dtype, tensors=self.wanted, backend=backend, device=index, **load_options)
+        self.steps["load_s"] = time.perf_counter() - t0
+        return r
+
+    def state_dict(self, result: LoadResult, backend: str, index: int, load_options: dict) -> dict[str, Any]:
+        """transformers' names -> tensors on the device, the loaded memory reused wherever the
+        transform keeps the shape. A 1-D tensor whose values the processor changes (Gemma's norms:
+        weight - 1) is loaded again in float32 and changed there, as transformers does, then cast."""
+        torch = _deps()
+        t0 = time.perf_counter()
+        missing = [n for n in self.wanted if n not in result]
+        if missing:
+            raise GGUFLabError(f"{self.model.path}: the load result lacks {len(missing)} tensors the model needs, "
+                               f"first {missing[0]!r}")
+        out: dict[str, Any] = {}
+        again: list[str] = []
+        with torch.no_grad():
+            for name in self.wanted:
+                t = _as_torch(result[name])
+                w = self._process(name, t)
+                if w is not t:
+                    if t.ndim == 1 and self.dtype != "float32":
+                        again.append(name)
+                        continue
+                    if w.shape == t.shape:
+                        t.copy_(w)  # back into the loaded buffer: the transform's scratch is freed at once
+                    else:
+                        t = w.contiguous()
+                out[self.names[name]] = t
+            if again:
+                opts = {k: v for k, v in load_options.items() if k != "progress"}
+                r32 = load(self.model, dtype="float32", tensors=again, backend=backend, device=index, **opts)
+                for name in again:
+                    out[self.names[name]] = self._process(name, _as_torch(r32[name])).to(self.torch_dtype)
+        self.steps["transform_s"] = time.perf_counter() - t0
+        return out
+
+
+def to_state_dict(path_or_result, dtype: str = "float16", device="cuda", **load_options) -> dict[str, Any]:
+    """The weights of a GGUF file under transformers' parameter names, as torch tensors on
+    ``device``, equal to what ``from_pretrained(..., gguf_file=...)`` puts in the model.
+
+    Args:
+        path_or_result: a path, an open ``GGUFModel``, or a ``LoadResult`` of the file (not of the
+            raw mode): its dtype and device are used, and its arrays become the state dict's
+            tensors, the ones transformers reorders (llama's q and k) reordered in place.
+        dtype: "float16", "bfloat16" or "float32".
+        device: "cuda", "cuda:N" (loaded with the ``gpu`` mode through CuPy) or "cpu" (the
+            host backend).
+        load_options: passed to ``load`` (streams, chunk_mb, readers, progress, profile, ...).
+
+    Example:
+        >>> sd = to_state_dict("model.gguf", device="cpu")            # doctest: +SKIP
+        >>> sd["model.layers.0.self_attn.q_proj.weight"].shape
+    """
+    result = None
+    if isinstance(path_or_result, LoadResult):
+        result = path_or_result
+        if result.path is None:
+            raise GGUFLabError("this LoadResult does not name its file; pass the path instead")
+        if result.options.mode == "raw":
+            raise GGUFLabError("a LoadResult of the raw mode holds quantized bytes; load with mode='gpu' or 'cpu'")
+        dtype = result.options.dtype
+        device = "cpu" if result.backend == "host" else f"cuda:{_result_device(result)}"
+        path_or_result = result.path
+    model = path_or_result if isinstance(path_or_result, GGUFModel) else shared_model(path_or_result)
+    dev, backend, index = _device(device)
+    conv = _Conversion(model, dtype)
+    if result is None:
+        result = conv.load(backend, index, load_options)
+    return conv.state_dict(result, backend, index, load_options)
+
+
+def _result_device(result: LoadResult) -> int:
+    for dt in result.values():
+        return int(dt.array.device.id)
+    return 0
+
+
+def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementation: str | None = None,
+              **load_options):
+    """A ready transformers model (``AutoModelForCausalLM``, eval mode) from a GGUF file: the same
+    config and weights as ``from_pretrained(dir, gguf_file=name, dtype=..., device_map=device)``.
+
+    The model is built on the meta device and its parameters are the loaded tensors themselves
+    (``load_state_dict(assign=True)``): no weight is allocated twice. ``model.gguf_load_result``
+    is the ``LoadResult`` (``.profile`` for ``plots.timeline``); ``model.gguf_steps_s`` the seconds
+    of each step (config, meta_model, names, load, transform, assign, total).
+
+    Args:
+        path: a .gguf file (or an open ``GGUFModel``) of a supported architecture
+            (``SUPPORTED_ARCHITECTURES``).
+        dtype: "float16", "bfloat16" or "float32".
+        device: "cuda", "cuda:N" or "cpu" (the host backend: NumPy dequantization on all cores).
+        attn_implementation: passed to transformers ("sdpa", "eager", ...; default its own choice).
+        load_options: passed to ``load`` (streams, chunk_mb, readers, progress, profile, ...).
+
+    Example:
+        >>> model = from_gguf("model.gguf", device="cuda")                      # doctest: +SKIP
+        >>> model(torch.tensor([[1, 2, 3]], device="cuda")).logits.shape
+    """
+    torch = _deps()
+    t0 = time.perf_counter()
+    model = path if isinstance(path, GGUFModel) else shared_model(path)
+    dev, backend, index = _device(device)
+    conv = _Conversion(model, dtype, attn_implementation)
+    result = conv.load(backend, index, load_options)
+    state = conv.state_dict(result, backend, index, load_options)
+    t1 = time.perf_counter()
+    hf = conv.hf_model
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    tied = getattr(hf, "all_tied_weights_keys", {}) if conv.config.tie_word_embeddings else {}
+    hf.tie_weights(missing_keys=set(missing), recompute_mapping=False)
+    untied = [k for k in missing if k not in tied]
+    if unexpected or untied:
+        raise GGUFLabError(f"{model.path}: the weights do not fit {type(hf).__name__}: "
+                           f"missing {untied[:3]}, unexpected {list(unexpected)[:3]}")
+    _finish(hf, dev)
+    steps = {**conv.steps, "assign_s": time.perf_counter() - t1}
+    steps["total_s"] = time.perf_counter() - t0
+    hf.gguf_load_result = result
+    hf.gguf_steps_s = steps
+    return hf
+
+
+def _finish(hf, dev) -> None:
+    """What ``from_pretrained`` does after filling the weights, by transformers' own code: buffers
+    that are not weights (rotary frequencies, embedding scales) made on the device and computed by
+    ``initialize_weights``, which leaves every loaded parameter as it is; then eval mode."""
+    torch = _deps()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.is_meta:
+                raise GGUFLabError(f"parameter of shape {tuple(p.shape)} was never filled")
+            p._is_hf_initialized = True
+        for mod in hf.modules():
+            for name, buf in list(mod._buffers.items()):
+                if buf is not None and buf.is_meta:
+                    mod._buffers[name] = torch.empty_like(buf, device=dev)
+        hf.initialize_weights()
+    hf.eval()
+
+
+def tokenizer(path):
+    """transformers' tokenizer for a GGUF file (``AutoTokenizer.from_pretrained(..., gguf_file=...)``)."""
+    _deps()
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))

