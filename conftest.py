@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def _example_model(tmp_path_factory):
-    from gguf_gpu_lab.synth import synth
+    from gguf_gpu_lab.tools.synth import synth
 
     path = tmp_path_factory.mktemp("examples") / "model.gguf"
     synth(path, "1M", "Q4_K_M", seed=0)

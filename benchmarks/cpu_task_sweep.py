@@ -10,9 +10,9 @@ import time
 import numpy as np
 
 from gguf_gpu_lab import quant
-from gguf_gpu_lab.bench import machine_info
+from gguf_gpu_lab.tools.bench import machine_info
 from gguf_gpu_lab.quant import _cpu
-from gguf_gpu_lab.synth import random_blocks
+from gguf_gpu_lab.tools.synth import random_blocks
 
 
 def main(path: str) -> None:

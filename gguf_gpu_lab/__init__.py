@@ -8,8 +8,9 @@ The ways in::
     r.profile                                 # what the loader did, span by span
     lab.plots.timeline(r.profile)             # ... as a picture
 
-``lab.plots``, ``lab.widgets`` (notebooks), ``lab.synth``, ``lab.hf`` (transformers models:
-``lab.hf.from_gguf``), ``lab.loader`` and ``lab.quant`` are imported on first use, so
+``lab.plots``, ``lab.widgets`` (notebooks), ``lab.hf`` (transformers models:
+``lab.hf.from_gguf``), ``lab.tools`` (``synth``, ``verify``, the fuzzer, the demo and the
+benchmarks), ``lab.loader`` and ``lab.quant`` are imported on first use, so
 ``import gguf_gpu_lab`` stays light.
 """
 
@@ -34,7 +35,7 @@ from .scan import Problem
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("plots", "widgets", "synth", "hf", "bench", "fuzz", "profiler", "device")
+_LAZY_MODULES = ("plots", "widgets", "hf", "tools", "profiler", "device")
 
 
 def check(model, *, max_problems: int = 100) -> list[Problem]:

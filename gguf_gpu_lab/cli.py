@@ -113,7 +113,7 @@ def cmd_inspect(path: str, as_json: bool, tensors: bool) -> int:
 
 def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = None, arch: str = "llama",
               heads: int | None = None, kv_heads: int | None = None, weights: str = "random") -> int:
-    from .synth import synth
+    from .tools.synth import synth
 
     bar = ProgressBar(f"synth {arch} {params} {mix}")
     try:
@@ -139,7 +139,7 @@ def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool,
         print(f"{name}: {t.type_name} {t.np_shape} -> {x.dtype} "
               f"min {float(x.min()):.6g} max {float(x.max()):.6g} mean {float(x.astype(np.float32).mean()):.6g}")
         if verify:
-            from .verify import verify_tensor
+            from .tools.verify import verify_tensor
 
             ok, msg = verify_tensor(m, name)
             print(msg)
@@ -170,7 +170,7 @@ def cmd_check(path: str, max_problems: int) -> int:
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
               model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
               hf: bool = False) -> int:
-    from . import bench
+    from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
                                     ("--hf", hf)) if on]
@@ -186,22 +186,22 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
                                "bench --cpu and bench --open run without one")
     _writable_dir(out_dir, "--out-dir")
     if open_:
-        from .bench_e2e import bench_open, format_open
+        from .tools.bench_e2e import bench_open, format_open
 
         res = bench_open()
         print(format_open(res))
     elif e2e:
-        from .bench_e2e import bench_e2e, format_e2e
+        from .tools.bench_e2e import bench_e2e, format_e2e
 
         res = bench_e2e(model_path, params=params)
         print(format_e2e(res))
     elif hf:
-        from .bench_hf import bench_hf, format_hf
+        from .tools.bench_hf import bench_hf, format_hf
 
         res = bench_hf(model_path, params=params)
         print(format_hf(res))
     elif not cpu and not dequant:
-        from .bench_load import bench_load, format_load
+        from .tools.bench_load import bench_load, format_load
 
         res = bench_load(model_path, params=params)
         print(format_load(res))
@@ -209,7 +209,7 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
         res = bench.bench_cpu(types=types, weights=size_mb * (1 << 20) // 4)
         print(bench.format_cpu(res))
     else:
-        from .bench_gpu import bench_gpu_dequant, format_gpu_dequant
+        from .tools.bench_gpu import bench_gpu_dequant, format_gpu_dequant
 
         res = bench_gpu_dequant(types=types, n_elements=size_mb * (1 << 20) // 2)
         print(format_gpu_dequant(res))
@@ -249,8 +249,8 @@ def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, re
 def cmd_fuzz(cases: int, seed: int, out: str | None) -> int:
     import json
 
-    from . import fuzz
-    from .bench import machine_info
+    from .tools import fuzz
+    from .tools.bench import machine_info
 
     bar = progress_bar("fuzz", total=cases, unit="case")
     try:
@@ -270,7 +270,7 @@ def cmd_fuzz(cases: int, seed: int, out: str | None) -> int:
 
 
 def cmd_demo(out_dir: str, params: str, mix: str) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     run_demo(out_dir, params=params, mix=mix, progress=progress_bar)
     return 0

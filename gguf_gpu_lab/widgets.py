@@ -128,7 +128,7 @@ class ModelExplorer:
         import cupy
 
         from .quant.gpu import dequantize_gpu
-        from .verify import mismatches
+        from .tools.verify import mismatches
 
         t = self.model.info(name)
         g = dequantize_gpu(cupy.asarray(self.model.raw(name)), t.ggml_type, dtype="float32").get()

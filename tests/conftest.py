@@ -10,7 +10,7 @@ def rng():
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory):
     """A small synthetic Q4_K_M model shared by read-only tests."""
-    from gguf_gpu_lab.synth import synth
+    from gguf_gpu_lab.tools.synth import synth
 
     path = tmp_path_factory.mktemp("models") / "small-q4km.gguf"
     synth(path, "4M", "Q4_K_M", seed=7)
@@ -19,7 +19,7 @@ def small_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def all_types_model(tmp_path_factory):
-    from gguf_gpu_lab.synth import synth
+    from gguf_gpu_lab.tools.synth import synth
 
     path = tmp_path_factory.mktemp("models") / "all-types.gguf"
     synth(path, "4M", "all-types", seed=3)
@@ -29,7 +29,7 @@ def all_types_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def other_model(tmp_path_factory):
     """A llama of another size and quant mix than the notebooks' built-in model."""
-    from gguf_gpu_lab.synth import synth
+    from gguf_gpu_lab.tools.synth import synth
 
     path = tmp_path_factory.mktemp("models") / "other-q4_0.gguf"
     synth(path, "4M", "Q4_0", seed=11)
@@ -47,7 +47,7 @@ def no_block_model(tmp_path_factory):
     """A file without a single decoder ``blk.N.`` tensor: ``NO_BLOCK_TENSORS``, in that order."""
     import gguf
 
-    from gguf_gpu_lab.synth import random_blocks
+    from gguf_gpu_lab.tools.synth import random_blocks
 
     rng = np.random.Generator(np.random.SFC64(5))
     path = tmp_path_factory.mktemp("models") / "no-blocks.gguf"

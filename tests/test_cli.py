@@ -93,7 +93,7 @@ def test_load_benchmark_results_format():
     import json
     from pathlib import Path
 
-    from gguf_gpu_lab.bench_load import format_load
+    from gguf_gpu_lab.tools.bench_load import format_load
 
     files = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "results").glob("load-*.json"))
     assert files
@@ -118,18 +118,18 @@ def test_load_repeat_and_profile(tmp_path, small_model, capsys):
 
 @pytest.mark.parametrize("flags,what", [([], "bench"), (["--dequant"], "bench --dequant"), (["--e2e"], "bench --e2e")])
 def test_bench_without_a_gpu_stops_before_any_work(tmp_path, monkeypatch, capsys, flags, what):
-    import gguf_gpu_lab.bench_e2e
-    import gguf_gpu_lab.bench_gpu
-    import gguf_gpu_lab.bench_load
+    import gguf_gpu_lab.tools.bench_e2e
+    import gguf_gpu_lab.tools.bench_gpu
+    import gguf_gpu_lab.tools.bench_load
     import gguf_gpu_lab.device
 
     def never(*a, **k):
         raise AssertionError("the benchmark ran without a GPU")
 
-    monkeypatch.setattr(gguf_gpu_lab.bench_e2e, "bench_e2e", never)
+    monkeypatch.setattr(gguf_gpu_lab.tools.bench_e2e, "bench_e2e", never)
     monkeypatch.setattr(gguf_gpu_lab.device, "_cupy_or_reason", lambda: (None, "CuPy is not importable (ModuleNotFoundError)"))
-    monkeypatch.setattr(gguf_gpu_lab.bench_load, "bench_load", never)
-    monkeypatch.setattr(gguf_gpu_lab.bench_gpu, "bench_gpu_dequant", never)
+    monkeypatch.setattr(gguf_gpu_lab.tools.bench_load, "bench_load", never)
+    monkeypatch.setattr(gguf_gpu_lab.tools.bench_gpu, "bench_gpu_dequant", never)
     monkeypatch.chdir(tmp_path)
     assert main(["bench", *flags]) == 2
     err = capsys.readouterr().err
@@ -140,7 +140,7 @@ def test_bench_without_a_gpu_stops_before_any_work(tmp_path, monkeypatch, capsys
 
 def test_bench_open_runs_without_a_gpu(tmp_path, monkeypatch, capsys):
     """The open benchmark on small stand-ins for its files (the real ones are written by bench --open)."""
-    import gguf_gpu_lab.bench_e2e as be
+    import gguf_gpu_lab.tools.bench_e2e as be
 
     monkeypatch.setattr(be, "_OPEN_CASES", [("vocab-3000", dict(params="4M", mix="Q4_0", vocab=3000), 0.1),
                                            ("4M-header", dict(params="4M", mix="Q4_K_M", data=False), 0.05)])
@@ -166,12 +166,12 @@ def test_synth_without_room_is_one_line_before_writing(tmp_path, monkeypatch, ca
 
 
 def test_an_oserror_without_errno_is_not_an_empty_message(monkeypatch, capsys):
-    import gguf_gpu_lab.synth
+    import gguf_gpu_lab.tools.synth
 
     def fail(*a, **k):
         raise OSError()
 
-    monkeypatch.setattr(gguf_gpu_lab.synth, "synth", fail)
+    monkeypatch.setattr(gguf_gpu_lab.tools.synth, "synth", fail)
     assert main(["synth", "x.gguf"]) == 2
     assert capsys.readouterr().err == "gguf-gpu-lab: error: OSError\n"
 

@@ -1,6 +1,6 @@
 """A sample of the fuzz run (the dedicated run: `gguf-gpu-lab fuzz --cases 10000`)."""
 
-from gguf_gpu_lab import fuzz
+from gguf_gpu_lab.tools import fuzz
 
 
 def test_seed_file_is_valid_and_mutations_hit_every_kind():

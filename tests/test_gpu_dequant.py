@@ -5,7 +5,7 @@ import pytest
 
 from gguf_gpu_lab import GGUFLabError, quant
 from gguf_gpu_lab.quant.gpu import GPU_KERNELS
-from gguf_gpu_lab.verify import mismatches, reference, round_reference
+from gguf_gpu_lab.tools.verify import mismatches, reference, round_reference
 
 from .quantdata import finite_random_blocks, libgguf_rows
 

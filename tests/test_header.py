@@ -153,7 +153,7 @@ def test_string_scan_over_hard_vocabularies(tmp_path, monkeypatch, window):
 
 
 def test_vocabulary_of_synth_equals_reader_and_numeric_arrays_are_views(tmp_path):
-    from gguf_gpu_lab.synth import synth
+    from gguf_gpu_lab.tools.synth import synth
 
     r = synth(tmp_path / "v.gguf", "4M", "Q4_0", vocab=20000)
     m = assert_same_as_reader(r.path)

@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import gguf_gpu_lab as lab  # noqa: E402
 from gguf_gpu_lab import GGUFLabError, hf  # noqa: E402
-from gguf_gpu_lab.synth import synth  # noqa: E402
+from gguf_gpu_lab.tools.synth import synth  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -267,7 +267,7 @@ def test_gpu_weights_are_the_loaded_cupy_arrays(model_dir):
 
 def test_bench_hf_on_the_host(tmp_path):
     """The benchmark's own path, small and on the CPU (the lead runs it on a GPU with an 8B file)."""
-    from gguf_gpu_lab.bench_hf import bench_hf, format_hf
+    from gguf_gpu_lab.tools.bench_hf import bench_hf, format_hf
 
     p = synth(tmp_path / "m.gguf", "1M", "Q4_K_M", vocab=VOCAB, weights="small").path
     res = bench_hf(p, dtype="float32", device="cpu", repeat=1)

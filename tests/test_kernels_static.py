@@ -11,7 +11,7 @@ import pytest
 
 from gguf_gpu_lab import quant
 from gguf_gpu_lab.quant.gpu import GPU_KERNELS, KERNEL_SOURCE
-from gguf_gpu_lab.verify import mismatches, reference, round_reference
+from gguf_gpu_lab.tools.verify import mismatches, reference, round_reference
 
 from .quantdata import finite_random_blocks, libgguf_rows
 

@@ -9,7 +9,7 @@ import pytest
 
 from gguf_gpu_lab import GGUFLabError, LoadCancelled, open_model
 from gguf_gpu_lab.loader import load, plan_chunks, select
-from gguf_gpu_lab.verify import mismatches
+from gguf_gpu_lab.tools.verify import mismatches
 
 
 def _threads():

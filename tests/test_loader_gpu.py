@@ -5,7 +5,7 @@ import pytest
 
 from gguf_gpu_lab import DeviceMemoryError, open_model
 from gguf_gpu_lab.loader import load
-from gguf_gpu_lab.verify import mismatches
+from gguf_gpu_lab.tools.verify import mismatches
 
 pytestmark = pytest.mark.gpu
 

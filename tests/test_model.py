@@ -300,7 +300,7 @@ def test_check_finds_nan_in_float_tensor_and_inf_in_scales(tmp_path, small_model
 
 def test_check_iq1_m_packed_scale(tmp_path):
     from gguf_gpu_lab.scan import check_raw
-    from gguf_gpu_lab.synth import random_blocks
+    from gguf_gpu_lab.tools.synth import random_blocks
 
     b = random_blocks("IQ1_M", 4, np.random.Generator(np.random.SFC64(0)))
     assert check_raw("t", "IQ1_M", b) == []
@@ -322,7 +322,7 @@ def test_raw_views_outlive_close(small_model):
 
 def test_public_face(small_model):
     assert callable(lab.load) and callable(lab.check) and callable(lab.open_model)
-    assert {"load", "open_model", "check", "plots", "widgets", "synth", "LoadResult"} <= set(dir(lab))
+    assert {"load", "open_model", "check", "plots", "widgets", "tools", "LoadResult"} <= set(dir(lab))
     assert lab.plots.timeline is not None and lab.LoadResult.__doc__
     assert lab.check(small_model) == []
     with lab.open_model(small_model) as m:

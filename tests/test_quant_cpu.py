@@ -3,7 +3,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from gguf_gpu_lab import GGUFLabError, UnsupportedTypeError, quant
-from gguf_gpu_lab.verify import mismatches, reference, round_reference
+from gguf_gpu_lab.tools.verify import mismatches, reference, round_reference
 
 from .quantdata import DEQUANT_TYPES, QUANT_TYPES, finite_random_blocks, libgguf_rows, row_widths
 

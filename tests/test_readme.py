@@ -18,7 +18,7 @@ def _example(i: int, code: str):
 @pytest.fixture(scope="module")
 def demo_folder(tmp_path_factory):
     """What ``gguf-gpu-lab demo`` leaves: gguf-lab-demo/synthetic-25M-Q4_K_M.gguf."""
-    from gguf_gpu_lab.synth import synth
+    from gguf_gpu_lab.tools.synth import synth
 
     folder = tmp_path_factory.mktemp("readme")
     (folder / "gguf-lab-demo").mkdir()

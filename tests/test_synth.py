@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import gguf_gpu_lab as lab
-from gguf_gpu_lab import GGUFLabError, quant, synth_archs
-from gguf_gpu_lab.synth import MIXES, llama_config, parse_params, synth
+from gguf_gpu_lab import GGUFLabError, quant
+from gguf_gpu_lab.tools import synth_archs
+from gguf_gpu_lab.tools.synth import MIXES, llama_config, parse_params, synth
 
 
 def _digest(p):
@@ -89,7 +90,7 @@ def test_interrupted_synth_leaves_no_file(tmp_path):
 
 @pytest.mark.parametrize("params,mix,vocab", [("4M", "Q4_0", None), ("4M", "all-types", 3000), ("25M", "Q4_K_M", None)])
 def test_file_bytes_is_the_size_from_above(tmp_path, params, mix, vocab):
-    from gguf_gpu_lab.synth import _plan, _tokens, file_bytes
+    from gguf_gpu_lab.tools.synth import _plan, _tokens, file_bytes
 
     r = synth(tmp_path / "m.gguf", params, mix, vocab=vocab)
     need = file_bytes(_plan(r.config, mix), _tokens(r.config.vocab))

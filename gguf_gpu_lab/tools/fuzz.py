@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import GGUFLabError
-from .model import open_model
+from ..errors import GGUFLabError
+from ..model import open_model
 
 MUTATIONS = ("truncate", "flip", "string_length", "counts", "tensor_offset", "type_id", "dims", "n_dims",
              "array_length")

@@ -21,9 +21,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 
-from . import quant
+from .. import quant
 from . import synth_archs
-from .errors import GGUFLabError
+from ..errors import GGUFLabError
 
 # fp16 bit patterns 0x1400..0x2400: positive values from ~0.00098 to ~0.0156.
 _SCALE_LO, _SCALE_HI = 0x1400, 0x2400

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from . import quant
-from .model import _fmt_bytes, open_model
+from .. import quant
+from ..model import _fmt_bytes, open_model
 from .synth import synth
 from .verify import mismatches, reference
 
@@ -43,7 +43,7 @@ def run_demo(out_dir: str = "gguf-lab-demo", params: str = "25M", mix: str = "Q4
               f"each tensor with gguf-py in {dt:.2f} s: {'bit-exact' if bad == 0 else f'{bad} values differ'}")
         out.update(n_weights=n_weights, mismatches=bad, dequant_and_verify_s=dt, problems=len(problems))
 
-        from .loader import load
+        from ..loader import load
 
         r = load(m, mode="gpu", dtype="float16", chunk_mb=1.0, progress=True if progress else None)  # small chunks: a pipeline to see
         wrong = sum(mismatches(r[t.name].numpy().reshape(-1), m.dequantize(t.name, "float16").reshape(-1)).size
@@ -53,7 +53,7 @@ def run_demo(out_dir: str = "gguf-lab-demo", params: str = "25M", mix: str = "Q4
         s = r.profile.summary()
         print(s["stages"].to_string(index=False))
         print(f"   overlap of stages {100 * s['overlap']:.0f}% of the wall time; bound by {s['bound_by']}")
-        from .plots import write_profile
+        from ..plots import write_profile
 
         files = write_profile(r.profile, out_dir)
         out.update(load_gb_s=r.gb_s, load_backend=r.backend, load_mismatches=wrong, **files)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .bench import machine_info
-from .model import open_model
+from ..model import open_model
 
 
 def _median(xs: list[float]) -> float:
@@ -145,7 +145,7 @@ def profiler_overhead(m, repeats: int = 9) -> dict:
     """The profiler's cost on gpu-mode loads of ``m``: load() calls with and without it,
     interleaved; the median of each. Recording during the load is the overhead the load pays;
     turning events into the DataFrame happens on first use of ``profile.df`` and is timed apart."""
-    from .loader import load
+    from ..loader import load
 
     calls: dict[bool, list[float]] = {True: [], False: []}
     first_use = []
@@ -185,7 +185,7 @@ def naive_path(model, names) -> tuple[float, int]:
 
 def bench_load(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K_M", quick: bool = False) -> dict:
     from .bench_gpu import device_info
-    from .loader import default_readers, load
+    from ..loader import default_readers, load
     from .synth import synth
 
     tmp = None

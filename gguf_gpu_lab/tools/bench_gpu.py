@@ -8,9 +8,9 @@ from typing import Sequence
 
 import numpy as np
 
-from . import quant
+from .. import quant
 from .bench import machine_info
-from .quant.gpu import GPU_KERNELS, dequantize_gpu, gpu_dtype
+from ..quant.gpu import GPU_KERNELS, dequantize_gpu, gpu_dtype
 from .verify import mismatches, reference, round_reference
 
 # Targets of the GPU dequantization issue, as fractions of the copy's bandwidth.
@@ -20,7 +20,7 @@ MAIN_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 def device_info() -> dict:
-    from .device import get_backend
+    from ..device import get_backend
 
     return get_backend("cupy").info()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import quants as gq
 
-from . import quant
+from .. import quant
 
 
 def reference(raw: np.ndarray, ggml_type) -> np.ndarray:

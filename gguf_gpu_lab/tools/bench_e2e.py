@@ -2,7 +2,7 @@
 on the GPU, first (a fresh process) and steady (the same process again), against transformers'
 ``from_pretrained(gguf_file=...)`` on the same file in the same run.
 
-Each fresh process is a child (``python -m gguf_gpu_lab.bench_e2e --child ...``) that reports
+Each fresh process is a child (``python -m gguf_gpu_lab.tools.bench_e2e --child ...``) that reports
 its own phases: interpreter start, imports, CUDA context creation, then open, load and
 synchronize. Process start and context creation are reported apart from the end-to-end figure.
 """
@@ -27,7 +27,7 @@ def _median(xs):
 # -- opening (any machine) -----------------------------------------------------------------------
 
 def _time_open(path: str, repeat: int) -> list[float]:
-    from .model import open_model
+    from ..model import open_model
 
     out = []
     for _ in range(repeat):
@@ -64,7 +64,7 @@ def bench_open(out_dir: str | None = None, repeat: int = 7, reader: bool = True)
             path = os.path.join(tmp, f"{name}.gguf")
             s = synth(path, **kw)
             times = _time_open(path, repeat)
-            from .model import open_model
+            from ..model import open_model
 
             with open_model(path) as m:
                 t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def _child(path: str, mode: str, dtype: str, repeat: int) -> dict:
 
 def _spawn(args: list[str], env: dict | None = None, timeout: float = 600) -> dict:
     t_spawn = time.time()
-    p = subprocess.run([sys.executable, "-m", "gguf_gpu_lab.bench_e2e", *args], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "gguf_gpu_lab.tools.bench_e2e", *args], capture_output=True, text=True,
                        env={**os.environ, **(env or {})}, timeout=timeout)
     if p.returncode != 0:
         return {"error": (p.stderr or p.stdout)[-2000:]}

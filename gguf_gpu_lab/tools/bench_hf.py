@@ -37,7 +37,7 @@ def _free_device_pools(device) -> None:
 
 
 def _time_load(path: str, dtype: str, backend: str, index: int, device) -> float:
-    from .loader import load
+    from ..loader import load
 
     t0 = time.perf_counter()
     r = load(path, dtype=dtype, backend=backend, device=index)
@@ -48,7 +48,7 @@ def _time_load(path: str, dtype: str, backend: str, index: int, device) -> float
 
 
 def _time_from_gguf(path: str, dtype: str, device):
-    from . import hf
+    from .. import hf
 
     t0 = time.perf_counter()
     model = hf.from_gguf(path, dtype=dtype, device=device)
@@ -76,7 +76,7 @@ def bench_hf(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K
     """
     import torch
 
-    from . import hf
+    from .. import hf
     from .synth import synth
 
     dev, backend, index = hf._device(device)
@@ -182,10 +182,10 @@ def format_hf(res: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m gguf_gpu_lab.bench_hf [--model PATH] [--params 8B] [--device cuda]
+if __name__ == "__main__":  # python -m gguf_gpu_lab.tools.bench_hf [--model PATH] [--params 8B] [--device cuda]
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m gguf_gpu_lab.bench_hf")
+    p = argparse.ArgumentParser(prog="python -m gguf_gpu_lab.tools.bench_hf")
     p.add_argument("--model")
     p.add_argument("--params", default="8B")
     p.add_argument("--mix", default="Q4_K_M")

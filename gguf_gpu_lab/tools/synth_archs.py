@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from gguf import GGUFWriter
 
-from .errors import GGUFLabError
+from ..errors import GGUFLabError
 
 if TYPE_CHECKING:
     from .synth import LlamaConfig

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 from gguf import quants as gq
 
-from . import quant
+from .. import quant
 from .verify import mismatches
 
 DEFAULT_CPU_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")
@@ -46,7 +46,7 @@ def machine_info() -> dict:
         except Exception:
             return None
 
-    from . import __version__
+    from .. import __version__
 
     return {
         "host": socket.gethostname(), "cpu": cpu, "cores": quant.default_threads(),
