@@ -60,6 +60,8 @@ def _docstring_examples(request):
         return
     if request.node.name.startswith("gguf_gpu_lab.widgets."):
         pytest.importorskip("ipywidgets", reason="the dashboards need ipywidgets (the test and notebook extras)")
+    if request.node.name.startswith("gguf_gpu_lab.hf."):
+        pytest.importorskip("transformers", reason="transformers models need the hf extra")
     from gguf_gpu_lab import open_model
 
     tmp_path = request.getfixturevalue("tmp_path")

@@ -264,8 +264,9 @@ def to_state_dict(path_or_result, dtype: str = "float16", device="cuda", **load_
         load_options: passed to ``load`` (streams, chunk_mb, readers, progress, profile, ...).
 
     Example:
-        >>> sd = to_state_dict("model.gguf", device="cpu")            # doctest: +SKIP
+        >>> sd = to_state_dict("model.gguf", device="cpu")
         >>> sd["model.layers.0.self_attn.q_proj.weight"].shape
+        torch.Size([256, 256])
     """
     result = None
     if isinstance(path_or_result, LoadResult):
@@ -310,8 +311,10 @@ def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementatio
         load_options: passed to ``load`` (streams, chunk_mb, readers, progress, profile, ...).
 
     Example:
-        >>> model = from_gguf("model.gguf", device="cuda")                      # doctest: +SKIP
-        >>> model(torch.tensor([[1, 2, 3]], device="cuda")).logits.shape     # doctest: +SKIP
+        >>> import torch
+        >>> model = from_gguf("model.gguf", device="cpu")        # device="cuda": dequantized on the GPU
+        >>> model(torch.tensor([[1, 2, 3]])).logits.shape
+        torch.Size([1, 3, 4096])
     """
     torch = _deps()
     t0 = time.perf_counter()

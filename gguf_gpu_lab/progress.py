@@ -24,7 +24,7 @@ def progress_bar(desc: str, total: int | None = None, unit: str = "B"):
     """A tqdm bar that removes itself when closed; disabled where ``shown()`` is False.
 
     Example:
-        >>> bar = progress_bar("fuzz", total=100, unit="case")   # doctest: +SKIP
+        >>> bar = progress_bar("fuzz", total=100, unit="case")
         >>> bar.update(1); bar.close()
     """
     from tqdm.auto import tqdm
@@ -39,8 +39,9 @@ class ProgressBar:
     and a notebook widget made without one is drawn full and never moves.
 
     Example:
-        >>> bar = ProgressBar("synth 7B")                         # doctest: +SKIP
-        >>> synth("m.gguf", "7B", progress=bar); bar.close()
+        >>> from gguf_gpu_lab.tools.synth import synth
+        >>> bar = ProgressBar("synth 4M")
+        >>> r = synth(tmp_path / "m.gguf", "4M", progress=bar); bar.close()
     """
 
     def __init__(self, desc: str, unit: str = "B"):

@@ -72,7 +72,7 @@ def bench_hf(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K
 
     Example:
         >>> res = bench_hf(params="8B")          # doctest: +SKIP
-        >>> print(format_hf(res))
+        >>> print(format_hf(res))                # doctest: +SKIP
     """
     import torch
 
