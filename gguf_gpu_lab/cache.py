@@ -228,3 +228,53 @@ class PreloadHandle:
             self._queue.clear()
         if self._thread.ident is not None:
             self._thread.join()
+
+
+# -- the model's lazy loads: the cache sits above the model and the loader, which know nothing of it
+
+def load_cached(model, name: str, dtype: str, mode: str, backend, device: int):
+    """``GGUFModel.tensor``: one tensor from the model's cache, loaded on first use; a tensor
+    still queued in a running preload is taken out of its queue and loaded at once."""
+    from .device import get_backend
+    from .loader import load
+
+    model.info(name)
+    model._data()
+    if model._preload is not None:
+        model._preload.take(name)
+    be = get_backend(backend, device)
+    key = (model.path, name, mode, dtype)
+    return model._cache().get_or_load(
+        key, lambda: load(model, mode=mode, dtype=dtype, tensors=[name], backend=be, profile=False)[name])
+
+
+def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device: int, batch_mb: float,
+                   load_options: dict) -> "PreloadHandle":
+    """``GGUFModel.preload``'s handle, not yet started: tensors into the model's cache in batches
+    of about ``batch_mb``."""
+    from .device import get_backend
+    from .loader import load, select
+
+    be = get_backend(backend, device)
+    cache = model._cache()
+    names = [t.name for t in select(model.tensors, tensors, order)]
+    names = [n for n in names if (model.path, n, mode, dtype) not in cache]
+    sizes = {t.name: t.n_bytes for t in model.tensors}
+
+    def run_batch(batch, cancel):
+        keys = {n: (model.path, n, mode, dtype) for n in batch}
+        claimed = set(cache.claim(keys.values()))
+        todo = [n for n in batch if keys[n] in claimed]
+        if not todo:
+            return
+        try:
+            r = load(model, mode=mode, dtype=dtype, tensors=todo, backend=be, cancel=cancel, profile=False,
+                     **load_options)
+        except BaseException as e:
+            for n in todo:
+                cache.fail(keys[n], e)
+            raise
+        for n in todo:
+            cache.fulfill(keys[n], r[n])
+
+    return PreloadHandle(names, sizes, run_batch, int(batch_mb * (1 << 20)))

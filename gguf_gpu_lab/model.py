@@ -275,17 +275,9 @@ class GGUFModel:
             >>> model.tensor("blk.0.attn_q.weight") is w       # served from the cache
             True
         """
-        from .device import get_backend
-        from .loader import load
+        from .cache import load_cached
 
-        self.info(name)
-        self._data()
-        if self._preload is not None:
-            self._preload.take(name)
-        be = get_backend(backend, device)
-        key = (self.path, name, mode, dtype)
-        return self._cache().get_or_load(
-            key, lambda: load(self, mode=mode, dtype=dtype, tensors=[name], backend=be, profile=False)[name])
+        return load_cached(self, name, dtype, mode, backend, device)
 
     def preload(self, order="file", *, background: bool = True, dtype: str = "float16", mode: str = "gpu",
                 tensors=None, backend="auto", device: int = 0, batch_mb: float = 512, **load_options):
@@ -299,35 +291,12 @@ class GGUFModel:
             >>> model.cache_info()["entries"] == len(model)
             True
         """
-        from .cache import PreloadHandle
-        from .device import get_backend
-        from .loader import load, select
+        from .cache import preload_handle
 
         if self._preload is not None and not self._preload.done():
             raise GGUFLabError(f"{self.path}: a preload is already running; cancel() or wait() for it first")
-        be = get_backend(backend, device)
-        cache = self._cache()
-        names = [t.name for t in select(self.tensors, tensors, order)]
-        names = [n for n in names if (self.path, n, mode, dtype) not in cache]
-        sizes = {t.name: t.n_bytes for t in self.tensors}
-
-        def run_batch(batch, cancel):
-            keys = {n: (self.path, n, mode, dtype) for n in batch}
-            claimed = set(cache.claim(keys.values()))
-            todo = [n for n in batch if keys[n] in claimed]
-            if not todo:
-                return
-            try:
-                r = load(self, mode=mode, dtype=dtype, tensors=todo, backend=be, cancel=cancel, profile=False,
-                         **load_options)
-            except BaseException as e:
-                for n in todo:
-                    cache.fail(keys[n], e)
-                raise
-            for n in todo:
-                cache.fulfill(keys[n], r[n])
-
-        self._preload = PreloadHandle(names, sizes, run_batch, int(batch_mb * (1 << 20)))
+        # set before it starts, so tensor() calls from other threads can take from its queue
+        self._preload = preload_handle(self, order, dtype, mode, tensors, backend, device, batch_mb, load_options)
         return self._preload.start(background)
 
     def evict(self, name: str | None = None) -> int:

@@ -114,7 +114,7 @@ def test_progress_and_cancel(small_model, mode):
 
 
 def test_reader_error_is_raised_and_cleaned_up(small_model, monkeypatch):
-    from gguf_gpu_lab import loader
+    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_into
 
     calls = []
 
@@ -124,7 +124,7 @@ def test_reader_error_is_raised_and_cleaned_up(small_model, monkeypatch):
             raise OSError("disk on fire")
         dst[...] = 0
 
-    monkeypatch.setattr(loader, "_read_into", broken)
+    monkeypatch.setattr(loader, "read_into", broken)
     with pytest.raises(OSError, match="disk on fire"):
         load(small_model, chunk_mb=0.05, backend="host")
     assert not _threads()
@@ -240,12 +240,12 @@ def test_named_ranges_for_system_profilers(small_model):
 
 
 def test_errors_leave_the_callers_cancel_event_alone(small_model, monkeypatch):
-    from gguf_gpu_lab import loader
+    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_into
 
     def broken(fd, mm, dst, offset):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(loader, "_read_into", broken)
+    monkeypatch.setattr(loader, "read_into", broken)
     ev = threading.Event()
     with pytest.raises(OSError, match="disk on fire"):
         load(small_model, chunk_mb=0.05, backend="host", cancel=ev)
@@ -253,13 +253,13 @@ def test_errors_leave_the_callers_cancel_event_alone(small_model, monkeypatch):
 
 
 def test_failed_output_allocation_stops_the_readers(small_model, monkeypatch):
-    from gguf_gpu_lab import loader
+    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_into
     from gguf_gpu_lab.errors import DeviceMemoryError
 
     def no_memory(*a, **k):
         raise DeviceMemoryError("out of memory (injected)")
 
-    monkeypatch.setattr(loader, "_alloc_outputs", no_memory)
+    monkeypatch.setattr(loader, "alloc_outputs", no_memory)
     with pytest.raises(DeviceMemoryError, match="injected"):
         load(small_model, chunk_mb=0.05, backend="host")
     assert not _threads()

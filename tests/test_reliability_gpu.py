@@ -69,15 +69,15 @@ def test_injected_kernel_launch_error(warm, monkeypatch):
 
 
 def test_injected_reader_error(warm, monkeypatch):
-    from gguf_gpu_lab import loader
+    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_into
 
     m, base = warm
-    real = loader._read_into
-    monkeypatch.setattr(loader, "_read_into", failing_on(5, real, OSError("injected read failure")))
+    real = loader.read_into
+    monkeypatch.setattr(loader, "read_into", failing_on(5, real, OSError("injected read failure")))
     with pytest.raises(OSError, match="injected read failure"):
         load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy")
     assert _state() == base
-    monkeypatch.setattr(loader, "_read_into", real)
+    monkeypatch.setattr(loader, "read_into", real)
     _correct(m, load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy"))
 
 

@@ -1,0 +1,138 @@
+"""Planning a load (pure): the options, which tensors in what order, and chunks of whole blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .. import quant
+from ..errors import GGUFLabError, TensorNotFoundError
+from ..model import TensorInfo
+
+MODES = ("gpu", "raw", "cpu", "sequential")
+ORDERS = ("file", "largest", "layer")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    mode: str = "gpu"
+    dtype: str = "float16"
+    streams: int = 4
+    chunk_mb: float = 16.0
+    readers: int | None = None  # default: default_readers()
+    read: str = "mmap"
+    staging_mb: float | None = None  # default: 2 slots a lane
+    order: Any = "file"
+    profile: bool | str = True  # True or "events": CUDA/HIP events; "cupti": CUPTI activity records
+
+    def check(self) -> "LoadOptions":
+        if self.mode not in MODES:
+            raise GGUFLabError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not (isinstance(self.streams, int) and 1 <= self.streams <= 64):
+            raise GGUFLabError(f"streams must be an integer from 1 to 64, got {self.streams!r}")
+        if self.readers is not None and not (isinstance(self.readers, int) and 1 <= self.readers <= 256):
+            raise GGUFLabError(f"readers must be an integer from 1 to 256, got {self.readers!r}")
+        if self.read not in ("mmap", "preadv"):
+            raise GGUFLabError(f"read must be 'mmap' or 'preadv', got {self.read!r}")
+        if not self.chunk_mb > 0:
+            raise GGUFLabError(f"chunk_mb must be positive, got {self.chunk_mb!r}")
+        if self.staging_mb is not None and not self.staging_mb > 0:
+            raise GGUFLabError(f"staging_mb must be positive, got {self.staging_mb!r}")
+        if not (callable(self.order) or self.order in ORDERS):
+            raise GGUFLabError(f"order must be one of {', '.join(ORDERS)} or a callable, got {self.order!r}")
+        if self.profile not in (True, False, "events", "cupti"):
+            raise GGUFLabError(f"profile must be True, False, 'events' or 'cupti', got {self.profile!r}")
+        if self.mode != "raw":
+            quant.resolve_dtype(self.dtype)
+        return self
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of whole blocks of one tensor: ``[first_block, first_block + n_blocks)``."""
+
+    tensor: TensorInfo
+    first_block: int
+    n_blocks: int
+    file_offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+
+def select(tensors: Sequence[TensorInfo], names=None, order="file") -> list[TensorInfo]:
+    """The tensors to load, in load order. ``names``: a list of names or a predicate."""
+    if names is None:
+        chosen = list(tensors)
+    elif callable(names):
+        chosen = [t for t in tensors if names(t)]
+    else:
+        by_name = {t.name: t for t in tensors}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise TensorNotFoundError(f"no tensor named {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        chosen = [by_name[n] for n in dict.fromkeys(names)]
+    if callable(order):
+        return sorted(chosen, key=order)
+    if order == "file":
+        return sorted(chosen, key=lambda t: t.offset)
+    if order == "largest":
+        return sorted(chosen, key=lambda t: (-t.n_bytes, t.offset))
+    if order == "layer":  # embeddings, each stack's blocks (a decoder's, a vision tower's...), the rest
+        from ..naming import layer_key
+
+        return sorted(chosen, key=layer_key(chosen))
+    raise GGUFLabError(f"order must be one of {', '.join(ORDERS)} or a callable, got {order!r}")
+
+
+def plan_chunks(tensors: Sequence[TensorInfo], chunk_bytes: int) -> list[Chunk]:
+    """Split big tensors into chunks of whole blocks of at most ``chunk_bytes``; batch small
+    ones together up to ``chunk_bytes``."""
+    chunks: list[Chunk] = []
+    batch: list[Piece] = []
+    size = 0
+
+    def flush():
+        nonlocal batch, size
+        if batch:
+            chunks.append(Chunk(len(chunks), tuple(batch)))
+        batch, size = [], 0
+
+    for t in tensors:
+        spec = quant.type_spec(t.ggml_type)
+        n_blocks = t.n_elements // spec.block_size
+        per = max(1, chunk_bytes // spec.type_size)
+        if t.n_bytes > chunk_bytes:
+            flush()
+            for b0 in range(0, n_blocks, per):
+                nb = min(per, n_blocks - b0)
+                chunks.append(Chunk(len(chunks), (Piece(t, b0, nb, t.offset + b0 * spec.type_size, nb * spec.type_size),)))
+        else:
+            if size + t.n_bytes > chunk_bytes:
+                flush()
+            batch.append(Piece(t, 0, n_blocks, t.offset, t.n_bytes))
+            size += t.n_bytes
+    flush()
+    return chunks
+
+
+def out_kind(t: TensorInfo, mode: str, dtype: str) -> tuple[str, np.dtype]:
+    """(logical dtype, storage dtype) of a tensor's output in a mode."""
+    spec = quant.type_spec(t.ggml_type)
+    if mode == "raw":
+        return "raw", np.dtype(np.uint8)
+    if spec.kind == "int":
+        return spec.storage_dtype.name, spec.storage_dtype
+    if dtype == "bfloat16":
+        return "bfloat16", np.dtype(np.uint16)
+    return dtype, quant.resolve_dtype(dtype)
