@@ -139,6 +139,7 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid
 __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid, const u8* ksigns, int nvalid) {
     const int e0 = g * 8;                          // first element of the group (0..31)
     const int half = e0 >> 4, base = e0 & 15;      // nibble half, byte index of the first element
+    (void)half; (void)base;                        // Q8_0 has whole bytes, indexed by element
 #if GGML_TYPE == 2   /* Q4_0 */
     const float d = ld_f16(b);
     for (int j = 0; j < 8; ++j) v[j] = d * (float)(((b[2 + base + j] >> (4 * half)) & 15) - 8);
@@ -187,7 +188,8 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid
 
 #else /* 256-element super-blocks: 32 groups of 8 */
 __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid, const u8* ksigns, int nvalid) {
-    const int e0 = g * 8;
+    const int e0 = g * 8;                          // first element of the group (0..255)
+    (void)e0;                                      // the grid types (IQ1-IQ3) index by group alone
 #if GGML_TYPE == 10  /* Q2_K */
     const float d = ld_f16(b + 80), dmin = ld_f16(b + 82);
     const u8 sc = b[e0 >> 4];
