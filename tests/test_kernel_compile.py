@@ -114,18 +114,25 @@ def test_hipcc_compiles_every_variant(amd_target, hipcc, tmp_path):
     assert not bad, f"{target}{' (' + note + ')' if note else ''}: {len(bad)} variants\n" + "\n".join(bad[:5])
 
 
-def test_hipcc_keeps_float32_subnormals(amd_target, hipcc, tmp_path):
-    """With the run-time options the code object keeps float32 subnormals (MXFP4 scales of
-    2^-127 and 2^-128, F64 values below 2^-126): denormal mode 3. CuPy's RawModule would add
-    -fcuda-flush-denormals-to-zero, which makes it 0; quant.gpu compiles without it."""
+def test_hipcc_code_object_rounds_to_nearest_and_keeps_subnormals(amd_target, hipcc, tmp_path):
+    """With the run-time options the kernel descriptor asks the GPU for round-to-nearest-even and
+    kept subnormals (mode 3) in float32 (MXFP4 scales of 2^-127 and 2^-128, F64 values below
+    2^-126) and in float16 (the output conversion, v_cvt_f16_f32). cupy.RawModule would add
+    -fcuda-flush-denormals-to-zero, which turns the float32 mode to 0 (flushed)."""
     target, extra, pch, _ = amd_target
-    mxfp4 = next(v for v in all_variants() if v[0] == 39 and v[1] == 0)
-    asm = tmp_path / "mxfp4.s"
-    r = _run([hipcc, *HIPCC_BASE, f"--offload-arch={target}", *[e for e in extra if e != "-S"], "-include-pch",
-              str(pch), *kernel_options(*mxfp4, hip=True), "-c", "-S", str(KERNEL_SOURCE), "-o", str(asm)], HIP_ENV)
-    assert r.returncode == 0, r.stderr[-3000:]
-    modes = re.findall(r"\.amdhsa_float_denorm_mode_32\s+(\d+)", asm.read_text())
-    assert modes == ["3"], f"{target}: float32 denormal mode {modes}, want ['3'] (kept on input and output)"
+    mxfp4 = next(v for v in all_variants() if v[0] == 39 and v[1] == 1)
+
+    def modes(*more):
+        asm = tmp_path / "mxfp4.s"
+        r = _run([hipcc, *HIPCC_BASE, f"--offload-arch={target}", *[e for e in extra if e != "-S"], "-include-pch",
+                  str(pch), *kernel_options(*mxfp4, hip=True), *more, "-c", "-S", str(KERNEL_SOURCE), "-o", str(asm)],
+                 HIP_ENV)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return dict(re.findall(r"\.amdhsa_float_(\w+_mode_(?:32|16_64))\s+(\d+)", asm.read_text()))
+
+    assert modes() == {"round_mode_32": "0", "round_mode_16_64": "0", "denorm_mode_32": "3",
+                       "denorm_mode_16_64": "3"}, target
+    assert modes("-fcuda-flush-denormals-to-zero")["denorm_mode_32"] == "0"  # what RawModule would ask
 
 
 # -- NVIDIA: nvcc ----------------------------------------------------------------------------------
