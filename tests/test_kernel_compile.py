@@ -22,6 +22,8 @@ JOBS = max(2, os.cpu_count() or 1)
 # hipcc adds host link flags that a device-only compile leaves unused; nothing else is filtered
 HIPCC_BASE = ("--cuda-device-only", "-x", "hip", "-Wno-unused-command-line-argument")
 HIP_ENV = {**os.environ, "HIP_PLATFORM": "amd"}  # this machine may have nvcc too: hipcc would target it
+HOW_TO_GET = {"hipcc": "Debian: apt-get install -y hipcc",
+              "nvcc": "a CUDA toolkit; Debian has one only in non-free, which CI's package sources lack"}
 
 
 def _compiler(name: str, ci_must_have: bool) -> str:
@@ -30,7 +32,7 @@ def _compiler(name: str, ci_must_have: bool) -> str:
         why = f"{name} is not installed"
         if ci_must_have and os.environ.get("CI") == "true":
             pytest.fail(f"{why}, and CI=true: the compile gate must run in CI (.ci/run installs it)")
-        pytest.skip(f"{why} (Debian: apt-get install -y hipcc)" if name == "hipcc" else why)
+        pytest.skip(f"{why} ({HOW_TO_GET[name]})")
     return exe
 
 
@@ -138,7 +140,6 @@ def test_hipcc_code_object_rounds_to_nearest_and_keeps_subnormals(amd_target, hi
 
 @pytest.fixture(scope="module")
 def nvcc():
-    # Debian's nvidia-cuda-toolkit is in non-free, which CI's package sources lack: CI skips
     return _compiler("nvcc", ci_must_have=False)
 
 
