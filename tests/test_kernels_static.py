@@ -101,7 +101,8 @@ def cxx():
 @pytest.mark.parametrize("t", list(GPU_KERNELS), ids=lambda t: t.name)
 def test_kernel_logic_on_host(cxx, t, tmp_path, rng):
     """The kernel source, built for the CPU with one emulated thread, is bit-exact with gguf-py
-    for every output dtype. The GPU run of the same source is tests/test_gpu_dequant.py."""
+    for every output dtype, float16 converted as on ROCm (the _Float16 cast). The GPU run of the
+    same source is tests/test_gpu_dequant.py."""
     from gguf import quants as gq
 
     from gguf_gpu_lab.quant.gpu import THREADS, grid_bytes
@@ -116,7 +117,10 @@ def test_kernel_logic_on_host(cxx, t, tmp_path, rng):
         cases.append(libgguf_rows(t, 2, 512 if spec.block_size > 1 else 64, rng)[0])
     for kind, dtype in enumerate(["float32", "float16", "bfloat16"]):
         so = tmp_path / f"k{kind}.so"
-        subprocess.run([cxx, "-O1", "-pthread", "-shared", "-fPIC", "-ffp-contract=off",
+        # float16 through the _Float16 cast hipRTC compiles; the portable conversion is checked
+        # on its own in test_float16_conversion_rounds_like_numpy
+        hip = ["-D__HIPCC_RTC__"] if dtype == "float16" else []
+        subprocess.run([cxx, "-O1", "-pthread", "-shared", "-fPIC", "-ffp-contract=off", *hip,
                         f"-DGGML_TYPE={int(t)}", f"-DOUT_KIND={kind}", f"-DVEC_STORE={kind % 2}", f"-DVEC_LOAD={kind % 2}",
                         f"-DBLOCK_SIZE={spec.block_size}", f"-DTYPE_SIZE={spec.type_size}", f"-DTHREADS={THREADS}",
                         str(wrapper), "-o", str(so)], check=True, capture_output=True)
@@ -133,3 +137,75 @@ def test_kernel_logic_on_host(cxx, t, tmp_path, rng):
                 ref = round_reference(ref, dtype).view(np.uint16)
             bad = mismatches(out, ref)
             assert bad.size == 0, f"{t.name} {dtype}: {bad.size} differ, first at {bad[0]}"
+
+
+# The float32 -> float16 conversion each compiler gets (dequant.cu's F2H): the _Float16 cast that
+# hipRTC compiles (selected by the macro hipRTC predefines), or the portable bit version.
+_CONVERT = r"""
+#define F2H_STR2(x) #x
+#define F2H_STR(x) F2H_STR2(x)
+extern "C" const char* f2h_path() { return F2H_STR(F2H(x)); }
+extern "C" void convert(const float* x, unsigned short* y, long long n) {
+    for (long long i = 0; i < n; ++i) y[i] = F2H(x[i]);
+}
+"""
+
+
+def _float16_cases(rng) -> np.ndarray:
+    """float32 bit patterns at every float16 rounding boundary: each finite float16, each tie
+    between neighbours (the overflow tie 65520 included) and the float32 values either side of
+    it, in both signs; float32 subnormals, infinities, quiet and signalling NaNs; 2^20 random
+    patterns."""
+    h = np.arange(0x7C00, dtype=np.uint16)
+    lo = h.view(np.float16).astype(np.float64)
+    hi = np.append(lo[1:], 65536.0)  # 65504's upper neighbour, were the exponent wider
+    ties = ((lo + hi) / 2).astype(np.float32)  # exact: a float16 tie needs 12 significant bits
+    near = [np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(0))]
+    pos = np.concatenate([lo.astype(np.float32), ties, *near]).view(np.uint32)
+    special = np.array([1, 0x7FFFFF, 0x800000, 0x7F7FFFFF, 0x7F800000,  # float32 subnormals, max, inf
+                        0x7FC00000, 0x7FC02000, 0x7FFFFFFF, 0x7FE00001,  # quiet NaNs, payloads
+                        0x7F800001, 0x7FA00000, 0x7F802000, 0x7FBFFFFF], np.uint32)  # signalling
+    pos = np.concatenate([pos, special])
+    return np.concatenate([pos, pos | 0x80000000, rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint32)])
+
+
+@pytest.mark.parametrize("path", ["hiprtc", "portable"])
+def test_float16_conversion_rounds_like_numpy(cxx, path, tmp_path, rng):
+    """float32 -> float16 as the kernel converts (the _Float16 cast on ROCm, the bit version in
+    host builds) against NumPy's astype: round to nearest even at every tie, subnormals kept,
+    overflow to inf, quiet NaNs bit for bit. Signalling NaNs: NumPy keeps them signalling; an
+    IEEE conversion (the _Float16 cast) quiets them, keeping sign and payload; the bit version
+    gives 0x7E00 with the sign for every NaN."""
+    from gguf_gpu_lab.quant.gpu import THREADS
+
+    src = tmp_path / "convert.cpp"
+    src.write_text(_SHIM + f'#include "{KERNEL_SOURCE}"\n' + _CONVERT)
+    so = tmp_path / "convert.so"
+    macro = ["-D__HIPCC_RTC__"] if path == "hiprtc" else []
+    r = subprocess.run([cxx, "-O1", "-pthread", "-shared", "-fPIC", "-ffp-contract=off", *macro, "-DGGML_TYPE=0",
+                        "-DOUT_KIND=1", "-DVEC_STORE=0", "-DVEC_LOAD=0", "-DBLOCK_SIZE=1", "-DTYPE_SIZE=4",
+                        f"-DTHREADS={THREADS}", str(src), "-o", str(so)], capture_output=True, text=True)
+    if r.returncode and "_Float16" in r.stderr:
+        pytest.skip(f"{cxx} has no _Float16 on this machine")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lib = ctypes.CDLL(str(so))
+    lib.f2h_path.restype = ctypes.c_char_p
+    assert lib.f2h_path().decode().startswith("f2h_hip(" if path == "hiprtc" else "f2h(")
+
+    bits = _float16_cases(rng)
+    got = np.empty(bits.size, np.uint16)
+    vp = ctypes.c_void_p
+    lib.convert(vp(bits.ctypes.data), vp(got.ctypes.data), ctypes.c_longlong(bits.size))
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = bits.view(np.float32).astype(np.float16).view(np.uint16)
+    sign = ((bits >> 16) & 0x8000).astype(np.uint16)
+    nan = np.isnan(bits.view(np.float32))
+    if path == "hiprtc":
+        quiet_nan = nan & ((bits & 0x400000) != 0)
+        ref = np.where(nan & ~quiet_nan, sign | 0x7E00 | ((bits >> 13) & 0x1FF), ref).astype(np.uint16)
+    else:
+        ref = np.where(nan, sign | 0x7E00, ref).astype(np.uint16)
+    bad = mismatches(got, ref)
+    assert bad.size == 0, (f"{path}: {bad.size} of {bits.size} differ, first float32 0x{bits[bad[0]]:08x}: "
+                           f"0x{got[bad[0]]:04x}, want 0x{ref[bad[0]]:04x}")
+    assert nan.sum() > 4000 and (got[~nan] == 0x7C00).sum() > 100  # the cases reach NaN and overflow

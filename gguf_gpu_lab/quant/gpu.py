@@ -1,7 +1,7 @@
 """GPU dequantization: one CUDA C source (``kernels/dequant.cu``) for NVRTC and hipRTC,
-specialised per type and output dtype with ``-D`` options and compiled lazily on first use: on
-ROCm as a ``cupy.RawModule`` (kept in CuPy's kernel cache), on CUDA through CuPy's NVRTC
-binding into a cubin kept in this toolkit's own disk cache (see ``_nvrtc_cubin`` for why)."""
+specialised per type and output dtype with ``-D`` options (``kernel_options``) and compiled
+lazily on first use through CuPy's runtime-compiler binding (NVRTC on CUDA, hipRTC on ROCm) into
+a binary kept in this toolkit's own disk cache (see ``_compiled`` for why not ``cupy.RawModule``)."""
 
 from __future__ import annotations
 
@@ -60,39 +60,71 @@ def _source() -> str:
     return KERNEL_SOURCE.read_text()
 
 
+def kernel_options(type_id: int, out_kind: int, vec: int, vec_load: int, *, hip: bool) -> tuple[str, ...]:
+    """The compiler options of one kernel variant, exactly as passed at run time: floating-point
+    contraction off (each multiply and add rounds on its own, as in the NumPy reference; hipRTC
+    and hipcc spell it ``-ffp-contract=off``, NVRTC and nvcc ``--fmad=false``), then the ``-D``
+    options that specialise ``dequant.cu``. The compile gate (tests/test_kernel_compile.py)
+    passes the same tuple to hipcc and nvcc.
+
+    Example:
+        >>> kernel_options(8, 1, 1, 0, hip=True)[:3]
+        ('-ffp-contract=off', '-DGGML_TYPE=8', '-DOUT_KIND=1')
+    """
+    spec = TYPES[T(type_id)]
+    return (("-ffp-contract=off",) if hip else ("--fmad=false",)) + (
+        f"-DGGML_TYPE={type_id}", f"-DOUT_KIND={out_kind}", f"-DVEC_STORE={vec}", f"-DVEC_LOAD={vec_load}",
+        f"-DBLOCK_SIZE={spec.block_size}", f"-DTYPE_SIZE={spec.type_size}", f"-DTHREADS={THREADS}")
+
+
+def all_variants() -> list[tuple[int, int, int, int]]:
+    """Every (type id, output kind, vector store, vector load) that ``launch`` can pick: both
+    store widths for every type and dtype (an ``out=`` view need not be 16-byte aligned), both
+    load widths for plain types only (block types stage their bytes and ignore VEC_LOAD)."""
+    return [(int(t), kind, vec, vec_load)
+            for t in GPU_KERNELS for kind in sorted(_OUT_KIND.values()) for vec in (0, 1)
+            for vec_load in ((0, 1) if TYPES[t].block_size == 1 else (0,))]
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(type_id: int, out_kind: int, vec: int, vec_load: int, device_id: int):
     cupy = _cupy()
-    block, size = TYPES[T(type_id)].block_size, TYPES[T(type_id)].type_size
-    defs = (f"-DGGML_TYPE={type_id}", f"-DOUT_KIND={out_kind}", f"-DVEC_STORE={vec}", f"-DVEC_LOAD={vec_load}",
-            f"-DBLOCK_SIZE={block}", f"-DTYPE_SIZE={size}", f"-DTHREADS={THREADS}")
-    with cupy.cuda.Device(device_id):
-        if cupy.cuda.runtime.is_hip:
-            # contraction off: each multiply and add rounds on its own, as in the NumPy reference
-            mod = cupy.RawModule(code=_source(), options=("-ffp-contract=off",) + defs)
-            return mod, mod.get_function("dequant")
-        from cupy.cuda import function
+    from cupy.cuda import function
 
+    options = kernel_options(type_id, out_kind, vec, vec_load, hip=bool(cupy.cuda.runtime.is_hip))
+    with cupy.cuda.Device(device_id):
         mod = function.Module()
-        mod.load(_nvrtc_cubin(("--fmad=false",) + defs, device_id))
+        mod.load(_compiled(options, device_id))
         return mod, mod.get_function("dequant")
 
 
-def _nvrtc_cubin(options: tuple[str, ...], device_id: int) -> bytes:
-    """Compile with NVRTC, cached on disk. Not through cupy.RawModule: its cached path appends
-    -ftz=true, which flushes float32 subnormals (MXFP4 scales, F64 values) and breaks exactness."""
+def _arch(cupy, device_id: int) -> str:
+    """What a compiled binary is valid for: the compute capability on CUDA; on ROCm the full
+    target ID (``gfx90a:sramecc+:xnack-``), since the compute capability CuPy derives there
+    does not tell gfx908 from gfx90a, nor xnack on from off."""
+    if cupy.cuda.runtime.is_hip:
+        name = cupy.cuda.runtime.getDeviceProperties(device_id)["gcnArchName"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    return cupy.cuda.Device(device_id).compute_capability
+
+
+def _compiled(options: tuple[str, ...], device_id: int) -> bytes:
+    """Compile with NVRTC (CUDA) or hipRTC (ROCm: CuPy's ``compile_using_nvrtc`` calls hipRTC
+    there), cached on disk. Not through ``cupy.RawModule``: its cached path appends ``-ftz=true``
+    on CUDA and ``-fcuda-flush-denormals-to-zero`` on ROCm (CuPy 14.2), which flush float32
+    subnormals (MXFP4 scales, F64 values) and break exactness; on gfx90a hipcc shows the flag
+    turning ``.amdhsa_float_denorm_mode_32`` from 3 (kept) to 0 (flushed)."""
     import hashlib
     import os
 
-    import cupy
-
-    cc = cupy.cuda.Device(device_id).compute_capability
-    # no NVRTC version in the key: asking for it loads NVRTC (~0.1 s), and a cubin any NVRTC
-    # made for this architecture is as valid as a new one
-    key = hashlib.sha256("\0".join((_source(), *options, cc, cupy.__version__)).encode()).hexdigest()
+    cupy = _cupy()
+    hip = bool(cupy.cuda.runtime.is_hip)
+    # no compiler version in the key: asking for it loads NVRTC (~0.1 s), and a binary any
+    # compiler made for this architecture is as valid as a new one
+    key = hashlib.sha256("\0".join((_source(), *options, _arch(cupy, device_id), cupy.__version__)).encode())
     cache_dir = os.environ.get("GGUF_LAB_KERNEL_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "gguf-gpu-lab", "kernels")
-    path = os.path.join(cache_dir, key + ".cubin")
+    path = os.path.join(cache_dir, key.hexdigest() + (".hsaco" if hip else ".cubin"))
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -101,18 +133,18 @@ def _nvrtc_cubin(options: tuple[str, ...], device_id: int) -> bytes:
     from cupy.cuda import compiler
 
     with cupy.cuda.Device(device_id):
-        cubin = compiler.compile_using_nvrtc(_source(), options=options)
-    if isinstance(cubin, tuple):  # (binary, name mapping)
-        cubin = cubin[0]
+        binary = compiler.compile_using_nvrtc(_source(), options=options)
+    if isinstance(binary, tuple):  # (binary, name mapping)
+        binary = binary[0]
     try:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
-            f.write(cubin)
+            f.write(binary)
         os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     except OSError:
         pass  # a read-only home still works, just without the disk cache
-    return cubin
+    return binary
 
 
 @functools.lru_cache(maxsize=None)
@@ -277,8 +309,7 @@ def prepare(variants, device_id: int) -> None:
 @functools.lru_cache(maxsize=None)
 def _function(type_id: int, out_kind: int, vec: int, vec_load: int, device_id: int):
     """The compiled kernel as a ``cupy.cuda.Function`` (whose call takes a stream)."""
-    k = _kernel(type_id, out_kind, vec, vec_load, device_id)[1]
-    return getattr(k, "kernel", k)  # RawModule (HIP) gives a RawKernel; its .kernel is the Function
+    return _kernel(type_id, out_kind, vec, vec_load, device_id)[1]
 
 
 def as_torch(array, dtype="float16"):

@@ -14,6 +14,12 @@
 // hides behind the work); then each thread computes UNROLL groups of 8 consecutive outputs
 // (within one block, or 8 plain values) with the same float32 operations, in the same order, as
 // gguf.quants, and writes each group with one or two 16-byte stores.
+//
+// On AMD GPUs (tests/test_kernel_compile.py builds every variant with hipcc): a block of THREADS
+// is 4 wavefronts of 64 on CDNA (gfx90a) or 8 of 32 on RDNA3 (gfx1100); no code depends on the
+// wavefront size (no shuffles, votes or warp-synchronous steps: __syncthreads is the only
+// exchange). __launch_bounds__ takes one argument here because its second means blocks per
+// multiprocessor to CUDA but waves per execution unit to HIP.
 
 #ifndef THREADS
 #define THREADS 256
@@ -71,7 +77,10 @@ __device__ __forceinline__ u16 f2h(float fv) {
 }
 
 // The hardware conversion where the compiler offers one: libdevice's on CUDA (one cvt.rn
-// instruction), the _Float16 cast on ROCm; the portable version above elsewhere (host builds).
+// instruction), the _Float16 cast on ROCm (v_cvt_f16_f32, which rounds as the kernel descriptor
+// says: to nearest even, float16 subnormals kept, as the compile gate checks; the cast itself is
+// checked against NumPy on the host in tests/test_kernels_static.py); the portable version above
+// elsewhere (host builds). A NaN stays a NaN in all three; its payload bits may differ.
 #if defined(__CUDACC_RTC__) || defined(__CUDACC__)
 extern "C" __device__ unsigned short __nv_float2half_rn(float);
 #define F2H(x) __nv_float2half_rn(x)
@@ -139,6 +148,7 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid
 __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid, const u8* ksigns, int nvalid) {
     const int e0 = g * 8;                          // first element of the group (0..31)
     const int half = e0 >> 4, base = e0 & 15;      // nibble half, byte index of the first element
+    (void)half; (void)base;                        // Q8_0 has whole bytes, indexed by element
 #if GGML_TYPE == 2   /* Q4_0 */
     const float d = ld_f16(b);
     for (int j = 0; j < 8; ++j) v[j] = d * (float)(((b[2 + base + j] >> (4 * half)) & 15) - 8);
@@ -187,7 +197,8 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid
 
 #else /* 256-element super-blocks: 32 groups of 8 */
 __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid, const u8* ksigns, int nvalid) {
-    const int e0 = g * 8;
+    const int e0 = g * 8;                          // first element of the group (0..255)
+    (void)e0;                                      // the grid types (IQ1-IQ3) index by group alone
 #if GGML_TYPE == 10  /* Q2_K */
     const float d = ld_f16(b + 80), dmin = ld_f16(b + 82);
     const u8 sc = b[e0 >> 4];
@@ -350,6 +361,9 @@ __device__ __forceinline__ out_t cvt(float x) {
 #endif
 }
 
+// VEC_STORE picks 16-byte stores where dst is 16-byte aligned, which CUDA requires of them. On
+// AMD the compiler may merge the 8 scalar stores of VEC_STORE 0 into one 16-byte store as well
+// (gfx90a does): ROCm runs the GPU in unaligned-access mode, so that is valid at any address.
 __device__ __forceinline__ void store8(out_t* dst, const float* v) {
 #if VEC_STORE && OUT_KIND == 0
     float4* p = (float4*)dst;
