@@ -34,5 +34,7 @@ def test_readme_has_python_examples():
 def test_readme_example_runs(code, demo_folder, monkeypatch):
     if ".to_torch()" in code or "as_torch(" in code:
         pytest.importorskip("torch", reason="to_torch() needs PyTorch (the torch extra)")
+    if "hf." in code:
+        pytest.importorskip("transformers", reason="transformers models need the hf extra")
     monkeypatch.chdir(demo_folder)
     exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})

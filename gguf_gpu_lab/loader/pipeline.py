@@ -207,7 +207,7 @@ class Pipeline:
         the queueing thread joins it before queueing the first chunk. Its error is ``.error``."""
         if self.opts.mode != "gpu" or not self.backend.is_gpu:
             return None
-        from .quant.gpu import kernel_variants
+        from ..quant.gpu import kernel_variants
 
         pieces = []
         for c in chunks:
