@@ -261,3 +261,16 @@ def test_synth_arch(tmp_path, capsys):
         assert m.architecture == "gemma2" and m.metadata["gemma2.attention.head_count_kv"] == 2
     assert main(["synth", p, "--arch", "bert"]) == 2
     assert "unknown architecture 'bert'" in capsys.readouterr().err
+
+
+def test_bench_model_writes_a_temporary_model_or_uses_the_one_given(small_model):
+    import os
+
+    from gguf_gpu_lab.tools.bench import bench_model
+
+    with bench_model(None, "4M", "Q4_0", arch="llama") as (path, info):
+        assert os.path.basename(path) == "synthetic-llama-4M-Q4_0.gguf" and os.path.getsize(path) > 0
+        assert info["params"] == "4M" and info["seconds"] > 0
+    assert not os.path.exists(path) and not os.path.exists(os.path.dirname(path))
+    with bench_model(str(small_model), "8B", "Q4_K_M") as (given, info):
+        assert given == str(small_model) and info is None

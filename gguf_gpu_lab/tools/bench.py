@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import socket
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -114,3 +116,24 @@ def save_result(res: dict, out_dir: str, kind: str) -> str:
     with open(path, "w") as f:
         json.dump(res, f, indent=2)
     return path
+
+
+@contextlib.contextmanager
+def bench_model(model_path: str | None, params: str, mix: str, **synth_options):
+    """A benchmark's model with a warm page cache (as after a download or a previous run):
+    ``model_path`` as given, or a synthetic model of ``params`` and ``mix`` written to a temporary
+    folder that goes when the benchmark ends. Yields (path, what synth wrote or None)."""
+    with contextlib.ExitStack() as stack:
+        info = None
+        if model_path is None:
+            from .synth import synth
+
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="gguf-lab-bench-"))
+            name = "-".join(["synthetic", *([synth_options["arch"]] if "arch" in synth_options else []), params, mix])
+            model_path = os.path.join(tmp, name + ".gguf")
+            s = synth(model_path, params, mix, **synth_options)
+            info = {"params": params, "mix": mix, "seconds": s.seconds}
+        with open(model_path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+        yield model_path, info

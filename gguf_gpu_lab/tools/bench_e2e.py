@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from .bench import machine_info
+from .bench import bench_model, machine_info
 
 
 def _median(xs):
@@ -214,19 +214,8 @@ def bench_e2e(model_path: str | None = None, params: str = "8B", mix: str = "Q4_
     the first load with an empty kernel cache apart; transformers on the same file, once."""
     from .bench_gpu import device_info
     from .bench_load import pinned_h2d_peak
-    from .synth import synth
 
-    tmp = None
-    synth_info = None
-    if model_path is None:
-        tmp = tempfile.mkdtemp(prefix="gguf-lab-e2e-")
-        model_path = os.path.join(tmp, f"synthetic-{params}-{mix}.gguf")
-        s = synth(model_path, params, mix)
-        synth_info = {"params": params, "mix": mix, "seconds": s.seconds}
-    try:
-        with open(model_path, "rb") as f:  # the page cache warm, as after a download or a previous run
-            while f.read(64 << 20):
-                pass
+    with bench_model(model_path, params, mix) as (model_path, synth_info):
         res = {"benchmark": "e2e", "machine": machine_info(), "device": device_info(),
                "model": {"path": os.path.basename(model_path), "file_bytes": os.path.getsize(model_path),
                          "synth": synth_info},
@@ -263,11 +252,6 @@ def bench_e2e(model_path: str | None = None, params: str = "8B", mix: str = "Q4_
                 row["speedup_vs_transformers_steady"] = t / row["steady_s"]
                 row["speedup_vs_transformers_first"] = t / row["first_s"]
         return res
-    finally:
-        if tmp is not None:
-            for f in os.listdir(tmp):
-                os.unlink(os.path.join(tmp, f))
-            os.rmdir(tmp)
 
 
 def format_e2e(res: dict) -> str:

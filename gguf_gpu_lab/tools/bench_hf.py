@@ -12,10 +12,9 @@ from __future__ import annotations
 import gc
 import os
 import statistics
-import tempfile
 import time
 
-from .bench import machine_info, save_result
+from .bench import bench_model, machine_info, save_result
 
 
 def _sync(device) -> None:
@@ -77,20 +76,9 @@ def bench_hf(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K
     import torch
 
     from .. import hf
-    from .synth import synth
 
     dev, backend, index = hf._device(device)
-    tmp = None
-    synth_info = None
-    if model_path is None:
-        tmp = tempfile.mkdtemp(prefix="gguf-lab-hf-")
-        model_path = os.path.join(tmp, f"synthetic-llama-{params}-{mix}.gguf")
-        s = synth(model_path, params, mix, weights="small")
-        synth_info = {"params": params, "mix": mix, "seconds": s.seconds}
-    try:
-        with open(model_path, "rb") as f:  # the page cache warm, as after a download or a previous run
-            while f.read(64 << 20):
-                pass
+    with bench_model(model_path, params, mix, arch="llama", weights="small") as (model_path, synth_info):
         info = {"device": str(dev)}
         if dev.type == "cuda":
             from .bench_gpu import device_info
@@ -145,11 +133,6 @@ def bench_hf(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K
         del model
         _free_device_pools(dev)
         return res
-    finally:
-        if tmp is not None:
-            for f in os.listdir(tmp):
-                os.unlink(os.path.join(tmp, f))
-            os.rmdir(tmp)
 
 
 def _version(name: str) -> str | None:
