@@ -26,9 +26,32 @@ def _code(src: str) -> str:
     return re.sub(r"//[^\n]*", "", src)
 
 
+def _unguarded_asm(code: str) -> list[int]:
+    """Lines with inline assembly outside every ``#if`` that names a CUDA-only macro."""
+    stack: list[bool] = []  # per open #if: whether it (or an enclosing one) is CUDA-only
+    bad = []
+    for i, line in enumerate(code.splitlines(), 1):
+        s = line.strip()
+        if re.match(r"#\s*if", s):
+            stack.append((bool(stack) and stack[-1]) or bool(re.search(r"__CUDA_ARCH__|__CUDACC(_RTC)?__", s)))
+        elif re.match(r"#\s*(else|elif)", s):  # the other branch of a CUDA-only test is not CUDA-only
+            stack[-1] = len(stack) > 1 and stack[-2]
+        elif re.match(r"#\s*endif", s):
+            stack.pop()
+        elif re.search(r"\basm\b", s) and not (stack and stack[-1]):
+            bad.append(i)
+    return bad
+
+
+def test_unguarded_asm_is_found():
+    assert _unguarded_asm('asm("x");') == [1]
+    assert _unguarded_asm('#if defined(__CUDA_ARCH__)\nasm("x");\n#else\nasm("y");\n#endif') == [4]
+    assert _unguarded_asm('#ifdef __CUDACC__\n#if A\nasm("x");\n#endif\n#endif') == []
+
+
 def test_no_cuda_only_constructs():
     code = _code(KERNEL_SOURCE.read_text())
-    assert not re.search(r"\basm\b", code), "inline PTX does not compile with hipRTC"
+    assert not _unguarded_asm(code), "inline PTX outside a CUDA-only #if does not compile with hipRTC"
     assert "warpSize" not in code, "warpSize is 64 on CDNA, 32 on RDNA: never a constant"
     shuffles = re.findall(r"__shfl\w*\s*\(([^,]*)", code)
     assert all("FULL_MASK" in m for m in shuffles), "shuffle masks only through the portability macro"
@@ -61,6 +84,7 @@ static pthread_barrier_t g_barrier;
 inline void __syncthreads() { pthread_barrier_wait(&g_barrier); }
 struct float4 { float x, y, z, w; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
@@ -115,13 +139,15 @@ def test_kernel_logic_on_host(cxx, t, tmp_path, rng):
     cases = [finite_random_blocks(t, 37, rng), finite_random_blocks(t, 4099, rng)]  # one and several tiles
     if t.name != "F64":
         cases.append(libgguf_rows(t, 2, 512 if spec.block_size > 1 else 64, rng)[0])
-    for kind, dtype in enumerate(["float32", "float16", "bfloat16"]):
-        so = tmp_path / f"k{kind}.so"
+    # float32 both ways: 16-byte stores go through STAGE_OUT's shared buffers (block types) or
+    # 4-value groups (plain types); scalar stores do neither
+    for kind, dtype, vec in [(0, "float32", 0), (0, "float32", 1), (1, "float16", 1), (2, "bfloat16", 0)]:
+        so = tmp_path / f"k{kind}{vec}.so"
         # float16 through the _Float16 cast hipRTC compiles; the portable conversion is checked
         # on its own in test_float16_conversion_rounds_like_numpy
         hip = ["-D__HIPCC_RTC__"] if dtype == "float16" else []
         subprocess.run([cxx, "-O1", "-pthread", "-shared", "-fPIC", "-ffp-contract=off", *hip,
-                        f"-DGGML_TYPE={int(t)}", f"-DOUT_KIND={kind}", f"-DVEC_STORE={kind % 2}", f"-DVEC_LOAD={kind % 2}",
+                        f"-DGGML_TYPE={int(t)}", f"-DOUT_KIND={kind}", f"-DVEC_STORE={vec}", f"-DVEC_LOAD={vec}",
                         f"-DBLOCK_SIZE={spec.block_size}", f"-DTYPE_SIZE={spec.type_size}", f"-DTHREADS={THREADS}",
                         str(wrapper), "-o", str(so)], check=True, capture_output=True)
         lib = ctypes.CDLL(str(so))
@@ -136,7 +162,7 @@ def test_kernel_logic_on_host(cxx, t, tmp_path, rng):
             if kind:
                 ref = round_reference(ref, dtype).view(np.uint16)
             bad = mismatches(out, ref)
-            assert bad.size == 0, f"{t.name} {dtype}: {bad.size} differ, first at {bad[0]}"
+            assert bad.size == 0, f"{t.name} {dtype} (vector stores {vec}): {bad.size} differ, first at {bad[0]}"
 
 
 # The float32 -> float16 conversion each compiler gets (dequant.cu's F2H): the _Float16 cast that

@@ -103,7 +103,21 @@ __device__ __forceinline__ u16 f2bf(float fv) {
     return (u16)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
 }
 
-__device__ __forceinline__ float ld_f16(const u8* p) { return h2f((u16)(p[0] | (p[1] << 8))); }
+// A block's float16 scales: on CUDA one exact conversion instruction (cvt.f32.f16: subnormals
+// kept; a NaN comes out as the canonical NaN, and any NaN scale gives NaN outputs whose payload
+// the float32 multiply canonicalises anyway); h2f's dozen integer instructions a scale were a
+// fifth of the work of a Q4_K group. Plain F16 tensors keep h2f: their NaNs are data, copied
+// bit for bit into float32.
+#if (defined(__CUDACC_RTC__) || defined(__CUDACC__)) && !(GGML_TYPE == 0 || GGML_TYPE == 1 || GGML_TYPE == 30 || GGML_TYPE == 28)
+__device__ __forceinline__ float h2f_scale(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+#else
+#define h2f_scale h2f
+#endif
+__device__ __forceinline__ float ld_f16(const u8* p) { return h2f_scale((u16)(p[0] | (p[1] << 8))); }
 __device__ __forceinline__ u16 ld_u16(const u8* p) { return (u16)(p[0] | (p[1] << 8)); }
 __device__ __forceinline__ u32 ld_u32(const u8* p) {
     return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
@@ -328,7 +342,7 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid
     for (int j = 0; j < 8; ++j) v[j] = dl * (gval(j < 4 ? w0 : w1, j) + delta);
 #elif GGML_TYPE == 29 /* IQ1_M: the fp16 scale is spread over the top nibbles of 4 words */
     const u16 s0 = ld_u16(b + 48), s1 = ld_u16(b + 50), s2 = ld_u16(b + 52), s3 = ld_u16(b + 54);
-    const float d = h2f((u16)((s0 >> 12) | ((s1 >> 8) & 0x00F0) | ((s2 >> 4) & 0x0F00) | (s3 & 0xF000)));
+    const float d = h2f_scale((u16)((s0 >> 12) | ((s1 >> 8) & 0x00F0) | ((s2 >> 4) & 0x0F00) | (s3 & 0xF000)));
     const int t = g >> 1;
     const u16 sw = ld_u16(b + 48 + 2 * (t >> 2));
     const float dl = d * (float)(2 * ((sw >> (3 * (t & 3))) & 7) + 1);
@@ -361,6 +375,28 @@ __device__ __forceinline__ out_t cvt(float x) {
 #endif
 }
 
+// Two outputs packed into one 32-bit word, the first in the low half. On sm_80 and later one
+// instruction converts and packs both (cvt.rn.f16x2.f32 / cvt.rn.bf16x2.f32: round to nearest
+// even, subnormals kept, as the scalar conversions): for bfloat16 that replaces the integer
+// rounding of f2bf, five instructions a value that made bfloat16 outputs the slowest. The one
+// difference is a NaN's payload (canonical from the instruction; f2bf keeps it and sets the quiet
+// bit), which only non-finite inputs produce; plain types (F32, F16, BF16 tensors, where a NaN
+// can be data) keep f2bf, so a BF16 tensor loaded as bfloat16 keeps its NaNs' bits. float16
+// conversions already round NaNs to the instruction's canonical NaN (F2H above).
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && OUT_KIND != 0 && (OUT_KIND == 1 || !defined(PLAIN))
+    u32 r;
+#if OUT_KIND == 1
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+#else
+    return (u32)cvt(lo) | ((u32)cvt(hi) << 16);
+#endif
+}
+
 // VEC_STORE picks 16-byte stores where dst is 16-byte aligned, which CUDA requires of them. On
 // AMD the compiler may merge the 8 scalar stores of VEC_STORE 0 into one 16-byte store as well
 // (gfx90a does): ROCm runs the GPU in unaligned-access mode, so that is valid at any address.
@@ -371,22 +407,32 @@ __device__ __forceinline__ void store8(out_t* dst, const float* v) {
     p[1] = make_float4(v[4], v[5], v[6], v[7]);
 #elif VEC_STORE
     uint4 w;
-    w.x = (u32)cvt(v[0]) | ((u32)cvt(v[1]) << 16);
-    w.y = (u32)cvt(v[2]) | ((u32)cvt(v[3]) << 16);
-    w.z = (u32)cvt(v[4]) | ((u32)cvt(v[5]) << 16);
-    w.w = (u32)cvt(v[6]) | ((u32)cvt(v[7]) << 16);
+    w.x = pack2(v[0], v[1]);
+    w.y = pack2(v[2], v[3]);
+    w.z = pack2(v[4], v[5]);
+    w.w = pack2(v[6], v[7]);
     *(uint4*)dst = w;
-#else
-    for (int j = 0; j < 8; ++j) dst[j] = cvt(v[j]);
+#elif OUT_KIND == 0
+    for (int j = 0; j < 8; ++j) dst[j] = v[j];
+#else  // 2-byte aligned: the same packed conversion, stored a half at a time
+    for (int j = 0; j < 8; j += 2) {
+        const u32 w = pack2(v[j], v[j + 1]);
+        dst[j] = (u16)w;
+        dst[j + 1] = (u16)(w >> 16);
+    }
 #endif
 }
 
 #ifdef PLAIN
-// Plain float types need no staging: each thread reads its 8 values straight from global
-// memory, with 16-byte loads where the input is aligned.
+// Plain float types need no staging: each thread reads its values straight from global memory,
+// with vector loads where the input is 16-byte aligned. PGROUP values a thread: 8 to 16-bit
+// outputs (one 16-byte store a lane), 4 to float32 (one 16-byte store a lane too; 8 would leave
+// as two stores 32 bytes apart, half a sector each, as STAGE_OUT below explains).
+#define PGROUP (OUT_KIND == 0 ? 4 : 8)
+#define PWORDS (PGROUP * TYPE_SIZE / 4)   /* 32-bit words of input a group */
 __device__ __forceinline__ void deq_words(const u32* w, float* v) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < PGROUP; ++j) {
 #if GGML_TYPE == 0
         v[j] = __uint_as_float(w[j]);
 #elif GGML_TYPE == 28
@@ -402,36 +448,51 @@ __device__ __forceinline__ void deq_words(const u32* w, float* v) {
     }
 }
 
+__device__ __forceinline__ void load_words(const u8* p, u32* w) {
+#if PWORDS % 4 == 0
+#pragma unroll
+    for (int k = 0; k < PWORDS / 4; ++k) {
+        const uint4 q = ((const uint4*)p)[k];
+        w[4 * k] = q.x; w[4 * k + 1] = q.y; w[4 * k + 2] = q.z; w[4 * k + 3] = q.w;
+    }
+#else  /* 4 16-bit values: 8 bytes */
+    const uint2 q = *(const uint2*)p;
+    w[0] = q.x; w[1] = q.y;
+#endif
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
                                                            long long n_elem, const u8* __restrict__ grid,
                                                            const u8* __restrict__ ksigns) {
-    const long long n_groups = (n_elem + GROUP - 1) / GROUP;
+    const long long n_groups = (n_elem + PGROUP - 1) / PGROUP;
     const long long stride = (long long)gridDim.x * THREADS;
     for (long long gi = (long long)blockIdx.x * THREADS + threadIdx.x; gi < n_groups; gi += stride) {
-        const long long e0 = gi * GROUP;
+        const long long e0 = gi * PGROUP;
         const long long rest = n_elem - e0;
-        const int nvalid = rest < GROUP ? (int)rest : GROUP;
+        const int nvalid = rest < PGROUP ? (int)rest : PGROUP;
         float v[GROUP];
 #if VEC_LOAD
-        if (nvalid == GROUP) {
-            u32 w[2 * TYPE_SIZE];  // 8 values: 2 * TYPE_SIZE words
-            const uint4* p = (const uint4*)(src + e0 * TYPE_SIZE);
-#pragma unroll
-            for (int k = 0; k < TYPE_SIZE / 2; ++k) {
-                const uint4 q = p[k];
-                w[4 * k] = q.x; w[4 * k + 1] = q.y; w[4 * k + 2] = q.z; w[4 * k + 3] = q.w;
-            }
+        if (nvalid == PGROUP) {
+            u32 w[PWORDS];
+            load_words(src + e0 * TYPE_SIZE, w);
             deq_words(w, v);
         } else
 #endif
         {
             deq(src + e0 * TYPE_SIZE, 0, v, grid, ksigns, nvalid);
         }
-        if (nvalid == GROUP) {
-            store8(dst + e0, v);
-        } else {
-            for (int j = 0; j < nvalid; ++j) dst[e0 + j] = cvt(v[j]);
+#if OUT_KIND == 0 && VEC_STORE
+        if (nvalid == PGROUP) {
+            *(float4*)(dst + e0) = make_float4(v[0], v[1], v[2], v[3]);
+            continue;
         }
+#elif OUT_KIND != 0
+        if (nvalid == PGROUP) {
+            store8(dst + e0, v);
+            continue;
+        }
+#endif
+        for (int j = 0; j < nvalid; ++j) dst[e0 + j] = cvt(v[j]);
     }
 }
 #else  /* block types: staged tiles */
@@ -454,11 +515,24 @@ __device__ __forceinline__ void load_tile(const u8* src, long long t, long long 
     }
 }
 
+// float32 outputs (32 bytes a group) written straight from registers leave as two 16-byte stores
+// per lane, 32 bytes apart, so each store instruction of a warp covers half of every sector it
+// touches; for the types that do least work a group (TQ2_0) that pattern bounded the kernel at
+// 0.58 of a device copy. STAGE_OUT passes each step's groups through shared memory (two 8 KiB
+// buffers, alternating, so one barrier a step suffices) and stores them with consecutive 16-byte
+// stores across the block. 16-bit outputs are one 16-byte store a lane already.
+#ifndef STAGE_OUT
+#define STAGE_OUT (OUT_KIND == 0 && VEC_STORE)
+#endif
+
 // n_elem: elements to produce (a whole number of blocks). Grid-stride loop over tiles.
 extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
                                                            long long n_elem, const u8* __restrict__ grid,
                                                            const u8* __restrict__ ksigns) {
     __shared__ u32 tile[WORDS_PER_THREAD * THREADS];
+#if STAGE_OUT
+    __shared__ float4 ostage[2][THREADS * GROUP / 4];
+#endif
     const long long n_tiles = (n_elem + TILE_ELEMS - 1) / TILE_ELEMS;
     const long long total_bytes = n_elem / BLOCK_SIZE * TYPE_SIZE;
     u32 r[WORDS_PER_THREAD];
@@ -476,6 +550,26 @@ extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restri
         for (int u = 0; u < UNROLL; ++u) {
             const int local = (u * THREADS + threadIdx.x) * GROUP;  // element offset inside the tile
             const long long e0 = t * (long long)TILE_ELEMS + local;
+#if STAGE_OUT
+            // n_elem is a whole number of blocks (multiples of 32 elements): a group is all in or
+            // all out, and so is each 4-element store below
+            const long long step0 = t * (long long)TILE_ELEMS + u * THREADS * GROUP;
+            if (step0 >= n_elem) break;  // the same for the whole block: no thread skips a barrier
+            float4* buf = ostage[u & 1];
+            if (e0 < n_elem) {
+                float v[GROUP];
+                deq(tb + (local / BLOCK_SIZE) * TYPE_SIZE, (local % BLOCK_SIZE) / GROUP, v, grid, ksigns, GROUP);
+                buf[2 * threadIdx.x] = make_float4(v[0], v[1], v[2], v[3]);
+                buf[2 * threadIdx.x + 1] = make_float4(v[4], v[5], v[6], v[7]);
+            }
+            __syncthreads();  // (the other buffer's readers passed the previous step's barrier)
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                const int q = k * THREADS + threadIdx.x;
+                if (step0 + 4 * q < n_elem) ((float4*)(dst + step0))[q] = buf[q];
+            }
+            continue;
+#endif
             if (e0 >= n_elem) break;
             const long long rest = n_elem - e0;
             const int nvalid = rest < GROUP ? (int)rest : GROUP;
