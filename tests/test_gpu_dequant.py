@@ -132,3 +132,38 @@ def test_bfloat16_to_torch_is_zero_copy(cp, rng):
     t = as_torch(out, "bfloat16")
     assert t.dtype == torch.bfloat16 and t.data_ptr() == out.data.ptr
     assert torch.equal(t.float().cpu(), torch.from_numpy(reference(raw, "Q6_K")).bfloat16().float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["F32", "F16", "BF16"])
+def test_plain_types_keep_special_values(cp, name, dtype, rng):
+    """NaNs with payloads, infinities, subnormals and signed zeros in plain tensors are data: to
+    float32 and bfloat16 they come out bit for bit as NumPy converts them (the kernels' hardware
+    conversions are bypassed for NaNs); to float16 a NaN stays a NaN (its payload is the
+    conversion instruction's, as documented in dequant.cu)."""
+    from gguf_gpu_lab.quant.gpu import dequantize_gpu
+
+    t = quant.type_spec(name).ggml_type
+    bits = {"F32": [0x7FC00001, 0xFFA00000, 0x7F800001, 0x7F800000, 0xFF800000, 0x00000001, 0x80400000, 0x80000000],
+            "F16": [0x7E01, 0xFD55, 0x7C01, 0x7C00, 0xFC00, 0x0001, 0x83FF, 0x8000],
+            "BF16": [0x7FC1, 0xFFA5, 0x7F81, 0x7F80, 0xFF80, 0x0001, 0x807F, 0x8000]}[name]
+    store = np.uint32 if name == "F32" else np.uint16
+    special = np.array(bits, store)
+    normal = finite_random_blocks(t, 4093, rng).view(store).reshape(-1)
+    vals = np.concatenate([normal[:1000], special, normal[1000:], np.tile(special, 5)])  # odd offsets too
+    raw = vals.view(np.uint8)
+    exp = _expected(raw, t, dtype)
+    for vec_out in (0, 1):  # 16-byte and scalar stores
+        out = _poisoned(cp, vals.size, dtype, extra=vec_out)[vec_out:]
+        dequantize_gpu(cp.asarray(raw), t, dtype=dtype, out=out)
+        got = out.get().reshape(-1)
+        if dtype == "float16":
+            w = got.view(np.uint16)
+            nan_got = ((w & 0x7C00) == 0x7C00) & ((w & 0x3FF) != 0)
+            e = exp.view(np.uint16)
+            nan_exp = ((e & 0x7C00) == 0x7C00) & ((e & 0x3FF) != 0)
+            assert np.array_equal(nan_got, nan_exp), f"{name} -> float16: NaNs at other places"
+            _check(cp.asarray(np.where(nan_got, 0, w).astype(np.uint16)), np.where(nan_exp, 0, e).astype(np.uint16),
+                   f"{name} -> float16 (NaNs aside)")
+        else:
+            _check(cp.asarray(got), exp, f"{name} -> {dtype}, {'scalar' if vec_out else 'vector'} stores")

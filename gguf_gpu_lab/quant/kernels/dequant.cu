@@ -18,11 +18,21 @@
 // On AMD GPUs (tests/test_kernel_compile.py builds every variant with hipcc): a block of THREADS
 // is 4 wavefronts of 64 on CDNA (gfx90a) or 8 of 32 on RDNA3 (gfx1100); no code depends on the
 // wavefront size (no shuffles, votes or warp-synchronous steps: __syncthreads is the only
-// exchange). __launch_bounds__ takes one argument here because its second means blocks per
-// multiprocessor to CUDA but waves per execution unit to HIP.
+// exchange). __launch_bounds__ takes one argument on HIP because its second means blocks per
+// multiprocessor to CUDA but waves per execution unit to HIP (LAUNCH_BOUNDS).
 
 #ifndef THREADS
 #define THREADS 256
+#endif
+// MIN_BLOCKS > 0 asks the CUDA compiler for that many resident blocks a multiprocessor (a
+// register cap). HIP reads a second argument as waves per execution unit, so there it is left out.
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 0
+#endif
+#if (defined(__CUDACC_RTC__) || defined(__CUDACC__)) && MIN_BLOCKS > 0
+#define LAUNCH_BOUNDS __launch_bounds__(THREADS, MIN_BLOCKS)
+#else
+#define LAUNCH_BOUNDS __launch_bounds__(THREADS)
 #endif
 #define GROUP 8
 #define UNROLL 4
@@ -96,10 +106,11 @@ __device__ __forceinline__ u16 f2h_hip(float x) {
 #define F2H(x) f2h(x)
 #endif
 
-// float32 -> bfloat16, round to nearest even; NaN stays NaN (made quiet).
+// float32 -> bfloat16, round to nearest even; a NaN becomes the quiet NaN of its sign, as
+// ml_dtypes (the reference's bfloat16) converts it.
 __device__ __forceinline__ u16 f2bf(float fv) {
     u32 x = __float_as_uint(fv);
-    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (u16)((x >> 16) | 0x40u);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (u16)(((x >> 16) & 0x8000u) | 0x7FC0u);
     return (u16)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
 }
 
@@ -116,6 +127,19 @@ __device__ __forceinline__ float h2f_scale(u16 h) {
 }
 #else
 #define h2f_scale h2f
+#endif
+
+// Plain F16 values: the instruction for all but NaNs, whose payload bits are data here (NumPy
+// keeps them in float32); the test is two integer instructions against h2f's dozen.
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+__device__ __forceinline__ float h2f_data(u16 h) {
+    if ((h & 0x7C00u) == 0x7C00u && (h & 0x3FFu)) return h2f(h);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+#else
+#define h2f_data h2f
 #endif
 __device__ __forceinline__ float ld_f16(const u8* p) { return h2f_scale((u16)(p[0] | (p[1] << 8))); }
 __device__ __forceinline__ u16 ld_u16(const u8* p) { return (u16)(p[0] | (p[1] << 8)); }
@@ -136,6 +160,22 @@ __device__ __forceinline__ int lut16(unsigned long long lo, unsigned long long h
 
 // Lookup grids are int8 rows (8 or 4 values), read as aligned 32-bit words.
 __device__ __forceinline__ float gval(u32 w, int j) { return (float)(i8)(u8)(w >> (8 * (j & 3))); }
+
+// 8 consecutive bytes of the staged tile at any alignment, as two words: three aligned 32-bit
+// shared-memory loads and two funnel shifts in place of eight byte loads (the tile is padded by a
+// word, so the third load stays inside it).
+__device__ __forceinline__ uint2 ld8(const u8* p) {
+    const unsigned m = (unsigned)((unsigned long long)p & 3ull);
+    const u32* w = (const u32*)(p - m);  // arithmetic on p, so the compiler still sees shared memory
+    const unsigned s = 8u * m;
+    const u32 a = w[0], b = w[1], c = w[2];
+    uint2 r;
+    r.x = s ? (a >> s) | (b << (32u - s)) : a;
+    r.y = s ? (b >> s) | (c << (32u - s)) : b;
+    return r;
+}
+// byte j (0..7) of two words from ld8, shifted right by sh bits
+#define B8(lo, hi, j, sh) ((((j) < 4 ? (lo) : (hi)) >> (8 * ((j) & 3) + (sh))))
 
 // ---- one function per type: GROUP outputs of group g of block b --------------------------------
 
@@ -242,10 +282,14 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid
 #if GGML_TYPE == 12
     for (int j = 0; j < 8; ++j) v[j] = dsc * (float)((b[16 + (sb >> 1) * 32 + i0 + j] >> (4 * (sb & 1))) & 15) - dm;
 #else
-    for (int j = 0; j < 8; ++j) {
-        int q = ((b[48 + (sb >> 1) * 32 + i0 + j] >> (4 * (sb & 1))) & 15) | (((b[16 + i0 + j] >> sb) & 1) << 4);
-        v[j] = dsc * (float)q - dm;
-    }
+    // four 5-bit values a word at once: the nibbles masked in place, the high bits moved to bit 4
+    // of each byte (a per-byte version spent half its instructions on loads and bit moves)
+    const uint2 l = ld8(b + 48 + (sb >> 1) * 32 + i0), h = ld8(b + 16 + i0);
+    const unsigned ls = 4u * (unsigned)(sb & 1);
+    const u32 q0 = ((l.x >> ls) & 0x0F0F0F0Fu) | (((h.x >> sb) & 0x01010101u) << 4);
+    const u32 q1 = ((l.y >> ls) & 0x0F0F0F0Fu) | (((h.y >> sb) & 0x01010101u) << 4);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = dsc * (float)(int)(B8(q0, q1, j, 0) & 255u) - dm;
 #endif
 #elif GGML_TYPE == 14 /* Q6_K */
     const float d = ld_f16(b + 208);
@@ -262,8 +306,10 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid
         const int k = e0 < 160 ? e0 >> 5 : (e0 - 160) >> 4;
         const int byte0 = e0 < 160 ? (e0 & 31) : 32 + ((e0 - 160) & 15);
         const u32 pw = POW3(k);
+        const uint2 w = ld8(b + byte0);
+#pragma unroll
         for (int j = 0; j < 8; ++j) {
-            const u32 q8 = ((u32)b[byte0 + j] * pw) & 255u;  // uint8 product, wrapping as in gguf-py
+            const u32 q8 = ((B8(w.x, w.y, j, 0) & 255u) * pw) & 255u;  // uint8 product, wrapping as in gguf-py
             v[j] = d * (float)((int)((q8 * 3u) >> 8) - 1);
         }
     } else {  // the last 16 values: 4 digits of 4 bytes
@@ -282,10 +328,9 @@ __device__ __forceinline__ void deq(const u8* b, int g, float* v, const u8* grid
     const int sb = e0 >> 5, i0 = e0 & 31;
     const int l = (b[4 + (sb >> 1)] >> (4 * (sb & 1))) & 15, hh = (ld_u16(b + 2) >> (2 * sb)) & 3;
     const float dl = d * (float)((l | (hh << 4)) - 32);
-    for (int j = 0; j < 8; ++j) {
-        int i = i0 + j;
-        v[j] = dl * (float)KV_IQ4NL((b[8 + sb * 16 + (i & 15)] >> (4 * (i >> 4))) & 15);
-    }
+    const uint2 w = ld8(b + 8 + sb * 16 + (i0 & 15));  // i0 + j: bytes (i0 & 15) + j, nibble i0 >> 4
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = dl * (float)KV_IQ4NL((int)(B8(w.x, w.y, j, 4 * (i0 >> 4)) & 15u));
 #elif GGML_TYPE == 16 /* IQ2_XXS */
     const float d = ld_f16(b);
     const int ib = g >> 2, l = g & 3;
@@ -379,16 +424,19 @@ __device__ __forceinline__ out_t cvt(float x) {
 // instruction converts and packs both (cvt.rn.f16x2.f32 / cvt.rn.bf16x2.f32: round to nearest
 // even, subnormals kept, as the scalar conversions): for bfloat16 that replaces the integer
 // rounding of f2bf, five instructions a value that made bfloat16 outputs the slowest. The one
-// difference is a NaN's payload (canonical from the instruction; f2bf keeps it and sets the quiet
-// bit), which only non-finite inputs produce; plain types (F32, F16, BF16 tensors, where a NaN
-// can be data) keep f2bf, so a BF16 tensor loaded as bfloat16 keeps its NaNs' bits. float16
-// conversions already round NaNs to the instruction's canonical NaN (F2H above).
+// difference is a NaN's sign and payload (the instruction's canonical NaN; f2bf gives the quiet
+// NaN of the input's sign, as the reference does), which in a block type only a non-finite scale
+// produces; in plain types (F32, F16, BF16 tensors, where a NaN can be data) a pair holding a NaN
+// takes f2bf. float16 conversions turn NaNs into the instruction's canonical NaN (F2H).
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && OUT_KIND != 0 && (OUT_KIND == 1 || !defined(PLAIN))
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && OUT_KIND != 0
     u32 r;
 #if OUT_KIND == 1
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
 #else
+#ifdef PLAIN  // a NaN in a plain tensor is data: f2bf keeps its payload
+    if (lo != lo || hi != hi) return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
+#endif
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
 #endif
     return r;
@@ -440,7 +488,7 @@ __device__ __forceinline__ void deq_words(const u32* w, float* v) {
 #else
         const u32 h = (w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
 #if GGML_TYPE == 1
-        v[j] = h2f((u16)h);
+        v[j] = h2f_data((u16)h);
 #else
         v[j] = __uint_as_float(h << 16);
 #endif
@@ -461,7 +509,7 @@ __device__ __forceinline__ void load_words(const u8* p, u32* w) {
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
+extern "C" __global__ void LAUNCH_BOUNDS dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
                                                            long long n_elem, const u8* __restrict__ grid,
                                                            const u8* __restrict__ ksigns) {
     const long long n_groups = (n_elem + PGROUP - 1) / PGROUP;
@@ -526,10 +574,10 @@ __device__ __forceinline__ void load_tile(const u8* src, long long t, long long 
 #endif
 
 // n_elem: elements to produce (a whole number of blocks). Grid-stride loop over tiles.
-extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
+extern "C" __global__ void LAUNCH_BOUNDS dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
                                                            long long n_elem, const u8* __restrict__ grid,
                                                            const u8* __restrict__ ksigns) {
-    __shared__ u32 tile[WORDS_PER_THREAD * THREADS];
+    __shared__ u32 tile[WORDS_PER_THREAD * THREADS + 1];  // + 1: ld8's third word
 #if STAGE_OUT
     __shared__ float4 ostage[2][THREADS * GROUP / 4];
 #endif
@@ -571,15 +619,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restri
             continue;
 #endif
             if (e0 >= n_elem) break;
-            const long long rest = n_elem - e0;
-            const int nvalid = rest < GROUP ? (int)rest : GROUP;
-            float v[GROUP];
-            deq(tb + (local / BLOCK_SIZE) * TYPE_SIZE, (local % BLOCK_SIZE) / GROUP, v, grid, ksigns, nvalid);
-            if (nvalid == GROUP) {
-                store8(dst + e0, v);
-            } else {
-                for (int j = 0; j < nvalid; ++j) dst[e0 + j] = cvt(v[j]);
-            }
+            float v[GROUP];  // a whole group: blocks are whole multiples of 8 elements
+            deq(tb + (local / BLOCK_SIZE) * TYPE_SIZE, (local % BLOCK_SIZE) / GROUP, v, grid, ksigns, GROUP);
+            store8(dst + e0, v);
         }
     }
 }
