@@ -23,7 +23,7 @@ from .result import DeviceTensor, LoadResult, finish_shapes
 from .staging import Stop, default_readers
 
 __all__ = ["load", "LoadOptions", "LoadResult", "DeviceTensor", "select", "plan_chunks", "Piece", "Chunk",
-           "default_readers", "MODES", "ORDERS", "Placement", "place", "resolve_devices", "backends_for"]
+           "default_readers", "MODES", "ORDERS", "Placement", "place", "plan_placement", "resolve_devices", "backends_for"]
 
 
 def _cupti_recorder(backend: Backend):
@@ -115,7 +115,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
     try:
         chosen = select(model.tensors, tensors, order)
-        where = _place(chosen, devices, backends, opts, placement) if several else None
+        where = plan_placement(chosen, devices, backends, opts.mode, opts.dtype, placement, opts.streams,
+                               opts.chunk_mb) if several else None
         ld = Pipeline(model, backends if several else be, opts, chosen, progress, Stop(cancel), where)
         if be.is_gpu:  # anchors device events to the host clock (the process's first CUDA call may be this)
             for b in backends:
@@ -143,9 +144,11 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             bar.close()
 
 
-def _place(tensors, devices, backends, opts: LoadOptions, placement) -> Placement:
-    """The placement of a load over several devices: in proportion to free memory, each device
-    keeping room for its lanes' scratch (gpu mode; made exact once the chunks are planned)."""
-    scratch = opts.streams * int(opts.chunk_mb * (1 << 20)) if opts.mode == "gpu" else 0
+def plan_placement(tensors, devices, backends, mode: str = "gpu", dtype: str = "float16", placement=None,
+                   streams: int = 4, chunk_mb: float = 16.0) -> Placement:
+    """The placement of a load over several devices (``backends``: one per device): in
+    proportion to free memory, each device keeping room for its lanes' scratch (gpu mode; made
+    exact once the chunks are planned), or as ``placement`` says."""
+    scratch = streams * int(chunk_mb * (1 << 20)) if mode == "gpu" else 0
     free = {d: b.mem_free() for d, b in zip(devices, backends)}
-    return place(tensors, devices, opts.mode, opts.dtype, free, {d: scratch for d in devices}, placement)
+    return place(tensors, devices, mode, dtype, free, {d: scratch for d in devices}, placement)
