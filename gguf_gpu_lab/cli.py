@@ -39,6 +39,19 @@ def _positive(text: str) -> float:
     return x
 
 
+def _devices(text: str):
+    """An argparse type for --device: an index, indices joined by commas, or "all"."""
+    if text == "all":
+        return "all"
+    try:
+        ds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an index, indices such as 0,1, or all; got {text!r}") from None
+    if any(d < 0 for d in ds):
+        raise argparse.ArgumentTypeError(f"device indices are 0 or more, got {text!r}")
+    return ds[0] if len(ds) == 1 else ds
+
+
 def _writable_dir(path: str, flag: str) -> None:
     """Create ``path`` and check that it takes files, before the work whose results go there."""
     try:
@@ -219,7 +232,7 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
 
 
 def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, readers: int, order: str,
-             backend: str, profile_dir: str | None, repeat: int = 1) -> int:
+             backend: str, profile_dir: str | None, repeat: int = 1, device=0) -> int:
     from .loader import load
     from .model import open_model
     from .plots import write_profile
@@ -231,13 +244,16 @@ def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, re
             # the first load in a process also pins the staging ring and grows the device pool;
             # later ones reuse both, as a process that loads often would
             r = load(m, mode=mode, dtype=dtype, streams=streams, chunk_mb=chunk_mb, readers=readers, order=order,
-                     backend=backend, progress=True)
+                     backend=backend, progress=True, device=device)
             which = f"load {i + 1} of {repeat}: " if repeat > 1 else ""
             where = "in host memory (host backend)" if r.backend == "host" else "on the device"
             print(f"{which}loaded {len(r)} tensors ({r.file_bytes / 1e9:.3f} GB of file, {r.out_bytes / 1e9:.3f} GB "
                   f"{where}) in {r.wall_s:.3f} s: {r.gb_s:.2f} GB/s, mode {mode}, backend {r.backend}")
             if i < repeat - 1:
                 del r
+        if r.place is not None:
+            print(f"placement over devices {', '.join(map(str, r.devices))}:")
+            print(r.device_summary().to_string(index=False))
         if r.profile is not None:
             print(r.profile.stage_summary().to_string(index=False))
             if profile_dir:
@@ -329,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the order tensors are loaded in (default file)")
     s.add_argument("--backend", default="auto", choices=["auto", "cupy", "host"],
                    help="cupy (a GPU), host (NumPy, no GPU) or auto: cupy where a GPU is usable (default auto)")
+    s.add_argument("--device", type=_devices, default=0,
+                   help="the GPU (default 0), or several: 0,1 or all, the model split by layer in proportion to "
+                        "each GPU's free memory (the placement is printed; the host backend plays several devices)")
     s.add_argument("--profile", metavar="DIR", help="write the spans (CSV), the timeline (PNG) and a Chrome trace (JSON) here")
     s.add_argument("--repeat", type=_whole(1), default=1,
                    help="load N times, each reported (the first also pins the staging ring and grows the device "
@@ -383,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify, args.bf16_bits)
         if args.command == "load":
             return cmd_load(args.path, args.mode, args.dtype, args.streams, args.chunk_mb, args.readers, args.order,
-                            args.backend, args.profile, args.repeat)
+                            args.backend, args.profile, args.repeat, args.device)
         if args.command == "check":
             return cmd_check(args.path, args.max_problems)
         if args.command == "bench":
