@@ -182,14 +182,14 @@ def cmd_check(path: str, max_problems: int) -> int:
 
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
               model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
-              hf: bool = False) -> int:
+              hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B") -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
-                                    ("--hf", hf)) if on]
+                                    ("--hf", hf), ("--multi-gpu", multi_gpu)) if on]
     if len(chosen) > 1:
-        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, or none (the loader); got "
-                           f"{' '.join(chosen)}")
+        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, or none (the "
+                           f"loader); got {' '.join(chosen)}")
     if not cpu and not open_:  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
 
@@ -197,8 +197,16 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
         if reason is not None:
             raise GGUFLabError(f"bench{' ' + chosen[0] if chosen else ''} needs a GPU: {reason}; "
                                "bench --cpu and bench --open run without one")
-    _writable_dir(out_dir, "--out-dir")
-    if open_:
+    if out is not None:
+        _writable_dir(os.path.dirname(os.path.abspath(out)), "--out")
+    else:
+        _writable_dir(out_dir, "--out-dir")
+    if multi_gpu:
+        from .tools.bench_multi import bench_multi, format_multi
+
+        res = bench_multi(model_path, params=params, big_params=big_params)
+        print(format_multi(res))
+    elif open_:
         from .tools.bench_e2e import bench_open, format_open
 
         res = bench_open()
@@ -226,7 +234,12 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
 
         res = bench_gpu_dequant(types=types, n_elements=size_mb * (1 << 20) // 2)
         print(format_gpu_dequant(res))
-    path = bench.save_result(res, out_dir, res["benchmark"])
+    if out is not None:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=2, default=_json_default)
+        path = out
+    else:
+        path = bench.save_result(res, out_dir, res["benchmark"])
     print(f"saved {path}")
     return 0
 
@@ -368,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "modes, against transformers' from_pretrained(gguf_file=...) where it is installed")
     s.add_argument("--hf", action="store_true",
                    help="hf.from_gguf against transformers' from_pretrained(gguf_file=...) and load() (needs the hf extra)")
+    s.add_argument("--multi-gpu", action="store_true",
+                   help="every GPU of the host in one run: pinned H2D alone and together, the page-cache copy "
+                        "ceiling while all copy, one GPU against all on the 8B file, and a 70B Q4_K_M file (~40 GB, "
+                        "written and deleted) to float16 over all GPUs, sampled tensors checked against gguf-py")
+    s.add_argument("--big-params", default="70B",
+                   help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
+    s.add_argument("--out", help="write the JSON result to this file (default: a dated file in --out-dir)")
     s.add_argument("--model", help="loader, --e2e and --hf benchmarks: this model (default: a synthetic one of --params)")
     s.add_argument("--params", default="8B", help="loader, --e2e and --hf benchmarks: synthetic model size (default 8B, "
                                                   "~4.6 GiB Q4_K_M)")
@@ -407,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args.path, args.max_problems)
         if args.command == "bench":
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
-                             args.open_, args.e2e, args.hf)
+                             args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
+                             None if args.big_params.lower() == "none" else args.big_params)
         if args.command == "fuzz":
             return cmd_fuzz(args.cases, args.seed, args.out)
         if args.command == "demo":

@@ -62,7 +62,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         streams: lanes (CUDA/HIP streams) that chunks are spread over.
         chunk_mb: the size of a chunk of file bytes (big tensors are split, small ones batched).
         readers: reader threads filling the pinned staging ring (in "cpu" mode they also
-            dequantize); default two fewer than the cores, from 2 to 14.
+            dequantize); default two fewer than the cores, from 2 to 14 (14 a device over several).
         read: "mmap" (copy out of the file mapping; the file is checked not to have shrunk) or
             "preadv" (read(2) into the staging buffer: a file truncated mid-load is an error, never a crash).
         staging_mb: total pinned staging; default two chunks a stream.

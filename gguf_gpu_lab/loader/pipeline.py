@@ -131,7 +131,7 @@ class Pipeline:
         self.check_memory(chunks)
         if not chunks:
             return self._alloc_outputs(), 0
-        readers = min(opts.readers or default_readers(), len(chunks))
+        readers = min(opts.readers or default_readers(len(self.sites)), len(chunks))
         total = sum(c.nbytes for c in chunks)
         threads: list[threading.Thread] = []
         outputs: dict[str, DeviceTensor] = {}

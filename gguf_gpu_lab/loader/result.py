@@ -40,7 +40,13 @@ class DeviceTensor:
         the array's own device (``cuda:N`` for a tensor on GPU N)."""
         import torch
 
-        t = torch.from_dlpack(self.array)  # DLPack carries the device
+        if isinstance(self.array, np.ndarray):
+            t = torch.from_dlpack(self.array)
+        else:  # DLPack carries the device; its stream hand-over runs with that device current
+            import cupy
+
+            with cupy.cuda.Device(self.array.device.id):
+                t = torch.from_dlpack(self.array)
         return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
 
     def numpy(self) -> np.ndarray:
