@@ -12,7 +12,7 @@ from gguf_gpu_lab import DeviceMemoryError, GGUFLabError, LoadCancelled, open_mo
 from gguf_gpu_lab.device import get_backend
 from gguf_gpu_lab.loader import load, place, resolve_devices
 
-from .faults import failing_on
+from .faults import failing_on, stopping_at
 
 
 def _threads():
@@ -175,16 +175,8 @@ def test_profile_lanes_are_named_per_device(small_model):
 @pytest.mark.parametrize("at", [1, 4])
 @pytest.mark.parametrize("how", ["cancel", "interrupt"])
 def test_cancel_and_keyboard_interrupt_hand_back_every_ring(small_model, at, how):
-    seen = []
-
-    def progress(done, total, name):
-        seen.append(done)
-        if len(seen) == at:
-            if how == "interrupt":
-                raise KeyboardInterrupt
-            return False
-
-    with pytest.raises(KeyboardInterrupt if how == "interrupt" else LoadCancelled):
+    progress, stops = stopping_at(at, how)
+    with pytest.raises(stops):
         load(small_model, chunk_mb=0.05, device=[0, 1], progress=progress, backend="host")
     assert not _threads() and _rings_back()
     assert len(load(small_model, device=[0, 1], backend="host")) > 0

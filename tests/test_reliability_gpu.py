@@ -11,7 +11,7 @@ from gguf_gpu_lab import DeviceMemoryError, LoadCancelled, open_model
 from gguf_gpu_lab.device import get_backend
 from gguf_gpu_lab.loader import load
 
-from .faults import failing_on
+from .faults import failing_on, stopping_at
 
 pytestmark = pytest.mark.gpu
 
@@ -86,16 +86,8 @@ def test_injected_reader_error(warm, monkeypatch):
 @pytest.mark.parametrize("how", ["cancel", "interrupt"])
 def test_cancel_and_keyboard_interrupt_at_several_points(warm, mode, at, how):
     m, base = warm
-    seen = []
-
-    def progress(done, total, name):
-        seen.append(done)
-        if len(seen) == at:
-            if how == "interrupt":
-                raise KeyboardInterrupt
-            return False
-
-    with pytest.raises(KeyboardInterrupt if how == "interrupt" else LoadCancelled):
+    progress, stops = stopping_at(at, how)
+    with pytest.raises(stops):
         load(m, mode=mode, chunk_mb=0.25, readers=4, progress=progress, backend="cupy")
     assert _state() == base
     _correct(m, load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy"))
@@ -208,16 +200,8 @@ def test_two_gpu_injected_launch_and_read_errors(warm2, monkeypatch):
 @pytest.mark.parametrize("how", ["cancel", "interrupt"])
 def test_two_gpu_cancel_and_keyboard_interrupt(warm2, mode, at, how):
     m, base = warm2
-    seen = []
-
-    def progress(done, total, name):
-        seen.append(done)
-        if len(seen) == at:
-            if how == "interrupt":
-                raise KeyboardInterrupt
-            return False
-
-    with pytest.raises(KeyboardInterrupt if how == "interrupt" else LoadCancelled):
+    progress, stops = stopping_at(at, how)
+    with pytest.raises(stops):
         _load2(m, mode=mode, progress=progress)
     assert _state2() == base
     _correct2(m)
