@@ -233,7 +233,15 @@ class PreloadHandle:
 # -- the model's lazy loads: the cache sits above the model and the loader, which know nothing of it
 
 def _several(device, placement) -> bool:
-    return placement is not None or not isinstance(device, int) or isinstance(device, bool)
+    from .errors import GGUFLabError
+    from .loader import single_device
+
+    if single_device(device) is None:
+        return True
+    if placement is not None:
+        raise GGUFLabError(f"placement spreads tensors over several devices: pass device=[...] or 'all' "
+                           f"(got device={device!r})")
+    return False
 
 
 def model_placement(model, device, placement, backend, mode: str, dtype: str):
@@ -270,9 +278,12 @@ def load_cached(model, name: str, dtype: str, mode: str, backend, device, placem
     model._data()
     if model._preload is not None:
         model._preload.take(name)
+    from .loader import single_device
+
     if _several(device, placement):
         pl = model_placement(model, device, placement, backend, mode, dtype)
         device, backend = pl.where[name], get_backend(backend, 0).name
+    device = single_device(device)
     be = get_backend(backend, device)
     key = (model.path, name, mode, dtype, device)
     return model._cache().get_or_load(

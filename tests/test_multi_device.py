@@ -280,3 +280,12 @@ def test_load_lab_offers_the_devices(small_model, monkeypatch):
     lab.device.value = 1
     r = lab.on_run()  # (the lab drops the arrays of the runs it keeps)
     assert r.profile.meta["devices"] == [1] and r.place is None
+
+
+def test_one_device_as_a_numpy_integer_and_placement_without_devices(small_model):
+    r = load(small_model, device=np.int64(1), backend="host", tensors=["output.weight"])
+    assert r.place is None and r["output.weight"].device == 1
+    with open_model(small_model) as m:
+        assert m.tensor("output.weight", device=np.int64(1), backend="host").device == 1
+        with pytest.raises(GGUFLabError, match="pass device="):
+            m.tensor("output.weight", placement={"": 0}, backend="host")

@@ -17,13 +17,14 @@ from ..errors import BackendError, GGUFLabError
 from ..model import GGUFModel, shared_model
 from ..profiler import Profile
 from .pipeline import Pipeline
-from .placement import Placement, place, resolve_devices
+from .placement import Placement, place, resolve_devices, single_device
 from .plan import MODES, ORDERS, Chunk, LoadOptions, Piece, output_bytes, plan_chunks, select
 from .result import DeviceTensor, LoadResult, finish_shapes
 from .staging import Stop, default_readers
 
 __all__ = ["load", "LoadOptions", "LoadResult", "DeviceTensor", "select", "plan_chunks", "Piece", "Chunk",
-           "default_readers", "MODES", "ORDERS", "Placement", "place", "plan_placement", "resolve_devices", "backends_for"]
+           "default_readers", "MODES", "ORDERS", "Placement", "place", "plan_placement", "resolve_devices", "single_device",
+           "backends_for"]
 
 
 def _cupti_recorder(backend: Backend):
@@ -94,7 +95,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         (0, 1)
     """
     opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, read, staging_mb, order, profile).check()
-    several = not isinstance(device, int) or isinstance(device, bool)
+    one = single_device(device)
+    several = one is None
     if several:
         devices, backends = backends_for(backend, device)
         if opts.profile == "cupti":
@@ -104,7 +106,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         raise GGUFLabError(f"placement spreads tensors over several devices: pass device=[...] or 'all' "
                            f"(got device={device!r})")
     else:
-        devices, backends = (device,), [get_backend(backend, device)]  # (its notice before any bar)
+        devices, backends = (one,), [get_backend(backend, one)]  # (its notice before any bar)
     be = backends[0]
     bar = None
     if progress is True:  # a tqdm bar: a widget in notebooks, text in terminals

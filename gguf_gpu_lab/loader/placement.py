@@ -9,6 +9,7 @@ run of whole blocks in proportion to its free memory, the final norm and the out
 from __future__ import annotations
 
 import bisect
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -16,6 +17,14 @@ from ..errors import DeviceMemoryError, GGUFLabError
 from ..model import TensorInfo
 from ..naming import layer_key
 from .plan import output_bytes
+
+
+def single_device(device) -> int | None:
+    """The index when ``device`` names one device (an int, or a NumPy integer), else None (a list
+    of devices or ``"all"``: a load over several)."""
+    if isinstance(device, (str, bool)) or not hasattr(device, "__index__"):
+        return None
+    return operator.index(device)
 
 
 def resolve_devices(device, count: int | None) -> tuple[int, ...]:
