@@ -232,7 +232,43 @@ class PreloadHandle:
 
 # -- the model's lazy loads: the cache sits above the model and the loader, which know nothing of it
 
-def load_cached(model, name: str, dtype: str, mode: str, backend, device: int):
+def _several(device, placement) -> bool:
+    from .errors import GGUFLabError
+    from .loader import single_device
+
+    if single_device(device) is None:
+        return True
+    if placement is not None:
+        raise GGUFLabError(f"placement spreads tensors over several devices: pass device=[...] or 'all' "
+                           f"(got device={device!r})")
+    return False
+
+
+def model_placement(model, device, placement, backend, mode: str, dtype: str):
+    """The placement the model's cache uses for these devices: made over every tensor of the
+    model the first time, then kept, so each tensor always goes to the same device."""
+    from .loader import backends_for, plan_placement
+
+    devices, backends = backends_for(backend, device)
+    key = (devices, backends[0].name, mode, dtype, _placement_key(placement))
+    with _PLACEMENT_LOCK:
+        if key not in model._placements:
+            model._placements[key] = plan_placement(model.tensors, devices, backends, mode, dtype, placement)
+        return model._placements[key]
+
+
+_PLACEMENT_LOCK = threading.Lock()
+
+
+def _placement_key(placement):
+    if placement is None or callable(placement):
+        return placement
+    if hasattr(placement, "columns"):
+        return tuple(zip(placement["tensor"], placement["device"]))
+    return tuple(sorted(placement.items()))
+
+
+def load_cached(model, name: str, dtype: str, mode: str, backend, device, placement=None):
     """``GGUFModel.tensor``: one tensor from the model's cache, loaded on first use; a tensor
     still queued in a running preload is taken out of its queue and loaded at once."""
     from .device import get_backend
@@ -242,33 +278,48 @@ def load_cached(model, name: str, dtype: str, mode: str, backend, device: int):
     model._data()
     if model._preload is not None:
         model._preload.take(name)
+    from .loader import single_device
+
+    if _several(device, placement):
+        pl = model_placement(model, device, placement, backend, mode, dtype)
+        device, backend = pl.where[name], get_backend(backend, 0).name
+    device = single_device(device)
     be = get_backend(backend, device)
-    key = (model.path, name, mode, dtype)
+    key = (model.path, name, mode, dtype, device)
     return model._cache().get_or_load(
-        key, lambda: load(model, mode=mode, dtype=dtype, tensors=[name], backend=be, profile=False)[name])
+        key, lambda: load(model, mode=mode, dtype=dtype, tensors=[name], backend=be, device=device,
+                          profile=False)[name])
 
 
-def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device: int, batch_mb: float,
-                   load_options: dict) -> "PreloadHandle":
+def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device, batch_mb: float,
+                   load_options: dict, placement=None) -> "PreloadHandle":
     """``GGUFModel.preload``'s handle, not yet started: tensors into the model's cache in batches
-    of about ``batch_mb``."""
+    of about ``batch_mb``; over several devices, each batch loads onto every device at once."""
     from .device import get_backend
     from .loader import load, select
 
-    be = get_backend(backend, device)
+    if _several(device, placement):
+        pl = model_placement(model, device, placement, backend, mode, dtype)
+        on = pl.where
+        target = {"backend": get_backend(backend, 0).name, "device": list(pl.devices)}
+    else:
+        on = None
+        target = {"backend": get_backend(backend, device), "device": device}
     cache = model._cache()
+    key_of = lambda n: (model.path, n, mode, dtype, device if on is None else on[n])  # noqa: E731
     names = [t.name for t in select(model.tensors, tensors, order)]
-    names = [n for n in names if (model.path, n, mode, dtype) not in cache]
+    names = [n for n in names if key_of(n) not in cache]
     sizes = {t.name: t.n_bytes for t in model.tensors}
 
     def run_batch(batch, cancel):
-        keys = {n: (model.path, n, mode, dtype) for n in batch}
+        keys = {n: key_of(n) for n in batch}
         claimed = set(cache.claim(keys.values()))
         todo = [n for n in batch if keys[n] in claimed]
         if not todo:
             return
+        where = {} if on is None else {"placement": {n: on[n] for n in todo}}
         try:
-            r = load(model, mode=mode, dtype=dtype, tensors=todo, backend=be, cancel=cancel, profile=False,
+            r = load(model, mode=mode, dtype=dtype, tensors=todo, cancel=cancel, profile=False, **target, **where,
                      **load_options)
         except BaseException as e:
             for n in todo:

@@ -39,6 +39,19 @@ def _positive(text: str) -> float:
     return x
 
 
+def _devices(text: str):
+    """An argparse type for --device: an index, indices joined by commas, or "all"."""
+    if text == "all":
+        return "all"
+    try:
+        ds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an index, indices such as 0,1, or all; got {text!r}") from None
+    if any(d < 0 for d in ds):
+        raise argparse.ArgumentTypeError(f"device indices are 0 or more, got {text!r}")
+    return ds[0] if len(ds) == 1 else ds
+
+
 def _writable_dir(path: str, flag: str) -> None:
     """Create ``path`` and check that it takes files, before the work whose results go there."""
     try:
@@ -169,14 +182,14 @@ def cmd_check(path: str, max_problems: int) -> int:
 
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
               model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
-              hf: bool = False) -> int:
+              hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B") -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
-                                    ("--hf", hf)) if on]
+                                    ("--hf", hf), ("--multi-gpu", multi_gpu)) if on]
     if len(chosen) > 1:
-        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, or none (the loader); got "
-                           f"{' '.join(chosen)}")
+        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, or none (the "
+                           f"loader); got {' '.join(chosen)}")
     if not cpu and not open_:  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
 
@@ -184,8 +197,16 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
         if reason is not None:
             raise GGUFLabError(f"bench{' ' + chosen[0] if chosen else ''} needs a GPU: {reason}; "
                                "bench --cpu and bench --open run without one")
-    _writable_dir(out_dir, "--out-dir")
-    if open_:
+    if out is not None:
+        _writable_dir(os.path.dirname(os.path.abspath(out)), "--out")
+    else:
+        _writable_dir(out_dir, "--out-dir")
+    if multi_gpu:
+        from .tools.bench_multi import bench_multi, format_multi
+
+        res = bench_multi(model_path, params=params, big_params=big_params)
+        print(format_multi(res))
+    elif open_:
         from .tools.bench_e2e import bench_open, format_open
 
         res = bench_open()
@@ -213,13 +234,18 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
 
         res = bench_gpu_dequant(types=types, n_elements=size_mb * (1 << 20) // 2)
         print(format_gpu_dequant(res))
-    path = bench.save_result(res, out_dir, res["benchmark"])
+    if out is not None:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=2, default=_json_default)
+        path = out
+    else:
+        path = bench.save_result(res, out_dir, res["benchmark"])
     print(f"saved {path}")
     return 0
 
 
 def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, readers: int, order: str,
-             backend: str, profile_dir: str | None, repeat: int = 1) -> int:
+             backend: str, profile_dir: str | None, repeat: int = 1, device=0) -> int:
     from .loader import load
     from .model import open_model
     from .plots import write_profile
@@ -231,13 +257,16 @@ def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, re
             # the first load in a process also pins the staging ring and grows the device pool;
             # later ones reuse both, as a process that loads often would
             r = load(m, mode=mode, dtype=dtype, streams=streams, chunk_mb=chunk_mb, readers=readers, order=order,
-                     backend=backend, progress=True)
+                     backend=backend, progress=True, device=device)
             which = f"load {i + 1} of {repeat}: " if repeat > 1 else ""
             where = "in host memory (host backend)" if r.backend == "host" else "on the device"
             print(f"{which}loaded {len(r)} tensors ({r.file_bytes / 1e9:.3f} GB of file, {r.out_bytes / 1e9:.3f} GB "
                   f"{where}) in {r.wall_s:.3f} s: {r.gb_s:.2f} GB/s, mode {mode}, backend {r.backend}")
             if i < repeat - 1:
                 del r
+        if r.place is not None:
+            print(f"placement over devices {', '.join(map(str, r.devices))}:")
+            print(r.device_summary().to_string(index=False))
         if r.profile is not None:
             print(r.profile.stage_summary().to_string(index=False))
             if profile_dir:
@@ -329,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the order tensors are loaded in (default file)")
     s.add_argument("--backend", default="auto", choices=["auto", "cupy", "host"],
                    help="cupy (a GPU), host (NumPy, no GPU) or auto: cupy where a GPU is usable (default auto)")
+    s.add_argument("--device", type=_devices, default=0,
+                   help="the GPU (default 0), or several: 0,1 or all, the model split by layer in proportion to "
+                        "each GPU's free memory (the placement is printed; the host backend plays several devices)")
     s.add_argument("--profile", metavar="DIR", help="write the spans (CSV), the timeline (PNG) and a Chrome trace (JSON) here")
     s.add_argument("--repeat", type=_whole(1), default=1,
                    help="load N times, each reported (the first also pins the staging ring and grows the device "
@@ -349,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "modes, against transformers' from_pretrained(gguf_file=...) where it is installed")
     s.add_argument("--hf", action="store_true",
                    help="hf.from_gguf against transformers' from_pretrained(gguf_file=...) and load() (needs the hf extra)")
+    s.add_argument("--multi-gpu", action="store_true",
+                   help="every GPU of the host in one run: pinned H2D alone and together, the page-cache copy "
+                        "ceiling while all copy, one GPU against all on the 8B file, and a 70B Q4_K_M file (~40 GB, "
+                        "written and deleted) to float16 over all GPUs, sampled tensors checked against gguf-py")
+    s.add_argument("--big-params", default="70B",
+                   help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
+    s.add_argument("--out", help="write the JSON result to this file (default: a dated file in --out-dir)")
     s.add_argument("--model", help="loader, --e2e and --hf benchmarks: this model (default: a synthetic one of --params)")
     s.add_argument("--params", default="8B", help="loader, --e2e and --hf benchmarks: synthetic model size (default 8B, "
                                                   "~4.6 GiB Q4_K_M)")
@@ -383,12 +422,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify, args.bf16_bits)
         if args.command == "load":
             return cmd_load(args.path, args.mode, args.dtype, args.streams, args.chunk_mb, args.readers, args.order,
-                            args.backend, args.profile, args.repeat)
+                            args.backend, args.profile, args.repeat, args.device)
         if args.command == "check":
             return cmd_check(args.path, args.max_problems)
         if args.command == "bench":
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
-                             args.open_, args.e2e, args.hf)
+                             args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
+                             None if args.big_params.lower() == "none" else args.big_params)
         if args.command == "fuzz":
             return cmd_fuzz(args.cases, args.seed, args.out)
         if args.command == "demo":

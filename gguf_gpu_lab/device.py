@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import threading
 import time
@@ -52,10 +53,29 @@ def get_backend(backend: "str | Backend" = "auto", device: int = 0) -> "Backend"
         return backend
     kind = _resolve(backend)
     with _INSTANCES_LOCK:
-        key = (kind, device if kind == "cupy" else 0)
+        key = (kind, device)
         if key not in _INSTANCES:
-            _INSTANCES[key] = CupyBackend(device) if kind == "cupy" else HostBackend()
+            _INSTANCES[key] = CupyBackend(device) if kind == "cupy" else HostBackend(device)
         return _INSTANCES[key]
+
+
+def device_count(backend: "str | Backend" = "auto") -> int:
+    """How many devices a multi-device load can use: the GPUs CuPy sees, or on the host backend
+    ``GGUF_LAB_HOST_DEVICES`` (default 1), the devices it plays so that multi-device loads can be
+    tried and tested without a GPU."""
+    kind = backend.name if isinstance(backend, Backend) else _resolve(backend)
+    if kind == "cupy":
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    text = os.environ.get("GGUF_LAB_HOST_DEVICES", "1")
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise BackendError(f"GGUF_LAB_HOST_DEVICES must be a whole number of at least 1, got {text!r}")
+    return n
 
 
 def _resolve(backend: str) -> str:
@@ -93,6 +113,7 @@ class Event:
 class Backend:
     name = "?"
     is_gpu = False
+    device = 0  # the device index this backend's arrays, lanes and staging belong to
 
     def __init__(self):
         self._ring: list | None = None  # pinned staging kept between loads
@@ -147,6 +168,15 @@ class Backend:
     def range(self, name: str, color: int = 0):
         """A named range around host work, for Nsight Systems (NVTX) or rocprof (roctx); a
         no-op context where neither is available."""
+        return contextlib.nullcontext()
+
+    def make_current(self) -> None:
+        """Make this backend's device the calling thread's current one: kernel launches and
+        event records on a device need it (a no-op on the host)."""
+
+    def on_device(self):
+        """A context in which this backend's device is the calling thread's current one, and the
+        one before it again after (a no-op context on the host)."""
         return contextlib.nullcontext()
 
     def info(self) -> dict[str, Any]: ...
@@ -238,14 +268,23 @@ def _bytes(a: np.ndarray) -> np.ndarray:
 
 
 class HostBackend(Backend):
+    """NumPy arrays in host memory. ``device`` lets it play one of several devices (multi-device
+    loads without a GPU); ``free_bytes`` is the free memory it reports (None: unknown, never
+    short), so tests can make a placement not fit."""
+
     name = "host"
     is_gpu = False
+
+    def __init__(self, device: int = 0, free_bytes: int | None = None):
+        super().__init__()
+        self.device = device
+        self.free_bytes = free_bytes
 
     def info(self):
         from .quant import default_threads
 
-        return {"backend": "host", "name": "host (NumPy)", "vendor": None, "memory_bytes": None,
-                "threads": default_threads(), "numpy": np.__version__}
+        return {"backend": "host", "name": "host (NumPy)", "vendor": None, "device": self.device,
+                "memory_bytes": None, "threads": default_threads(), "numpy": np.__version__}
 
     def lanes(self, n):
         return [_HostLane(i) for i in range(n)]
@@ -263,7 +302,7 @@ class HostBackend(Backend):
         pass
 
     def mem_free(self):
-        return None
+        return self.free_bytes
 
     def to_host(self, a):
         return np.asarray(a)
@@ -395,6 +434,12 @@ class CupyBackend(Backend):
             return contextlib.nullcontext()
         return self._time_range(name, color_id=color)
 
+    def make_current(self) -> None:
+        self._cp.cuda.runtime.setDevice(self.device)
+
+    def on_device(self):
+        return self._cp.cuda.Device(self.device)
+
     def clock(self) -> _Clock:
         with self._cp.cuda.Device(self.device):
             self._clock = _Clock(self._cp)
@@ -433,12 +478,13 @@ class CupyBackend(Backend):
         way against 200-390 ms through ``cudaHostAlloc`` (which zeroes and pins on one thread;
         BENCHMARKS.md). CuPy's ROCm build has no ``hostRegister``: there, and wherever
         registering fails, exact-size ``cudaHostAlloc`` buffers."""
-        if self._cp.cuda.runtime.is_hip:
-            return super().pinned_ring(n_slots, slot_bytes)
-        try:
-            region = _RegisteredRegion(self._cp, n_slots * slot_bytes)
-        except Exception:
-            return super().pinned_ring(n_slots, slot_bytes)
+        with self._cp.cuda.Device(self.device):  # pinned for this device's context
+            if self._cp.cuda.runtime.is_hip:
+                return super().pinned_ring(n_slots, slot_bytes)
+            try:
+                region = _RegisteredRegion(self._cp, n_slots * slot_bytes)
+            except Exception:
+                return super().pinned_ring(n_slots, slot_bytes)
         ring = [region.array[i * slot_bytes:(i + 1) * slot_bytes] for i in range(n_slots)]
         with self._lock:
             self._regions[ring[0].ctypes.data] = region
@@ -450,7 +496,8 @@ class CupyBackend(Backend):
         if region is None:
             super().free_ring(ring)
         else:
-            region.release()
+            with self._cp.cuda.Device(self.device):
+                region.release()
 
     def pinned_bytes(self) -> int:
         with self._lock:

@@ -93,6 +93,7 @@ class GGUFModel:
         self.cache_budget: int | None = None  # bytes of device memory the tensor cache may hold
         self._tensor_cache = None
         self._preload = None
+        self._placements: dict = {}  # the lazy cache's placements over several devices, made once each
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -263,10 +264,14 @@ class GGUFModel:
         self._tensor_cache.budget = self.cache_budget
         return self._tensor_cache
 
-    def tensor(self, name: str, dtype: str = "float16", mode: str = "gpu", *, backend="auto", device: int = 0):
+    def tensor(self, name: str, dtype: str = "float16", mode: str = "gpu", *, backend="auto", device=0,
+               placement=None):
         """One tensor on the device, loaded on first use and then served from the cache (keyed by
-        file, tensor, mode and dtype). Concurrent callers share one load; a tensor still queued
-        in a running preload is taken out of its queue and loaded at once.
+        file, tensor, mode, dtype and device). Concurrent callers share one load; a tensor still
+        queued in a running preload is taken out of its queue and loaded at once. With several
+        devices (``device=[0, 1]`` or ``"all"``, and ``placement`` as for ``load``) the tensor
+        goes to its placed device; the placement is made once, over every tensor of the model,
+        and kept, so ``tensor()`` and ``preload()`` with the same devices agree.
 
         Example:
             >>> w = model.tensor("blk.0.attn_q.weight")        # on the GPU; without one, the host backend
@@ -277,12 +282,13 @@ class GGUFModel:
         """
         from .cache import load_cached
 
-        return load_cached(self, name, dtype, mode, backend, device)
+        return load_cached(self, name, dtype, mode, backend, device, placement)
 
     def preload(self, order="file", *, background: bool = True, dtype: str = "float16", mode: str = "gpu",
-                tensors=None, backend="auto", device: int = 0, batch_mb: float = 512, **load_options):
+                tensors=None, backend="auto", device=0, placement=None, batch_mb: float = 512, **load_options):
         """Load tensors into the cache, in the background by default. Returns a handle with
-        ``progress``, ``wait()`` and ``cancel()``; ``tensor()`` calls jump the queue.
+        ``progress``, ``wait()`` and ``cancel()``; ``tensor()`` calls jump the queue. With several
+        devices each tensor goes to its placed device (see ``tensor``).
 
         Example:
             >>> h = model.preload(order="layer")
@@ -296,7 +302,8 @@ class GGUFModel:
         if self._preload is not None and not self._preload.done():
             raise GGUFLabError(f"{self.path}: a preload is already running; cancel() or wait() for it first")
         # set before it starts, so tensor() calls from other threads can take from its queue
-        self._preload = preload_handle(self, order, dtype, mode, tensors, backend, device, batch_mb, load_options)
+        self._preload = preload_handle(self, order, dtype, mode, tensors, backend, device, batch_mb, load_options,
+                                       placement)
         return self._preload.start(background)
 
     def evict(self, name: str | None = None) -> int:

@@ -43,18 +43,34 @@ def _axes(ax, figsize):
 
 
 def _lane_order(lanes) -> list[str]:
+    """Host threads, then the device lanes grouped by device (``gpuD/...``, in device order),
+    then the setup lane."""
+    from .profiler import lane_device
+
     def key(name: str):
-        kind, _, num = name.partition(" ")
+        kind, _, num = name.rpartition("/")[2].partition(" ")
         rank = {"reader": 0, "main": 1, "lane": 2, "stream": 3, "copy": 4, "kernels": 5, "setup": 7}.get(kind, 6)
-        return (rank, int(num) if num.isdigit() else 0, name)
+        group = 0 if rank <= 1 else 2 if rank >= 6 else 1  # host threads, device lanes, the rest
+        return (group, lane_device(name, 0) if group == 1 else 0, rank, int(num) if num.isdigit() else 0, name)
 
     return sorted(set(lanes), key=key)
+
+
+def _device_groups(ax, lanes: list[str]) -> None:
+    """In a load over several devices, a line between the devices' groups of lanes."""
+    from .profiler import lane_device
+
+    devs = [lane_device(lane, -1) for lane in lanes]
+    for y in range(1, len(lanes)):
+        if devs[y] != devs[y - 1] and devs[y] >= 0 and "/" in lanes[y]:
+            ax.axhline(y - 0.5, color="#777777", linewidth=0.8, linestyle=":")
 
 
 def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None):
     """Per-lane timeline (reader threads, then streams, or with ``profile="cupti"`` the copy
     engine and the kernels, then the first load's setup), one bar per span, coloured by stage;
-    the caption says what a device bar means."""
+    the caption says what a device bar means. A load over several devices groups the streams
+    by device (``gpu0/stream 0``...), a dotted line between devices."""
     df = profile.df
     lanes = _lane_order(df["lane"])
     fig, ax = _axes(ax, (11, 0.45 * len(lanes) + 1.4))
@@ -68,6 +84,7 @@ def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None
             widths = np.maximum(e - s, min_gap)
             ax.broken_barh(list(zip(s, widths)), (y - 0.4, 0.8), facecolors=STAGE_COLORS.get(stage, "#999999"))
     ax.set_yticks(range(len(lanes)), lanes)
+    _device_groups(ax, lanes)
     ax.invert_yaxis()
     ax.set_xlim(0, t_end_ms)
     ax.set_xlabel("ms since the start of the load")

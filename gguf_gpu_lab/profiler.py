@@ -4,12 +4,13 @@ Columns of ``Profile.df`` (units in the names):
 
 | column | meaning |
 | --- | --- |
-| ``lane`` | where the span ran: ``reader N`` (a host thread), ``stream N`` (a GPU stream), ``lane N`` (a host-backend lane), ``main`` |
+| ``lane`` | where the span ran: ``reader N`` (a host thread), ``stream N`` (a GPU stream), ``lane N`` (a host-backend lane), ``main``; in a load over several devices ``gpuD/stream N`` (``gpuD/lane N`` on the host backend) |
 | ``stage`` | ``read``, ``cpu_dequant``, ``h2d``, ``dequant`` |
 | ``chunk`` | the chunk's index in the plan (for ``sequential``, the tensor's) |
 | ``tensor`` | the first tensor of the chunk |
 | ``bytes`` | file bytes of the chunk |
 | ``start_us``, ``end_us``, ``dur_us`` | microseconds from the start of the load |
+| ``device`` | the device a device span ran on; -1 for host work (reads, setup) |
 
 Device spans come from CUDA/HIP events put on the host clock through a reference event; host
 spans from ``time.perf_counter_ns``. The loader keeps the events and reads their times when the
@@ -24,7 +25,22 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-COLUMNS = ("lane", "stage", "chunk", "tensor", "bytes", "start_us", "end_us", "dur_us")
+COLUMNS = ("lane", "stage", "chunk", "tensor", "bytes", "start_us", "end_us", "dur_us", "device")
+DEVICE_LANES = ("stream", "lane", "copy engine", "kernels")  # lanes of device work (a host lane plays one)
+
+
+def lane_device(lane: str, default: int = 0) -> int:
+    """The device a lane's spans ran on: D for ``gpuD/...``, ``default`` (the load's one device)
+    for the device lanes of a single-device load, -1 for host work.
+
+    Example:
+        >>> lane_device("gpu1/stream 0"), lane_device("stream 2", default=3), lane_device("reader 0")
+        (1, 3, -1)
+    """
+    head, sep, _ = lane.partition("/")
+    if sep and head.startswith("gpu") and head[3:].isdigit():
+        return int(head[3:])
+    return default if lane.startswith(DEVICE_LANES) else -1
 STAGES = ("read", "cpu_dequant", "h2d", "dequant")
 
 
@@ -90,6 +106,7 @@ class Profile:
 
             o = self.origin_ns
             spans = self.spans
+            default = (self.meta.get("devices") or [0])[0]
             self._df = pd.DataFrame({
                 "lane": [s.lane for s in spans], "stage": [s.stage for s in spans],
                 "chunk": [s.chunk for s in spans], "tensor": [s.tensor for s in spans],
@@ -97,6 +114,7 @@ class Profile:
                 "start_us": [(s.start_ns - o) / 1e3 for s in spans],
                 "end_us": [(s.end_ns - o) / 1e3 for s in spans],
                 "dur_us": [(s.end_ns - s.start_ns) / 1e3 for s in spans],
+                "device": [lane_device(s.lane, default) for s in spans],
             }, columns=list(COLUMNS))
         return self._df
 
@@ -105,16 +123,35 @@ class Profile:
         return self.wall_s * 1e6
 
     # -- summaries --------------------------------------------------------------------------
-    def stage_summary(self):
-        """Per stage: spans, bytes, busy time (union over lanes) and GB/s of file bytes while busy."""
+    def stage_summary(self, by_device: bool = False):
+        """Per stage: spans, bytes, busy time (union over lanes) and GB/s of file bytes while busy;
+        ``by_device``: per device and stage (device -1: host work such as reads), so a load over
+        several devices shows each device's copy and dequantization bandwidth."""
         import pandas as pd
 
+        keys = ["device", "stage"] if by_device else ["stage"]
         rows = []
-        for stage, g in self.df.groupby("stage", sort=False):
+        for key, g in self.df.groupby(keys if by_device else "stage", sort=by_device):
             busy = union_us(g["start_us"].tolist(), g["end_us"].tolist())
-            rows.append({"stage": stage, "spans": len(g), "bytes": int(g["bytes"].sum()), "busy_us": busy,
-                         "gb_s": g["bytes"].sum() / busy / 1e3 if busy else float("nan")})
-        return pd.DataFrame(rows, columns=["stage", "spans", "bytes", "busy_us", "gb_s"])
+            rows.append({**dict(zip(keys, key if by_device else (key,))), "spans": len(g), "bytes": int(g["bytes"].sum()),
+                         "busy_us": busy, "gb_s": g["bytes"].sum() / busy / 1e3 if busy else float("nan")})
+        return pd.DataFrame(rows, columns=[*keys, "spans", "bytes", "busy_us", "gb_s"])
+
+    def device_summary(self):
+        """Per device: the file bytes copied to it, the time its copies were busy (union over its
+        lanes) and their GB/s, and the GB/s it received over the whole load's wall time."""
+        import pandas as pd
+
+        df = self.df
+        h2d = df[(df["device"] >= 0) & (df["stage"] == "h2d")]
+        rows = []
+        for d, g in h2d.groupby("device"):
+            busy = union_us(g["start_us"].tolist(), g["end_us"].tolist())
+            nbytes = int(g["bytes"].sum())
+            rows.append({"device": int(d), "h2d_bytes": nbytes, "h2d_busy_us": busy,
+                         "h2d_gb_s": nbytes / busy / 1e3 if busy else float("nan"),
+                         "gb_s": nbytes / self.wall_s / 1e9 if self.wall_s else float("nan")})
+        return pd.DataFrame(rows, columns=["device", "h2d_bytes", "h2d_busy_us", "h2d_gb_s", "gb_s"])
 
     def lane_summary(self):
         """Per lane: spans, busy time and utilisation (busy share of the load's wall time)."""
@@ -179,19 +216,22 @@ class Profile:
     # -- export -----------------------------------------------------------------------------
     def chrome_trace(self) -> dict:
         """The spans as a Chrome trace (opens in Perfetto and chrome://tracing): process 0 is the
-        host, process 1 the device; one thread per lane, named by metadata events."""
-        lanes = sorted(set(self.df["lane"]))
-        device = lambda lane: lane.startswith("stream")  # noqa: E731
+        host, process 1 the device (in a load over several devices, process 1 + D is device D);
+        one thread per lane, named by metadata events."""
+        df = self.df
+        lanes = sorted(set(df["lane"]))
+        gpu_lanes = lambda lane: lane.startswith("stream") or lane_device(lane, -1) >= 0  # noqa: E731
+        several = any(lane.startswith("gpu") and "/" in lane for lane in lanes)
+        pid = {lane: (1 + lane_device(lane, 0) if several else 1) if gpu_lanes(lane) else 0 for lane in lanes}
         tid = {lane: i for i, lane in enumerate(lanes)}
-        events: list[dict] = [
-            {"ph": "M", "name": "process_name", "pid": 0, "tid": 0, "args": {"name": "host"}},
-            {"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "device"}},
-        ]
+        events: list[dict] = [{"ph": "M", "name": "process_name", "pid": 0, "tid": 0, "args": {"name": "host"}}]
+        for p in sorted(set(pid.values()) - {0}) or [1]:
+            events.append({"ph": "M", "name": "process_name", "pid": p, "tid": 0,
+                           "args": {"name": f"gpu{p - 1}" if several else "device"}})
         for lane in lanes:
-            events.append({"ph": "M", "name": "thread_name", "pid": int(device(lane)), "tid": tid[lane],
-                           "args": {"name": lane}})
-        for r in self.df.itertuples(index=False):
-            events.append({"ph": "X", "name": r.stage, "cat": r.stage, "pid": int(device(r.lane)), "tid": tid[r.lane],
+            events.append({"ph": "M", "name": "thread_name", "pid": pid[lane], "tid": tid[lane], "args": {"name": lane}})
+        for r in df.itertuples(index=False):
+            events.append({"ph": "X", "name": r.stage, "cat": r.stage, "pid": pid[r.lane], "tid": tid[r.lane],
                            "ts": float(r.start_us), "dur": float(r.dur_us),
                            "args": {"tensor": r.tensor, "chunk": int(r.chunk), "bytes": int(r.bytes)}})
         return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {k: str(v) for k, v in self.meta.items()}}

@@ -138,9 +138,10 @@ class ModelExplorer:
 
 
 class LoadLab:
-    """Choose mode, streams, chunk size, readers, order and dtype; run with a live progress bar;
-    see the timeline and summary; keep runs and compare them; sweep streams × chunk size into a
-    heatmap of GB/s.
+    """Choose mode, streams, chunk size, readers, order and dtype (and where there is more than
+    one GPU, the device or all of them); run with a live progress bar; see the timeline and
+    summary (per device, over several); keep runs and compare them; sweep streams × chunk size
+    into a heatmap of GB/s.
 
     Example:
         >>> load_lab = LoadLab("model.gguf")         # in a notebook, show load_lab.ui
@@ -151,10 +152,16 @@ class LoadLab:
     """
 
     def __init__(self, path: str, *, backend: str = "auto"):
+        from .device import device_count
+
         w = _widgets()
         self.path = path
         self.backend = backend
         self.runs: dict[str, Any] = {}
+        n = device_count(backend)
+        # where there is more than one GPU: one of them, or all at once (split by layer)
+        self.device = (w.Dropdown(options=[(f"device {d}", d) for d in range(n)] + [(f"all ({n})", "all")], value=0,
+                                  description="device") if n > 1 else None)
         self.mode = w.Dropdown(options=["gpu", "raw", "cpu", "sequential"], value="gpu", description="mode")
         self.dtype = w.Dropdown(options=["float16", "float32", "bfloat16"], value="float16", description="dtype")
         self.streams = w.IntSlider(value=4, min=1, max=8, description="streams")
@@ -171,7 +178,8 @@ class LoadLab:
         self.sweep_pane = _FigurePane((5, 3.2))
         self.run_button.on_click(self.on_run)
         self.sweep_button.on_click(self.on_sweep)
-        controls = w.VBox([w.HBox([self.mode, self.dtype, self.order]), w.HBox([self.streams, self.chunk_mb, self.readers]),
+        first = [self.mode, self.dtype, self.order] + ([self.device] if self.device is not None else [])
+        controls = w.VBox([w.HBox(first), w.HBox([self.streams, self.chunk_mb, self.readers]),
                            w.HBox([self.run_button, self.sweep_button, self.bar]), self.status])
         self.ui = w.VBox([controls, self.pane.widget, self.summary, self.compare_table, self.sweep_pane.widget])
 
@@ -180,8 +188,11 @@ class LoadLab:
         self.status.value = f"{done / 2**20:.1f} / {total / 2**20:.1f} MiB · {name}"
 
     def options(self) -> dict[str, Any]:
-        return {"mode": self.mode.value, "dtype": self.dtype.value, "streams": self.streams.value,
+        opts = {"mode": self.mode.value, "dtype": self.dtype.value, "streams": self.streams.value,
                 "chunk_mb": float(self.chunk_mb.value), "readers": self.readers.value, "order": self.order.value}
+        if self.device is not None:
+            opts["device"] = self.device.value
+        return opts
 
     def on_run(self, _button=None):
         from .loader import load
@@ -192,10 +203,14 @@ class LoadLab:
         self.bar.value = 0.0
         r = load(self.path, backend=self.backend, progress=self._progress, **opts)
         label = f"#{len(self.runs) + 1} {opts['mode']} s{opts['streams']} c{opts['chunk_mb']:g} r{opts['readers']}"
+        if "device" in opts:
+            label += f" d{opts['device']}"
         self.runs[label] = r
         s = r.profile.summary()
+        per_device = r.device_summary().to_html(index=False) if r.place is not None else ""
         self.summary.value = (f"<b>{label}</b>: {r.gb_s:.2f} GB/s, {r.wall_s * 1e3:.1f} ms, backend {r.backend}, "
-                              f"overlap {s['overlap']:.0%}, bound by {s['bound_by']}" + s["stages"].to_html(index=False))
+                              f"overlap {s['overlap']:.0%}, bound by {s['bound_by']}" + s["stages"].to_html(index=False)
+                              + per_device)
         self.pane.fig.clear()
         timeline(r.profile, ax=self.pane.fig.subplots())
         self.pane.draw()

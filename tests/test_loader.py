@@ -133,7 +133,8 @@ def test_reader_error_is_raised_and_cleaned_up(small_model, monkeypatch):
 def test_profile_spans(small_model):
     r = load(small_model, chunk_mb=0.1, streams=2, readers=2, backend="host")
     df = r.profile.df
-    assert list(df.columns) == ["lane", "stage", "chunk", "tensor", "bytes", "start_us", "end_us", "dur_us"]
+    assert list(df.columns) == ["lane", "stage", "chunk", "tensor", "bytes", "start_us", "end_us", "dur_us", "device"]
+    assert set(df.loc[df.lane.str.startswith("lane"), "device"]) == {0} and set(df.loc[df.stage == "read", "device"]) == {-1}
     assert {"read", "h2d", "dequant"} <= set(df["stage"])
     assert (df["dur_us"] >= 0).all() and (df["start_us"] >= 0).all()
     assert df.loc[df.stage == "read", "bytes"].sum() == r.file_bytes

@@ -138,3 +138,69 @@ def test_cupti_profile_shows_the_copy_engine(small_model):
             k = df[df["lane"] == cupti_trace.KERNEL_LANE]
             assert (k["chunk"] >= 0).all() and set(k["stage"]) <= {"dequant", "d2d"} and len(k) > 0
             assert 0 <= k["start_us"].min() and k["end_us"].max() <= r.wall_s * 1e6 + 1e3
+
+
+# -- two GPUs (skip with fewer) -------------------------------------------------------------------
+
+@pytest.fixture
+def two_gpus():
+    import cupy
+
+    n = cupy.cuda.runtime.getDeviceCount()
+    if n < 2:
+        pytest.skip(f"a load over several GPUs needs two; this machine has {n}")
+    return n
+
+
+@pytest.mark.parametrize("mode,dtype", [("gpu", "float32"), ("gpu", "float16"), ("gpu", "bfloat16"),
+                                        ("raw", "float16"), ("cpu", "float16"), ("sequential", "float32")])
+def test_two_gpu_load_equals_one_gpu_load(all_types_model, two_gpus, mode, dtype):
+    import cupy
+
+    with open_model(all_types_model) as m:
+        one = load(m, mode=mode, dtype=dtype, chunk_mb=0.25, readers=4, backend="cupy")
+        two = load(m, mode=mode, dtype=dtype, chunk_mb=0.25, readers=4, device=[0, 1], backend="cupy")
+        assert set(two) == set(one) and {dt.device for dt in two.values()} == {0, 1}
+        for name, dt in two.items():
+            assert dt.device == two.place.where[name] == dt.array.device.id, name
+            a, b = cupy.asnumpy(one[name].array), cupy.asnumpy(dt.array)
+            assert a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8)), f"{mode} {dtype} {name}"
+        if mode != "sequential":
+            df = two.profile.df
+            assert {"gpu0/stream 0", "gpu1/stream 0"} <= set(df["lane"])
+            ds = two.device_summary().set_index("device")
+            assert ds["h2d_bytes"].sum() == two.file_bytes and (ds["h2d_gb_s"] > 0).all()
+
+
+def test_two_gpu_default_placement_and_all(small_model, two_gpus):
+    r = load(small_model, device="all", backend="cupy")
+    assert r.devices == tuple(range(two_gpus))
+    where = dict(zip(r.placement["tensor"], r.placement["device"]))
+    assert where["token_embd.weight"] == 0 and where["output.weight"] == two_gpus - 1
+    s = r.place.summary()
+    assert s["fits"].all() and (s["free_bytes"] > 0).all()
+
+
+def test_two_gpu_to_torch_stays_on_each_device(small_model, two_gpus):
+    torch = pytest.importorskip("torch")
+    with open_model(small_model) as m:
+        r = load(m, mode="gpu", dtype="bfloat16", device=[0, 1], backend="cupy")
+        for name, dt in r.items():
+            t = dt.to_torch()
+            assert t.device == torch.device("cuda", dt.device) and t.data_ptr() == dt.array.data.ptr, name
+        t = r["output.weight"].to_torch()
+        ref = torch.from_numpy(m.dequantize("output.weight")).bfloat16()
+        assert torch.equal(t.cpu(), ref)
+
+
+def test_two_gpu_lazy_cache_and_preload(small_model, two_gpus):
+    with open_model(small_model) as m:
+        h = m.preload(device=[0, 1], backend="cupy", batch_mb=1)
+        x = m.tensor("output.weight", device=[0, 1], backend="cupy")
+        assert h.wait(timeout=120) and m.cache_info()["loads"] == len(m.tensors)
+        placed = load(m, device=[0, 1], backend="cupy").place.where
+        for t in m.tensors:
+            dt = m.tensor(t.name, device=[0, 1], backend="cupy")
+            assert dt.device == placed[t.name] == dt.array.device.id, t.name
+        assert m.cache_info()["loads"] == len(m.tensors)
+        assert np.array_equal(x.numpy().reshape(-1), m.dequantize("output.weight", "float16").reshape(-1))

@@ -160,3 +160,10 @@ def test_arch_arguments_are_checked(tmp_path):
     with pytest.raises(GGUFLabError, match="--weights"):
         synth(tmp_path / "x.gguf", "1M", "Q8_0", weights="tiny")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_threads_write_the_same_bytes(tmp_path):
+    a = synth(tmp_path / "a.gguf", "4M", "Q4_K_M", seed=5)
+    b = synth(tmp_path / "b.gguf", "4M", "Q4_K_M", seed=5, threads=3)
+    assert (a.n_tensors, a.n_params, a.file_size) == (b.n_tensors, b.n_params, b.file_size)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()

@@ -1,7 +1,7 @@
 """Loading tensors onto the device: ``load()`` and what it returns.
 
 The stages, one file each: ``plan`` (options, which tensors in what order, chunks of whole
-blocks), ``staging`` (the pinned ring and the reader threads' reads), ``pipeline`` (queueing
+blocks), ``placement`` (which device each tensor goes to, in a load over several), ``staging`` (the pinned ring and the reader threads' reads), ``pipeline`` (queueing
 copies and kernels on the streams), ``sequential`` (the one-tensor-at-a-time baseline) and
 ``result`` (``DeviceTensor``, ``LoadResult``).
 """
@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
-from ..device import Backend, get_backend
+from ..device import Backend, device_count, get_backend
+from ..errors import BackendError, GGUFLabError
 from ..model import GGUFModel, shared_model
 from ..profiler import Profile
 from .pipeline import Pipeline
-from .plan import MODES, ORDERS, Chunk, LoadOptions, Piece, plan_chunks, select
+from .placement import Placement, place, resolve_devices, single_device
+from .plan import MODES, ORDERS, Chunk, LoadOptions, Piece, output_bytes, plan_chunks, select
 from .result import DeviceTensor, LoadResult, finish_shapes
 from .staging import Stop, default_readers
 
 __all__ = ["load", "LoadOptions", "LoadResult", "DeviceTensor", "select", "plan_chunks", "Piece", "Chunk",
-           "default_readers", "MODES", "ORDERS"]
+           "default_readers", "MODES", "ORDERS", "Placement", "place", "plan_placement", "resolve_devices", "single_device",
+           "backends_for"]
 
 
 def _cupti_recorder(backend: Backend):
     from .. import cupti_trace
-    from ..errors import BackendError
 
     if not backend.is_gpu or backend.info().get("vendor") != "NVIDIA":
         raise BackendError(f"profile='cupti' times device work on an NVIDIA GPU; this load runs on "
@@ -34,8 +36,20 @@ def _cupti_recorder(backend: Backend):
     return cupti_trace.Recorder()
 
 
+def backends_for(backend: "str | Backend", device) -> tuple[tuple[int, ...], list[Backend]]:
+    """The devices of a load over several (``device``: a list of indices or ``"all"``) and one
+    backend for each; ``backend`` must then be a name, since a backend object is one device's."""
+    if isinstance(backend, Backend):
+        raise GGUFLabError("a load over several devices takes backend as a name ('auto', 'cupy' or 'host'): "
+                           f"a backend object is one device's (device {backend.device})")
+    first = get_backend(backend, 0)  # resolves "auto" (and its notice) once
+    devices = resolve_devices(device, device_count(first) if first.is_gpu or device == "all" else None)
+    return devices, [get_backend(first.name, d) for d in devices]
+
+
 def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int = 4, chunk_mb: float = 16.0,
-         readers: int | None = None, staging_mb: float | None = None, order="file", tensors=None, device: int = 0,
+         readers: int | None = None, staging_mb: float | None = None, order="file", tensors=None,
+         device: "int | Sequence[int] | str" = 0, placement=None,
          progress: Callable[[int, int, str], object] | None = None, profile: bool | str = True,
          backend: str | Backend = "auto", cancel: threading.Event | None = None, read: str = "mmap") -> LoadResult:
     """Load tensors of a GGUF model onto the device.
@@ -49,12 +63,20 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         streams: lanes (CUDA/HIP streams) that chunks are spread over.
         chunk_mb: the size of a chunk of file bytes (big tensors are split, small ones batched).
         readers: reader threads filling the pinned staging ring (in "cpu" mode they also
-            dequantize); default two fewer than the cores, from 2 to 14.
+            dequantize); default two fewer than the cores, from 2 to 14 (14 a device over several).
         read: "mmap" (copy out of the file mapping; the file is checked not to have shrunk) or
             "preadv" (read(2) into the staging buffer: a file truncated mid-load is an error, never a crash).
         staging_mb: total pinned staging; default two chunks a stream.
         order: "file", "largest", "layer" or a key function of ``TensorInfo``.
         tensors: names to load, or a predicate of ``TensorInfo``; default all.
+        device: the device index (one device), or a list of indices or ``"all"``: a load over
+            several devices, each tensor on the device ``placement`` gives it, one staging ring
+            and set of streams per device, the reader threads shared (``result.placement``).
+        placement: with several devices: None (by layer, in proportion to each device's free
+            memory; embeddings on the first, the output on the last), a mapping of tensor names
+            or dotted prefixes (``"blk.3"``, ``""`` for the rest) to devices, a previous result's
+            ``placement`` or a function of ``TensorInfo`` giving a device. Every device's share
+            is checked against its free memory before anything is allocated.
         progress: ``progress(bytes_done, bytes_total, tensor)`` after each chunk; return False to
             cancel. ``True`` shows a tqdm bar in a notebook (ipywidgets) or a terminal (see
             ``gguf_gpu_lab.progress``).
@@ -68,9 +90,24 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         >>> r = load("model.gguf", mode="gpu", dtype="float16")   # without a GPU, on the host backend
         >>> r["blk.0.attn_q.weight"].array.shape
         (256, 256)
+        >>> r2 = load("model.gguf", device=[0, 1], backend="host")   # the host backend plays two devices
+        >>> r2["token_embd.weight"].device, r2["output.weight"].device
+        (0, 1)
     """
     opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, read, staging_mb, order, profile).check()
-    be = get_backend(backend, device)  # (its notice before any bar)
+    one = single_device(device)
+    several = one is None
+    if several:
+        devices, backends = backends_for(backend, device)
+        if opts.profile == "cupti":
+            raise BackendError("profile='cupti' times one GPU's work; a load over several devices is timed with "
+                               "events (profile=True)")
+    elif placement is not None:
+        raise GGUFLabError(f"placement spreads tensors over several devices: pass device=[...] or 'all' "
+                           f"(got device={device!r})")
+    else:
+        devices, backends = (one,), [get_backend(backend, one)]  # (its notice before any bar)
+    be = backends[0]
     bar = None
     if progress is True:  # a tqdm bar: a widget in notebooks, text in terminals
         from ..progress import ProgressBar
@@ -80,9 +117,12 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
     try:
         chosen = select(model.tensors, tensors, order)
-        ld = Pipeline(model, be, opts, chosen, progress, Stop(cancel))
+        where = plan_placement(chosen, devices, backends, opts.mode, opts.dtype, placement, opts.streams,
+                               opts.chunk_mb) if several else None
+        ld = Pipeline(model, backends if several else be, opts, chosen, progress, Stop(cancel), where)
         if be.is_gpu:  # anchors device events to the host clock (the process's first CUDA call may be this)
-            be.clock()
+            for b in backends:
+                b.clock()
         if opts.profile == "cupti":
             ld.cupti = _cupti_recorder(be)
         clock_host0 = time.perf_counter_ns()  # the profile's zero and the start of the wall time
@@ -98,9 +138,19 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         out_bytes = sum(v.nbytes for v in outputs.values())
         prof = Profile.from_spans(ld.spans, origin_ns=clock_host0, wall_s=wall, deferred=ld._device_spans, meta={
             "mode": opts.mode, "streams": opts.streams, "readers": opts.readers, "chunk_mb": opts.chunk_mb,
-            "backend": be.name, "file_bytes": nbytes, "out_bytes": out_bytes,
+            "backend": be.name, "file_bytes": nbytes, "out_bytes": out_bytes, "devices": list(devices),
             "device_timing": "cupti" if ld.cupti is not None else "events"}) if profile else None
-        return LoadResult(outputs, nbytes, out_bytes, wall, opts, be.name, prof, model.path)
+        return LoadResult(outputs, nbytes, out_bytes, wall, opts, be.name, prof, model.path, ld.placement)
     finally:
         if bar is not None:
             bar.close()
+
+
+def plan_placement(tensors, devices, backends, mode: str = "gpu", dtype: str = "float16", placement=None,
+                   streams: int = 4, chunk_mb: float = 16.0) -> Placement:
+    """The placement of a load over several devices (``backends``: one per device): in
+    proportion to free memory, each device keeping room for its lanes' scratch (gpu mode; made
+    exact once the chunks are planned), or as ``placement`` says."""
+    scratch = streams * int(chunk_mb * (1 << 20)) if mode == "gpu" else 0
+    free = {d: b.mem_free() for d, b in zip(devices, backends)}
+    return place(tensors, devices, mode, dtype, free, {d: scratch for d in devices}, placement)

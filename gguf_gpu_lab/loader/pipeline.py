@@ -4,17 +4,22 @@ another's Python work. The event after a chunk's copy guards its slot's reuse. O
 allocated while the first reads run, and before any chunk's copy is queued.
 
     file --readers--> pinned staging slot --lane k: H2D--> device --lane k: dequant--> output
+
+Over several devices each has its own part (a ``_Site``: backend, tensors, staging ring, lanes,
+scratch); the reader threads and the queueing thread are shared, and the chunks of the devices
+are interleaved in the read order so that every device's lanes stay busy.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -24,7 +29,8 @@ from ..device import Backend, Event
 from ..errors import LoadCancelled
 from ..model import GGUFModel, TensorInfo
 from ..profiler import Span
-from .plan import Chunk, LoadOptions, plan_chunks
+from .placement import Placement
+from .plan import Chunk, LoadOptions, plan_chunks, plan_sites
 from .result import DeviceTensor, alloc_outputs, check_memory
 from .sequential import run_sequential
 from .staging import Staging, Stop, cpu_piece, default_readers, read_into, staged_bytes
@@ -32,22 +38,49 @@ from .staging import Staging, Stop, cpu_piece, default_readers, read_into, stage
 
 @dataclass
 class _Feed:
-    """What the reader threads share: the chunks still to read, the ring, the file, the queue of
+    """What the reader threads share: the chunks still to read, the rings, the file, the queue of
     filled slots."""
 
     chunks: Iterator[Chunk]
     lock: threading.Lock
-    staging: Staging
+    stagings: list[Staging]  # one ring per device, by chunk.site
     fd: int
     mm: np.ndarray | None
     ready: queue.Queue
     cpu_mode: bool
 
 
+@dataclass
+class _Site:
+    """One device's part of a load: its backend, the tensors placed on it, and while the load
+    runs its staging ring, lanes and scratch. ``prefix`` names its lanes in the profile ("" in a
+    single-device load, whose lanes keep their names; ``gpu1/`` for device 1 of several)."""
+
+    backend: Backend
+    tensors: list[TensorInfo]
+    prefix: str = ""
+    staging: Staging | None = None
+    lanes: list = field(default_factory=list)
+    scratch: list = field(default_factory=list)
+    max_chunk: int = 0
+    submitted: int = 0
+
+    def lane_name(self, index: int) -> str:
+        return f"{self.prefix}{'stream' if self.backend.is_gpu else 'lane'} {index}"
+
+
 class Pipeline:
-    def __init__(self, model: GGUFModel, backend: Backend, opts: LoadOptions, tensors: list[TensorInfo],
-                 progress: Callable | None, cancelled: Stop):
-        self.model, self.backend, self.opts, self.tensors = model, backend, opts, tensors
+    def __init__(self, model: GGUFModel, backend: "Backend | Sequence[Backend]", opts: LoadOptions,
+                 tensors: list[TensorInfo], progress: Callable | None, cancelled: Stop,
+                 placement: Placement | None = None):
+        """``backend``: one backend, or with ``placement`` one per device of the placement."""
+        self.model, self.opts, self.tensors = model, opts, tensors
+        if placement is None:
+            self.sites = [_Site(backend, list(tensors))]
+        else:
+            self.sites = [_Site(be, placement.on(d), f"gpu{d}/") for be, d in zip(backend, placement.devices)]
+        self.backend = self.sites[0].backend
+        self.placement = placement
         self.progress = progress
         self.cancelled = cancelled
         self.spans: list[Span] = []
@@ -56,6 +89,28 @@ class Pipeline:
         self.event_timing = bool(opts.profile) and opts.profile != "cupti"
         self._span_lock = threading.Lock()
         self.error: BaseException | None = None
+
+    def backend_for(self, t: TensorInfo) -> Backend:
+        """The backend of the device ``t`` is placed on."""
+        if self.placement is None:
+            return self.backend
+        return self.sites[self.placement.devices.index(self.placement.where[t.name])].backend
+
+    def check_memory(self, chunks: Sequence[Chunk]) -> None:
+        """Before anything is allocated: every device's outputs, and in gpu mode its lanes'
+        scratch, against its free memory."""
+        opts = self.opts
+        for c in chunks:
+            site = self.sites[c.site]
+            site.max_chunk = max(site.max_chunk, c.nbytes)
+        if self.placement is None:
+            check_memory(self.backend, self.model.path, self.tensors, opts.mode, opts.dtype,
+                         opts.streams * self.sites[0].max_chunk if opts.mode == "gpu" else 0)
+            return
+        reserve = {d: opts.streams * s.max_chunk if opts.mode == "gpu" else 0
+                   for d, s in zip(self.placement.devices, self.sites)}
+        self.placement = dataclasses.replace(self.placement, reserve=reserve)
+        self.placement.check(self.model.path)
 
     def span(self, lane: str, stage: str, chunk: int, tensor: str, nbytes: int, t0: int, t1: int) -> None:
         if self.opts.profile:
@@ -71,85 +126,59 @@ class Pipeline:
         chunk_bytes = max(1, int(opts.chunk_mb * (1 << 20)))
         if cpu_mode:  # the slot holds dequantized values: plan in quantized bytes of about that size
             chunk_bytes = max(1, int(chunk_bytes / max(out_item / 0.5, 1.0)))
-        chunks = plan_chunks(self.tensors, chunk_bytes)
-        max_chunk = max((c.nbytes for c in chunks), default=0)
-        check_memory(self.backend, self.model.path, self.tensors, opts.mode, opts.dtype, opts.streams * max_chunk if opts.mode == "gpu" else 0)
+        chunks = (plan_chunks(self.tensors, chunk_bytes) if self.placement is None
+                  else plan_sites([s.tensors for s in self.sites], chunk_bytes))
+        self.check_memory(chunks)
         if not chunks:
-            return alloc_outputs(self.backend, self.tensors, opts.mode, opts.dtype), 0
-        # a slot holds a chunk's file bytes, or in cpu mode its dequantized values
-        slot_bytes = max(sum(staged_bytes(p, opts.dtype) for p in c.pieces) for c in chunks) if cpu_mode else max_chunk
-        readers = min(opts.readers or default_readers(), len(chunks))
-        # enough slots for every reader to fill one while each lane has one in flight
-        n_slots = (readers + 2 * opts.streams if opts.staging_mb is None
-                   else max(2, int(opts.staging_mb * (1 << 20) // slot_bytes)))
-        n_slots = min(n_slots, len(chunks))
+            return self._alloc_outputs(), 0
+        readers = min(opts.readers or default_readers(len(self.sites)), len(chunks))
         total = sum(c.nbytes for c in chunks)
-        staging = None
-        lanes: list = []
         threads: list[threading.Thread] = []
-        scratch: list[Any] = []
         outputs: dict[str, DeviceTensor] = {}
         fd = os.open(self.model.path, os.O_RDONLY)
         kernels = self._prepare_kernels(chunks)  # compiles (or loads) while the first reads run
         try:
             t0 = time.perf_counter_ns()
-            staging = Staging(self.backend, n_slots, slot_bytes)
+            for k, site in enumerate(self.sites):
+                mine = [c for c in chunks if c.site == k]
+                site.staging = Staging(site.backend, *self._ring_size(mine, readers)) if mine else None
             self.span("setup", "pin staging", -1, "", 0, t0, time.perf_counter_ns())
             mm = self.model._data() if opts.read == "mmap" else None
             ready_q: queue.Queue = queue.Queue()
-            rng = self.backend.range
 
             # readers start first; outputs are allocated while they fill the first slots
-            feed = _Feed(iter(chunks), threading.Lock(), staging, fd, mm, ready_q, cpu_mode)
+            feed = _Feed(iter(chunks), threading.Lock(), [s.staging for s in self.sites], fd, mm, ready_q, cpu_mode)
             threads = [threading.Thread(target=self._reader, args=(i, feed), name=f"gguf-lab-reader{i}", daemon=True)
                        for i in range(readers)]
             for th in threads:
                 th.start()
-            with rng("allocate outputs", 1):
+            with self.backend.range("allocate outputs", 1):
                 t0 = time.perf_counter_ns()
-                outputs.update(alloc_outputs(self.backend, self.tensors, opts.mode, opts.dtype))
-                lanes = self.backend.lanes(opts.streams)
+                outputs.update(self._alloc_outputs())
+                for site in self.sites:
+                    site.lanes = site.backend.lanes(opts.streams)
+                    if opts.mode == "gpu":  # quantized bytes land here, per lane, before the kernel expands them
+                        site.scratch = [site.backend.empty(site.max_chunk, np.uint8) for _ in site.lanes]
                 if self.cupti is not None:
-                    self.cupti.bind(lanes)
-                if opts.mode == "gpu":  # quantized bytes land here, per lane, before the kernel expands them
-                    scratch = [self.backend.empty(max_chunk, np.uint8) for _ in lanes]
-                self.span("setup", "allocate outputs", -1, "", 0, t0,
-                          time.perf_counter_ns())
-            if kernels is not None:
-                kernels.join()
-                if kernels.error is not None:
-                    raise kernels.error
+                    self.cupti.bind(self.sites[0].lanes)
+                self.span("setup", "allocate outputs", -1, "", 0, t0, time.perf_counter_ns())
+            for th in kernels:
+                th.join()
+                if th.error is not None:
+                    raise th.error
             try:
-                # one thread queues every chunk, in the order its read finished, round robin over
-                # the lanes; completions are reported in queueing order
-                pending: collections.deque = collections.deque()
-                done_bytes = submitted = 0
-                while submitted < len(chunks):
-                    item = self._get(ready_q)
-                    if item is None:
-                        break
-                    c, slot_i, data = item
-                    lane = lanes[submitted % len(lanes)]
-                    with rng(f"queue chunk {c.index}", 2):
-                        evs = self._enqueue(c, lane, data, outputs, scratch)
-                    # the slot is free again once its copy is done (the kernel reads device scratch)
-                    staging.release(slot_i, dict(evs)["h2d"])
-                    pending.append((c, lane, evs))
-                    submitted += 1
-                    while pending and pending[0][2][-1][1].done():
-                        done_bytes = self._complete(pending.popleft(), done_bytes, total)
-                while pending and self.error is None:
-                    pending[0][2][-1][1].synchronize()
-                    done_bytes = self._complete(pending.popleft(), done_bytes, total)
+                with self.backend.on_device():  # launches and event records need their device current
+                    self._queue_all(len(chunks), ready_q, outputs, total)
             except BaseException:
                 self.cancelled.set()
                 raise
             finally:
                 for th in threads:
                     th.join()
-                for ln in lanes:
-                    ln.close()
-                self.backend.synchronize()
+                for site in self.sites:
+                    for ln in site.lanes:
+                        ln.close()
+                    site.backend.synchronize()
             if self.error is not None:
                 raise self.error
             if self.cancelled.is_set():
@@ -166,12 +195,62 @@ class Pipeline:
             self.cancelled.set()  # stops readers still running after an error in this thread
             for th in threads:
                 th.join()
-            if kernels is not None:
-                kernels.join()
-            if staging is not None:
-                staging.close()
-            scratch.clear()
+            for th in kernels:
+                th.join()
+            for site in self.sites:
+                if site.staging is not None:
+                    site.staging.close()
+                site.staging = None
+                site.scratch.clear()
+                site.lanes = []
             os.close(fd)
+
+    def _ring_size(self, chunks: Sequence[Chunk], readers: int) -> tuple[int, int]:
+        """(slots, slot bytes) of a device's staging ring: a slot holds one of its chunks' file
+        bytes, or in cpu mode their dequantized values; enough slots for every reader to fill one
+        while each lane has one in flight."""
+        opts = self.opts
+        slot_bytes = (max(sum(staged_bytes(p, opts.dtype) for p in c.pieces) for c in chunks) if opts.mode == "cpu"
+                      else max(c.nbytes for c in chunks))
+        n_slots = (readers + 2 * opts.streams if opts.staging_mb is None
+                   else max(2, int(opts.staging_mb * (1 << 20) // slot_bytes)))
+        return min(n_slots, len(chunks)), slot_bytes
+
+    def _alloc_outputs(self) -> dict[str, DeviceTensor]:
+        out: dict[str, DeviceTensor] = {}
+        for site in self.sites:
+            out.update(alloc_outputs(site.backend, site.tensors, self.opts.mode, self.opts.dtype))
+        return out
+
+    def _queue_all(self, n_chunks: int, ready_q: queue.Queue, outputs: dict, total: int) -> None:
+        """One thread queues every chunk, in the order its read finished, round robin over its
+        device's lanes; completions are reported in queueing order."""
+        sites = self.sites
+        switch = len(sites) > 1  # one device is made current once, by the caller
+        rng = self.backend.range
+        pending: collections.deque = collections.deque()
+        done_bytes = submitted = 0
+        while submitted < n_chunks:
+            item = self._get(ready_q)
+            if item is None:
+                break
+            c, slot_i, data = item
+            site = sites[c.site]
+            lane = site.lanes[site.submitted % len(site.lanes)]
+            if switch:
+                site.backend.make_current()
+            with rng(f"queue chunk {c.index}", 2):
+                evs = self._enqueue(c, lane, data, outputs, site.scratch)
+            # the slot is free again once its copy is done (the kernel reads device scratch)
+            site.staging.release(slot_i, dict(evs)["h2d"])
+            pending.append((c, lane, evs))
+            site.submitted += 1
+            submitted += 1
+            while pending and pending[0][2][-1][1].done():
+                done_bytes = self._complete(pending.popleft(), done_bytes, total)
+        while pending and self.error is None:
+            pending[0][2][-1][1].synchronize()
+            done_bytes = self._complete(pending.popleft(), done_bytes, total)
 
     def _reader(self, rid: int, feed: "_Feed") -> None:
         """A reader thread: fill staging slots with file bytes (or, in cpu mode, dequantized
@@ -182,7 +261,7 @@ class Pipeline:
                     c = next(feed.chunks, None)
                 if c is None:
                     return
-                slot_i, slot = feed.staging.acquire(self.cancelled)
+                slot_i, slot = feed.stagings[c.site].acquire(self.cancelled)
                 with self.backend.range(f"read chunk {c.index}", 0):
                     t0 = time.perf_counter_ns()
                     pos = 0
@@ -201,26 +280,30 @@ class Pipeline:
             self.cancelled.set()
             feed.ready.put(None)
 
-    def _prepare_kernels(self, chunks: Sequence[Chunk]) -> "threading.Thread | None":
+    def _prepare_kernels(self, chunks: Sequence[Chunk]) -> list[threading.Thread]:
         """In gpu mode on a GPU, a thread that gets ready exactly the kernel variants the plan will
-        launch (compiled by NVRTC/hipRTC on a cold cache), so the first launches do not wait;
-        the queueing thread joins it before queueing the first chunk. Its error is ``.error``."""
+        launch on each device (compiled by NVRTC/hipRTC on a cold cache), so the first launches do
+        not wait; the queueing thread joins it before queueing the first chunk. Its error is
+        ``.error``."""
         if self.opts.mode != "gpu" or not self.backend.is_gpu:
-            return None
+            return []
         from ..quant.gpu import kernel_variants
 
-        pieces = []
+        pieces: list[list] = [[] for _ in self.sites]
         for c in chunks:
             pos = 0
             for p in c.pieces:
-                pieces.append((p.tensor.ggml_type, p.first_block * quant.type_spec(p.tensor.ggml_type).block_size, pos))
+                pieces[c.site].append((p.tensor.ggml_type, p.first_block * quant.type_spec(p.tensor.ggml_type).block_size,
+                                       pos))
                 pos += p.nbytes
-        variants = kernel_variants(pieces, self.opts.dtype)
+        variants = [kernel_variants(ps, self.opts.dtype) for ps in pieces]
 
         def run():
             t0 = time.perf_counter_ns()
             try:
-                self.backend.prepare_kernels(variants)
+                for site, vs in zip(self.sites, variants):
+                    if vs:
+                        site.backend.prepare_kernels(vs)
             except BaseException as e:
                 th.error = e
             self.span("setup", "kernels", -1, "", 0, t0, time.perf_counter_ns())
@@ -228,14 +311,14 @@ class Pipeline:
         th = threading.Thread(target=run, name="gguf-lab-kernels", daemon=True)
         th.error = None
         th.start()
-        return th
+        return [th]
 
     def _complete(self, item, done_bytes: int, total: int) -> int:
         """A chunk's work is done: its device spans, then the progress callback."""
         c, lane, evs = item
         done_bytes += c.nbytes
         if self.event_timing and len(evs) > 1:
-            self.device_events.append((f"stream {lane.index}" if self.backend.is_gpu else f"lane {lane.index}", c, evs))
+            self.device_events.append((self.sites[c.site].lane_name(lane.index), c, evs))
         if self.progress is not None and self.progress(done_bytes, total, c.pieces[-1].tensor.name) is False:
             self.cancelled.set()
             raise LoadCancelled(f"{self.model.path}: load cancelled by the progress callback "

@@ -62,8 +62,12 @@ class Piece:
 
 @dataclass(frozen=True)
 class Chunk:
+    """Pieces read, copied and expanded together. ``site``: the position of the chunk's device
+    in the load's device list (0 in a single-device load); a chunk never spans devices."""
+
     index: int
     pieces: tuple[Piece, ...]
+    site: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -124,6 +128,31 @@ def plan_chunks(tensors: Sequence[TensorInfo], chunk_bytes: int) -> list[Chunk]:
             size += t.n_bytes
     flush()
     return chunks
+
+
+def plan_sites(tensors_per_site: Sequence[Sequence[TensorInfo]], chunk_bytes: int) -> list[Chunk]:
+    """Chunks of each device planned apart, then interleaved in proportion to each device's
+    bytes, so every device's lanes get work from the start and all finish together; indices
+    renumbered in the interleaved (read) order."""
+    per = [plan_chunks(ts, chunk_bytes) for ts in tensors_per_site]
+    totals = [max(1, sum(c.nbytes for c in cs)) for cs in per]
+    done = [0] * len(per)
+    pos = [0] * len(per)
+    out: list[Chunk] = []
+    while True:
+        open_sites = [k for k in range(len(per)) if pos[k] < len(per[k])]
+        if not open_sites:
+            return out
+        k = min(open_sites, key=lambda k: (done[k] / totals[k], k))  # the device furthest behind
+        c = per[k][pos[k]]
+        out.append(Chunk(len(out), c.pieces, k))
+        pos[k] += 1
+        done[k] += c.nbytes
+
+
+def output_bytes(t: TensorInfo, mode: str, dtype: str) -> int:
+    """Bytes a tensor's output takes on the device in a mode."""
+    return t.n_bytes if mode == "raw" else t.n_elements * out_kind(t, mode, dtype)[1].itemsize
 
 
 def out_kind(t: TensorInfo, mode: str, dtype: str) -> tuple[str, np.dtype]:

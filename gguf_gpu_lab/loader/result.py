@@ -12,18 +12,20 @@ from ..device import Backend
 from ..errors import DeviceMemoryError
 from ..model import TensorInfo
 from ..profiler import Profile
-from .plan import LoadOptions, out_kind
+from .placement import Placement
+from .plan import LoadOptions, out_kind, output_bytes
 
 @dataclass
 class DeviceTensor:
     """A loaded tensor: ``array`` (CuPy on a GPU, NumPy on the host backend) and its ``info``.
     ``dtype`` is the logical dtype ("float16", "bfloat16", ... or "raw" for quantized bytes);
-    bfloat16 arrays hold uint16 bit patterns."""
+    bfloat16 arrays hold uint16 bit patterns. ``device``: the index of the device it is on."""
 
     info: TensorInfo
     array: Any
     dtype: str
     mode: str
+    device: int = 0  # the device index the array lives on
 
     @property
     def name(self) -> str:
@@ -34,10 +36,17 @@ class DeviceTensor:
         return int(self.array.nbytes)
 
     def to_torch(self):
-        """Zero-copy ``torch.Tensor`` through DLPack (bfloat16 bit patterns as torch.bfloat16)."""
+        """Zero-copy ``torch.Tensor`` through DLPack (bfloat16 bit patterns as torch.bfloat16), on
+        the array's own device (``cuda:N`` for a tensor on GPU N)."""
         import torch
 
-        t = torch.from_dlpack(self.array)
+        if isinstance(self.array, np.ndarray):
+            t = torch.from_dlpack(self.array)
+        else:  # DLPack carries the device; its stream hand-over runs with that device current
+            import cupy
+
+            with cupy.cuda.Device(self.array.device.id):
+                t = torch.from_dlpack(self.array)
         return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
 
     def numpy(self) -> np.ndarray:
@@ -58,7 +67,9 @@ class LoadResult(Mapping[str, DeviceTensor]):
     ``wall_s`` (from the backend being ready to the last byte in place), ``gb_s``, the
     ``options`` used, the ``backend`` name, the ``profile`` (spans; None with ``profile=False``) and
     the ``path`` of the file. ``to_torch()`` gives every tensor as a ``torch.Tensor`` without copies
-    (needs torch)."""
+    (needs torch). A load over several devices also has ``placement`` (a DataFrame: tensor,
+    device, layer, type, file and output bytes) and ``device_summary()`` (each device's share,
+    need and free bytes, and with a profile the GB/s it received); ``place`` is the ``Placement``."""
 
     tensors: dict[str, DeviceTensor]
     file_bytes: int
@@ -68,6 +79,28 @@ class LoadResult(Mapping[str, DeviceTensor]):
     backend: str
     profile: Profile | None = None
     path: str | None = None
+    place: Placement | None = None
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        """The device indices the tensors are on."""
+        return self.place.devices if self.place is not None else tuple(sorted({t.device for t in self.tensors.values()}))
+
+    @property
+    def placement(self):
+        """Tensor by tensor, the device it went to (pandas); None for a single-device load."""
+        return None if self.place is None else self.place.frame()
+
+    def device_summary(self):
+        """Per device: its share of the placement (tensors, layers, bytes, need and free), and
+        where the load was profiled, the file bytes it received and at what GB/s."""
+        if self.place is None:
+            raise ValueError("device_summary() describes a load over several devices (device=[...] or 'all')")
+        df = self.place.summary()
+        if self.profile is not None:
+            got = self.profile.device_summary().set_index("device")
+            df = df.join(got[["h2d_bytes", "h2d_busy_us", "h2d_gb_s", "gb_s"]], on="device")
+        return df
 
     def __getitem__(self, k):
         return self.tensors[k]
@@ -87,8 +120,9 @@ class LoadResult(Mapping[str, DeviceTensor]):
         return {k: v.to_torch() for k, v in self.tensors.items()}
 
     def __repr__(self):
+        on = f", devices={list(self.place.devices)}" if self.place is not None else ""
         return (f"<LoadResult {len(self.tensors)} tensors, {self.file_bytes / 1e9:.3f} GB in {self.wall_s:.3f} s "
-                f"({self.gb_s:.1f} GB/s), mode={self.options.mode}, backend={self.backend}>")
+                f"({self.gb_s:.1f} GB/s), mode={self.options.mode}, backend={self.backend}{on}>")
 
 
 def alloc_outputs(backend: Backend, tensors: Sequence[TensorInfo], mode: str, dtype: str) -> dict[str, DeviceTensor]:
@@ -96,7 +130,7 @@ def alloc_outputs(backend: Backend, tensors: Sequence[TensorInfo], mode: str, dt
     for t in tensors:
         logical, store = out_kind(t, mode, dtype)
         n = t.n_bytes if mode == "raw" else t.n_elements
-        out[t.name] = DeviceTensor(t, backend.empty(n, store), logical, mode)
+        out[t.name] = DeviceTensor(t, backend.empty(n, store), logical, mode, backend.device)
     return out
 
 
@@ -109,8 +143,7 @@ def finish_shapes(result: dict[str, DeviceTensor]) -> None:
 
 def check_memory(backend: Backend, path: str, tensors: Sequence[TensorInfo], mode: str, dtype: str, extra: int) -> None:
     """Fail before allocating anything when the outputs (and ``extra`` bytes) cannot fit."""
-    need = extra + sum((t.n_bytes if mode == "raw" else t.n_elements * out_kind(t, mode, dtype)[1].itemsize)
-                       for t in tensors)
+    need = extra + sum(output_bytes(t, mode, dtype) for t in tensors)
     free = backend.mem_free()
     if free is not None and need > free:
         raise DeviceMemoryError(f"{path}: loading {len(tensors)} tensors ({mode}, {dtype}) needs {need} bytes of "

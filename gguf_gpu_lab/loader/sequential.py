@@ -9,7 +9,7 @@ import numpy as np
 from .. import quant
 from ..errors import LoadCancelled
 from .plan import out_kind
-from .result import DeviceTensor, check_memory
+from .result import DeviceTensor
 
 
 def run_sequential(pl) -> tuple[dict[str, DeviceTensor], int]:
@@ -17,7 +17,7 @@ def run_sequential(pl) -> tuple[dict[str, DeviceTensor], int]:
     out: dict[str, DeviceTensor] = {}
     total = 0
     opts = pl.opts
-    check_memory(pl.backend, pl.model.path, pl.tensors, opts.mode, opts.dtype, 0)
+    pl.check_memory([])
     for i, t in enumerate(pl.tensors):
         if pl.cancelled.is_set():
             raise LoadCancelled(f"{pl.model.path}: load cancelled")
@@ -25,16 +25,18 @@ def run_sequential(pl) -> tuple[dict[str, DeviceTensor], int]:
         x = quant.dequantize(pl.model.raw(t.name), t.ggml_type, dtype=opts.dtype)
         t1 = time.perf_counter_ns()
         logical, store = out_kind(t, "sequential", opts.dtype)
-        arr = pl.backend.empty(t.n_elements, store)
+        be = pl.backend_for(t)
+        arr = be.empty(t.n_elements, store)
         if isinstance(arr, np.ndarray):
             arr[...] = x.reshape(-1).view(store)
         else:
-            arr.set(np.ascontiguousarray(x.reshape(-1).view(store)))
-        pl.backend.synchronize()
+            with be.on_device():
+                arr.set(np.ascontiguousarray(x.reshape(-1).view(store)))
+        be.synchronize()
         t2 = time.perf_counter_ns()
         pl.span("main", "cpu_dequant", i, t.name, t.n_bytes, t0, t1)
         pl.span("main", "h2d", i, t.name, t.n_bytes, t1, t2)
-        out[t.name] = DeviceTensor(t, arr, logical, "sequential")
+        out[t.name] = DeviceTensor(t, arr, logical, "sequential", be.device)
         total += t.n_bytes
         if pl.progress is not None and pl.progress(total, sum(x.n_bytes for x in pl.tensors), t.name) is False:
             pl.cancelled.set()

@@ -62,11 +62,13 @@ class Staging:
         self.slots = []
 
 
-def default_readers() -> int:
+def default_readers(devices: int = 1) -> int:
     """Two cores fewer than the machine has (one for the thread that queues copies and kernels,
-    one for the driver), at least two, at most 14: on the lent 16-core H100 host 14 readers
-    loaded fastest (12: 7% slower, 16: level or slower; BENCHMARKS.md)."""
-    return max(2, min(14, quant.default_threads() - 2))
+    one for the driver), at least two, at most 14 a device: on the lent 16-core H100 host 14
+    readers loaded fastest (12: 7% slower, 16: level or slower; BENCHMARKS.md); on the 32-core
+    two-GPU host 28 threads copied out of the page cache at 58.6 GB/s against 43.9 with 14, so
+    a load over several devices may use more (issue 14)."""
+    return max(2, min(14 * devices, quant.default_threads() - 2))
 
 
 def read_into(fd: int, mm: np.ndarray | None, dst: np.ndarray, offset: int) -> None:

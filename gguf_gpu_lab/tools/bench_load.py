@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -92,20 +94,11 @@ def mmap_copy(path: str, threads: int, chunk: int = 16 << 20) -> float:
     return size / dt / 1e9
 
 
-def concurrent_ceiling(path: str, threads: int, nbytes: int = 1 << 30, chunk: int = 16 << 20) -> dict:
-    """Pinned host-to-device copies while ``threads`` threads copy the file out of its mapping,
-    both at once, as the loader runs them: the host memory both use is shared, so this (not each
-    peak alone) is the ceiling of a staged load. GB/s of each."""
-    import threading
-
-    import cupy as cp
-
-    mem = cp.cuda.PinnedMemory(nbytes)
-    host = np.frombuffer(cp.cuda.PinnedMemoryPointer(mem, 0), np.uint8, nbytes)
-    host[:] = 1
-    dev = cp.empty(nbytes, cp.uint8)
-    s = cp.cuda.Stream(non_blocking=True)
-    rt = cp.cuda.runtime
+@contextlib.contextmanager
+def copying(path: str, threads: int, chunk: int = 16 << 20):
+    """``threads`` threads copying the file out of its mapping (page cache warm) over and over,
+    as the loader's readers do, for as long as the context lasts; yields a function giving the
+    bytes copied so far."""
     mm = np.memmap(path, mode="r")
     stop = threading.Event()
     copied = [0] * threads
@@ -125,18 +118,34 @@ def concurrent_ceiling(path: str, threads: int, nbytes: int = 1 << 30, chunk: in
         th.start()
     try:
         time.sleep(0.05)
-        c0, t0 = sum(copied), time.perf_counter()
+        yield lambda: sum(copied)
+    finally:
+        stop.set()
+        for th in ths:
+            th.join()
+
+
+def concurrent_ceiling(path: str, threads: int, nbytes: int = 1 << 30, chunk: int = 16 << 20) -> dict:
+    """Pinned host-to-device copies while ``threads`` threads copy the file out of its mapping,
+    both at once, as the loader runs them: the host memory both use is shared, so this (not each
+    peak alone) is the ceiling of a staged load. GB/s of each."""
+    import cupy as cp
+
+    mem = cp.cuda.PinnedMemory(nbytes)
+    host = np.frombuffer(cp.cuda.PinnedMemoryPointer(mem, 0), np.uint8, nbytes)
+    host[:] = 1
+    dev = cp.empty(nbytes, cp.uint8)
+    s = cp.cuda.Stream(non_blocking=True)
+    rt = cp.cuda.runtime
+    with copying(path, threads, chunk) as copied:
+        c0, t0 = copied(), time.perf_counter()
         for _ in range(3):
             for off in range(0, nbytes, 64 << 20):
                 rt.memcpyAsync(dev.data.ptr + off, host.ctypes.data + off, min(64 << 20, nbytes - off),
                                rt.memcpyHostToDevice, s.ptr)
         s.synchronize()
         dt = time.perf_counter() - t0
-        c1 = sum(copied)
-    finally:
-        stop.set()
-        for th in ths:
-            th.join()
+        c1 = copied()
     del dev
     return {"threads": threads, "h2d_gb_s": 3 * nbytes / dt / 1e9, "copy_gb_s": (c1 - c0) / dt / 1e9}
 
