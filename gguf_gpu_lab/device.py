@@ -122,16 +122,19 @@ class Backend:
 
     def lease_staging(self, n_slots: int, slot_bytes: int) -> tuple[list[np.ndarray], bool]:
         """Staging buffers for one load: the backend's kept ring when it is free and large enough
-        (allocated once, at exact size, reused by later loads), else a new ring. Returns the
+        (allocated at exact size, reused by later loads, and when a load needs more slots or
+        larger ones replaced by one that holds both), else a new ring. Returns the
         buffers and whether they are the kept ring; give them back with ``return_staging``."""
         with self._ring_lock:
             if not self._ring_busy:
                 ring = self._ring
                 if ring is None or len(ring) < n_slots or ring[0].nbytes < slot_bytes:
-                    if ring is not None:
+                    size = (n_slots, slot_bytes)
+                    if ring is not None:  # grown to hold both: loads that alternate keep one ring
+                        size = (max(n_slots, len(ring)), max(slot_bytes, ring[0].nbytes))
                         self.free_ring(ring)
                     self._ring = None
-                    ring = self._ring = self.pinned_ring(n_slots, slot_bytes)
+                    ring = self._ring = self.pinned_ring(*size)
                 self._ring_busy = True
                 return ring[:n_slots], True
         return self.pinned_ring(n_slots, slot_bytes), False  # a concurrent load

@@ -216,7 +216,13 @@ def test_staging_ring_is_kept_between_loads_and_not_shared_by_concurrent_ones():
     d, _ = be.lease_staging(4, 5000)  # larger: reallocated
     assert d[0].nbytes == 5000
     be.return_staging(d, True)
-    assert be.release_staging() == 4 * 5000 and be.release_staging() == 0
+    e, _ = be.lease_staging(6, 200)  # more slots, smaller ones: grown to hold both (6 of 5000)
+    assert len(e) == 6 and e[0].nbytes == 5000
+    be.return_staging(e, True)
+    f, kept_f = be.lease_staging(4, 5000)  # and the other shape again: no reallocation
+    assert kept_f and [id(x) for x in f] == [id(x) for x in e[:4]]
+    be.return_staging(f, kept_f)
+    assert be.release_staging() == 6 * 5000 and be.release_staging() == 0
 
 
 def test_named_ranges_for_system_profilers(small_model):
