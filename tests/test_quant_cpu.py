@@ -115,6 +115,41 @@ def test_known_answer_q4_k():
     assert quant.dequantize(blk, "Q4_K").tolist() == expect
 
 
+def _pack_q6_k(codes, scales, d):
+    """One Q6_K block from 256 codes 0..63, as ggml's dequantize_row_q6_K reads it: in each
+    half, element l of row r has its low 4 bits in ql[l + 32 (r % 2)] (high nibble when r >= 2)
+    and its high 2 bits in bits 2r, 2r+1 of qh[l]."""
+    ql, qh = np.zeros(128, np.uint8), np.zeros(64, np.uint8)
+    for h in range(2):
+        for r in range(4):
+            for lane in range(32):
+                c = int(codes[128 * h + 32 * r + lane])
+                ql[64 * h + 32 * (r % 2) + lane] |= (c & 15) << (4 * (r // 2))
+                qh[32 * h + lane] |= (c >> 4) << (2 * r)
+    return np.concatenate([ql, qh, np.asarray(scales, np.int8).view(np.uint8), _f16_bytes(d)])
+
+
+def test_known_answer_q6_k_every_code_at_every_position():
+    codes = (np.arange(64)[:, None] + np.arange(256)[None, :]) % 64  # block k: code (k + i) % 64 at i
+    scales = np.arange(-8, 8, dtype=np.int8) * 3
+    raw = np.stack([_pack_q6_k(c, scales, 0.25) for c in codes])
+    expect = np.float32(0.25) * np.repeat(scales.astype(np.float32), 16)[None, :] * (codes - 32).astype(np.float32)
+    for threads in (1, 2):  # the repeat-the-scales path and the broadcasting one
+        assert quant.dequantize(raw, "Q6_K", shape=(64, 256), threads=threads).tolist() == expect.tolist()
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=ids)
+def test_unaligned_input(t, rng):
+    # tensor data need not start on an 8-byte boundary; Q6_K reads it as 64-bit words
+    blocks = finite_random_blocks(t, 37, rng)
+    buf = np.empty(blocks.size + 3, np.uint8)
+    raw = buf[3:]
+    raw[:] = blocks.reshape(-1)
+    assert raw.ctypes.data % 8
+    for threads in (1, 2):
+        assert_bitexact(quant.dequantize(raw, t, threads=threads), reference(blocks, t), f"{t.name} x{threads}")
+
+
 # -- registry -----------------------------------------------------------------------------
 
 def test_registry_covers_everything_gguf_can_dequantize():
