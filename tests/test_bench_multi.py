@@ -5,7 +5,7 @@ from gguf_gpu_lab.tools.bench_multi import TARGET_OF_CEILING, TARGET_SPEEDUP, _r
 
 
 def _result(one=40.0, two=52.0, ceiling=55.0, bad=()):
-    load = lambda gb_s: {"wall_s": 4.9 / gb_s, "gb_s": gb_s, "fp16_gb_s": 3.3 * gb_s}  # noqa: E731
+    load = lambda gb_s: {"wall_s": 4.9 / gb_s, "gb_s": gb_s, "fp16_gb_s": 3.3 * gb_s, "profiled_wall_s": 5.0 / gb_s}  # noqa: E731
     return {
         "machine": {"cores": 32, "date": "2026-12-01T00:00:00+00:00"},
         "devices": [{"name": "NVIDIA H200"}, {"name": "NVIDIA H200"}], "seconds": 200.0,
@@ -38,5 +38,5 @@ def test_report_names_every_figure():
     text = format_multi(res)
     for part in ("2 x NVIDIA H200", "together 107.0 GB/s", "28 threads, while every GPU copies: 55.0 GB/s",
                  "one GPU", "all GPUs", "291 of 291 tensors identical", "all/one 1.30", "70B Q4_K_M",
-                 "bit-exact", "targets met: speedup yes"):
+                 "bit-exact", "targets met: speedup yes", "(profiled: 0.096 s)"):
         assert part in text, part

@@ -116,23 +116,32 @@ def copy_ceiling(path: str, threads: int, devices: Sequence[int], nbytes: int = 
 
 def best_load(m, repeat: int, **kw) -> dict:
     """gpu-mode float16 loads of ``m`` after one warm-up load: the best wall time, file GB/s and
-    float16 GB/s delivered, and the best load's per-device figures."""
+    float16 GB/s delivered, timed with the profiler off (as a user's plain ``load`` runs); then
+    ``repeat`` profiled loads, whose best wall is reported beside it and whose best gives the
+    per-device figures (each GPU's copy-engine busy time and H2D GB/s)."""
     from ..loader import load
 
     load(m, backend="cupy", profile=False, **kw)
     gc.collect()
-    walls, best = [], None
+    walls, walls_profiled, best, prof = [], [], None, None
     for _ in range(repeat):
-        r = load(m, backend="cupy", **kw)
+        r = load(m, backend="cupy", profile=False, **kw)
         walls.append(r.wall_s)
         if best is None or r.wall_s < best["wall_s"]:
             best = {"wall_s": r.wall_s, "file_bytes": r.file_bytes, "out_bytes": r.out_bytes, "gb_s": r.gb_s,
-                    "fp16_gb_s": r.out_bytes / r.wall_s / 1e9,
-                    "per_device": (r.device_summary() if r.place is not None else r.profile.device_summary())
-                    .to_dict(orient="records")}
+                    "fp16_gb_s": r.out_bytes / r.wall_s / 1e9}
         del r
         gc.collect()
-    return {**best, "walls": walls, "readers": kw.get("readers"), "device": kw.get("device")}
+    for _ in range(repeat):
+        r = load(m, backend="cupy", **kw)
+        walls_profiled.append(r.wall_s)
+        if prof is None or r.wall_s < prof[0]:
+            prof = (r.wall_s, (r.device_summary() if r.place is not None else r.profile.device_summary())
+                    .to_dict(orient="records"))
+        del r
+        gc.collect()
+    return {**best, "walls": walls, "profiled_wall_s": prof[0], "profiled_walls": walls_profiled,
+            "per_device": prof[1], "readers": kw.get("readers"), "device": kw.get("device")}
 
 
 def same_outputs(m, devices: Sequence[int]) -> dict:
@@ -285,7 +294,7 @@ def format_multi(res: dict) -> str:
         if key in res:
             x = res[key]
             lines.append(f"{label:30} {x['wall_s']:.3f} s  {x['gb_s']:6.1f} GB/s of file  {x['fp16_gb_s']:6.1f} GB/s "
-                         f"of float16")
+                         f"of float16  (profiled: {x['profiled_wall_s']:.3f} s)")
     so = res["same_outputs"]
     lines.append(f"all GPUs vs one GPU: {so['tensors'] - len(so['differ'])} of {so['tensors']} tensors identical")
     lines.append(f"ratios: all/one {r['speedup_all_over_one']:.2f} (target {TARGET_SPEEDUP}), of the copy ceiling "
