@@ -57,6 +57,18 @@ def test_thread_count_does_not_change_results(threads, t, rng):
     assert_bitexact(quant.dequantize(blocks, t, threads=threads), reference(blocks, t), f"{t.name} x{threads}")
 
 
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=ids)
+@pytest.mark.parametrize("alone", [True, False])
+def test_large_tasks(alone, t, rng):
+    # the loader's cpu mode: one thread, 4 Mi-weight tasks; Q6_K multiplies in slices of them
+    from gguf_gpu_lab.quant._cpu import dequantize_blocks
+
+    blocks = finite_random_blocks(t, 2500, rng)
+    out = np.full((2500, 256), np.nan, np.float32)
+    dequantize_blocks(quant.type_spec(t), blocks, out, 1, task_elements=1 << 22, alone=alone)
+    assert_bitexact(out, reference(blocks, t), f"{t.name} alone={alone}")
+
+
 def test_out_parameter_and_shape(rng):
     blocks = finite_random_blocks(T.Q8_0, 8, rng)
     out = np.full((8, 32), np.nan, np.float32)
