@@ -114,31 +114,28 @@ __device__ __forceinline__ u16 f2bf(float fv) {
     return (u16)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
 }
 
-// A block's float16 scales: on CUDA one exact conversion instruction (cvt.f32.f16: subnormals
-// kept; a NaN comes out as the canonical NaN, and any NaN scale gives NaN outputs whose payload
-// the float32 multiply canonicalises anyway); h2f's dozen integer instructions a scale were a
-// fifth of the work of a Q4_K group. Plain F16 tensors keep h2f: their NaNs are data, copied
-// bit for bit into float32.
-#if (defined(__CUDACC_RTC__) || defined(__CUDACC__)) && !(GGML_TYPE == 0 || GGML_TYPE == 1 || GGML_TYPE == 30 || GGML_TYPE == 28)
-__device__ __forceinline__ float h2f_scale(u16 h) {
+// float16 -> float32 by the hardware on CUDA (cvt.f32.f16: exact, subnormals kept; a NaN comes
+// out as the canonical NaN), against h2f's dozen integer instructions.
+// - h2f_scale, a block's float16 scales: h2f was a fifth of the work of a Q4_K group; a NaN scale
+//   gives NaN outputs, whose payload the float32 multiply canonicalises anyway.
+// - h2f_data, plain F16 values: their NaNs are data (NumPy keeps the payload in float32), so those
+//   take h2f; the test costs two integer instructions.
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+__device__ __forceinline__ float h2f_hw(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+__device__ __forceinline__ float h2f_data(u16 h) {
+    return ((h & 0x7C00u) == 0x7C00u && (h & 0x3FFu)) ? h2f(h) : h2f_hw(h);
+}
+#if GGML_TYPE == 0 || GGML_TYPE == 1 || GGML_TYPE == 30 || GGML_TYPE == 28
+#define h2f_scale h2f_data
+#else
+#define h2f_scale h2f_hw
+#endif
 #else
 #define h2f_scale h2f
-#endif
-
-// Plain F16 values: the instruction for all but NaNs, whose payload bits are data here (NumPy
-// keeps them in float32); the test is two integer instructions against h2f's dozen.
-#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
-__device__ __forceinline__ float h2f_data(u16 h) {
-    if ((h & 0x7C00u) == 0x7C00u && (h & 0x3FFu)) return h2f(h);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-#else
 #define h2f_data h2f
 #endif
 __device__ __forceinline__ float ld_f16(const u8* p) { return h2f_scale((u16)(p[0] | (p[1] << 8))); }
