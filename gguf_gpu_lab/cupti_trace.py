@@ -1,8 +1,8 @@
 """When copies and kernels really ran, from CUPTI's activity records (NVIDIA's ``cupti-python``).
 
 A stream's CUDA event fires when the stream reaches it, not when the copy engine starts the copy,
-so event-timed h2d bars of four streams overlap while the one copy engine works through them one
-after another. CUPTI records each copy's and kernel's start and end on the device. With
+so event-timed h2d bars of four streams overlap while the copy engine works through them one
+after another (the driver may put an odd copy on a second engine, sharing the same link). CUPTI records each copy's and kernel's start and end on the device. With
 ``load(..., profile="cupti")`` the device spans come from those records instead of the events:
 one ``copy engine`` lane (host-to-device copies) and one ``kernels`` lane (dequantization and
 device-to-device copies), each span attributed to the chunk and tensor that issued it. NVIDIA
