@@ -25,7 +25,8 @@
 #define THREADS 256
 #endif
 // MIN_BLOCKS > 0 asks the CUDA compiler for that many resident blocks a multiprocessor (a
-// register cap). HIP reads a second argument as waves per execution unit, so there it is left out.
+// register cap), for experiments: 0, the compiler's choice, was as fast as caps of 4-6 on the H200
+// (BENCHMARKS.md). HIP reads a second argument as waves per execution unit, so there it is left out.
 #ifndef MIN_BLOCKS
 #define MIN_BLOCKS 0
 #endif
