@@ -232,18 +232,6 @@ class PreloadHandle:
 
 # -- the model's lazy loads: the cache sits above the model and the loader, which know nothing of it
 
-def _several(device, placement) -> bool:
-    from .errors import GGUFLabError
-    from .loader import single_device
-
-    if single_device(device) is None:
-        return True
-    if placement is not None:
-        raise GGUFLabError(f"placement spreads tensors over several devices: pass device=[...] or 'all' "
-                           f"(got device={device!r})")
-    return False
-
-
 def model_placement(model, device, placement, backend, mode: str, dtype: str):
     """The placement the model's cache uses for these devices: made over every tensor of the
     model the first time, then kept, so each tensor always goes to the same device."""
@@ -278,9 +266,9 @@ def load_cached(model, name: str, dtype: str, mode: str, backend, device, placem
     model._data()
     if model._preload is not None:
         model._preload.take(name)
-    from .loader import single_device
+    from .loader import several_devices, single_device
 
-    if _several(device, placement):
+    if several_devices(device, placement):
         pl = model_placement(model, device, placement, backend, mode, dtype)
         device, backend = pl.where[name], get_backend(backend, 0).name
     device = single_device(device)
@@ -296,9 +284,9 @@ def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device
     """``GGUFModel.preload``'s handle, not yet started: tensors into the model's cache in batches
     of about ``batch_mb``; over several devices, each batch loads onto every device at once."""
     from .device import get_backend
-    from .loader import load, select
+    from .loader import load, select, several_devices
 
-    if _several(device, placement):
+    if several_devices(device, placement):
         pl = model_placement(model, device, placement, backend, mode, dtype)
         on = pl.where
         target = {"backend": get_backend(backend, 0).name, "device": list(pl.devices)}

@@ -17,14 +17,14 @@ from ..errors import BackendError, GGUFLabError
 from ..model import GGUFModel, shared_model
 from ..profiler import Profile
 from .pipeline import Pipeline
-from .placement import Placement, place, resolve_devices, single_device
+from .placement import Placement, place, resolve_devices, several_devices, single_device
 from .plan import MODES, ORDERS, Chunk, LoadOptions, Piece, output_bytes, plan_chunks, select
 from .result import DeviceTensor, LoadResult, finish_shapes
 from .staging import Stop, default_readers
 
 __all__ = ["load", "LoadOptions", "LoadResult", "DeviceTensor", "select", "plan_chunks", "Piece", "Chunk",
-           "default_readers", "MODES", "ORDERS", "Placement", "place", "plan_placement", "resolve_devices", "single_device",
-           "backends_for"]
+           "default_readers", "MODES", "ORDERS", "Placement", "place", "plan_placement", "resolve_devices",
+           "several_devices", "single_device", "backends_for"]
 
 
 def _cupti_recorder(backend: Backend):
@@ -95,17 +95,14 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         (0, 1)
     """
     opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, read, staging_mb, order, profile).check()
-    one = single_device(device)
-    several = one is None
+    several = several_devices(device, placement)
     if several:
         devices, backends = backends_for(backend, device)
         if opts.profile == "cupti":
             raise BackendError("profile='cupti' times one GPU's work; a load over several devices is timed with "
                                "events (profile=True)")
-    elif placement is not None:
-        raise GGUFLabError(f"placement spreads tensors over several devices: pass device=[...] or 'all' "
-                           f"(got device={device!r})")
     else:
+        one = single_device(device)
         devices, backends = (one,), [get_backend(backend, one)]  # (its notice before any bar)
     be = backends[0]
     bar = None

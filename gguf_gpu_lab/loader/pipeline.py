@@ -162,10 +162,10 @@ class Pipeline:
                 if self.cupti is not None:
                     self.cupti.bind(self.sites[0].lanes)
                 self.span("setup", "allocate outputs", -1, "", 0, t0, time.perf_counter_ns())
-            for th in kernels:
-                th.join()
-                if th.error is not None:
-                    raise th.error
+            if kernels is not None:
+                kernels.join()
+                if kernels.error is not None:
+                    raise kernels.error
             try:
                 with self.backend.on_device():  # launches and event records need their device current
                     self._queue_all(len(chunks), ready_q, outputs, total)
@@ -195,8 +195,8 @@ class Pipeline:
             self.cancelled.set()  # stops readers still running after an error in this thread
             for th in threads:
                 th.join()
-            for th in kernels:
-                th.join()
+            if kernels is not None:
+                kernels.join()
             for site in self.sites:
                 if site.staging is not None:
                     site.staging.close()
@@ -280,13 +280,13 @@ class Pipeline:
             self.cancelled.set()
             feed.ready.put(None)
 
-    def _prepare_kernels(self, chunks: Sequence[Chunk]) -> list[threading.Thread]:
+    def _prepare_kernels(self, chunks: Sequence[Chunk]) -> "threading.Thread | None":
         """In gpu mode on a GPU, a thread that gets ready exactly the kernel variants the plan will
         launch on each device (compiled by NVRTC/hipRTC on a cold cache), so the first launches do
         not wait; the queueing thread joins it before queueing the first chunk. Its error is
         ``.error``."""
         if self.opts.mode != "gpu" or not self.backend.is_gpu:
-            return []
+            return None
         from ..quant.gpu import kernel_variants
 
         pieces: list[list] = [[] for _ in self.sites]
@@ -311,7 +311,7 @@ class Pipeline:
         th = threading.Thread(target=run, name="gguf-lab-kernels", daemon=True)
         th.error = None
         th.start()
-        return [th]
+        return th
 
     def _complete(self, item, done_bytes: int, total: int) -> int:
         """A chunk's work is done: its device spans, then the progress callback."""

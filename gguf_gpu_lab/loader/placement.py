@@ -27,6 +27,17 @@ def single_device(device) -> int | None:
     return operator.index(device)
 
 
+def several_devices(device, placement=None) -> bool:
+    """Whether ``device`` asks for a load over several devices (a list of indices or ``"all"``);
+    a ``placement`` with one device is an error, since it only spreads tensors over several."""
+    if single_device(device) is None:
+        return True
+    if placement is not None:
+        raise GGUFLabError(f"placement spreads tensors over several devices: pass device=[...] or 'all' "
+                           f"(got device={device!r})")
+    return False
+
+
 def resolve_devices(device, count: int | None) -> tuple[int, ...]:
     """The load's devices from ``device``: ``"all"``, or a sequence of distinct indices.
     ``count``: how many devices there are (None: any index goes, as on the host backend).

@@ -29,14 +29,24 @@ def _free_gpu():
     cp.get_default_memory_pool().free_all_blocks()
 
 
+def pinned_buffers(nbytes: int, device: int = 0):
+    """An exact-size pinned host buffer (filled, so its pages exist) and a device buffer of
+    ``nbytes`` on ``device``: (the pinned memory, keeping it alive; the host array; the device array)."""
+    import cupy as cp
+
+    with cp.cuda.Device(device):
+        mem = cp.cuda.PinnedMemory(nbytes)
+        host = np.frombuffer(cp.cuda.PinnedMemoryPointer(mem, 0), np.uint8, nbytes)
+        host[:] = 1
+        dev = cp.empty(nbytes, cp.uint8)
+    return mem, host, dev
+
+
 def pinned_h2d_peak(nbytes: int = 1 << 30, chunk: int = 64 << 20, streams: int = 1, repeat: int = 3) -> float:
     """GB/s of host-to-device copies from one exact-size pinned buffer, ``chunk`` bytes a copy."""
     import cupy as cp
 
-    mem = cp.cuda.PinnedMemory(nbytes)
-    host = np.frombuffer(cp.cuda.PinnedMemoryPointer(mem, 0), np.uint8, nbytes)
-    host[:] = 1
-    dev = cp.empty(nbytes, cp.uint8)
+    mem, host, dev = pinned_buffers(nbytes)
     ss = [cp.cuda.Stream(non_blocking=True) for _ in range(streams)]
     rt = cp.cuda.runtime
     best = float("inf")
@@ -131,10 +141,7 @@ def concurrent_ceiling(path: str, threads: int, nbytes: int = 1 << 30, chunk: in
     peak alone) is the ceiling of a staged load. GB/s of each."""
     import cupy as cp
 
-    mem = cp.cuda.PinnedMemory(nbytes)
-    host = np.frombuffer(cp.cuda.PinnedMemoryPointer(mem, 0), np.uint8, nbytes)
-    host[:] = 1
-    dev = cp.empty(nbytes, cp.uint8)
+    mem, host, dev = pinned_buffers(nbytes)
     s = cp.cuda.Stream(non_blocking=True)
     rt = cp.cuda.runtime
     with copying(path, threads, chunk) as copied:

@@ -27,23 +27,11 @@ import numpy as np
 
 from ..errors import GGUFLabError
 from .bench import bench_model, machine_info
-from .bench_load import copying, parallel_read
+from .bench_load import copying, parallel_read, pinned_buffers
 
 TARGET_SPEEDUP = 1.25
 TARGET_OF_CEILING = 0.90
 BIG_VOCAB = 128256  # Llama 3 70B's vocabulary (the 70B preset has Llama 2's 32,000)
-
-
-def _buffers(device: int, nbytes: int):
-    """A pinned host buffer (filled) and a device buffer of ``nbytes`` on ``device``."""
-    import cupy as cp
-
-    with cp.cuda.Device(device):
-        mem = cp.cuda.PinnedMemory(nbytes)
-        host = np.frombuffer(cp.cuda.PinnedMemoryPointer(mem, 0), np.uint8, nbytes)
-        host[:] = 1
-        dev = cp.empty(nbytes, cp.uint8)
-    return mem, host, dev
 
 
 def _copy_all(devices: Sequence[int], bufs: dict, rounds: int, chunk: int = 64 << 20) -> dict:
@@ -86,7 +74,7 @@ def _rates(times: dict, nbytes: int) -> dict:
 
 def h2d_peaks(devices: Sequence[int], nbytes: int = 1 << 30, rounds: int = 3) -> dict:
     """Pinned H2D GB/s: each GPU alone (best of 3), then all at once (best of 3)."""
-    bufs = {d: _buffers(d, nbytes) for d in devices}
+    bufs = {d: pinned_buffers(nbytes, d) for d in devices}
     try:
         _copy_all(devices, bufs, 1)  # warm-up
         alone = {str(d): max(_rates(_copy_all([d], bufs, rounds), nbytes * rounds)["total_gb_s"] for _ in range(3))
@@ -102,7 +90,7 @@ def copy_ceiling(path: str, threads: int, devices: Sequence[int], nbytes: int = 
     """GB/s of ``threads`` threads copying the file out of its mapping while every GPU copies
     from pinned memory: the ceiling of a staged load over these GPUs (file GB/s), and the H2D
     GB/s the GPUs keep meanwhile."""
-    bufs = {d: _buffers(d, nbytes) for d in devices}
+    bufs = {d: pinned_buffers(nbytes, d) for d in devices}
     try:
         with copying(path, threads) as copied:
             c0 = copied()

@@ -18,22 +18,12 @@
 // On AMD GPUs (tests/test_kernel_compile.py builds every variant with hipcc): a block of THREADS
 // is 4 wavefronts of 64 on CDNA (gfx90a) or 8 of 32 on RDNA3 (gfx1100); no code depends on the
 // wavefront size (no shuffles, votes or warp-synchronous steps: __syncthreads is the only
-// exchange). __launch_bounds__ takes one argument on HIP because its second means blocks per
-// multiprocessor to CUDA but waves per execution unit to HIP (LAUNCH_BOUNDS).
+// exchange). __launch_bounds__ takes one argument here because its second means blocks per
+// multiprocessor to CUDA but waves per execution unit to HIP (and a cap of 4-6 blocks gained
+// nothing on the H200: BENCHMARKS.md).
 
 #ifndef THREADS
 #define THREADS 256
-#endif
-// MIN_BLOCKS > 0 asks the CUDA compiler for that many resident blocks a multiprocessor (a
-// register cap), for experiments: 0, the compiler's choice, was as fast as caps of 4-6 on the H200
-// (BENCHMARKS.md). HIP reads a second argument as waves per execution unit, so there it is left out.
-#ifndef MIN_BLOCKS
-#define MIN_BLOCKS 0
-#endif
-#if (defined(__CUDACC_RTC__) || defined(__CUDACC__)) && MIN_BLOCKS > 0
-#define LAUNCH_BOUNDS __launch_bounds__(THREADS, MIN_BLOCKS)
-#else
-#define LAUNCH_BOUNDS __launch_bounds__(THREADS)
 #endif
 #define GROUP 8
 #define UNROLL 4
@@ -446,12 +436,9 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 // VEC_STORE picks 16-byte stores where dst is 16-byte aligned, which CUDA requires of them. On
 // AMD the compiler may merge the 8 scalar stores of VEC_STORE 0 into one 16-byte store as well
 // (gfx90a does): ROCm runs the GPU in unaligned-access mode, so that is valid at any address.
+// (float32 with 16-byte stores never comes here: STAGE_OUT and the plain kernel's 4-value groups.)
 __device__ __forceinline__ void store8(out_t* dst, const float* v) {
-#if VEC_STORE && OUT_KIND == 0
-    float4* p = (float4*)dst;
-    p[0] = make_float4(v[0], v[1], v[2], v[3]);
-    p[1] = make_float4(v[4], v[5], v[6], v[7]);
-#elif VEC_STORE
+#if VEC_STORE && OUT_KIND != 0
     uint4 w;
     w.x = pack2(v[0], v[1]);
     w.y = pack2(v[2], v[3]);
@@ -507,7 +494,7 @@ __device__ __forceinline__ void load_words(const u8* p, u32* w) {
 #endif
 }
 
-extern "C" __global__ void LAUNCH_BOUNDS dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
+extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
                                                            long long n_elem, const u8* __restrict__ grid,
                                                            const u8* __restrict__ ksigns) {
     const long long n_groups = (n_elem + PGROUP - 1) / PGROUP;
@@ -567,12 +554,10 @@ __device__ __forceinline__ void load_tile(const u8* src, long long t, long long 
 // 0.58 of a device copy. STAGE_OUT passes each step's groups through shared memory (two 8 KiB
 // buffers, alternating, so one barrier a step suffices) and stores them with consecutive 16-byte
 // stores across the block. 16-bit outputs are one 16-byte store a lane already.
-#ifndef STAGE_OUT
 #define STAGE_OUT (OUT_KIND == 0 && VEC_STORE)
-#endif
 
 // n_elem: elements to produce (a whole number of blocks). Grid-stride loop over tiles.
-extern "C" __global__ void LAUNCH_BOUNDS dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
+extern "C" __global__ void __launch_bounds__(THREADS) dequant(const u8* __restrict__ src, out_t* __restrict__ dst,
                                                            long long n_elem, const u8* __restrict__ grid,
                                                            const u8* __restrict__ ksigns) {
     __shared__ u32 tile[WORDS_PER_THREAD * THREADS + 1];  // + 1: ld8's third word
