@@ -26,9 +26,11 @@ from .errors import (
     LoadCancelled,
     ModelNotFoundError,
     TensorNotFoundError,
+    SourceChangedError,
     UnsupportedTypeError,
 )
 from .loader import DeviceTensor, LoadResult, load
+from . import cache as _cache  # noqa: F401,E402  (registers the lazy device cache with GGUFModel)
 from .model import GGUFModel, TensorInfo, open_model
 from .quant import dequantize, type_spec
 from .scan import Problem
@@ -65,5 +67,5 @@ def __dir__():  # what tab completion offers: the public face and the submodules
 __all__ = [
     "open_model", "load", "check", "GGUFModel", "TensorInfo", "LoadResult", "DeviceTensor", "Problem",
     "dequantize", "type_spec", "GGUFLabError", "GGUFFormatError", "ModelNotFoundError", "TensorNotFoundError",
-    "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "__version__",
+    "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "SourceChangedError", "BackendError", "__version__",
 ]

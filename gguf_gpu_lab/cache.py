@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -232,20 +233,51 @@ class PreloadHandle:
 
 # -- the model's lazy loads: the cache sits above the model and the loader, which know nothing of it
 
+class _ModelState:
+    """What the lazy cache keeps for one open model: its tensor cache, its running preload and
+    its placements over several devices. Made once per model, under a lock."""
+
+    def __init__(self, model):
+        self.lock = threading.Lock()
+        self.tensors = TensorCache(model.cache_budget)
+        self.preload: PreloadHandle | None = None
+        self.placements: dict = {}
+
+    def close(self) -> None:
+        with self.lock:
+            handle, self.preload = self.preload, None
+        if handle is not None:
+            handle.cancel()
+        self.tensors.evict()
+
+
+_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STATES_LOCK = threading.Lock()
+
+
+def _state(model, create: bool = True) -> "_ModelState | None":
+    with _STATES_LOCK:
+        st = _STATES.get(model)
+        if st is None and create:
+            st = _STATES[model] = _ModelState(model)
+            model.on_close(st.close)
+    if st is not None:
+        st.tensors.budget = model.cache_budget
+    return st
+
+
 def model_placement(model, device, placement, backend, mode: str, dtype: str):
     """The placement the model's cache uses for these devices: made over every tensor of the
     model the first time, then kept, so each tensor always goes to the same device."""
     from .loader import backends_for, plan_placement
 
+    st = _state(model)
     devices, backends = backends_for(backend, device)
     key = (devices, backends[0].name, mode, dtype, _placement_key(placement))
-    with _PLACEMENT_LOCK:
-        if key not in model._placements:
-            model._placements[key] = plan_placement(model.tensors, devices, backends, mode, dtype, placement)
-        return model._placements[key]
-
-
-_PLACEMENT_LOCK = threading.Lock()
+    with st.lock:
+        if key not in st.placements:
+            st.placements[key] = plan_placement(model.tensors, devices, backends, mode, dtype, placement)
+        return st.placements[key]
 
 
 def _placement_key(placement):
@@ -256,36 +288,40 @@ def _placement_key(placement):
     return tuple(sorted(placement.items()))
 
 
-def load_cached(model, name: str, dtype: str, mode: str, backend, device, placement=None):
+def tensor(model, name: str, dtype: str, mode: str, backend, device, placement=None):
     """``GGUFModel.tensor``: one tensor from the model's cache, loaded on first use; a tensor
     still queued in a running preload is taken out of its queue and loaded at once."""
     from .device import get_backend
-    from .loader import load
+    from .loader import load, several_devices, single_device
 
     model.info(name)
-    model._data()
-    if model._preload is not None:
-        model._preload.take(name)
-    from .loader import several_devices, single_device
-
+    model.source  # noqa: B018  (a closed model raises here)
+    st = _state(model)
+    with st.lock:
+        handle = st.preload
+    if handle is not None:
+        handle.take(name)
     if several_devices(device, placement):
         pl = model_placement(model, device, placement, backend, mode, dtype)
         device, backend = pl.where[name], get_backend(backend, 0).name
     device = single_device(device)
     be = get_backend(backend, device)
-    key = (model.path, name, mode, dtype, device)
-    return model._cache().get_or_load(
+    key = (name, mode, dtype, device)
+    return st.tensors.get_or_load(
         key, lambda: load(model, mode=mode, dtype=dtype, tensors=[name], backend=be, device=device,
                           profile=False)[name])
 
 
-def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device, batch_mb: float,
-                   load_options: dict, placement=None) -> "PreloadHandle":
-    """``GGUFModel.preload``'s handle, not yet started: tensors into the model's cache in batches
-    of about ``batch_mb``; over several devices, each batch loads onto every device at once."""
+def preload(model, order, background: bool, dtype: str, mode: str, tensors, backend, device, batch_mb: float,
+            load_options: dict, placement=None) -> "PreloadHandle":
+    """``GGUFModel.preload``: tensors into the model's cache in batches of about ``batch_mb``;
+    over several devices, each batch loads onto every device at once. One preload at a time per
+    model: the check and the setting of the handle are one step under the model's lock."""
     from .device import get_backend
+    from .errors import GGUFLabError
     from .loader import load, select, several_devices
 
+    model.source  # noqa: B018  (a closed model raises here)
     if several_devices(device, placement):
         pl = model_placement(model, device, placement, backend, mode, dtype)
         on = pl.where
@@ -293,8 +329,9 @@ def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device
     else:
         on = None
         target = {"backend": get_backend(backend, device), "device": device}
-    cache = model._cache()
-    key_of = lambda n: (model.path, n, mode, dtype, device if on is None else on[n])  # noqa: E731
+    st = _state(model)
+    cache = st.tensors
+    key_of = lambda n: (n, mode, dtype, device if on is None else on[n])  # noqa: E731
     names = [t.name for t in select(model.tensors, tensors, order)]
     names = [n for n in names if key_of(n) not in cache]
     sizes = {t.name: t.n_bytes for t in model.tensors}
@@ -316,4 +353,34 @@ def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device
         for n in todo:
             cache.fulfill(keys[n], r[n])
 
-    return PreloadHandle(names, sizes, run_batch, int(batch_mb * (1 << 20)))
+    handle = PreloadHandle(names, sizes, run_batch, int(batch_mb * (1 << 20)))
+    with st.lock:
+        if st.preload is not None and not st.preload.done():
+            raise GGUFLabError(f"{model.path}: a preload is already running; cancel() or wait() for it first")
+        # set before it starts, so tensor() calls from other threads can take from its queue
+        st.preload = handle
+    return handle.start(background)
+
+
+def evict(model, name: str | None = None) -> int:
+    """``GGUFModel.evict``: drop cached device tensors (all, or every mode/dtype of one)."""
+    st = _state(model, create=False)
+    if st is None:
+        return 0
+    return st.tensors.evict(None if name is None else (lambda k: k[0] == name))
+
+
+def info(model) -> dict[str, Any]:
+    """``GGUFModel.cache_info``."""
+    return _state(model).tensors.info()
+
+
+def _register() -> None:
+    import sys
+
+    from .model import register_device_cache
+
+    register_device_cache(sys.modules[__name__])
+
+
+_register()

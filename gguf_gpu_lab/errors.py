@@ -48,3 +48,13 @@ class LoadCancelled(GGUFLabError):
 
 class BackendError(GGUFLabError, RuntimeError):
     """The requested backend (for example a GPU through CuPy) is not usable here."""
+
+
+class SourceChangedError(GGUFLabError):
+    """A model's file changed after it was opened (truncated, rewritten or appended to in place):
+    its bytes may no longer be those its header describes. A file replaced on disk (a new inode)
+    is not an error: the open model keeps reading the file it opened."""
+
+    def __init__(self, name: str, detail: str):
+        super().__init__(f"{name}: the file changed after it was opened: {detail}; open it again")
+        self.path = name

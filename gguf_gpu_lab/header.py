@@ -12,8 +12,8 @@ test oracle (tests/test_header.py compares every key, value and tensor with ``GG
 
 from __future__ import annotations
 
-import mmap
 import struct
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,9 @@ class Header:
         self._u8 = np.frombuffer(mapping, np.uint8)
         self.fields: dict[str, Field] = {}
         self.tensors: list[TensorRecord] = []
+        # fields reach their header through a weak proxy: no cycle, so the mapping (and the
+        # descriptor it holds) goes as soon as the model drops the header, not at the next GC
+        self._ref = weakref.proxy(self)
         self._parse()
 
     # -- bounded reads -------------------------------------------------------------------------
@@ -178,10 +181,10 @@ class Header:
         what = f"key {key!r}"
         if vtype == VT.ARRAY:
             etype, n, end = self._skip_array(value_offset, what, 1)
-            f = Field(key, start, vtype, value_offset, end, etype, n, None, self)
+            f = Field(key, start, vtype, value_offset, end, etype, n, None, self._ref)
         else:
             scalar, end = self._scalar(vtype, value_offset, what)
-            f = Field(key, start, vtype, value_offset, end, None, 0, scalar, self)
+            f = Field(key, start, vtype, value_offset, end, None, 0, scalar, self._ref)
         self.fields[key] = f
         return end
 
@@ -363,12 +366,3 @@ class Header:
         for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
             if s1 < e0 and e1 > s1:
                 self._fail(f"data [{s1}, {e1}) overlaps tensor {n0!r} [{s0}, {e0})", tensor=n1)
-
-
-def map_file(path: str) -> mmap.mmap:
-    """A read-only mapping of the whole file (a GGUFFormatError for an empty one)."""
-    with open(path, "rb") as f:
-        try:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # an empty file cannot be mapped
-            raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=path) from None

@@ -8,6 +8,7 @@ import html
 import math
 import os
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -15,8 +16,9 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from . import naming, quant
-from .errors import GGUFFormatError, GGUFLabError, ModelNotFoundError, TensorNotFoundError
-from .header import Field, Header, map_file
+from .errors import GGUFLabError, ModelNotFoundError, TensorNotFoundError
+from .header import Field, Header
+from .source import ByteSource, open_source
 
 _ARRAY_SUMMARY_LEN = 8  # metadata arrays longer than this are summarised
 _NUMERIC = frozenset(GGUFValueType) - {GGUFValueType.STRING, GGUFValueType.ARRAY}
@@ -61,19 +63,21 @@ def _summarise(f: Field) -> Any:
 
 
 class GGUFModel:
-    """An open GGUF file. Use ``open_model(path)``; close it (or use ``with``) to free the mapping."""
+    """An open GGUF file. Use ``open_model(path)``; close it (or use ``with``) to free the file.
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+    Every byte is read through the model's ``source``, the descriptor and mapping its header was
+    parsed from: a file replaced on disk afterwards is never read, and one changed in place is an
+    error (``SourceChangedError``), never different bytes."""
+
+    def __init__(self, path: "str | os.PathLike | ByteSource"):
+        source = open_source(path)
         try:
-            mapping = map_file(self.path)
-        except FileNotFoundError:
-            raise ModelNotFoundError(f"{self.path}: cannot open: no such file") from None
-        except OSError as e:
-            raise GGUFLabError(f"{self.path}: cannot open: {e.strerror or e}") from None
-        self._header = Header(mapping, self.path)
-        self._mapping = mapping
-        self._bytes = np.frombuffer(mapping, np.uint8)  # the whole file, zero-copy
+            self._header = Header(source.header(), source.name)
+        except BaseException:
+            source.close()
+            raise
+        self._source = source
+        self.path = source.name
         h = self._header
         self.file_size = h.size
         self.version = h.version
@@ -90,23 +94,32 @@ class GGUFModel:
                 layer=int(m.group(1)) if m else None))
         self._by_name = {t.name: t for t in self.tensors}
         self._metadata: dict[str, Any] | None = None
-        self.cache_budget: int | None = None  # bytes of device memory the tensor cache may hold
-        self._tensor_cache = None
-        self._preload = None
-        self._placements: dict = {}  # the lazy cache's placements over several devices, made once each
+        self.cache_budget: int | None = None  # bytes of device memory the lazy tensor cache may hold
+        self._close_hooks: list = []  # run by close(): the lazy device cache registers its own
+        self._lock = threading.Lock()
 
     # -- lifetime -------------------------------------------------------------------------
+    def on_close(self, hook) -> None:
+        """Run ``hook()`` when the model is closed (the lazy device cache stops its preload and
+        drops its tensors this way; the model knows nothing of devices)."""
+        with self._lock:
+            self._close_hooks.append(hook)
+
     def close(self) -> None:
-        """Stop any preload, drop cached device tensors and this model's references to the file
-        mapping. The mapping itself goes when the last array viewing it does (views from
-        ``raw()`` stay valid): unmapping under a live view would crash the process."""
-        if getattr(self, "_preload", None) is not None:
-            self._preload.cancel()
-            self._preload = None
-        if getattr(self, "_tensor_cache", None) is not None:
-            self._tensor_cache.evict()
-        self._bytes = None
-        self._mapping = None
+        """Run the close hooks (the lazy device cache stops any preload and drops its tensors),
+        then close the file. What was read at open stays readable: the tensor table, the
+        metadata summary, ``repr``. Views from ``raw()`` stay valid: the mapping goes when the
+        last of them does (unmapping under a live view would crash the process)."""
+        with self._lock:
+            hooks, self._close_hooks = self._close_hooks, []
+        for hook in hooks:
+            hook()
+        if self._header is not None and not self._source.closed:
+            try:
+                self.metadata  # noqa: B018  (kept for display after close)
+            except GGUFLabError:  # a value that cannot be decoded: shown as an error while open, not at close
+                pass
+        self._source.close()
         self._header = None
 
     def __enter__(self) -> "GGUFModel":
@@ -117,13 +130,14 @@ class GGUFModel:
 
     @property
     def closed(self) -> bool:
-        return self._bytes is None
+        return self._source.closed
 
-    def _data(self) -> np.ndarray:
-        """The whole file as a read-only uint8 array over the mapping."""
-        if self._bytes is None:
+    @property
+    def source(self) -> ByteSource:
+        """The byte source every read goes through (``GGUFLabError`` once the model is closed)."""
+        if self._source.closed:
             raise GGUFLabError(f"{self.path}: model is closed")
-        return self._bytes
+        return self._source
 
     # -- metadata ---------------------------------------------------------------------------
     @property
@@ -132,7 +146,7 @@ class GGUFModel:
         ``{"type": "array", "length", "element_type", "head"}``; ``metadata_value(key)`` gives
         a whole one."""
         if self._metadata is None:
-            self._data()
+            self.source  # noqa: B018  (raises once closed)
             self._metadata = {k: _summarise(f) for k, f in self._header.fields.items()}
         return self._metadata
 
@@ -147,7 +161,7 @@ class GGUFModel:
             >>> model.metadata_value("tokenizer.ggml.scores").dtype
             dtype('float32')
         """
-        self._data()
+        self.source  # noqa: B018  (raises once closed)
         try:
             f = self._header.fields[key]
         except KeyError:
@@ -238,17 +252,13 @@ class GGUFModel:
         return f"<GGUFModel {self.path!r} {self.architecture} {state}>"
 
     # -- data -------------------------------------------------------------------------------
-    def raw(self, name: str) -> np.ndarray:
-        """A zero-copy, read-only uint8 view of the tensor's bytes in the file mapping. The file's
-        size is checked first; a file truncated between that check and the use of the view can
-        still end the process with SIGBUS (a limit of memory maps; ``load(read="preadv")`` has none)."""
+    def raw(self, name: str, *, mapped: bool = True) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 array: a zero-copy view of the file mapping
+        (``mapped``; the file is checked first, so a file changed since it was opened is an error),
+        or with ``mapped=False`` a copy read with preadv (a truncation at any moment is an error,
+        never a crash: a mapping touched past a file's new end would end the process with SIGBUS)."""
         t = self.info(name)
-        data = self._data()
-        size = os.stat(self.path).st_size
-        if t.offset + t.n_bytes > size:  # touching mapped pages past the end would be SIGBUS
-            raise GGUFFormatError(f"file shrank after it was opened: data [{t.offset}, {t.offset + t.n_bytes}) "
-                                  f"is past its end ({size} bytes now)", path=self.path, tensor=name)
-        return data[t.offset:t.offset + t.n_bytes].view(np.ndarray)
+        return self.source.read(t.offset, t.n_bytes, mapped=mapped)
 
     def dequantize(self, name: str, dtype="float32", *, threads: int | None = None) -> np.ndarray:
         """The tensor as a NumPy array in ``np_shape`` on the CPU (float32, float16 or bfloat16)."""
@@ -256,14 +266,6 @@ class GGUFModel:
         return quant.dequantize(self.raw(name), t.ggml_type, t.np_shape, dtype, threads=threads)
 
     # -- device: lazy, cached, preloaded -----------------------------------------------------
-    def _cache(self):
-        from .cache import TensorCache
-
-        if self._tensor_cache is None:
-            self._tensor_cache = TensorCache(self.cache_budget)
-        self._tensor_cache.budget = self.cache_budget
-        return self._tensor_cache
-
     def tensor(self, name: str, dtype: str = "float16", mode: str = "gpu", *, backend="auto", device=0,
                placement=None):
         """One tensor on the device, loaded on first use and then served from the cache (keyed by
@@ -280,9 +282,7 @@ class GGUFModel:
             >>> model.tensor("blk.0.attn_q.weight") is w       # served from the cache
             True
         """
-        from .cache import load_cached
-
-        return load_cached(self, name, dtype, mode, backend, device, placement)
+        return _device_cache().tensor(self, name, dtype, mode, backend, device, placement)
 
     def preload(self, order="file", *, background: bool = True, dtype: str = "float16", mode: str = "gpu",
                 tensors=None, backend="auto", device=0, placement=None, batch_mb: float = 512, **load_options):
@@ -297,29 +297,38 @@ class GGUFModel:
             >>> model.cache_info()["entries"] == len(model)
             True
         """
-        from .cache import preload_handle
-
-        if self._preload is not None and not self._preload.done():
-            raise GGUFLabError(f"{self.path}: a preload is already running; cancel() or wait() for it first")
-        # set before it starts, so tensor() calls from other threads can take from its queue
-        self._preload = preload_handle(self, order, dtype, mode, tensors, backend, device, batch_mb, load_options,
-                                       placement)
-        return self._preload.start(background)
+        return _device_cache().preload(self, order, background, dtype, mode, tensors, backend, device, batch_mb,
+                                       load_options, placement)
 
     def evict(self, name: str | None = None) -> int:
         """Drop cached device tensors (all, or every mode/dtype of one); returns bytes freed."""
-        if self._tensor_cache is None:
-            return 0
-        return self._tensor_cache.evict(None if name is None else (lambda k: k[1] == name))
+        return _device_cache().evict(self, name)
 
     def cache_info(self) -> dict[str, Any]:
-        return self._cache().info()
+        return _device_cache().info(self)
 
     def check(self, *, max_problems: int = 100) -> list["Problem"]:
         """Scan tensor data for NaN/Inf in float tensors and in quantized block scales."""
         from .scan import check_model
 
         return check_model(self, max_problems=max_problems)
+
+
+# The lazy device cache (cache.py) registers itself here when the package is imported: the model
+# describes a file and imports nothing that loads, so model -> cache -> loader -> model is no circle.
+_DEVICE_CACHE = None
+
+
+def register_device_cache(impl) -> None:
+    """Set what ``tensor()``, ``preload()``, ``evict()`` and ``cache_info()`` hand over to."""
+    global _DEVICE_CACHE
+    _DEVICE_CACHE = impl
+
+
+def _device_cache():
+    if _DEVICE_CACHE is None:  # pragma: no cover - the package's __init__ registers it
+        raise GGUFLabError("the device cache is not registered: import gguf_gpu_lab")
+    return _DEVICE_CACHE
 
 
 def _fmt_bytes(n: float) -> str:
@@ -331,36 +340,59 @@ def _fmt_bytes(n: float) -> str:
 
 
 _SHARED: "collections.OrderedDict[tuple, GGUFModel]" = collections.OrderedDict()
+_PARSING: dict[tuple, Future] = {}  # keys being parsed: a second caller waits for the first
 _SHARED_LOCK = threading.Lock()
 _SHARED_MAX = 8
 
 
-def shared_model(path: str | os.PathLike) -> GGUFModel:
-    """An open model for ``path`` shared by the calls that take a path (``load(path)``, a
-    dashboard's clicks): parsed once per process and parsed again only when the file changes
-    (its inode, size or modification time). The last few files are kept open; never close one.
-
-    Example:
-        >>> shared_model("model.gguf") is shared_model("model.gguf")
-        True"""
-    path = os.fspath(path)
+def _shared_key(path: str) -> tuple:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise ModelNotFoundError(f"{path}: cannot open: no such file") from None
     except OSError as e:
         raise GGUFLabError(f"{path}: cannot open: {e.strerror or e}") from None
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def shared_model(path: str | os.PathLike) -> GGUFModel:
+    """An open model for ``path`` shared by the calls that take a path (``load(path)``, a
+    dashboard's clicks): parsed once per process, by one thread while others wait for it, and
+    parsed again when the file at the path changes (its inode, size or modification time: a
+    model already handed out keeps reading the file it opened). The last few files are kept
+    open; never close one.
+
+    Example:
+        >>> shared_model("model.gguf") is shared_model("model.gguf")
+        True"""
+    path = os.fspath(path)
+    key = _shared_key(path)
     with _SHARED_LOCK:
         m = _SHARED.get(key)
         if m is not None and not m.closed:
             _SHARED.move_to_end(key)
             return m
-    m = GGUFModel(path)
+        fut = _PARSING.get(key)
+        owner = fut is None
+        if owner:
+            fut = _PARSING[key] = Future()
+    if not owner:
+        return fut.result()
+    try:
+        m = GGUFModel(path)
+    except BaseException as e:
+        with _SHARED_LOCK:
+            del _PARSING[key]
+        fut.set_exception(e)
+        raise
+    dev, ino, size, mtime = m.source.identity
     with _SHARED_LOCK:
-        _SHARED[key] = m
+        del _PARSING[key]
+        # keyed by what was opened: a file replaced between the stat and the open is the newer one
+        _SHARED[(key[0], dev, ino, size, mtime)] = m
         while len(_SHARED) > _SHARED_MAX:  # dropped, not closed: a load may still be using it
             _SHARED.popitem(last=False)
+    fut.set_result(m)
     return m
 
 

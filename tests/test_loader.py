@@ -114,17 +114,17 @@ def test_progress_and_cancel(small_model, mode):
 
 
 def test_reader_error_is_raised_and_cleaned_up(small_model, monkeypatch):
-    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_into
+    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_chunk
 
     calls = []
 
-    def broken(fd, mm, dst, offset):
-        calls.append(offset)
+    def broken(source, pieces, slot, mapped):
+        calls.append(pieces[0].file_offset)
         if len(calls) == 4:
             raise OSError("disk on fire")
-        dst[...] = 0
+        return sum(p.nbytes for p in pieces)
 
-    monkeypatch.setattr(loader, "read_into", broken)
+    monkeypatch.setattr(loader, "read_chunk", broken)
     with pytest.raises(OSError, match="disk on fire"):
         load(small_model, chunk_mb=0.05, backend="host")
     assert not _threads()
@@ -247,12 +247,12 @@ def test_named_ranges_for_system_profilers(small_model):
 
 
 def test_errors_leave_the_callers_cancel_event_alone(small_model, monkeypatch):
-    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_into
+    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_chunk
 
-    def broken(fd, mm, dst, offset):
+    def broken(source, pieces, slot, mapped):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(loader, "read_into", broken)
+    monkeypatch.setattr(loader, "read_chunk", broken)
     ev = threading.Event()
     with pytest.raises(OSError, match="disk on fire"):
         load(small_model, chunk_mb=0.05, backend="host", cancel=ev)
@@ -260,7 +260,7 @@ def test_errors_leave_the_callers_cancel_event_alone(small_model, monkeypatch):
 
 
 def test_failed_output_allocation_stops_the_readers(small_model, monkeypatch):
-    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_into
+    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_chunk
     from gguf_gpu_lab.errors import DeviceMemoryError
 
     def no_memory(*a, **k):

@@ -71,7 +71,7 @@ def test_raw_is_zero_copy_and_matches_gguf_reader(small_model):
         for rt in r.tensors[:5]:
             raw = m.raw(rt.name)
             assert raw.dtype == np.uint8 and raw.base is not None  # a view, not a copy
-            assert np.shares_memory(raw, m._data())
+            assert np.shares_memory(raw, m.source.view(0, m.file_size))
             assert bytes(raw) == bytes(rt.data.view(np.uint8).reshape(-1))
 
 

@@ -192,7 +192,7 @@ def test_errors_in_a_lane_or_a_reader_hand_back_every_ring(small_model, monkeypa
         load(small_model, chunk_mb=0.05, device=[0, 1], backend="host")
     assert not _threads() and _rings_back()
     monkeypatch.setattr(quant, "dequantize", real)
-    monkeypatch.setattr(pipeline, "read_into", failing_on(5, pipeline.read_into, OSError("injected read failure")))
+    monkeypatch.setattr(pipeline, "read_chunk", failing_on(5, pipeline.read_chunk, OSError("injected read failure")))
     with pytest.raises(OSError, match="injected read failure"):
         load(small_model, chunk_mb=0.05, device=[0, 1], backend="host")
     assert not _threads() and _rings_back()

@@ -69,15 +69,15 @@ def test_injected_kernel_launch_error(warm, monkeypatch):
 
 
 def test_injected_reader_error(warm, monkeypatch):
-    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_into
+    from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_chunk
 
     m, base = warm
-    real = loader.read_into
-    monkeypatch.setattr(loader, "read_into", failing_on(5, real, OSError("injected read failure")))
+    real = loader.read_chunk
+    monkeypatch.setattr(loader, "read_chunk", failing_on(5, real, OSError("injected read failure")))
     with pytest.raises(OSError, match="injected read failure"):
         load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy")
     assert _state() == base
-    monkeypatch.setattr(loader, "read_into", real)
+    monkeypatch.setattr(loader, "read_chunk", real)
     _correct(m, load(m, mode="gpu", chunk_mb=0.25, readers=4, backend="cupy"))
 
 
@@ -187,7 +187,7 @@ def test_two_gpu_injected_launch_and_read_errors(warm2, monkeypatch):
         _load2(m, mode="gpu")
     assert _state2() == base
     monkeypatch.undo()
-    monkeypatch.setattr(pipeline, "read_into", failing_on(5, pipeline.read_into, OSError("injected read failure")))
+    monkeypatch.setattr(pipeline, "read_chunk", failing_on(5, pipeline.read_chunk, OSError("injected read failure")))
     with pytest.raises(OSError, match="injected read failure"):
         _load2(m, mode="gpu")
     assert _state2() == base

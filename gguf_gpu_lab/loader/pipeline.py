@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import queue
 import threading
 import time
@@ -29,11 +28,12 @@ from ..device import Backend, Event
 from ..errors import LoadCancelled
 from ..model import GGUFModel, TensorInfo
 from ..profiler import Span
+from ..source import ByteSource
 from .placement import Placement
 from .plan import Chunk, LoadOptions, plan_chunks, plan_sites
 from .result import DeviceTensor, alloc_outputs, check_memory
 from .sequential import run_sequential
-from .staging import Staging, Stop, cpu_piece, default_readers, read_into, staged_bytes
+from .staging import Staging, Stop, cpu_piece, default_readers, read_chunk, staged_bytes
 
 
 @dataclass
@@ -44,8 +44,8 @@ class _Feed:
     chunks: Iterator[Chunk]
     lock: threading.Lock
     stagings: list[Staging]  # one ring per device, by chunk.site
-    fd: int
-    mm: np.ndarray | None
+    source: ByteSource
+    mapped: bool  # read out of the file mapping (else preadv)
     ready: queue.Queue
     cpu_mode: bool
 
@@ -88,7 +88,20 @@ class Pipeline:
         self.cupti = None  # a cupti_trace.Recorder when the device work is timed by CUPTI
         self.event_timing = bool(opts.profile) and opts.profile != "cupti"
         self._span_lock = threading.Lock()
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the first error of any thread: set by fail()
+        self.source = model.source  # every read goes through the descriptor the header came from
+
+    def fail(self, e: BaseException) -> None:
+        """Keep the first error of any thread (the one re-raised), and stop the load."""
+        with self._span_lock:
+            if self.error is None:
+                self.error = e
+        self.cancelled.set()
+
+    @property
+    def mapped(self) -> bool:
+        """Whether readers copy out of the file mapping (read="mmap" and a source that has one)."""
+        return self.opts.read == "mmap" and self.source.mappable
 
     def backend_for(self, t: TensorInfo) -> Backend:
         """The backend of the device ``t`` is placed on."""
@@ -118,9 +131,16 @@ class Pipeline:
                 self.spans.append(Span(lane, stage, chunk, tensor, nbytes, t0, t1))
 
     def run(self) -> tuple[dict[str, DeviceTensor], int]:
+        """The load, start to end. The file is checked against what was opened before the first
+        read and after the last: a load returns the bytes the header describes, or an error."""
+        with self.source.use():  # a close() meanwhile waits for the load to end
+            self.source.check()
+            outputs, total = run_sequential(self) if self.opts.mode == "sequential" else self._run()
+            self.source.check()
+            return outputs, total
+
+    def _run(self) -> tuple[dict[str, DeviceTensor], int]:
         opts = self.opts
-        if opts.mode == "sequential":
-            return run_sequential(self)
         cpu_mode = opts.mode == "cpu"
         out_item = 1 if opts.mode == "raw" else quant.resolve_dtype(opts.dtype).itemsize
         chunk_bytes = max(1, int(opts.chunk_mb * (1 << 20)))
@@ -135,19 +155,19 @@ class Pipeline:
         total = sum(c.nbytes for c in chunks)
         threads: list[threading.Thread] = []
         outputs: dict[str, DeviceTensor] = {}
-        fd = os.open(self.model.path, os.O_RDONLY)
-        kernels = self._prepare_kernels(chunks)  # compiles (or loads) while the first reads run
+        kernels = None
         try:
+            kernels = self._prepare_kernels(chunks)  # compiles (or loads) while the first reads run
             t0 = time.perf_counter_ns()
             for k, site in enumerate(self.sites):
                 mine = [c for c in chunks if c.site == k]
                 site.staging = Staging(site.backend, *self._ring_size(mine, readers)) if mine else None
             self.span("setup", "pin staging", -1, "", 0, t0, time.perf_counter_ns())
-            mm = self.model._data() if opts.read == "mmap" else None
             ready_q: queue.Queue = queue.Queue()
 
             # readers start first; outputs are allocated while they fill the first slots
-            feed = _Feed(iter(chunks), threading.Lock(), [s.staging for s in self.sites], fd, mm, ready_q, cpu_mode)
+            feed = _Feed(iter(chunks), threading.Lock(), [s.staging for s in self.sites], self.source, self.mapped,
+                         ready_q, cpu_mode)
             threads = [threading.Thread(target=self._reader, args=(i, feed), name=f"gguf-lab-reader{i}", daemon=True)
                        for i in range(readers)]
             for th in threads:
@@ -203,7 +223,6 @@ class Pipeline:
                 site.staging = None
                 site.scratch.clear()
                 site.lanes = []
-            os.close(fd)
 
     def _ring_size(self, chunks: Sequence[Chunk], readers: int) -> tuple[int, int]:
         """(slots, slot bytes) of a device's staging ring: a slot holds one of its chunks' file
@@ -264,20 +283,20 @@ class Pipeline:
                 slot_i, slot = feed.stagings[c.site].acquire(self.cancelled)
                 with self.backend.range(f"read chunk {c.index}", 0):
                     t0 = time.perf_counter_ns()
-                    pos = 0
-                    for p in c.pieces:
-                        if feed.cpu_mode:
-                            pos = cpu_piece(self.model, p, slot, pos, self.opts.dtype)
-                        else:
-                            read_into(feed.fd, feed.mm, slot[pos:pos + p.nbytes], p.file_offset)
-                            pos += p.nbytes
+                    if feed.cpu_mode:
+                        if feed.mapped:  # once per chunk: its pieces are then views of the mapping
+                            feed.source.check()
+                        pos = 0
+                        for p in c.pieces:
+                            pos = cpu_piece(feed.source, p, slot, pos, self.opts.dtype, feed.mapped)
+                    else:
+                        pos = read_chunk(feed.source, c.pieces, slot, feed.mapped)
                     t1 = time.perf_counter_ns()
                 self.span(f"reader {rid}", "cpu_dequant" if feed.cpu_mode else "read", c.index,
                           c.pieces[0].tensor.name, c.nbytes, t0, t1)
                 feed.ready.put((c, slot_i, slot[:pos]))
         except BaseException as e:  # re-raised by the queueing thread after cleanup
-            self.error = self.error or e
-            self.cancelled.set()
+            self.fail(e)
             feed.ready.put(None)
 
     def _prepare_kernels(self, chunks: Sequence[Chunk]) -> "threading.Thread | None":

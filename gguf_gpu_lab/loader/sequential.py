@@ -22,7 +22,9 @@ def run_sequential(pl) -> tuple[dict[str, DeviceTensor], int]:
         if pl.cancelled.is_set():
             raise LoadCancelled(f"{pl.model.path}: load cancelled")
         t0 = time.perf_counter_ns()
-        x = quant.dequantize(pl.model.raw(t.name), t.ggml_type, dtype=opts.dtype)
+        # through the mapping (checked first) or, with read="preadv", a copy: never SIGBUS there
+        raw = pl.source.read(t.offset, t.n_bytes, mapped=pl.mapped)
+        x = quant.dequantize(raw, t.ggml_type, dtype=opts.dtype)
         t1 = time.perf_counter_ns()
         logical, store = out_kind(t, "sequential", opts.dtype)
         be = pl.backend_for(t)

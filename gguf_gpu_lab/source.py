@@ -1,0 +1,220 @@
+"""Where a model's bytes come from: a byte source.
+
+Everything that reads a model's bytes (the header parser, ``GGUFModel.raw``, the loader's
+readers, the lazy cache) reads them through the model's source and never asks what it is. A
+source owns what it reads through and says what it is:
+
+- ``size``: the bytes it had when it was opened; ``identity``: what those bytes are (a local
+  file's device, inode, size and modification time; a remote file's ETag or commit);
+- ``read_into(offset, dst)``: exactly ``dst.nbytes`` bytes, positional and thread-safe;
+- ``view(offset, n)``: a zero-copy read-only view where the source has one (a mapping), else None;
+- ``check()``: raises ``SourceChangedError`` if the bytes may no longer be the ones the header
+  was parsed from;
+- ``use()``: a context in which the source stays open (``close()`` waits for the last user).
+
+``LocalFile`` reads through one descriptor and the mapping of that same descriptor, so a file
+replaced on disk after it was opened (``os.replace``, as downloaders do) is never read: the model
+keeps reading the inode its header came from. A file changed in place (truncated, rewritten,
+appended to) shows in ``check()``, which the loader calls before a load, once per chunk read from
+the mapping, and after the last read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import stat
+import threading
+import time
+
+import numpy as np
+
+from .errors import GGUFFormatError, GGUFLabError, ModelNotFoundError, SourceChangedError
+
+
+class ByteSource:
+    """The interface every source offers (see the module's docstring)."""
+
+    name: str  # shown in errors: a path, or a URL without its credentials
+    size: int
+    identity: tuple
+
+    def __init__(self) -> None:
+        self._users = 0
+        self._closing = False
+        self._lock = threading.Lock()
+
+    # -- what a source implements ---------------------------------------------------------------
+    def read_into(self, offset: int, dst: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def view(self, offset: int, n: int) -> np.ndarray | None:
+        """A zero-copy read-only view of [offset, offset + n), or None (no mapping)."""
+        return None
+
+    def check(self) -> None:
+        """Raise ``SourceChangedError`` when the bytes may have changed since the source was opened."""
+
+    def header(self):
+        """A buffer the header parser reads (the whole file, for a local one)."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Free what the source holds (called once, when closed and no longer in use)."""
+
+    # -- shared by every source -------------------------------------------------------------
+    @property
+    def mappable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def _bounds(self, offset: int, n: int) -> None:
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise GGUFLabError(f"{self.name}: bytes [{offset}, {offset + n}) are outside the file "
+                               f"({self.size} bytes)")
+
+    def read(self, offset: int, n: int, *, mapped: bool = True) -> np.ndarray:
+        """Bytes [offset, offset + n) as a read-only uint8 array: a view of the mapping when
+        ``mapped`` and the source has one (after a ``check()``, so that a truncated file is an
+        error, not a SIGBUS), else a fresh array filled by ``read_into`` and checked after the
+        read as well (a change in place while it read is an error, not other bytes)."""
+        self._bounds(offset, n)
+        self.check()
+        if mapped and self.mappable:
+            v = self.view(offset, n)
+            if v is not None:
+                return v
+        out = np.empty(n, np.uint8)
+        self.read_into(offset, out)
+        self.check()
+        out.flags.writeable = False
+        return out
+
+    @contextlib.contextmanager
+    def use(self):
+        """While inside, ``close()`` only marks the source closed; the last user frees it, so a
+        descriptor is never closed (and its number reused by another file) under a running read."""
+        with self._lock:
+            if self._closing:
+                raise GGUFLabError(f"{self.name}: model is closed")
+            self._users += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._users -= 1
+                last = self._closing and self._users == 0
+            if last:
+                self._release()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            free = self._users == 0
+        if free:
+            self._release()
+
+    def __enter__(self) -> "ByteSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalFile(ByteSource):
+    """A local file: one descriptor, and a read-only mapping of that descriptor."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.name = self.path = os.fspath(path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise ModelNotFoundError(f"{self.path}: cannot open: no such file") from None
+        except OSError as e:
+            raise GGUFLabError(f"{self.path}: cannot open: {e.strerror or e}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise GGUFLabError(f"{self.path}: cannot open: not a regular file")
+            if st.st_size == 0:  # an empty file cannot be mapped
+                raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.path)
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._mapping = mapping
+        self._u8 = np.frombuffer(mapping, np.uint8)  # the whole file, zero-copy
+        self.size = st.st_size
+        self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @property
+    def mappable(self) -> bool:
+        return not self._closing
+
+    def header(self):
+        return self._mapping
+
+    def check(self) -> None:
+        try:
+            st = os.fstat(self._fd)
+        except OSError as e:  # closed under us
+            raise GGUFLabError(f"{self.name}: model is closed ({e.strerror or e})") from None
+        if st.st_size != self.size or st.st_mtime_ns != self.identity[3]:
+            raise SourceChangedError(self.name, _describe_change(self.size, self.identity[3], st.st_size,
+                                                                 st.st_mtime_ns))
+
+    def view(self, offset: int, n: int) -> np.ndarray | None:
+        self._bounds(offset, n)
+        u8 = self._u8
+        if u8 is None:
+            raise GGUFLabError(f"{self.name}: model is closed")
+        return u8[offset:offset + n].view(np.ndarray)
+
+    def read_into(self, offset: int, dst: np.ndarray) -> None:
+        """preadv(2) straight into ``dst``: a file that ends early is an error naming it, never a crash."""
+        n = dst.nbytes
+        self._bounds(offset, n)
+        view = memoryview(dst).cast("B")
+        got = 0
+        while got < n:
+            r = os.preadv(self._fd, [view[got:]], offset + got)
+            if r <= 0:
+                raise SourceChangedError(self.name, f"it ended early: read {got} of {n} bytes at offset "
+                                                    f"{offset} (was it truncated after it was opened?)")
+            got += r
+
+    def _release(self) -> None:
+        # the mapping itself goes when the last array viewing it does (views from raw() stay
+        # valid): unmapping under a live view would crash the process
+        self._u8 = None
+        self._mapping = None
+        os.close(self._fd)
+        self._fd = -1
+
+
+def _describe_change(size0: int, mtime0: int, size1: int, mtime1: int) -> str:
+    parts = []
+    if size1 != size0:
+        parts.append(f"its size went from {size0} to {size1} bytes")
+    if mtime1 != mtime0:
+        parts.append(f"it was modified at {_when(mtime1)} (opened as of {_when(mtime0)})")
+    return "; ".join(parts)
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) + f".{ns % 10**9 // 10**6:03d}"
+
+
+def open_source(where: "str | os.PathLike | ByteSource") -> ByteSource:
+    """The source for a path (or a source, as it is)."""
+    if isinstance(where, ByteSource):
+        return where
+    return LocalFile(where)

@@ -1,0 +1,352 @@
+"""Never wrong bytes: a model reads the file it opened, whatever happens to the path; a file
+changed in place is an error naming it; the shared model, the lazy cache and the preload are
+made once under concurrency; nothing leaks on the way out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import gguf_gpu_lab as lab
+from gguf_gpu_lab import GGUFLabError, SourceChangedError, open_model
+from gguf_gpu_lab.loader import load
+from gguf_gpu_lab.source import LocalFile
+
+MODES = ["gpu", "raw", "cpu", "sequential"]
+READS = ["mmap", "preadv"]
+CHANGES = ["replace", "truncate", "append", "rewrite"]
+
+
+def _lab_threads():
+    return {t.name for t in threading.enumerate() if t.name.startswith("gguf-lab")}
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _copy(src, dst) -> str:
+    """A copy of ``src`` whose modification time is an hour old, as a file downloaded earlier is
+    (so that a change in place shows in the time even where the clock is coarse)."""
+    shutil.copyfile(src, dst)
+    old = time.time() - 3600
+    os.utime(dst, (old, old))
+    return str(dst)
+
+
+def _change(path: str, how: str, model) -> None:
+    """Change the file at ``path`` the way ``how`` says; the tensor data differs afterwards."""
+    if how == "replace":  # as downloaders and huggingface_hub update a file: a new inode
+        data = bytearray(open(path, "rb").read())
+        data[model.data_offset:] = bytes(len(data) - model.data_offset)  # same header, other tensor bytes
+        tmp = path + ".new"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    elif how == "truncate":
+        os.truncate(path, model.data_offset + 1000)
+    elif how == "append":
+        with open(path, "ab") as f:
+            f.write(b"\x01" * 4096)
+    elif how == "rewrite":  # in place, same size: other tensor bytes
+        with open(path, "r+b") as f:
+            f.seek(model.data_offset)
+            f.write(b"\x55" * (os.path.getsize(path) - model.data_offset))
+    else:  # pragma: no cover
+        raise ValueError(how)
+
+
+@pytest.fixture(scope="module")
+def reference(small_model):
+    """Every tensor of the pristine file, per mode (float32)."""
+    return {mode: {n: t.numpy().copy() for n, t in load(small_model, mode=mode, dtype="float32", backend="host").items()}
+            for mode in MODES}
+
+
+def _same(r, ref) -> None:
+    assert set(r) == set(ref)
+    for n, t in r.items():
+        assert np.array_equal(t.numpy(), ref[n], equal_nan=True), n
+
+
+def _expect(how, run, ref, path):
+    """A replaced file gives the original bytes; a file changed in place an error naming it."""
+    if how == "replace":
+        _same(run(), ref)
+        return
+    with pytest.raises(SourceChangedError, match="changed after it was opened") as e:
+        run()
+    assert path in str(e.value)
+
+
+@pytest.mark.parametrize("read", READS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", CHANGES)
+def test_file_changed_between_open_and_load(small_model, tmp_path, reference, how, mode, read):
+    path = _copy(small_model, tmp_path / "m.gguf")
+    name = "blk.0.attn_q.weight"
+    with open_model(small_model) as pristine:
+        raw0 = pristine.raw(name, mapped=False)
+    fds = _fds()
+    with open_model(path) as m:
+        _change(path, how, m)
+        _expect(how, lambda: load(m, mode=mode, read=read, dtype="float32", chunk_mb=0.25, backend="host"),
+                reference[mode], path)
+        for mapped in (True, False):  # raw() and dequantize() read the same way
+            if how == "replace":
+                assert np.array_equal(m.dequantize(name), reference["cpu"][name])
+                assert np.array_equal(m.raw(name, mapped=mapped), raw0)
+            else:
+                with pytest.raises(SourceChangedError, match=path.replace(".", r"\.")):
+                    m.raw(name, mapped=mapped)[0]  # noqa: B018 (preadv reads; a view is checked first)
+    assert not _lab_threads()
+    assert _fds() <= fds
+
+
+@pytest.mark.parametrize("read", READS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", CHANGES)
+def test_file_changed_during_a_load(small_model, tmp_path, reference, monkeypatch, how, mode, read):
+    """The change lands between two reads of one load (the third): from the mapping, just
+    before a chunk's check; with preadv, just before a read. One reader, so that no other
+    thread is copying out of the mapping at that moment (a truncation racing a copy from the
+    mapping is the one thing ``read="mmap"`` cannot turn into an error: see ``load``)."""
+    path = _copy(small_model, tmp_path / "m.gguf")
+    with open_model(path) as m:
+        src = m.source
+        hook = "check" if read == "mmap" else "read_into"
+        real = getattr(src, hook)
+        calls = []
+
+        def changing(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                _change(path, how, m)
+            return real(*a, **k)
+
+        monkeypatch.setattr(src, hook, changing)
+        _expect(how, lambda: load(m, mode=mode, read=read, dtype="float32", chunk_mb=0.05, readers=1,
+                                  backend="host"), reference[mode], path)
+        assert len(calls) >= 3  # the change did happen inside the load
+    assert not _lab_threads()
+
+
+def test_shared_model_reparses_a_replaced_file_and_old_models_keep_their_bytes(small_model, tmp_path, reference):
+    path = _copy(small_model, tmp_path / "m.gguf")
+    old = lab.model.shared_model(path)
+    assert lab.model.shared_model(path) is old
+    _change(path, "replace", old)
+    new = lab.model.shared_model(path)
+    assert new is not old
+    _same(load(old, mode="gpu", dtype="float32", backend="host"), reference["gpu"])  # the file it opened
+    zeros = load(path, mode="raw", backend="host")  # a path: the file there now
+    assert all(not t.numpy().any() for t in zeros.tensors.values())
+
+
+def test_shared_model_from_eight_threads_parses_once(small_model, tmp_path, monkeypatch):
+    path = _copy(small_model, tmp_path / "m.gguf")
+    parses = []
+    real = lab.model.GGUFModel.__init__
+
+    def slow_init(self, *a, **k):
+        parses.append(1)
+        time.sleep(0.05)  # a window in which the other threads ask for the same file
+        real(self, *a, **k)
+
+    monkeypatch.setattr(lab.model.GGUFModel, "__init__", slow_init)
+    go = threading.Barrier(8)
+    got = []
+
+    def worker():
+        go.wait()
+        got.append(lab.model.shared_model(path))
+
+    ths = [threading.Thread(target=worker) for _ in range(8)]
+    [t.start() for t in ths]
+    [t.join() for t in ths]
+    assert len(parses) == 1 and len(got) == 8 and all(m is got[0] for m in got)
+
+
+def test_shared_model_parse_error_reaches_every_waiter(tmp_path):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"GGUF" + b"\xff" * 60)
+    go = threading.Barrier(8)
+    errors = []
+
+    def worker():
+        go.wait()
+        try:
+            lab.model.shared_model(path)
+        except GGUFLabError as e:
+            errors.append(e)
+
+    ths = [threading.Thread(target=worker) for _ in range(8)]
+    [t.start() for t in ths]
+    [t.join() for t in ths]
+    assert len(errors) == 8 and all(str(path) in str(e) for e in errors)
+    assert not lab.model._PARSING  # nothing left claimed: the next call parses again
+    with pytest.raises(GGUFLabError):
+        lab.model.shared_model(path)
+
+
+def test_one_cache_per_model_under_eight_threads(small_model):
+    from gguf_gpu_lab import cache
+
+    with open_model(small_model) as m:
+        go = threading.Barrier(8)
+        states = []
+
+        def worker():
+            go.wait()
+            states.append(cache._state(m))
+
+        ths = [threading.Thread(target=worker) for _ in range(8)]
+        [t.start() for t in ths]
+        [t.join() for t in ths]
+        assert len(states) == 8 and all(s is states[0] for s in states)
+        assert len(m._close_hooks) == 1  # registered once
+
+
+def test_tensor_preload_and_load_from_eight_threads(small_model):
+    with open_model(small_model) as m:
+        names = [t.name for t in m.tensors]
+        go = threading.Barrier(8)
+        handles, refused, errors, got = [], [], [], {}
+
+        def worker(i):
+            go.wait()
+            try:
+                if i % 3 == 0:
+                    try:
+                        handles.append(m.preload(backend="host", batch_mb=0.05, dtype="float32"))
+                    except GGUFLabError as e:
+                        assert "already running" in str(e)
+                        refused.append(e)
+                elif i % 3 == 1:
+                    for n in names[i::2]:
+                        got[(i, n)] = m.tensor(n, dtype="float32", backend="host")
+                else:
+                    r = load(m, dtype="float32", backend="host", tensors=names[:5])
+                    assert len(r) == 5
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        ths = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        [t.start() for t in ths]
+        [t.join() for t in ths]
+        for h in handles:
+            h.wait()
+        assert not errors
+        assert handles and len(handles) + len(refused) == 3
+        assert m.cache_info()["loads"] == len(names)  # each tensor once, whoever asked first
+        for (i, n), t in got.items():
+            assert t is m.tensor(n, dtype="float32", backend="host")
+            assert np.array_equal(t.numpy(), m.dequantize(n))
+    assert not _lab_threads()
+
+
+def test_first_error_of_the_load_is_kept(small_model, monkeypatch):
+    """Every reader fails at once; the error raised is the first recorded, never replaced."""
+    from gguf_gpu_lab.loader import pipeline
+
+    go = threading.Barrier(4, timeout=5)
+    raised = []
+
+    def broken(source, pieces, slot, mapped):
+        try:
+            go.wait()
+        except threading.BrokenBarrierError:
+            pass
+        e = OSError(f"reader failure {len(raised)}")
+        raised.append(e)
+        raise e
+
+    monkeypatch.setattr(pipeline, "read_chunk", broken)
+    with pytest.raises(OSError, match="reader failure") as e:
+        load(small_model, chunk_mb=0.05, readers=4, backend="host")
+    assert e.value in raised
+    assert not _lab_threads()
+
+
+def test_fault_before_the_load_starts_leaks_no_descriptor_or_thread(small_model, monkeypatch):
+    from gguf_gpu_lab.loader import pipeline
+
+    with open_model(small_model) as m:
+        load(m, backend="host")  # the first load's buffers and imports, out of the count
+        fds = _fds()
+        for where in ("_prepare_kernels", "_ring_size"):
+            def boom(*a, **k):
+                raise RuntimeError(f"injected in {where}")
+
+            monkeypatch.setattr(pipeline.Pipeline, where, boom)
+            with pytest.raises(RuntimeError, match="injected"):
+                load(m, backend="host", mode="gpu")
+            monkeypatch.undo()
+        assert _fds() == fds and not _lab_threads()
+        assert len(load(m, backend="host")) == len(m.tensors)
+
+
+def test_open_and_close_leak_no_descriptor(small_model, tmp_path):
+    import gc
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 60)
+    gc.collect()
+    fds = _fds()
+    for _ in range(20):
+        with pytest.raises(GGUFLabError):
+            open_model(bad)
+        with open_model(small_model) as m:
+            m.dequantize("blk.0.attn_q.weight")
+    gc.collect()
+    assert _fds() == fds
+
+
+def test_close_during_a_load_waits_for_it(small_model):
+    """A model closed while a load reads it: the descriptor stays open until the load ends, so
+    the load never reads through a number the system has handed to another file."""
+    m = open_model(small_model)
+    started, release = threading.Event(), threading.Event()
+
+    def progress(done, total, name):
+        started.set()
+        release.wait(5)
+
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("r", load(m, chunk_mb=0.05, readers=1, progress=progress,
+                                                                   backend="host")))
+    th.start()
+    assert started.wait(5)
+    m.close()
+    assert m.closed
+    release.set()
+    th.join()
+    assert len(out["r"]) == len(m.tensors)
+    with pytest.raises(GGUFLabError, match="closed"):
+        load(m, backend="host")
+    assert m._source._fd == -1  # freed by the load, the last user
+
+
+def test_closed_model_still_displays(small_model):
+    m = open_model(small_model)
+    arch = m.architecture
+    m.close()
+    assert m.architecture == arch and "closed" in repr(m)
+    assert "<table>" in m._repr_html_() and m.summary()["n_tensors"] == len(m.tensors)
+    with pytest.raises(GGUFLabError, match="closed"):
+        m.raw("output.weight")
+
+
+def test_local_file_errors_name_the_file(tmp_path):
+    with pytest.raises(lab.ModelNotFoundError, match="nope.gguf"):
+        LocalFile(tmp_path / "nope.gguf")
+    with pytest.raises(GGUFLabError, match="not a regular file"):
+        LocalFile(tmp_path)
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(GGUFLabError, match="0 bytes"):
+        LocalFile(tmp_path / "empty.gguf")
