@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from . import naming, quant
 from .errors import GGUFLabError, ModelNotFoundError, TensorNotFoundError
 from .header import Field, Header
+from .scan import Problem, check_model
 from .source import ByteSource, open_source
 
 _ARRAY_SUMMARY_LEN = 8  # metadata arrays longer than this are summarised
@@ -307,10 +308,8 @@ class GGUFModel:
     def cache_info(self) -> dict[str, Any]:
         return _device_cache().info(self)
 
-    def check(self, *, max_problems: int = 100) -> list["Problem"]:
+    def check(self, *, max_problems: int = 100) -> list[Problem]:
         """Scan tensor data for NaN/Inf in float tensors and in quantized block scales."""
-        from .scan import check_model
-
         return check_model(self, max_problems=max_problems)
 
 
@@ -406,6 +405,3 @@ def open_model(path: str | os.PathLike) -> GGUFModel:
         llama 21
     """
     return GGUFModel(path)
-
-
-from .scan import Problem  # noqa: E402  (type of check()'s result)

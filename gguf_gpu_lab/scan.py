@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import quant
 
-if TYPE_CHECKING:
-    from .model import GGUFModel
 
 _CHUNK_BYTES = 64 << 20  # scan in bounded pieces so a huge tensor never needs a huge temporary
 
@@ -68,7 +65,7 @@ def check_raw(name: str, ggml_type, raw: np.ndarray, max_problems: int = 100) ->
     return out
 
 
-def check_model(model: "GGUFModel", *, max_problems: int = 100) -> list[Problem]:
+def check_model(model, *, max_problems: int = 100) -> list[Problem]:  # model: an open GGUFModel (scan sits below it)
     problems: list[Problem] = []
     for t in model.tensors:
         problems += check_raw(t.name, t.ggml_type, model.raw(t.name), max_problems - len(problems))

@@ -350,3 +350,23 @@ def test_local_file_errors_name_the_file(tmp_path):
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(GGUFLabError, match="0 bytes"):
         LocalFile(tmp_path / "empty.gguf")
+
+
+@pytest.mark.parametrize("mode", ["cpu", "sequential", "gpu"])
+def test_preadv_survives_a_truncation_at_any_moment(small_model, tmp_path, mode):
+    """read="preadv" never touches the mapping, in any mode: a truncation racing the readers
+    (from another thread, at a different moment each try) is an error, never SIGBUS."""
+    for i in range(6):
+        path = _copy(small_model, tmp_path / f"m{i}.gguf")
+        with open_model(path) as m:
+            at = m.data_offset + 1000
+            th = threading.Timer(0.002 * i, os.truncate, (path, at))
+            th.start()
+            try:
+                r = load(m, mode=mode, read="preadv", dtype="float32", chunk_mb=0.05, readers=4, backend="host")
+            except SourceChangedError as e:
+                assert path in str(e)
+            else:  # finished before the truncation
+                assert len(r) == len(m.tensors)
+            th.join()
+    assert not _lab_threads()

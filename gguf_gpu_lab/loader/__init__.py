@@ -64,8 +64,11 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         chunk_mb: the size of a chunk of file bytes (big tensors are split, small ones batched).
         readers: reader threads filling the pinned staging ring (in "cpu" mode they also
             dequantize); default two fewer than the cores, from 2 to 14 (14 a device over several).
-        read: "mmap" (copy out of the file mapping; the file is checked not to have shrunk) or
-            "preadv" (read(2) into the staging buffer: a file truncated mid-load is an error, never a crash).
+        read: "mmap" (copy out of the file mapping, the file checked before each chunk; a truncation
+            racing a copy can still end the process with SIGBUS) or "preadv" (read(2) into the
+            staging buffer, in every mode: a file truncated mid-load is an error, never a crash).
+            Either way the model reads the file it opened, and a file changed in place since is a
+            ``SourceChangedError``, never other bytes.
         staging_mb: total pinned staging; default two chunks a stream.
         order: "file", "largest", "layer" or a key function of ``TensorInfo``.
         tensors: names to load, or a predicate of ``TensorInfo``; default all.

@@ -23,6 +23,7 @@ from gguf import GGUFWriter
 
 from .. import quant
 from . import synth_archs
+from .synth_archs import LlamaConfig
 from ..errors import GGUFLabError
 
 # fp16 bit patterns 0x1400..0x2400: positive values from ~0.00098 to ~0.0156.
@@ -32,23 +33,6 @@ _SCALE_LO, _SCALE_HI = 0x1400, 0x2400
 _SMALL_LO, _SMALL_HI = 0x0400, 0x0690
 _SMALL_STD = 0.02
 WEIGHTS = ("random", "small")
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    n_ff: int
-    context: int = 4096
-
-    @property
-    def n_params(self) -> int:
-        kv = self.n_embd * self.n_embd * self.n_head_kv // self.n_head
-        per_layer = 2 * self.n_embd * self.n_embd + 2 * kv + 3 * self.n_embd * self.n_ff + 2 * self.n_embd
-        return 2 * self.vocab * self.n_embd + self.n_layer * per_layer + self.n_embd
 
 
 NAMED_CONFIGS = {

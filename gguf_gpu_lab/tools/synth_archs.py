@@ -6,15 +6,13 @@ converter writes them) and its metadata keys (what transformers' GGUF loader rea
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGUFWriter
 
 from ..errors import GGUFLabError
 
-if TYPE_CHECKING:
-    from .synth import LlamaConfig
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
@@ -24,6 +22,25 @@ _GGUF_ARCH = {"mistral": "llama"}
 
 # no output.weight (the output layer is the embedding), as in Gemma and the small Qwen2/Qwen3 models
 _TIED = frozenset({"qwen2", "qwen3", "gemma2", "gemma3"})
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The shape of a synthetic decoder (llama's names; every architecture here uses them)."""
+
+    vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    context: int = 4096
+
+    @property
+    def n_params(self) -> int:
+        kv = self.n_embd * self.n_embd * self.n_head_kv // self.n_head
+        per_layer = 2 * self.n_embd * self.n_embd + 2 * kv + 3 * self.n_embd * self.n_ff + 2 * self.n_embd
+        return 2 * self.vocab * self.n_embd + self.n_layer * per_layer + self.n_embd
 
 
 def check_arch(arch: str) -> str:
@@ -37,7 +54,7 @@ def gguf_arch(arch: str) -> str:
     return _GGUF_ARCH.get(check_arch(arch), arch)
 
 
-def tensor_shapes(arch: str, cfg: "LlamaConfig") -> list[tuple[str, int, tuple[int, ...]]]:
+def tensor_shapes(arch: str, cfg: LlamaConfig) -> list[tuple[str, int, tuple[int, ...]]]:
     """(name, layer or -1, row-major shape) of every tensor of a model of ``arch``, in file order."""
     check_arch(arch)
     e, ff = cfg.n_embd, cfg.n_ff
@@ -71,7 +88,7 @@ def tensor_shapes(arch: str, cfg: "LlamaConfig") -> list[tuple[str, int, tuple[i
     return shapes
 
 
-def add_metadata(w: GGUFWriter, arch: str, cfg: "LlamaConfig", tokens: list[str]) -> None:
+def add_metadata(w: GGUFWriter, arch: str, cfg: LlamaConfig, tokens: list[str]) -> None:
     """The model's hyperparameters and tokenizer for ``arch`` (the llama keys ``synth`` has always
     written, then what the other architectures add)."""
     hd = cfg.n_embd // cfg.n_head
