@@ -40,8 +40,11 @@ _SPARE = 16 << 20  # disk room for config and tokenizer files beyond their estim
 
 
 def parse_size(value, what: str) -> int:
-    """Bytes from ``5GB``, ``500MB``, ``"2 GB"`` or an int (huggingface_hub's units: 1 GB = 10^9
-    bytes, GiB = 2^30), in ``_SIZE_RANGE``."""
+    """Bytes from ``"5GB"``, ``"500MB"``, ``"2 GB"``, ``"1000"`` or an int (huggingface_hub's
+    units, as ``save_pretrained(max_shard_size=...)`` reads them: KB, MB, GB, TB, 1 GB = 10^9
+    bytes), in ``_SIZE_RANGE``."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
     if isinstance(value, str):
         from huggingface_hub.serialization._base import parse_size_to_int
 
@@ -233,7 +236,8 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
         path: a .gguf file (or an open ``GGUFModel``) of an architecture ``hf`` supports.
         out_dir: the folder to write; it must not exist or be empty, unless ``overwrite``.
         dtype: "bfloat16" (default), "float16" or "float32": every tensor is written in it.
-        max_shard_size: largest shard, "5GB" (default; 1 GB = 10^9 bytes) or bytes, 1KB to 10TB.
+        max_shard_size: largest shard, "5GB" (default; KB, MB, GB, TB: 1 GB = 10^9 bytes) or bytes,
+            1KB to 10TB.
         overwrite: replace the export's files in a non-empty ``out_dir`` (other files stay;
             shards of an earlier export that this one does not write are removed).
         progress: True (a bar where someone can watch it), False, or ``progress(done, total, name)``.
