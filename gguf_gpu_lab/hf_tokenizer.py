@@ -125,8 +125,8 @@ def tokenizer(path):
 
     Example:
         >>> tok = tokenizer("model.gguf")
-        >>> tok("hello")["input_ids"][:1]
-        [1]
+        >>> tok.convert_tokens_to_ids("<tok100>"), len(tok)
+        (100, 4099)
     """
     from . import hf
 
