@@ -19,6 +19,7 @@ export never looks complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -115,7 +116,7 @@ def plan_layout(tensors: list[tuple[str, str, tuple[int, ...]]], dtype: str, max
     from huggingface_hub import split_state_dict_into_shards_factory
 
     size = _ITEMSIZE[dtype]
-    nbytes = {name: size * _prod(shape) for name, _, shape in tensors}
+    nbytes = {name: size * math.prod(int(d) for d in shape) for name, _, shape in tensors}
     split = split_state_dict_into_shards_factory(nbytes, get_storage_size=lambda n: n,
                                                  filename_pattern="model{suffix}.safetensors",
                                                  max_shard_size=max_shard_size)
@@ -131,13 +132,6 @@ def plan_layout(tensors: list[tuple[str, str, tuple[int, ...]]], dtype: str, max
         meta = {"total_parameters": total_parameters, **split.metadata} if total_parameters is not None else split.metadata
         index = {"metadata": meta, "weight_map": dict(split.tensor_to_filename)}
     return Layout(tuple(entries), headers, sizes, index)
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def batches(entries, limit: int) -> list[list[Entry]]:

@@ -252,6 +252,20 @@ def test_layout_is_the_safetensors_format():
     assert export_module.parse_size("2GB", "budget") == 2 * 10**9 and export_module.parse_size("1000", "x") == 1000
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
+def test_the_gpu_writes_the_same_files(model_dir, arch):
+    """Dequantized on the GPU (gpu mode), the shards are byte for byte the host backend's."""
+    p = _file(model_dir, arch)
+    kw = {"max_shard_size": SMALL_SHARDS, "budget": "300KB", "progress": False, "tokenizer": False}
+    a = hf.export(p, model_dir / f"{arch}-on-gpu", device="cuda", **kw)
+    b = hf.export(p, model_dir / f"{arch}-on-cpu", device="cpu", **kw)
+    assert a.files == b.files and len(_shard_names(a.out_dir)) > 1
+    for name in a.files:
+        with open(os.path.join(a.out_dir, name), "rb") as fa, open(os.path.join(b.out_dir, name), "rb") as fb:
+            assert fa.read() == fb.read(), name
+
+
 # -- the tokenizer --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ARCHS)
