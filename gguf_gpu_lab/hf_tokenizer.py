@@ -67,24 +67,81 @@ def gguf_tokenizer(model: GGUFModel) -> tuple[str, dict, dict]:
 
 
 def generate_merges(vocab: dict, vocab_scores: dict | None = None, skip_tokens=None) -> list[tuple[str, str]]:
-    """transformers' ``tokenization_utils_base.generate_merges``: the same list in the same order,
-    about twice as fast (a comprehension per token and in-place sorts instead of its loops; the
-    rest of its time is making and hashing every split of every token). On a 262,144-token
-    sentencepiece vocabulary it is the largest part of the conversion."""
+    """transformers' ``tokenization_utils_base.generate_merges``: the same list in the same order.
+
+    The original cuts every token at every place and looks both pieces up (two new strings, two
+    hashes, per place: most of the conversion's time on a 262,144-token sentencepiece vocabulary).
+    Here a polynomial hash of every prefix and suffix is computed with NumPy and looked up among the
+    vocabulary's hashes; only the places both hashes find are cut and looked up in Python, so a
+    hash collision can only cost time. The order: the original lists each token's merges in the
+    scores' order and sorts them stably by (score, left length, right length); two merges of one
+    token never tie (their left lengths differ), so listing them token by token and sorting the
+    same way gives the same list."""
     if skip_tokens:  # never passed by the GGUF conversion; the original handles it
         from transformers.tokenization_utils_base import generate_merges as original
 
         return original(vocab, vocab_scores, skip_tokens)
     reverse = vocab_scores is not None
     scores = dict(vocab_scores) if reverse else vocab
-    merges: list[tuple[str, str, Any]] = []
-    for merge, score in scores.items():
-        local = [(merge[:i], merge[i:], score) for i in range(1, len(merge)) if merge[:i] in vocab and merge[i:] in vocab]
-        if len(local) > 1:
-            local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=reverse)
-    return [(a, b) for a, b, _ in merges]
+    tokens, values = list(scores), list(scores.values())
+    merges = []
+    for r, i in zip(*(a.tolist() for a in _splits_found(tokens, vocab))):
+        left, right = tokens[r][:i], tokens[r][i:]
+        if left in vocab and right in vocab:
+            merges.append((values[r], left, right))
+    merges.sort(key=lambda v: (v[0], len(v[1]), len(v[2])), reverse=reverse)
+    return [(a, b) for _, a, b in merges]
+
+
+_BASE = 0x9E3779B97F4A7C15  # odd, so invertible modulo 2^64 (a suffix's hash is shifted back by its inverse)
+_LENGTH = 0xC2B2AE3D27D4EB4F  # the length mixed into every key
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    out, x = np.empty(n, np.uint64), 1
+    for j in range(n):
+        out[j], x = x, x * base % (1 << 64)
+    return out
+
+
+def _prefix_hashes(strings: list[str]):
+    """(lengths, offsets, prefix sums): string k's first i characters hash to
+    ``P[o_k + i] - P[o_k]`` = sum of c_j * BASE^j for j < i, modulo 2^64."""
+    lens = np.fromiter(map(len, strings), np.int64, len(strings))
+    codes = np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"), np.uint32).astype(np.uint64)
+    offs = np.zeros(len(strings) + 1, np.int64)
+    np.cumsum(lens, out=offs[1:])
+    pos = np.arange(codes.size, dtype=np.int64) - np.repeat(offs[:-1], lens)
+    prefix = np.zeros(codes.size + 1, np.uint64)
+    np.cumsum(codes * _powers(_BASE, int(lens.max(initial=0)) + 1)[pos], out=prefix[1:])
+    return lens, offs, prefix
+
+
+def _splits_found(tokens: list[str], vocab: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(token index, split place) of every place where both pieces' hashes are among the
+    vocabulary's, token by token, places in order."""
+    vl, vo, vp = _prefix_hashes(list(vocab))
+    keys = np.sort(vp[vo[1:]] - vp[vo[:-1]] + vl.astype(np.uint64) * np.uint64(_LENGTH))
+    lens, offs, prefix = _prefix_hashes(tokens)
+    counts = np.maximum(lens - 1, 0)
+    rows = np.repeat(np.arange(len(tokens)), counts)
+    first = np.zeros(len(tokens) + 1, np.int64)
+    np.cumsum(counts, out=first[1:])
+    split = np.arange(rows.size, dtype=np.int64) - first[rows] + 1
+    base, n = offs[rows], lens[rows]
+    left = prefix[base + split] - prefix[base]
+    right = (prefix[base + n] - prefix[base] - left) * _powers(pow(_BASE, -1, 1 << 64), int(lens.max(initial=0)) + 1)[split]
+    left_key = left + split.astype(np.uint64) * np.uint64(_LENGTH)
+    right_key = right + (n - split).astype(np.uint64) * np.uint64(_LENGTH)
+
+    def known(k: np.ndarray) -> np.ndarray:
+        if not keys.size:
+            return np.zeros(k.size, bool)
+        return keys[np.minimum(np.searchsorted(keys, k), keys.size - 1)] == k
+
+    ok = known(left_key)
+    ok[ok] = known(right_key[ok])
+    return rows[ok], split[ok]
 
 
 @contextlib.contextmanager

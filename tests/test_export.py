@@ -290,8 +290,10 @@ def test_generate_merges_is_transformers_own():
     from transformers.tokenization_utils_base import generate_merges as original
 
     rng = random.Random(0)
-    for trial in range(40):
-        toks = list(dict.fromkeys("".join(rng.choice("ab\u2581c\u00e9\u4e2d") for _ in range(rng.randint(1, 6)))
+    alphabets = ["ab\u2581c\u00e9\u4e2d", "ab", "a\U0001f600b\ud800", "xyz "]  # one with a lone surrogate
+    for trial in range(60):
+        alphabet = alphabets[trial % len(alphabets)]
+        toks = list(dict.fromkeys("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 7)))
                                   for _ in range(rng.randint(1, 300))))
         toks += toks[:3]  # a repeated token, as dict(zip(tokens, scores)) sees it
         vocab = {t: i for i, t in enumerate(toks)}
@@ -300,6 +302,11 @@ def test_generate_merges_is_transformers_own():
         assert generate_merges(vocab) == original(vocab), trial
         positions = {t: -i for i, t in enumerate(toks)}  # Gemma's key
         assert generate_merges(vocab, positions) == original(vocab, positions), trial
+    assert generate_merges({}) == [] and generate_merges({"a": 0}) == []
+    dense = [chr(c) for c in range(33, 123)]  # every pair of 90 letters: 8,100 merges
+    dense += [a + b for a in dense for b in dense]
+    vocab, positions = {t: i for i, t in enumerate(dense)}, {t: -i for i, t in enumerate(dense)}
+    assert generate_merges(vocab, positions) == original(vocab, positions)
 
 
 # -- the command line and the benchmark -----------------------------------------------------------
