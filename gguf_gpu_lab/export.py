@@ -278,15 +278,22 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
 
         bar = progress = ProgressBar(f"export {os.path.basename(out_dir)}")
     steps: dict[str, float] = {"prepare_s": time.perf_counter() - t0}
+    def save_tokenizer() -> None:
+        t = time.perf_counter()
+        hf.tokenizer(model).save_pretrained(tmp)
+        steps["tokenizer_s"] = time.perf_counter() - t
+
     try:
-        t1 = time.perf_counter()
         _write_configs(conv, tmp)
-        if tokenizer:
-            hf.tokenizer(model).save_pretrained(tmp)
-        steps["config_tokenizer_s"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        _write_weights(torch, conv, layout, tmp, backend, index, limit, progress or None)
-        steps["weights_s"] = time.perf_counter() - t1
+        # the tokenizer (a second or more for a large vocabulary, mostly Python) is built while the
+        # weights stream: their threads wait on the device and the disk, not on the interpreter
+        with ThreadPoolExecutor(1, thread_name_prefix="gguf-lab-export-tokenizer") as side:
+            pending = side.submit(save_tokenizer) if tokenizer else None
+            t1 = time.perf_counter()
+            _write_weights(torch, conv, layout, tmp, backend, index, limit, progress or None)
+            steps["weights_s"] = time.perf_counter() - t1
+            if pending is not None:
+                pending.result()
         if layout.index is not None:
             with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
                 f.write(json.dumps(layout.index, indent=2, sort_keys=True) + "\n")
