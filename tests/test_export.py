@@ -11,7 +11,6 @@ import importlib
 import json
 import os
 import random
-import shutil
 from collections import namedtuple
 
 import numpy as np
