@@ -6,6 +6,8 @@ transformers' own ``TensorProcessor`` classes, on the device.
 
     model = from_gguf("model.gguf", dtype="float16", device="cuda")
     sd = to_state_dict("model.gguf", device="cpu")     # transformers' names -> torch tensors
+    tok = tokenizer("model.gguf")                      # transformers' tokenizer (hf_tokenizer.py)
+    export("model.gguf", "model-hf")                   # a safetensors folder (export.py)
 
 Needs the ``hf`` extra (torch, transformers, accelerate). Bit-exactness: transformers dequantizes
 to float32, transforms, then casts; here every tensor is loaded in the target dtype (the loader

@@ -189,8 +189,24 @@ def tokenizer(path):
 
     hf._deps()
     model = path if isinstance(path, GGUFModel) else shared_model(path)
+    full = os.path.abspath(model.path)
+    folder, name = os.path.dirname(full), os.path.basename(full)
+    if not _has_gguf_tokenizer_module():  # an older transformers: its own (slower) path, the same result
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
     parsed = gguf_tokenizer(model)
     cls = tokenizer_class(hf.config(model))
-    full = os.path.abspath(model.path)
     with _fast_conversion(parsed):
-        return cls.from_pretrained(os.path.dirname(full), gguf_file=os.path.basename(full))
+        return cls.from_pretrained(folder, gguf_file=name)
+
+
+def _has_gguf_tokenizer_module() -> bool:
+    """Whether transformers reads GGUF tokenizers through ``integrations.gguf`` (5.24 and later)."""
+    try:
+        import transformers.integrations.gguf as tig
+        from transformers.integrations.gguf import gguf_tokenizer_mapping
+    except ImportError:
+        return False
+    return all(hasattr(m, a) for m, a in ((tig, "get_gguf_tokenizer"), (tig, "GGUF_TOKENIZER_MAPPING"),
+                                           (gguf_tokenizer_mapping, "generate_merges")))

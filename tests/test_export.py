@@ -280,6 +280,17 @@ def test_tokenizer_is_transformers_own(model_dir, arch):
         assert ours(text)["input_ids"] == ref(text)["input_ids"], text
 
 
+def test_tokenizer_with_an_older_transformers(model_dir, monkeypatch):
+    """Without transformers.integrations.gguf's tokenizer module (before 5.24), transformers' own path."""
+    from gguf_gpu_lab import hf_tokenizer
+
+    monkeypatch.setattr(hf_tokenizer, "_has_gguf_tokenizer_module", lambda: False)
+    monkeypatch.setattr(hf_tokenizer, "gguf_tokenizer", lambda model: pytest.fail("our reading was used"))
+    p = _file(model_dir, "gemma3")
+    assert hf.tokenizer(p)(TEXTS[0])["input_ids"] == AutoTokenizer.from_pretrained(
+        str(model_dir), gguf_file=p.name)(TEXTS[0])["input_ids"]
+
+
 def test_tokenizer_of_a_missing_file(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such file"):
         hf.tokenizer(tmp_path / "nothing.gguf")
