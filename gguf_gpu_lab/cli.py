@@ -182,15 +182,16 @@ def cmd_check(path: str, max_problems: int) -> int:
 
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
               model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
-              hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B") -> int:
+              hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
+              export: bool = False) -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
-                                    ("--hf", hf), ("--multi-gpu", multi_gpu)) if on]
+                                    ("--hf", hf), ("--multi-gpu", multi_gpu), ("--export", export)) if on]
     if len(chosen) > 1:
-        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, or none (the "
-                           f"loader); got {' '.join(chosen)}")
-    if not cpu and not open_:  # before the loader benchmark writes its model (4.6 GiB for 8B)
+        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, --export, or "
+                           f"none (the loader); got {' '.join(chosen)}")
+    if not cpu and not open_ and not export:  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
 
         reason = _cupy_or_reason()[1]
@@ -216,6 +217,11 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
 
         res = bench_e2e(model_path, params=params)
         print(format_e2e(res))
+    elif export:
+        from .tools.bench_export import bench_export, format_export
+
+        res = bench_export(model_path, params=params, work_dir=out_dir)
+        print(format_export(res))
     elif hf:
         from .tools.bench_hf import bench_hf, format_hf
 
@@ -296,6 +302,17 @@ def cmd_fuzz(cases: int, seed: int, out: str | None) -> int:
             json.dump(doc, fh, indent=2)
         print(f"saved {out}")
     return 0 if rep.ok() else 1
+
+
+def cmd_export(path: str, out_dir: str, dtype: str, max_shard_size: str, overwrite: bool, budget: str,
+               device: str) -> int:
+    from .hf import export
+
+    r = export(path, out_dir, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, budget=budget,
+               device=device)
+    print(f"wrote {r.out_dir}: {r.n_tensors} tensors ({dtype}) in {len(r.files)} files, {r.weight_bytes / 1e9:.3f} GB "
+          f"of safetensors in {r.wall_s:.2f} s ({r.gb_s:.2f} GB/s)")
+    return 0
 
 
 def cmd_demo(out_dir: str, params: str, mix: str) -> int:
@@ -385,17 +402,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every GPU of the host in one run: pinned H2D alone and together, the page-cache copy "
                         "ceiling while all copy, one GPU against all on the 8B file, and a 70B Q4_K_M file (~40 GB, "
                         "written and deleted) to float16 over all GPUs, sampled tensors checked against gguf-py")
+    s.add_argument("--export", action="store_true",
+                   help="hf.export of the model to bfloat16 safetensors (written in --out-dir, then deleted) against "
+                        "the disk's sequential write speed measured in the same run, peak host memory, transformers' "
+                        "from_pretrained(gguf_file=...) + save_pretrained on a 1B file, and the tokenizer of a "
+                        "262,144-token vocabulary against transformers' (the GPU where there is one)")
     s.add_argument("--big-params", default="70B",
                    help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
     s.add_argument("--out", help="write the JSON result to this file (default: a dated file in --out-dir)")
-    s.add_argument("--model", help="loader, --e2e and --hf benchmarks: this model (default: a synthetic one of --params)")
-    s.add_argument("--params", default="8B", help="loader, --e2e and --hf benchmarks: synthetic model size (default 8B, "
+    s.add_argument("--model", help="loader, --e2e, --hf and --export benchmarks: this model (default: a synthetic one of --params)")
+    s.add_argument("--params", default="8B", help="loader, --e2e, --hf and --export benchmarks: synthetic model size (default 8B, "
                                                   "~4.6 GiB Q4_K_M)")
     s.add_argument("--out-dir", default=BENCH_DIR,
                    help=f"folder for the JSON result (default: {BENCH_DIR}/ under the working directory)")
     s.add_argument("--size-mb", type=_whole(1), default=256,
                    help="output size per type: float32 MB for --cpu, float16 MiB for --dequant (default 256)")
     s.add_argument("--types", nargs="*", help="GGML types (default: Q4_0 Q8_0 Q4_K Q6_K for --cpu, every type for --dequant)")
+
+    s = sub.add_parser("export", help="write a Hugging Face model folder (safetensors, config, tokenizer) of a GGUF "
+                                      "file, for any engine that reads one (needs the hf extra)")
+    s.add_argument("path", help="GGUF model file (an architecture hf supports)")
+    s.add_argument("out_dir", help="folder to write: new or empty, unless --overwrite")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of every tensor written (default bfloat16)")
+    s.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file: KB, MB, GB or TB (10^9 bytes a GB), 1KB to 10TB (default 5GB)")
+    s.add_argument("--budget", default="2GB",
+                   help="host memory the weights may take at once, 1KB to 10TB (default 2GB)")
+    s.add_argument("--device", default="auto",
+                   help="auto (the GPU where there is one, else the host backend), cuda, cuda:N or cpu (default auto)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder, replacing the export's files there (others stay)")
 
     s = sub.add_parser("fuzz", help="fuzz the parser and CPU load path with mutated GGUF files (exit 1 on a failure)")
     s.add_argument("--cases", type=_whole(1), default=10000, help="how many mutated files (default 10000)")
@@ -428,7 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
                              args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
-                             None if args.big_params.lower() == "none" else args.big_params)
+                             None if args.big_params.lower() == "none" else args.big_params, args.export)
+        if args.command == "export":
+            return cmd_export(args.path, args.out_dir, args.dtype, args.max_shard_size, args.overwrite, args.budget,
+                              args.device)
         if args.command == "fuzz":
             return cmd_fuzz(args.cases, args.seed, args.out)
         if args.command == "demo":

@@ -6,6 +6,8 @@ transformers' own ``TensorProcessor`` classes, on the device.
 
     model = from_gguf("model.gguf", dtype="float16", device="cuda")
     sd = to_state_dict("model.gguf", device="cpu")     # transformers' names -> torch tensors
+    tok = tokenizer("model.gguf")                      # transformers' tokenizer (hf_tokenizer.py)
+    export("model.gguf", "model-hf")                   # a safetensors folder (export.py)
 
 Needs the ``hf`` extra (torch, transformers, accelerate). Bit-exactness: transformers dequantizes
 to float32, transforms, then casts; here every tensor is loaded in the target dtype (the loader
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 import time
 from typing import Any
@@ -216,20 +217,23 @@ class _Conversion:
         self.steps["load_s"] = time.perf_counter() - t0
         return r
 
-    def state_dict(self, result: LoadResult, backend: str, index: int, load_options: dict) -> dict[str, Any]:
+    def state_dict(self, result: LoadResult, backend: str, index: int, load_options: dict,
+                   names: list[str] | None = None) -> dict[str, Any]:
         """transformers' names -> tensors on the device, the loaded memory reused wherever the
         transform keeps the shape. A 1-D tensor whose values the processor changes (Gemma's norms:
-        weight - 1) is loaded again in float32 and changed there, as transformers does, then cast."""
+        weight - 1) is loaded again in float32 and changed there, as transformers does, then cast.
+        ``names``: these GGUF tensors only (default all the model needs; the export goes by batches)."""
         torch = _deps()
         t0 = time.perf_counter()
-        missing = [n for n in self.wanted if n not in result]
+        wanted = self.wanted if names is None else names
+        missing = [n for n in wanted if n not in result]
         if missing:
             raise GGUFLabError(f"{self.model.path}: the load result lacks {len(missing)} tensors the model needs, "
                                f"first {missing[0]!r}")
         out: dict[str, Any] = {}
         again: list[str] = []
         with torch.no_grad():
-            for name in self.wanted:
+            for name in wanted:
                 t = _as_torch(result[name])
                 w = self._process(name, t)
                 if w is not t:
@@ -359,9 +363,17 @@ def _finish(hf, dev) -> None:
 
 
 def tokenizer(path):
-    """transformers' tokenizer for a GGUF file (``AutoTokenizer.from_pretrained(..., gguf_file=...)``)."""
-    _deps()
-    from transformers import AutoTokenizer
+    """transformers' tokenizer for a GGUF file: what ``AutoTokenizer.from_pretrained(folder,
+    gguf_file=name)`` gives, read by this project's parser (``gguf_gpu_lab.hf_tokenizer``)."""
+    from .hf_tokenizer import tokenizer as _tokenizer
 
-    path = os.fspath(path)
-    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    return _tokenizer(path)
+
+
+def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwrite: bool = False, progress=True,
+           **options):
+    """A Hugging Face model folder (safetensors) from a GGUF file: see ``gguf_gpu_lab.export.export``."""
+    from .export import export as _export
+
+    return _export(path, out_dir, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                   progress=progress, **options)

@@ -1,0 +1,301 @@
+"""A GGUF file to a Hugging Face model folder: ``config.json``, ``generation_config.json``, the
+tokenizer files, and the weights as safetensors shards (``model.safetensors``, or
+``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` when split), with
+transformers' names and transforms exactly as ``hf.from_gguf`` makes them, for any engine that
+reads such a folder (vLLM, SGLang, TGI, transformers).
+
+Streaming, with bounded host memory: the tensors are dequantized by ``load()`` in batches (on the
+GPU with the ``gpu`` mode, on the host backend without one), transformed by transformers' own
+processors, brought to the host and written at their final offsets (every shard's header is known
+from the shapes before any weight is read) by a writer thread while the next batch expands. The
+host never holds more than ``budget`` bytes of weights (two batches of half of it; a tensor larger
+than half is a batch of its own). Everything is written into a temporary folder beside
+``out_dir`` and moved into place at the end, the index (or the single shard) last: a half-done
+export never looks complete.
+
+    export("model.gguf", "model-hf")      # then AutoModelForCausalLM.from_pretrained("model-hf")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import GGUFLabError
+from .export_layout import INDEX_NAME, ST_DTYPES, WEIGHTS_NAME, Entry, Layout, batches, parse_size, plan_layout
+from .model import GGUFModel, shared_model
+
+__all__ = ["export", "ExportResult", "plan_layout", "batches", "parse_size", "INDEX_NAME", "WEIGHTS_NAME"]
+
+_SPARE = 16 << 20  # disk room for config and tokenizer files beyond their estimate
+
+
+# -- the writing ----------------------------------------------------------------------------------
+
+class _Budget:
+    """Host bytes in flight: taking waits until the bytes fit, or until nothing else is held (one
+    tensor larger than the budget still passes, alone)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+def _pwrite(fd: int, data, offset: int, file: str, name: str) -> None:
+    view = memoryview(data).cast("B")
+    pos = 0
+    try:
+        while pos < len(view):
+            pos += os.pwrite(fd, view[pos:], offset + pos)
+    except OSError as e:
+        raise GGUFLabError(f"{file}: writing tensor {name!r} at byte {offset + pos}: "
+                           f"{e.strerror or type(e).__name__}") from None
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: str
+    files: tuple[str, ...]
+    n_tensors: int
+    weight_bytes: int  # the shards' sizes together
+    wall_s: float
+    steps_s: dict
+
+    @property
+    def gb_s(self) -> float:
+        return self.weight_bytes / self.wall_s / 1e9 if self.wall_s else float("inf")
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise GGUFLabError(f"{out_dir}: exists and is not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        n = len(os.listdir(out_dir))
+        raise GGUFLabError(f"{out_dir}: the folder exists and holds {n} entries; export into a new or empty folder, "
+                           "or pass overwrite=True (--overwrite) to replace the export's files there")
+
+
+def _check_space(folder: str, need: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise GGUFLabError(f"{folder}: the export needs {need / 1e9:.2f} GB ({need} bytes), the disk has "
+                           f"{free / 1e9:.2f} GB free ({free} bytes)")
+
+
+def _device_for(device: str):
+    from . import hf
+
+    if device == "auto":
+        from .device import _cupy_or_reason
+
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() and _cupy_or_reason()[1] is None else "cpu"
+    return hf._device(device)
+
+
+def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwrite: bool = False,
+           progress: bool | Callable[[int, int, str], object] | None = True, *, budget="2GB",
+           device: str = "auto", tokenizer: bool = True) -> ExportResult:
+    """Write a Hugging Face model folder (safetensors) of a GGUF file.
+
+    Args:
+        path: a .gguf file (or an open ``GGUFModel``) of an architecture ``hf`` supports.
+        out_dir: the folder to write; it must not exist or be empty, unless ``overwrite``.
+        dtype: "bfloat16" (default), "float16" or "float32": every tensor is written in it.
+        max_shard_size: largest shard, "5GB" (default; KB, MB, GB, TB: 1 GB = 10^9 bytes) or bytes,
+            1KB to 10TB.
+        overwrite: replace the export's files in a non-empty ``out_dir`` (other files stay;
+            shards of an earlier export that this one does not write are removed).
+        progress: True (a bar where someone can watch it), False, or ``progress(done, total, name)``.
+        budget: host bytes the weights may take at once (default "2GB"), 1KB to 10TB.
+        device: "auto" (the GPU where CuPy and torch see one, else the host backend), "cuda",
+            "cuda:N" or "cpu".
+        tokenizer: write the tokenizer files (``hf.tokenizer(path).save_pretrained``).
+
+    Raises ``GGUFLabError`` before writing anything for an unsupported architecture, a bad
+    argument, a non-empty ``out_dir`` or a disk with too little free space.
+
+    Example:
+        >>> r = export("model.gguf", tmp_path / "model-hf", progress=False)
+        >>> r.files[:3]
+        ('config.json', 'generation_config.json', 'model.safetensors')
+    """
+    from . import hf
+
+    t0 = time.perf_counter()
+    torch = hf._deps()
+    if dtype not in ST_DTYPES:
+        raise GGUFLabError(f"dtype must be one of {', '.join(ST_DTYPES)}, got {dtype!r}")
+    shard_limit = parse_size(max_shard_size, "max_shard_size")
+    limit = parse_size(budget, "budget")
+    if tokenizer not in (True, False):
+        raise GGUFLabError(f"tokenizer must be True or False, got {tokenizer!r}")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    _check_out_dir(out_dir, overwrite)
+    model = path if isinstance(path, GGUFModel) else shared_model(path)
+    dev, backend, index = _device_for(device)
+    conv = hf._Conversion(model, dtype)
+    meta = conv.hf_model.state_dict()
+    made = {conv.names[g]: g for g in conv.wanted}
+    layout = plan_layout([(n, made[n], tuple(t.shape)) for n, t in meta.items() if n in made], dtype, shard_limit,
+                         sum(p.numel() for p in conv.hf_model.parameters()))
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    _check_space(parent, layout.total_bytes + 4 * model.data_offset + _SPARE)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:12]}")
+    os.mkdir(tmp)  # (not mkdtemp: its 0700 would become the finished folder's mode)
+    bar = None
+    if progress is True:
+        from .progress import ProgressBar
+
+        bar = progress = ProgressBar(f"export {os.path.basename(out_dir)}")
+    steps: dict[str, float] = {"prepare_s": time.perf_counter() - t0}
+    def save_tokenizer() -> None:
+        t = time.perf_counter()
+        hf.tokenizer(model).save_pretrained(tmp)
+        steps["tokenizer_s"] = time.perf_counter() - t
+
+    try:
+        _write_configs(conv, tmp)
+        # the tokenizer (a second or more for a large vocabulary, mostly Python) is built while the
+        # weights stream: their threads wait on the device and the disk, not on the interpreter
+        with ThreadPoolExecutor(1, thread_name_prefix="gguf-lab-export-tokenizer") as side:
+            pending = side.submit(save_tokenizer) if tokenizer else None
+            t1 = time.perf_counter()
+            _write_weights(torch, conv, layout, tmp, backend, index, limit, progress or None)
+            steps["weights_s"] = time.perf_counter() - t1
+            if pending is not None:
+                pending.result()
+        if layout.index is not None:
+            with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
+                f.write(json.dumps(layout.index, indent=2, sort_keys=True) + "\n")
+        files = tuple(sorted(os.listdir(tmp)))
+        _move_into_place(tmp, out_dir, layout)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    steps["total_s"] = time.perf_counter() - t0
+    return ExportResult(out_dir, files, len(layout.entries), layout.total_bytes, steps["total_s"], steps)
+
+
+def _write_configs(conv, folder: str) -> None:
+    """config.json and generation_config.json as ``save_pretrained`` writes them."""
+    hf_model = conv.hf_model
+    hf_model.config.architectures = [type(hf_model).__name__]
+    hf_model.config.save_pretrained(folder)
+    if hf_model.can_generate() and getattr(hf_model, "generation_config", None) is not None:
+        hf_model.generation_config.save_pretrained(folder)
+
+
+def _write_weights(torch, conv, layout: Layout, folder: str, backend: str, index: int, limit: int,
+                   progress) -> None:
+    """The shards: headers first, then each batch dequantized (this thread) and written at its
+    offsets (the writer thread), at most ``limit`` bytes of weights on the host at a time."""
+    fds = {}
+    try:
+        for file, head in layout.headers.items():
+            fds[file] = fd = os.open(os.path.join(folder, file), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.ftruncate(fd, layout.sizes[file])
+            _pwrite(fd, head, 0, file, "(header)")
+        budget = _Budget(limit)
+        total = sum(e.nbytes for e in layout.entries)
+        done = [0]
+        failed: list[BaseException] = []
+
+        def write(batch: list[Entry], host: dict, nbytes: int) -> None:
+            try:
+                for e in batch:
+                    t = host.pop(e.name)
+                    _pwrite(fds[e.file], t.reshape(-1).view(torch.uint8).numpy(), e.offset, e.file, e.name)
+                    done[0] += e.nbytes
+                    if progress is not None:
+                        progress(done[0], total, e.name)
+            except BaseException as exc:
+                failed.append(exc)
+                raise
+            finally:
+                budget.give(nbytes)
+
+        opts = {"profile": False, "read": "preadv"}  # preadv: the file's pages never count in this process's memory
+        with ThreadPoolExecutor(1, thread_name_prefix="gguf-lab-export") as writer:
+            futures = []
+            for batch in batches(layout.entries, max(1, limit // 2)):
+                nbytes = sum(e.nbytes for e in batch)
+                budget.take(nbytes)
+                if failed:
+                    budget.give(nbytes)
+                    break
+                try:
+                    host = _host_batch(torch, conv, batch, backend, index, opts)
+                except BaseException:
+                    budget.give(nbytes)
+                    raise
+                futures.append(writer.submit(write, batch, host, nbytes))
+            for f in futures:
+                f.result()
+        for fd in fds.values():
+            os.fsync(fd)  # the export is on the disk when it returns, as its timing says
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _host_batch(torch, conv, batch: list[Entry], backend: str, index: int, opts: dict) -> dict:
+    """One batch loaded, transformed and on the host: transformers name -> contiguous CPU tensor."""
+    from .loader import load
+
+    names = [e.gguf for e in batch]
+    r = load(conv.model, dtype=conv.dtype, tensors=names, backend=backend, device=index, **opts)
+    sd = conv.state_dict(r, backend, index, opts, names=names)
+    host = {}
+    for e in batch:
+        t = sd.pop(e.name)
+        if tuple(t.shape) != e.shape or t.numel() * t.element_size() != e.nbytes:
+            raise GGUFLabError(f"{conv.model.path}: tensor {e.gguf!r} came out {tuple(t.shape)} {t.dtype}, the "
+                               f"model expects {e.name} {e.shape} ({e.nbytes} bytes)")
+        host[e.name] = t.contiguous().cpu()  # on a GPU, the copy to the host; on the host, the array itself
+    return host
+
+
+def _move_into_place(tmp: str, out_dir: str, layout: Layout) -> None:
+    """The finished folder in place: renamed when ``out_dir`` is new or empty; otherwise (overwrite)
+    the old index goes first (the folder stops looking complete), then the new files, stale shards
+    of an earlier export are removed, and the index (or the single shard) comes last."""
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.rename(tmp, out_dir)
+        return
+    for old in (INDEX_NAME, WEIGHTS_NAME):
+        if os.path.isfile(os.path.join(out_dir, old)):
+            os.remove(os.path.join(out_dir, old))
+    last = INDEX_NAME if layout.index is not None else WEIGHTS_NAME
+    for name in os.listdir(tmp):
+        if name != last:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    for name in os.listdir(out_dir):
+        if name.startswith("model-") and name.endswith(".safetensors") and name not in layout.sizes:
+            os.remove(os.path.join(out_dir, name))
+    os.replace(os.path.join(tmp, last), os.path.join(out_dir, last))
+    os.rmdir(tmp)

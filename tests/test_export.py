@@ -1,0 +1,347 @@
+"""``hf.export`` (a GGUF to a Hugging Face safetensors folder) and ``hf.tokenizer`` against
+transformers' own readers, on small synthetic files of every supported architecture, on the CPU
+with the host backend: the folder loads with ``AutoModelForCausalLM.from_pretrained`` bit for bit
+as ``hf.from_gguf`` builds the model, its tokenizer gives the same ids, the shards are safetensors
+files the library reads, and every refusal happens before anything is written.
+
+Needs the hf extra (torch, transformers, accelerate, safetensors): skipped without it, except where CI=true.
+"""
+
+import importlib
+import json
+import os
+import random
+from collections import namedtuple
+
+import numpy as np
+import pytest
+
+
+def _missing() -> list[str]:
+    out = []
+    for name in ("torch", "transformers", "accelerate", "safetensors"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            out.append(f"{name} ({e})")
+    return out
+
+
+_MISSING = _missing()
+if _MISSING:
+    _WHY = f"not importable: {', '.join(_MISSING)}; the hf extra installs them: pip install -e '.[hf]'"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true, and {_WHY}", pytrace=False)
+    pytest.skip(_WHY, allow_module_level=True)
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from gguf import GGUFWriter  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from gguf_gpu_lab import GGUFLabError, export as export_module, hf  # noqa: E402
+from gguf_gpu_lab.errors import ModelNotFoundError  # noqa: E402
+from gguf_gpu_lab.hf_tokenizer import generate_merges  # noqa: E402
+from gguf_gpu_lab.tools.synth import synth  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+ARCHS = hf.SUPPORTED_ARCHITECTURES
+HEADS = {"qwen3": (2, 1)}  # as tests/test_hf.py: 128-wide heads, since transformers reads none from a qwen3 file
+VOCAB = 512
+INPUT = [[1, 5, 9, 30, 200, 7, 511]]
+TEXTS = ["Hello world, the <tok100> \u00e9t\u00e9 \u4e2d\u6587 test", "  two  spaces\nand a line <s></s> ab!cd~",
+         "<pad><eos><bos><unk> \u2581the7 ing9"]
+SMALL_SHARDS = "300KB"  # a 1M-weight model in bfloat16 is about 2 MB: several shards
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("export")
+
+
+def _file(d, arch, mix="Q4_K_M"):
+    p = d / f"{arch}-{mix}.gguf"
+    if not p.exists():
+        heads, kv = HEADS.get(arch, (4, 2))
+        synth(p, "1M", mix, seed=11, vocab=VOCAB, arch=arch, heads=heads, kv_heads=kv, weights="small")
+    return p
+
+
+def _bits(t):
+    return t.detach().cpu().contiguous().view(torch.uint8)
+
+
+def _shard_names(out):
+    return sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
+
+
+def _check_shards(out, layout_expected_names):
+    """safe_open reads every shard; the index (several shards) names every tensor exactly once, in
+    the shard that holds it."""
+    seen: dict[str, str] = {}
+    for name in _shard_names(out):
+        with safe_open(os.path.join(out, name), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for k in f.keys():
+                assert k not in seen, f"{k} in {seen.get(k)} and {name}"
+                seen[k] = name
+                f.get_tensor(k)
+    assert set(seen) == set(layout_expected_names)
+    index = os.path.join(out, export_module.INDEX_NAME)
+    if len(seen) and len(_shard_names(out)) > 1:
+        with open(index) as f:
+            doc = json.load(f)
+        assert doc["weight_map"] == seen
+        assert doc["metadata"]["total_size"] == sum(os.path.getsize(os.path.join(out, n)) for n in _shard_names(out)) \
+            - sum(_header_len(os.path.join(out, n)) for n in _shard_names(out))
+    else:
+        assert not os.path.exists(index) and _shard_names(out) == [export_module.WEIGHTS_NAME]
+    return seen
+
+
+def _header_len(path):
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+@pytest.mark.parametrize("arch,dtype,shards", [(a, "bfloat16", SMALL_SHARDS) for a in ARCHS]
+                         + [("llama", "float32", "5GB"), ("gemma3", "float16", SMALL_SHARDS)], ids=str)
+def test_folder_loads_as_from_gguf(model_dir, arch, dtype, shards):
+    p = _file(model_dir, arch)
+    out = model_dir / f"{arch}-{dtype}-{shards}"
+    r = hf.export(p, out, dtype=dtype, max_shard_size=shards, budget="200KB", progress=False)
+    assert r.out_dir == str(out) and set(r.files) == set(os.listdir(out))
+    assert not [n for n in os.listdir(model_dir) if ".partial-" in n]
+    ours, info = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype), output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    ref = hf.from_gguf(p, dtype=dtype, device="cpu")
+    assert type(ours) is type(ref)
+    a, b = ours.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(_bits(a[k]), _bits(b[k])), k
+    if ours.config.tie_word_embeddings:
+        assert ours.lm_head.weight is ours.get_input_embeddings().weight
+    with torch.no_grad():
+        la, lb = ours(torch.tensor(INPUT)).logits, ref(torch.tensor(INPUT)).logits
+    assert torch.isfinite(lb).all() and torch.equal(la, lb)
+    written = _check_shards(out, [k for k in b if not (ours.config.tie_word_embeddings and k == "lm_head.weight")])
+    assert r.n_tensors == len(written)
+    if shards == SMALL_SHARDS:
+        assert len(_shard_names(out)) > 1
+    tok, gguf_tok = AutoTokenizer.from_pretrained(out), hf.tokenizer(p)
+    for text in TEXTS:
+        assert tok(text)["input_ids"] == gguf_tok(text)["input_ids"], text
+    with open(out / "config.json") as f:
+        assert json.load(f)["architectures"] == [type(ref).__name__]
+    assert (out / "generation_config.json").exists()
+
+
+def test_budget_bounds_the_host_bytes(model_dir, monkeypatch):
+    """At most ``budget`` bytes of weights wait on the host at once (a tensor larger than the budget
+    alone): counted where the batches take and give their bytes."""
+    peak, largest = [0], [0]
+    real = export_module._Budget
+
+    class Watched(real):
+        def take(self, n):
+            super().take(n)
+            largest[0] = max(largest[0], n)
+            peak[0] = max(peak[0], self.used)
+
+    monkeypatch.setattr(export_module, "_Budget", Watched)
+    budget = 100_000
+    r = hf.export(_file(model_dir, "llama"), model_dir / "budget", budget=budget, progress=False, tokenizer=False)
+    assert r.n_tensors > 10 and 0 < peak[0] <= max(budget, largest[0])
+    assert "tokenizer.json" not in r.files
+
+
+def test_progress_reaches_the_total(model_dir):
+    calls = []
+    hf.export(_file(model_dir, "qwen2"), model_dir / "progress", progress=lambda *a: calls.append(a), tokenizer=False)
+    assert calls and calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
+
+
+def test_refuses_a_non_empty_folder_and_overwrites_when_asked(model_dir):
+    p = _file(model_dir, "llama")
+    out = model_dir / "existing"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "model-00007-of-00009.safetensors").write_text("stale")
+    with pytest.raises(GGUFLabError, match="exists and holds 2 entries.*overwrite"):
+        hf.export(p, out, progress=False)
+    assert sorted(os.listdir(out)) == ["model-00007-of-00009.safetensors", "notes.txt"]
+    r = hf.export(p, out, max_shard_size=SMALL_SHARDS, overwrite=True, progress=False, tokenizer=False)
+    names = set(os.listdir(out))
+    assert "notes.txt" in names and "model-00007-of-00009.safetensors" not in names
+    assert names == set(r.files) | {"notes.txt"}
+    r = hf.export(p, out, overwrite=True, progress=False, tokenizer=False)  # now one shard: the old ones go
+    assert _shard_names(out) == ["model.safetensors"] and export_module.INDEX_NAME not in os.listdir(out)
+    empty = model_dir / "empty"
+    empty.mkdir()
+    hf.export(p, empty, progress=False, tokenizer=False)
+    assert (empty / "model.safetensors").exists()
+    with pytest.raises(GGUFLabError, match="not a folder"):
+        hf.export(p, p, progress=False)
+
+
+def _bert(path):
+    w = GGUFWriter(str(path), "bert")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_refusals_write_nothing(model_dir, tmp_path, monkeypatch):
+    p = _file(model_dir, "llama")
+    out = tmp_path / "out"
+    cases = [({"dtype": "int8"}, "dtype must be one of"), ({"max_shard_size": "0"}, "max_shard_size must be from"),
+             ({"max_shard_size": "lots"}, "max_shard_size: cannot read"), ({"budget": 10**15}, "budget must be from"),
+             ({"max_shard_size": 1.5}, "max_shard_size must be a size"), ({"device": "tpu"}, "device must be")]
+    for kwargs, message in cases:
+        with pytest.raises(GGUFLabError, match=message):
+            hf.export(p, out, progress=False, **kwargs)
+    with pytest.raises(GGUFLabError, match="architecture 'bert' is not supported"):
+        hf.export(_bert(tmp_path / "bert.gguf"), out, progress=False)
+    with pytest.raises(ModelNotFoundError):
+        hf.export(tmp_path / "missing.gguf", out, progress=False)
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(export_module.shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(GGUFLabError, match=r"needs \d.* GB .*disk has 0.00 GB free \(1000 bytes\)"):
+        hf.export(p, out, progress=False)
+    assert os.listdir(tmp_path) == ["bert.gguf"]
+
+
+def test_a_failed_write_leaves_nothing(model_dir, tmp_path, monkeypatch):
+    real, calls = export_module._pwrite, [0]
+
+    def failing(fd, data, offset, file, name):
+        calls[0] += 1
+        if calls[0] == 8:
+            raise GGUFLabError(f"{file}: writing tensor {name!r}: No space left on device")
+        return real(fd, data, offset, file, name)
+
+    monkeypatch.setattr(export_module, "_pwrite", failing)
+    with pytest.raises(GGUFLabError, match="No space left"):
+        hf.export(_file(model_dir, "llama"), tmp_path / "out", max_shard_size=SMALL_SHARDS, budget="100KB",
+                  progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_layout_is_the_safetensors_format():
+    tensors = [(f"t{i}", f"g{i}", (3, 5 + i)) for i in range(6)]
+    layout = export_module.plan_layout(tensors, "bfloat16", 80, total_parameters=123)
+    assert len(layout.headers) > 1 and layout.index["metadata"]["total_parameters"] == 123
+    for file, head in layout.headers.items():
+        n = int.from_bytes(head[:8], "little")
+        assert n % 8 == 0 and len(head) == 8 + n
+        doc = json.loads(head[8:])
+        ends = [doc[e.name]["data_offsets"] for e in layout.entries if e.file == file]
+        assert ends[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ends, ends[1:]))
+        assert layout.sizes[file] == len(head) + ends[-1][1]
+    assert [e.nbytes for e in layout.entries] == [30, 36, 42, 48, 54, 60]
+    assert [len(b) for b in export_module.batches(layout.entries, 70)] == [2, 1, 1, 1, 1]
+    assert export_module.parse_size("2GB", "budget") == 2 * 10**9 and export_module.parse_size("1000", "x") == 1000
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
+def test_the_gpu_writes_the_same_files(model_dir, arch):
+    """Dequantized on the GPU (gpu mode), the shards are byte for byte the host backend's."""
+    p = _file(model_dir, arch)
+    kw = {"max_shard_size": SMALL_SHARDS, "budget": "300KB", "progress": False, "tokenizer": False}
+    a = hf.export(p, model_dir / f"{arch}-on-gpu", device="cuda", **kw)
+    b = hf.export(p, model_dir / f"{arch}-on-cpu", device="cpu", **kw)
+    assert a.files == b.files and len(_shard_names(a.out_dir)) > 1
+    for name in a.files:
+        with open(os.path.join(a.out_dir, name), "rb") as fa, open(os.path.join(b.out_dir, name), "rb") as fb:
+            assert fa.read() == fb.read(), name
+
+
+# -- the tokenizer --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tokenizer_is_transformers_own(model_dir, arch):
+    """The same class, backend (tokenizer.json) and ids as AutoTokenizer.from_pretrained(gguf_file=...)."""
+    p = _file(model_dir, arch)
+    ours = hf.tokenizer(p)
+    ref = AutoTokenizer.from_pretrained(str(model_dir), gguf_file=p.name)
+    assert type(ours) is type(ref)
+    assert ours.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()
+    assert ours.special_tokens_map == ref.special_tokens_map
+    for text in TEXTS:
+        assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+
+
+def test_tokenizer_with_an_older_transformers(model_dir, monkeypatch):
+    """Without transformers.integrations.gguf's tokenizer module (before 5.24), transformers' own path."""
+    from gguf_gpu_lab import hf_tokenizer
+
+    monkeypatch.setattr(hf_tokenizer, "_has_gguf_tokenizer_module", lambda: False)
+    monkeypatch.setattr(hf_tokenizer, "gguf_tokenizer", lambda model: pytest.fail("our reading was used"))
+    p = _file(model_dir, "gemma3")
+    assert hf.tokenizer(p)(TEXTS[0])["input_ids"] == AutoTokenizer.from_pretrained(
+        str(model_dir), gguf_file=p.name)(TEXTS[0])["input_ids"]
+
+
+def test_tokenizer_of_a_missing_file(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such file"):
+        hf.tokenizer(tmp_path / "nothing.gguf")
+
+
+def test_generate_merges_is_transformers_own():
+    from transformers.tokenization_utils_base import generate_merges as original
+
+    rng = random.Random(0)
+    alphabets = ["ab\u2581c\u00e9\u4e2d", "ab", "a\U0001f600b\ud800", "xyz "]  # one with a lone surrogate
+    for trial in range(60):
+        alphabet = alphabets[trial % len(alphabets)]
+        toks = list(dict.fromkeys("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 7)))
+                                  for _ in range(rng.randint(1, 300))))
+        toks += toks[:3]  # a repeated token, as dict(zip(tokens, scores)) sees it
+        vocab = {t: i for i, t in enumerate(toks)}
+        scores = dict(zip(toks, (rng.choice([0.0, -1.0, -2.5, rng.random()]) for _ in toks)))
+        assert generate_merges(vocab, scores) == original(vocab, scores), trial
+        assert generate_merges(vocab) == original(vocab), trial
+        positions = {t: -i for i, t in enumerate(toks)}  # Gemma's key
+        assert generate_merges(vocab, positions) == original(vocab, positions), trial
+    assert generate_merges({}) == [] and generate_merges({"a": 0}) == []
+    dense = [chr(c) for c in range(33, 123)]  # every pair of 90 letters: 8,100 merges
+    dense += [a + b for a in dense for b in dense]
+    vocab, positions = {t: i for i, t in enumerate(dense)}, {t: -i for i, t in enumerate(dense)}
+    assert generate_merges(vocab, positions) == original(vocab, positions)
+
+
+# -- the command line and the benchmark -----------------------------------------------------------
+
+def test_cli_export(model_dir, capsys):
+    from gguf_gpu_lab.cli import main
+
+    p, out = _file(model_dir, "gemma2"), model_dir / "cli"
+    assert main(["export", str(p), str(out), "--dtype", "float16", "--max-shard-size", SMALL_SHARDS, "--device", "cpu"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert main(["export", str(p), str(out), "--device", "cpu"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(p), str(out), "--overwrite", "--device", "cpu", "--budget", "1MB"]) == 0
+    assert _shard_names(out) == ["model.safetensors"]
+
+
+def test_bench_export_on_the_host(tmp_path):
+    """The benchmark's own path, small and on the CPU (the lead runs it on a GPU with the 8B file)."""
+    from gguf_gpu_lab.tools.bench_export import bench_export, format_export
+
+    res = bench_export(params="1M", device="cpu", work_dir=str(tmp_path), baseline_params="1M", vocab=VOCAB,
+                       tokenizer_vocab=2000)
+    assert res["export"]["wall_s"] > 0 and res["disk"]["write_gb_s"] > 0 and res["ratio_to_disk"] > 0
+    assert res["export"]["peak_rss_bytes"] > res["export"]["rss_before_bytes"] > 0
+    assert res["baseline"]["transformers_s"] > 0 and res["baseline"]["bit_identical"]
+    assert res["tokenizer"]["same_ids"] and res["tokenizer"]["ours_s"] > 0
+    assert set(res["meets_targets"]) == {"vs_disk", "peak_rss"}
+    assert "export" in format_export(res) and os.listdir(tmp_path) == []
