@@ -39,7 +39,10 @@ def test_tensor_table_and_summary(small_model):
         assert s["tensor_bytes"] == df["n_bytes"].sum()
         assert s["file_size"] == os.path.getsize(small_model) > s["tensor_bytes"]
         assert set(s["by_type"].index) == {"Q4_K", "Q6_K", "F32"}
-        assert s["by_layer"]["count"].sum() == df["layer"].notna().sum()
+        assert s["by_layer"]["count"].sum() == len(df) and s["by_layer"]["n_bytes"].sum() == s["tensor_bytes"]
+        emb = s["by_layer"].loc[("embeddings", -1)]
+        assert emb["count"] == 1 and emb["n_bytes"] == m.info("token_embd.weight").n_bytes
+        assert s["by_layer"].index[-1] == ("other", -1)  # output norm and output
         assert 4.5 < s["bits_per_weight"] < 6
         html = m._repr_html_()
         assert "Q4_K" in html and "llama" in html
@@ -57,12 +60,12 @@ def test_blocks_of_other_stacks_and_none(no_block_model, small_model):
                        "v.post_ln.weight": (None, None), "mm.0.weight": (None, None)}
         assert list(m.tensors_df()["group"]) == [g for g, _ in got.values()]
         by_layer = m.summary()["by_layer"]
-        assert list(by_layer.index) == [("enc.blk", 0), ("v.blk", 0), ("v.blk", 1)]
-        assert list(by_layer["count"]) == [1, 1, 1]
+        assert list(by_layer.index) == [("embeddings", -1), ("enc.blk", 0), ("v.blk", 0), ("v.blk", 1), ("other", -1)]
+        assert list(by_layer["count"]) == [1, 1, 1, 1, 2]  # v.patch_embd; v.post_ln and mm.0
     with lab.open_model(small_model) as m:  # a plain decoder: one group
         by_layer = m.summary()["by_layer"]
-        assert set(by_layer.index.get_level_values("group")) == {"blk"}
-        assert list(by_layer.index.get_level_values("layer")) == list(range(m.metadata["llama.block_count"]))
+        assert set(by_layer.index.get_level_values("group")) == {"embeddings", "blk", "other"}
+        assert list(by_layer.loc["blk"].index) == list(range(m.metadata["llama.block_count"]))
 
 
 def test_raw_is_zero_copy_and_matches_gguf_reader(small_model):

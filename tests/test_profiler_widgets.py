@@ -100,12 +100,16 @@ def test_plots_leave_no_pyplot_figure(small_model, no_block_model):
         figs.append(layers)
     # pyplot keeps none of them, so a notebook shows each only as the cell's result
     assert plt.get_fignums() == []
-    assert [t.get_text() for t in layers.axes[0].get_xticklabels()] == ["enc.blk.0", "v.blk.0", "v.blk.1"]
+    assert [t.get_text() for t in layers.axes[0].get_xticklabels()] == ["embeddings", "enc.blk.0", "v.blk.0", "v.blk.1",
+                                                                        "other"]
     for fig in figs:
         fig.savefig(BytesIO(), format="png")
     with open_model(small_model) as m:
-        labels = [t.get_text() for t in plots.model_bytes(m, "layer").axes[0].get_xticklabels()]
-        assert labels == [str(i) for i in range(m.metadata["llama.block_count"])]
+        fig = plots.model_bytes(m, "layer")
+        labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        assert labels == ["embeddings", *(str(i) for i in range(m.metadata["llama.block_count"])), "other"]
+        heights = [b.get_height() for b in fig.axes[0].patches]  # the bars add up to the title's MiB
+        assert sum(heights) == pytest.approx(m.summary()["tensor_bytes"] / 2**20)
 
 
 def test_model_bytes_without_layers(tmp_path):
@@ -113,9 +117,9 @@ def test_model_bytes_without_layers(tmp_path):
 
     path = GGUFBytes(tensors=[f32_tensor("mm.0.weight", 32), f32_tensor("mm.2.bias", 32)]).write(tmp_path / "loose.gguf")
     with open_model(path) as m:
-        assert m.summary()["by_layer"].empty
+        assert list(m.summary()["by_layer"]["count"]) == [2]  # both in "other"
         fig = plots.model_bytes(m, "layer")
-        assert "no tensor belongs to a layer" in [t.get_text() for t in fig.axes[0].texts]
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["other"]
         fig.savefig(BytesIO(), format="png")
 
 
