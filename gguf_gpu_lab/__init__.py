@@ -24,6 +24,7 @@ from .errors import (
     GGUFFormatError,
     GGUFLabError,
     LoadCancelled,
+    MetadataNotFoundError,
     ModelNotFoundError,
     TensorNotFoundError,
     UnsupportedTypeError,
@@ -65,5 +66,6 @@ def __dir__():  # what tab completion offers: the public face and the submodules
 __all__ = [
     "open_model", "load", "check", "GGUFModel", "TensorInfo", "LoadResult", "DeviceTensor", "Problem",
     "dequantize", "type_spec", "GGUFLabError", "GGUFFormatError", "ModelNotFoundError", "TensorNotFoundError",
+    "MetadataNotFoundError",
     "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "__version__",
 ]

@@ -15,7 +15,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from . import naming, quant
-from .errors import GGUFFormatError, GGUFLabError, ModelNotFoundError, TensorNotFoundError
+from .errors import (GGUFFormatError, GGUFLabError, MetadataNotFoundError, ModelNotFoundError, TensorNotFoundError,
+                     not_found)
 from .header import Field, Header, map_file
 
 _ARRAY_SUMMARY_LEN = 8  # metadata arrays longer than this are summarised
@@ -150,8 +151,8 @@ class GGUFModel:
         self._data()
         try:
             f = self._header.fields[key]
-        except KeyError:
-            raise KeyError(f"{self.path}: no metadata key {key!r}") from None
+        except KeyError:  # a GGUFLabError, and a KeyError as a mapping's would be
+            raise not_found(MetadataNotFoundError, self.path, "metadata key", key, self._header.fields) from None
         if f.is_array and f.element_type in _NUMERIC:
             return f.numpy()
         return f.value()

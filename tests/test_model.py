@@ -343,3 +343,22 @@ def test_missing_file_is_also_file_not_found(tmp_path):
     assert isinstance(e.value, GGUFLabError) and "nope.gguf" in str(e.value)
     with pytest.raises(FileNotFoundError):
         lab.load(tmp_path / "nope.gguf", backend="host")
+
+
+def test_missing_names_are_gguflab_errors_and_key_errors_naming_the_file(small_model):
+    from gguf_gpu_lab.loader import load
+
+    with lab.open_model(small_model) as m:
+        with pytest.raises(lab.MetadataNotFoundError) as e:
+            m.metadata_value("general.architectur")
+        assert isinstance(e.value, KeyError) and isinstance(e.value, lab.GGUFLabError)
+        assert str(e.value).startswith(f"{small_model}: no metadata key 'general.architectur'; did you mean "
+                                       "'general.architecture'")
+    with pytest.raises(lab.TensorNotFoundError) as e:
+        load(small_model, tensors=["nope", "blk.0.attn_q.weight", "nope2"], backend="host")
+    assert str(e.value) == f"{small_model}: no tensor named 'nope' (and 1 more missing)"
+    r = load(small_model, tensors=["blk.0.attn_q.weight"], backend="host")
+    with pytest.raises(lab.TensorNotFoundError) as e:
+        r["blk.0.attn_k.weight"]
+    assert isinstance(e.value, KeyError) and str(e.value).startswith(f"{small_model}: no tensor loaded named "
+                                                                    "'blk.0.attn_k.weight'; did you mean")

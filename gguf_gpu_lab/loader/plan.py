@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import quant
-from ..errors import GGUFLabError, TensorNotFoundError
+from ..errors import GGUFLabError, TensorNotFoundError, not_found
 from ..model import TensorInfo
 
 MODES = ("gpu", "raw", "cpu", "sequential")
@@ -83,8 +83,9 @@ class Chunk:
         return sum(p.nbytes for p in self.pieces)
 
 
-def select(tensors: Sequence[TensorInfo], names=None, order="file") -> list[TensorInfo]:
-    """The tensors to load, in load order. ``names``: a list of names or a predicate."""
+def select(tensors: Sequence[TensorInfo], names=None, order="file", path=None) -> list[TensorInfo]:
+    """The tensors to load, in load order. ``names``: a list of names or a predicate; ``path``:
+    the file, named by the error for a name it does not have."""
     if names is None:
         chosen = list(tensors)
     elif callable(names):
@@ -93,7 +94,8 @@ def select(tensors: Sequence[TensorInfo], names=None, order="file") -> list[Tens
         by_name = {t.name: t for t in tensors}
         missing = [n for n in names if n not in by_name]
         if missing:
-            raise TensorNotFoundError(f"no tensor named {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            e = not_found(TensorNotFoundError, path or "the model", "tensor named", missing[0], by_name)
+            raise TensorNotFoundError(e.args[0] + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""))
         chosen = [by_name[n] for n in dict.fromkeys(names)]
     if callable(order):
         return sorted(chosen, key=order)
