@@ -85,8 +85,14 @@ def test_sdist_holds_what_its_tests_need(tmp_path):
     import sys
     import tarfile
 
+    import shutil
+
+    # from a clean copy: an egg-info left by an earlier build would add its file list to this one
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", ".git", ".venv", "build",
+                                                            "dist", "gguf-lab-*", ".pytest_cache"))
     build = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
-    r = subprocess.run([sys.executable, "-c", build, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", build, str(tmp_path)], cwd=src, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     name = r.stdout.strip().splitlines()[-1]
