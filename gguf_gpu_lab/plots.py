@@ -91,8 +91,11 @@ def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None
     from matplotlib.patches import Patch
 
     present = [s for s in STAGE_COLORS if s in set(df["stage"])]
-    ax.legend(handles=[Patch(color=STAGE_COLORS[s], label=s) for s in present], loc="upper right", ncols=len(present),
-              fontsize="small", framealpha=0.9)
+    # a stage seen only on the setup lane is named so: its "kernels" (getting the kernels ready) is
+    # not the "kernels" lane of a CUPTI timeline, whose bars are dequant spans
+    setup_only = set(df.loc[df["lane"] == "setup", "stage"]) - set(df.loc[df["lane"] != "setup", "stage"])
+    ax.legend(handles=[Patch(color=STAGE_COLORS[s], label=f"setup: {s}" if s in setup_only else s) for s in present],
+              loc="upper right", ncols=len(present), fontsize="small", framealpha=0.9)
     meta = profile.meta
     ax.set_title(title or f"{meta.get('mode', '')} load on {meta.get('backend', '')}: "
                  f"{len(df)} spans, {profile.wall_s * 1e3:.1f} ms")
