@@ -64,6 +64,9 @@ NAMED_CONFIGS = {
 _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 
+MAX_PARAMS = 2 * 10**12  # about 1.1 TB in Q4_K_M: past any model published in GGUF
+
+
 def parse_params(text: str | int) -> int:
     """ "7B" -> 7e9, "350M" -> 3.5e8, 1000000 -> 1e6."""
     if isinstance(text, (int, np.integer)):
@@ -75,6 +78,8 @@ def parse_params(text: str | int) -> int:
         n = int(float(m.group(1)) * _SUFFIX.get(m.group(2), 1))
     if n < 1_000_000:
         raise GGUFLabError(f"--params: {text!r} is below the smallest model (1M parameters)")
+    if n > MAX_PARAMS:
+        raise GGUFLabError(f"--params: {text!r} is above the largest model synth writes (2T parameters)")
     return n
 
 
@@ -359,6 +364,9 @@ def synth(
     t0 = time.perf_counter()
     if weights not in WEIGHTS:
         raise GGUFLabError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    for name, value, low, high in (("seed", seed, 0, 2**32 - 1), ("threads", threads, 1, 256)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+            raise GGUFLabError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
     cfg = _with_heads(llama_config(params), heads, kv_heads)
     if vocab is not None:
         if not (isinstance(vocab, (int, np.integer)) and 1 <= vocab <= 1 << 24):
