@@ -311,9 +311,8 @@ def cmd_fuzz(cases: int, seed: int, out: str | None, overwrite: bool = False) ->
     from .tools import fuzz
     from .tools.bench import machine_info
 
-    if out:
+    if out:  # before the work
         check_new(out, overwrite, "--out file")
-
     bar = progress_bar("fuzz", total=cases, unit="case")
     try:
         rep = fuzz.run(cases, seed, progress=lambda i: bar.update(1))

@@ -398,3 +398,19 @@ def test_a_closed_pipe_ends_quietly(small_model):
     err = p.stderr.read().decode()
     p.stderr.close()
     assert p.wait(timeout=120) == 141 and err == ""
+
+
+def test_inspect_and_dequant_name_the_order_of_their_shapes(small_model, capsys):
+    import gguf_gpu_lab as lab
+
+    with lab.open_model(small_model) as m:
+        t = m.info("blk.0.ffn_down.weight")
+    assert t.shape != t.np_shape  # GGUF order is NumPy's reversed
+    assert main(["inspect", str(small_model), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    header = next(ln for ln in out.splitlines() if ln.lstrip().startswith("name"))
+    assert "ggml_shape" in header and "np_shape" in header and "GGUF order" in out and "NumPy order" in out
+    row = next(ln for ln in out.splitlines() if ln.lstrip().startswith("blk.0.ffn_down.weight"))
+    assert str(t.shape) in row and str(t.np_shape) in row
+    assert main(["dequant", str(small_model), "blk.0.ffn_down.weight"]) == 0
+    assert f"NumPy shape {t.np_shape} (GGUF order {t.shape})" in capsys.readouterr().out
