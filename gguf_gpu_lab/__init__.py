@@ -26,6 +26,7 @@ from .errors import (
     LoadCancelled,
     MetadataNotFoundError,
     ModelNotFoundError,
+    OutputExistsError,
     TensorNotFoundError,
     UnsupportedTypeError,
 )
@@ -66,6 +67,6 @@ def __dir__():  # what tab completion offers: the public face and the submodules
 __all__ = [
     "open_model", "load", "check", "GGUFModel", "TensorInfo", "LoadResult", "DeviceTensor", "Problem",
     "dequantize", "type_spec", "GGUFLabError", "GGUFFormatError", "ModelNotFoundError", "TensorNotFoundError",
-    "MetadataNotFoundError",
+    "MetadataNotFoundError", "OutputExistsError",
     "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "__version__",
 ]

@@ -51,6 +51,11 @@ def not_found(cls: type, path, what: str, name, known) -> GGUFLabError:
     return cls(f"{path}: no {what} {name!r}{hint}")
 
 
+class OutputExistsError(GGUFLabError, FileExistsError):
+    """An output path holds a file the toolkit was not asked to replace (also a
+    ``FileExistsError``); see ``gguf_gpu_lab.outputs``."""
+
+
 class UnsupportedTypeError(GGUFLabError, NotImplementedError):
     """A GGML tensor type this toolkit cannot dequantize."""
 

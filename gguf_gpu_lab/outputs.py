@@ -14,13 +14,11 @@ import os
 import time
 from typing import Iterable
 
-from .errors import GGUFLabError
+from .errors import GGUFLabError, OutputExistsError
+
+__all__ = ["MANIFEST", "OutputExistsError", "check_new", "create_new", "claim_folder", "record_folder"]
 
 MANIFEST = ".gguf-gpu-lab-outputs.json"  # in a folder of outputs: the names the toolkit wrote there
-
-
-class OutputExistsError(GGUFLabError, FileExistsError):
-    """An output path holds a file the toolkit was not asked to replace (also a ``FileExistsError``)."""
 
 
 def check_new(path: str | os.PathLike, overwrite: bool = False, what: str = "output", hint: str = "--overwrite") -> str:
