@@ -24,7 +24,9 @@ from .errors import (
     GGUFFormatError,
     GGUFLabError,
     LoadCancelled,
+    MetadataNotFoundError,
     ModelNotFoundError,
+    OutputExistsError,
     TensorNotFoundError,
     SourceChangedError,
     UnsupportedTypeError,
@@ -67,5 +69,6 @@ def __dir__():  # what tab completion offers: the public face and the submodules
 __all__ = [
     "open_model", "load", "check", "GGUFModel", "TensorInfo", "LoadResult", "DeviceTensor", "Problem",
     "dequantize", "type_spec", "GGUFLabError", "GGUFFormatError", "ModelNotFoundError", "TensorNotFoundError",
-    "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "SourceChangedError", "BackendError", "__version__",
+    "MetadataNotFoundError", "OutputExistsError", "SourceChangedError",
+    "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "__version__",
 ]

@@ -9,9 +9,20 @@ import sys
 from typing import Sequence
 
 from .errors import GGUFLabError
+from .outputs import check_new, claim_folder, record_folder
 from .progress import ProgressBar, progress_bar
 
 BENCH_DIR = "gguf-lab-bench"  # under the working directory; the committed results are benchmarks/results
+CHUNK_MB = (1 / 64, 1024.0)  # the range of --chunk-mb (loader.plan.LoadOptions checks the same for the API)
+MAX_DEVICE = 1023  # the largest device index --device takes (a backend checks against its own devices)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the flag and the value, where to find the options)
+    instead of the whole usage; the sub-commands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _whole(low: int, high: int | None = None):
@@ -28,15 +39,17 @@ def _whole(low: int, high: int | None = None):
     return parse
 
 
-def _positive(text: str) -> float:
-    """An argparse type: a number above 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return x
+def _between(low: float, high: float):
+    """An argparse type: a number from ``low`` to ``high`` (nan and inf refused as outside)."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low <= x <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, got {text}")
+        return x
+    return parse
 
 
 def _devices(text: str):
@@ -47,8 +60,8 @@ def _devices(text: str):
         ds = [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an index, indices such as 0,1, or all; got {text!r}") from None
-    if any(d < 0 for d in ds):
-        raise argparse.ArgumentTypeError(f"device indices are 0 or more, got {text!r}")
+    if any(not 0 <= d <= MAX_DEVICE for d in ds):
+        raise argparse.ArgumentTypeError(f"device indices are from 0 to {MAX_DEVICE}, got {text!r}")
     return ds[0] if len(ds) == 1 else ds
 
 
@@ -119,19 +132,22 @@ def cmd_inspect(path: str, as_json: bool, tensors: bool) -> int:
             import pandas as pd
 
             with pd.option_context("display.max_rows", None, "display.width", 200):
-                print("\ntensors:")
-                print(m.tensors_df().drop(columns=["np_shape"]).to_string(index=False))
+                print("\ntensors (ggml_shape: GGUF order, fastest-varying dimension first; np_shape: NumPy order, "
+                      "as dequant and load give the arrays):")
+                df = m.tensors_df().rename(columns={"shape": "ggml_shape"})
+                print(df.to_string(index=False))
     return 0
 
 
 def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = None, arch: str = "llama",
-              heads: int | None = None, kv_heads: int | None = None, weights: str = "random") -> int:
+              heads: int | None = None, kv_heads: int | None = None, weights: str = "random",
+              overwrite: bool = False) -> int:
     from .tools.synth import synth
 
     bar = ProgressBar(f"synth {arch} {params} {mix}")
     try:
         r = synth(out, params, mix, seed, vocab=vocab, progress=bar, arch=arch, heads=heads, kv_heads=kv_heads,
-                  weights=weights)
+                  weights=weights, overwrite=overwrite)
     finally:
         bar.close()
     print(f"wrote {r.path}: {r.n_tensors} tensors, {r.n_params / 1e6:.1f} M weights, "
@@ -139,17 +155,22 @@ def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = No
     return 0
 
 
-def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool, bf16_bits: bool = False) -> int:
+def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool, bf16_bits: bool = False,
+                overwrite: bool = False) -> int:
     import numpy as np
 
     from .model import open_model
 
     if bf16_bits and dtype != "bfloat16":
         raise GGUFLabError(f"--bf16-bits needs --dtype bfloat16, got --dtype {dtype}")
+    if out is not None:  # before the work; np.save would add .npy to any other name
+        if not out.endswith(".npy"):
+            raise GGUFLabError(f"--out {out}: the file is a NumPy .npy file; give a name ending in .npy")
+        check_new(out, overwrite, "--out file")
     with open_model(path) as m:
         t = m.info(name)
         x = m.dequantize(name, dtype)
-        print(f"{name}: {t.type_name} {t.np_shape} -> {x.dtype} "
+        print(f"{name}: {t.type_name}, NumPy shape {t.np_shape} (GGUF order {t.shape}) -> {x.dtype} "
               f"min {float(x.min()):.6g} max {float(x.max()):.6g} mean {float(x.astype(np.float32).mean()):.6g}")
         if verify:
             from .tools.verify import verify_tensor
@@ -161,7 +182,8 @@ def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool,
         if out:
             if dtype == "bfloat16":  # .npy has no bfloat16 (np.load would give void |V2): exact float32, or the bits
                 x = x.view(np.uint16) if bf16_bits else x.astype(np.float32)
-            np.save(out, x)
+            with open(out, "wb" if overwrite else "xb") as f:  # exactly the name given
+                np.save(f, x)
             print(f"saved {out} ({x.dtype})")
     return 0
 
@@ -180,10 +202,10 @@ def cmd_check(path: str, max_problems: int) -> int:
     return 0
 
 
-def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
+def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types: list[str] | None,
               model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
               hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
-              export: bool = False) -> int:
+              export: bool = False, overwrite: bool = False) -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
@@ -191,6 +213,10 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
     if len(chosen) > 1:
         raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, --export, or "
                            f"none (the loader); got {' '.join(chosen)}")
+    for flag, value in (("--size-mb", size_mb), ("--types", types)):
+        if value is not None and not (cpu or dequant):
+            raise GGUFLabError(f"{flag} is for bench --cpu and bench --dequant, not bench{' ' + chosen[0] if chosen else ''}")
+    size_mb = 256 if size_mb is None else size_mb
     if not cpu and not open_ and not export:  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
 
@@ -199,7 +225,7 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
             raise GGUFLabError(f"bench{' ' + chosen[0] if chosen else ''} needs a GPU: {reason}; "
                                "bench --cpu and bench --open run without one")
     if out is not None:
-        _writable_dir(os.path.dirname(os.path.abspath(out)), "--out")
+        check_new(out, overwrite, "--out file")
     else:
         _writable_dir(out_dir, "--out-dir")
     if multi_gpu:
@@ -241,7 +267,7 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
         res = bench_gpu_dequant(types=types, n_elements=size_mb * (1 << 20) // 2)
         print(format_gpu_dequant(res))
     if out is not None:
-        with open(out, "w") as f:
+        with open(out, "w" if overwrite else "x") as f:
             json.dump(res, f, indent=2, default=_json_default)
         path = out
     else:
@@ -250,14 +276,18 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
     return 0
 
 
+PROFILE_FILES = ("spans.csv", "timeline.png", "trace.json")  # what write_profile puts in a folder
+
+
 def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, readers: int, order: str,
-             backend: str, profile_dir: str | None, repeat: int = 1, device=0) -> int:
+             backend: str, profile_dir: str | None, repeat: int = 1, device=0, overwrite: bool = False) -> int:
     from .loader import load
     from .model import open_model
     from .plots import write_profile
 
     if profile_dir:
         _writable_dir(profile_dir, "--profile")
+        claim_folder(profile_dir, PROFILE_FILES, overwrite)
     with open_model(path) as m:
         for i in range(repeat):
             # the first load in a process also pins the staging ring and grows the device pool;
@@ -278,15 +308,16 @@ def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, re
             if profile_dir:
                 for what, p in write_profile(r.profile, profile_dir).items():
                     print(f"{what}: {p}")
+                record_folder(profile_dir, PROFILE_FILES)
     return 0
 
 
-def cmd_fuzz(cases: int, seed: int, out: str | None) -> int:
-    import json
-
+def cmd_fuzz(cases: int, seed: int, out: str | None, overwrite: bool = False) -> int:
     from .tools import fuzz
     from .tools.bench import machine_info
 
+    if out:  # before the work
+        check_new(out, overwrite, "--out file")
     bar = progress_bar("fuzz", total=cases, unit="case")
     try:
         rep = fuzz.run(cases, seed, progress=lambda i: bar.update(1))
@@ -298,7 +329,7 @@ def cmd_fuzz(cases: int, seed: int, out: str | None) -> int:
         print(f"FAILED case {f[0]} ({f[1]}): {f[2]}")
     if out:
         doc = {"benchmark": "fuzz", "machine": machine_info(), "seed": seed, **rep.to_dict()}
-        with open(out, "w") as fh:
+        with open(out, "w" if overwrite else "x") as fh:
             json.dump(doc, fh, indent=2)
         print(f"saved {out}")
     return 0 if rep.ok() else 1
@@ -315,15 +346,15 @@ def cmd_export(path: str, out_dir: str, dtype: str, max_shard_size: str, overwri
     return 0
 
 
-def cmd_demo(out_dir: str, params: str, mix: str) -> int:
+def cmd_demo(out_dir: str, params: str, mix: str, overwrite: bool = False) -> int:
     from .tools.demo import run_demo
 
-    run_demo(out_dir, params=params, mix=mix, progress=progress_bar)
+    run_demo(out_dir, params=params, mix=mix, progress=progress_bar, overwrite=overwrite)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gguf-gpu-lab", description="Load GGUF models onto a GPU fast, and see how.")
+    p = _Parser(prog="gguf-gpu-lab", description="Load GGUF models onto a GPU fast, and see how.")
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -339,12 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", default="25M", help="size: 25M, 1B, 7B, ... (default 25M)")
     s.add_argument("--mix", default="Q4_K_M", help="Q4_0, Q8_0, Q4_K_M, Q6_K, F16 or all-types (default Q4_K_M)")
     s.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0, help="the same seed writes the same bytes (default 0)")
-    s.add_argument("--vocab", type=int, default=None,
+    s.add_argument("--overwrite", action="store_true", help="replace a file at OUT (refused by default)")
+    s.add_argument("--vocab", type=_whole(1, 1 << 24), default=None,
                    help="vocabulary size: token list, scores and types, embedding rows (default: the size's own)")
     s.add_argument("--arch", default="llama",
                    help="architecture: llama, mistral, qwen2, qwen3, gemma2, gemma3 or phi3 (default llama)")
-    s.add_argument("--heads", type=int, default=None, help="attention heads (default: the size's own)")
-    s.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: as many as --heads)")
+    s.add_argument("--heads", type=_whole(1, 4096), default=None, help="attention heads (default: the size's own)")
+    s.add_argument("--kv-heads", type=_whole(1, 4096), default=None,
+                   help="key/value heads (default: as many as --heads)")
     s.add_argument("--weights", default="random", choices=["random", "small"],
                    help="small: weights the size a trained model's are (finite float16 forward passes)")
 
@@ -358,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bf16-bits", action="store_true",
                    help="with --dtype bfloat16: save the bfloat16 bit patterns as uint16 instead of float32 values")
     s.add_argument("--verify", action="store_true", help="compare with gguf-py's dequantize")
+    s.add_argument("--overwrite", action="store_true", help="replace a file at --out (refused by default)")
 
     s = sub.add_parser("load", help="load a model onto the GPU (or the host backend) and report")
     s.add_argument("path", help="GGUF model file")
@@ -367,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"],
                    help="dtype of the loaded tensors (default float16; not used by --mode raw)")
     s.add_argument("--streams", type=_whole(1, 64), default=4, help="streams the chunks are spread over, 1 to 64 (default 4)")
-    s.add_argument("--chunk-mb", type=_positive, default=16.0,
-                   help="MiB of file per chunk: big tensors are split, small ones batched (default 16)")
+    s.add_argument("--chunk-mb", type=_between(*CHUNK_MB), default=16.0,
+                   help=f"MiB of file per chunk, {CHUNK_MB[0]:g} to {CHUNK_MB[1]:g}: big tensors are split, small "
+                        "ones batched (default 16)")
     s.add_argument("--readers", type=_whole(1, 256), default=None,
                    help="reader threads (default: two fewer than the cores, 2 to 14)")
     s.add_argument("--order", default="file", choices=["file", "largest", "layer"],
@@ -379,13 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the GPU (default 0), or several: 0,1 or all, the model split by layer in proportion to "
                         "each GPU's free memory (the placement is printed; the host backend plays several devices)")
     s.add_argument("--profile", metavar="DIR", help="write the spans (CSV), the timeline (PNG) and a Chrome trace (JSON) here")
-    s.add_argument("--repeat", type=_whole(1), default=1,
+    s.add_argument("--overwrite", action="store_true",
+                   help="with --profile: replace files of those names that gguf-gpu-lab did not write there")
+    s.add_argument("--repeat", type=_whole(1, 1000), default=1,
                    help="load N times, each reported (the first also pins the staging ring and grows the device "
                         "pool); the profile is the last load's")
 
     s = sub.add_parser("check", help="scan for NaN/Inf in float tensors and block scales (exit 1 if found)")
     s.add_argument("path", help="GGUF model file")
-    s.add_argument("--max-problems", type=_whole(1), default=100, help="stop after this many problems (default 100)")
+    s.add_argument("--max-problems", type=_whole(1, 10**9), default=100, help="stop after this many problems (default 100)")
 
     s = sub.add_parser("bench", help="run a benchmark (default: the loader on the GPU) and save its JSON result")
     s.add_argument("--cpu", action="store_true", help="CPU dequantization throughput (needs no GPU)")
@@ -409,15 +446,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "262,144-token vocabulary against transformers' (the GPU where there is one)")
     s.add_argument("--big-params", default="70B",
                    help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
-    s.add_argument("--out", help="write the JSON result to this file (default: a dated file in --out-dir)")
+    s.add_argument("--out", help="write the JSON result to this file (default: a file named by date and time in "
+                                 "--out-dir)")
+    s.add_argument("--overwrite", action="store_true", help="replace a file at --out (refused by default)")
     s.add_argument("--model", help="loader, --e2e, --hf and --export benchmarks: this model (default: a synthetic one of --params)")
     s.add_argument("--params", default="8B", help="loader, --e2e, --hf and --export benchmarks: synthetic model size (default 8B, "
                                                   "~4.6 GiB Q4_K_M)")
     s.add_argument("--out-dir", default=BENCH_DIR,
                    help=f"folder for the JSON result (default: {BENCH_DIR}/ under the working directory)")
-    s.add_argument("--size-mb", type=_whole(1), default=256,
-                   help="output size per type: float32 MB for --cpu, float16 MiB for --dequant (default 256)")
-    s.add_argument("--types", nargs="*", help="GGML types (default: Q4_0 Q8_0 Q4_K Q6_K for --cpu, every type for --dequant)")
+    s.add_argument("--size-mb", type=_whole(1, 65536), default=None,
+                   help="--cpu and --dequant: output size per type, float32 MB for --cpu, float16 MiB for --dequant, "
+                        "1 to 65536 (default 256)")
+    s.add_argument("--types", nargs="*", help="--cpu and --dequant: GGML types (default: Q4_0 Q8_0 Q4_K Q6_K for --cpu, "
+                                              "every type for --dequant)")
 
     s = sub.add_parser("export", help="write a Hugging Face model folder (safetensors, config, tokenizer) of a GGUF "
                                       "file, for any engine that reads one (needs the hf extra)")
@@ -435,16 +476,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write into a non-empty folder, replacing the export's files there (others stay)")
 
     s = sub.add_parser("fuzz", help="fuzz the parser and CPU load path with mutated GGUF files (exit 1 on a failure)")
-    s.add_argument("--cases", type=_whole(1), default=10000, help="how many mutated files (default 10000)")
+    s.add_argument("--cases", type=_whole(1, 10**7), default=10000, help="how many mutated files (default 10000)")
     s.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0, help="the same seed gives the same cases (default 0)")
     s.add_argument("--out", help="save the counts as JSON")
+    s.add_argument("--overwrite", action="store_true", help="replace a file at --out (refused by default)")
 
     s = sub.add_parser("demo", help="the main job on a built-in synthetic model")
     s.add_argument("--out-dir", default="gguf-lab-demo", help="folder for the model, spans, timeline and trace "
                                                               "(default gguf-lab-demo)")
     s.add_argument("--params", default="25M", help="size of the synthetic model (default 25M)")
     s.add_argument("--mix", default="Q4_K_M", help="quantization mix, as for synth (default Q4_K_M)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace files of the demo's names in --out-dir that gguf-gpu-lab did not write there "
+                        "(its own from an earlier run are replaced without it)")
     return p
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail a second time."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -454,29 +510,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_inspect(args.path, args.json, args.tensors)
         if args.command == "synth":
             return cmd_synth(args.out, args.params, args.mix, args.seed, args.vocab, args.arch, args.heads,
-                             args.kv_heads, args.weights)
+                             args.kv_heads, args.weights, args.overwrite)
         if args.command == "dequant":
-            return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify, args.bf16_bits)
+            return cmd_dequant(args.path, args.name, args.out, args.dtype, args.verify, args.bf16_bits, args.overwrite)
         if args.command == "load":
             return cmd_load(args.path, args.mode, args.dtype, args.streams, args.chunk_mb, args.readers, args.order,
-                            args.backend, args.profile, args.repeat, args.device)
+                            args.backend, args.profile, args.repeat, args.device, args.overwrite)
         if args.command == "check":
             return cmd_check(args.path, args.max_problems)
         if args.command == "bench":
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
                              args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
-                             None if args.big_params.lower() == "none" else args.big_params, args.export)
+                             None if args.big_params.lower() == "none" else args.big_params, args.export,
+                             args.overwrite)
         if args.command == "export":
             return cmd_export(args.path, args.out_dir, args.dtype, args.max_shard_size, args.overwrite, args.budget,
                               args.device)
         if args.command == "fuzz":
-            return cmd_fuzz(args.cases, args.seed, args.out)
+            return cmd_fuzz(args.cases, args.seed, args.out, args.overwrite)
         if args.command == "demo":
-            return cmd_demo(args.out_dir, args.params, args.mix)
+            return cmd_demo(args.out_dir, args.params, args.mix, args.overwrite)
     except (GGUFLabError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"gguf-gpu-lab: error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went (`inspect ... | head -1`): stop quietly, as CLI tools do
+        _quiet_stdout()
+        return 128 + 13  # what a shell reports for a process ended by SIGPIPE
     except OSError as e:
         print(f"gguf-gpu-lab: error: {_os_error(e)}", file=sys.stderr)
         return 2

@@ -41,6 +41,7 @@ def gpu_available() -> bool:
     return _cupy_or_reason()[0] is not None
 
 
+HOST_MAX_DEVICES = 64  # the most devices the host backend plays
 _INSTANCES: dict[tuple[str, int], "Backend"] = {}
 _INSTANCES_LOCK = threading.Lock()
 
@@ -52,6 +53,11 @@ def get_backend(backend: "str | Backend" = "auto", device: int = 0) -> "Backend"
     if isinstance(backend, Backend):
         return backend
     kind = _resolve(backend)
+    # a device that is not there is refused here, not deep in a load (the host backend plays up to 64)
+    count = device_count(kind) if kind == "cupy" else HOST_MAX_DEVICES
+    if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < count:
+        where = "GPU indices here are" if kind == "cupy" else "the host backend plays devices"
+        raise BackendError(f"device {device!r} is not a device: {where} 0 to {count - 1}")
     with _INSTANCES_LOCK:
         key = (kind, device)
         if key not in _INSTANCES:
@@ -73,8 +79,8 @@ def device_count(backend: "str | Backend" = "auto") -> int:
         n = int(text)
     except ValueError:
         n = 0
-    if n < 1:
-        raise BackendError(f"GGUF_LAB_HOST_DEVICES must be a whole number of at least 1, got {text!r}")
+    if not 1 <= n <= HOST_MAX_DEVICES:
+        raise BackendError(f"GGUF_LAB_HOST_DEVICES must be a whole number from 1 to {HOST_MAX_DEVICES}, got {text!r}")
     return n
 
 

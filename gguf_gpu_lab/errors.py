@@ -34,6 +34,28 @@ class TensorNotFoundError(GGUFLabError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class MetadataNotFoundError(GGUFLabError, KeyError):
+    """A metadata key that the model does not have (also a ``KeyError``); the message names the
+    file and the closest keys it does have."""
+
+    __str__ = TensorNotFoundError.__str__
+
+
+def not_found(cls: type, path, what: str, name, known) -> GGUFLabError:
+    """``cls`` (``TensorNotFoundError`` or ``MetadataNotFoundError``) for ``name``, naming the file
+    and up to three of the ``known`` names closest to it."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=3)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    return cls(f"{path}: no {what} {name!r}{hint}")
+
+
+class OutputExistsError(GGUFLabError, FileExistsError):
+    """An output path holds a file the toolkit was not asked to replace (also a
+    ``FileExistsError``); see ``gguf_gpu_lab.outputs``."""
+
+
 class UnsupportedTypeError(GGUFLabError, NotImplementedError):
     """A GGML tensor type this toolkit cannot dequantize."""
 

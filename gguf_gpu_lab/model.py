@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from . import naming, quant
-from .errors import GGUFLabError, ModelNotFoundError, TensorNotFoundError
+from .errors import GGUFLabError, MetadataNotFoundError, ModelNotFoundError, TensorNotFoundError, not_found
 from .header import Field, Header
 from .scan import Problem, check_model
 from .source import ByteSource, open_source
@@ -165,8 +165,8 @@ class GGUFModel:
         self.source  # noqa: B018  (raises once closed)
         try:
             f = self._header.fields[key]
-        except KeyError:
-            raise KeyError(f"{self.path}: no metadata key {key!r}") from None
+        except KeyError:  # a GGUFLabError, and a KeyError as a mapping's would be
+            raise not_found(MetadataNotFoundError, self.path, "metadata key", key, self._header.fields) from None
         if f.is_array and f.element_type in _NUMERIC:
             return f.numpy()
         return f.value()
@@ -221,14 +221,25 @@ class GGUFModel:
         })
 
     def summary(self) -> dict[str, Any]:
-        """Counts and bytes by type and by layer (indexed by group and layer: ``("blk", 3)``; tensors
-        outside every block left out), bits per weight, file size against tensor bytes."""
+        """Counts and bytes by type and by layer, bits per weight, file size against tensor bytes.
+        ``by_layer`` is indexed by group and layer (``("blk", 3)``), with the tensors outside every
+        block in an ``("embeddings", -1)`` row first and an ``("other", -1)`` row last (norms,
+        output, projector), so its bytes add up to the model's."""
+        import pandas as pd
+
         df = self.tensors_df()
         tensor_bytes = int(df["n_bytes"].sum()) if len(df) else 0
         n_elem = int(df["n_elements"].sum()) if len(df) else 0
         by_type = df.groupby("type").agg(count=("name", "size"), n_bytes=("n_bytes", "sum"),
                                          n_elements=("n_elements", "sum")).sort_values("n_bytes", ascending=False)
-        by_layer = df.dropna(subset=["layer"]).groupby(["group", "layer"]).agg(count=("name", "size"), n_bytes=("n_bytes", "sum"))
+        agg = dict(count=("name", "size"), n_bytes=("n_bytes", "sum"))
+        by_layer = df.dropna(subset=["layer"]).astype({"layer": "int64"}).groupby(["group", "layer"]).agg(**agg)
+        loose = df[df["layer"].isna()]
+        embd = loose["name"].str.contains("embd", regex=False)  # as naming.layer_key orders them
+        parts = [(g, part) for g, part in (("embeddings", loose[embd]), ("other", loose[~embd])) if len(part)]
+        if parts:  # layer -1: outside every block (an integer level, so the index stays sortable)
+            rows = [part.assign(group=g, layer=-1).groupby(["group", "layer"]).agg(**agg) for g, part in parts]
+            by_layer = pd.concat(rows[:1] + [by_layer] + rows[1:] if parts[0][0] == "embeddings" else [by_layer] + rows)
         return {
             "path": self.path, "architecture": self.architecture, "version": self.version,
             "n_tensors": len(self.tensors), "n_elements": n_elem, "tensor_bytes": tensor_bytes,

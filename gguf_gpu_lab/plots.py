@@ -91,8 +91,11 @@ def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None
     from matplotlib.patches import Patch
 
     present = [s for s in STAGE_COLORS if s in set(df["stage"])]
-    ax.legend(handles=[Patch(color=STAGE_COLORS[s], label=s) for s in present], loc="upper right", ncols=len(present),
-              fontsize="small", framealpha=0.9)
+    # a stage seen only on the setup lane is named so: its "kernels" (getting the kernels ready) is
+    # not the "kernels" lane of a CUPTI timeline, whose bars are dequant spans
+    setup_only = set(df.loc[df["lane"] == "setup", "stage"]) - set(df.loc[df["lane"] != "setup", "stage"])
+    ax.legend(handles=[Patch(color=STAGE_COLORS[s], label=f"setup: {s}" if s in setup_only else s) for s in present],
+              loc="upper right", ncols=len(present), fontsize="small", framealpha=0.9)
     meta = profile.meta
     ax.set_title(title or f"{meta.get('mode', '')} load on {meta.get('backend', '')}: "
                  f"{len(df)} spans, {profile.wall_s * 1e3:.1f} ms")
@@ -142,22 +145,23 @@ def stage_bandwidth(profile, peaks: Mapping[str, float] | None = None, ax=None):
             ax.annotate(f"peak {peaks[s]:.0f}", (i, peaks[s]), textcoords="offset points", xytext=(0, 3),
                         ha="center", fontsize="small")
     ax.set_xticks(x, st["stage"])
-    ax.set_ylabel("GB/s of file bytes while busy")
+    ax.set_ylabel("GB/s while busy")  # of the bytes each stage moved: file bytes, or values copied in cpu mode
     ax.set_title("bandwidth per stage")
     return fig
 
 
 def model_bytes(model, by: str = "type", ax=None):
     """A model's tensor bytes by type or by layer (bars labelled by index where every block is a
-    decoder's ``blk.N``, by ``group.N`` where there are other stacks such as ``v.blk``)."""
+    decoder's ``blk.N``, by ``group.N`` where there are other stacks such as ``v.blk``; the tensors
+    outside every block in an ``embeddings`` bar first and an ``other`` bar last)."""
     s = model.summary()
     if by not in ("type", "layer"):
         raise ValueError(f"by must be 'type' or 'layer', got {by!r}")
     fig, ax = _axes(ax, (8, 3.2))
     data = s["by_type"] if by == "type" else s["by_layer"]
     if by == "layer":
-        groups = set(data.index.get_level_values("group"))
-        data = data.set_axis([str(i) if groups == {"blk"} else f"{g}.{i}" for g, i in data.index])
+        groups = {g for g, i in data.index if i >= 0}
+        data = data.set_axis([g if i < 0 else str(i) if groups == {"blk"} else f"{g}.{i}" for g, i in data.index])
     if len(data):
         (data["n_bytes"] / 2**20).plot.bar(ax=ax, color="#4C72B0")
     else:

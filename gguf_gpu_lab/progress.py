@@ -29,8 +29,37 @@ def progress_bar(desc: str, total: int | None = None, unit: str = "B"):
     """
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1000, leave=False,
-                disable=not shown())
+    show = shown()
+    if show and _in_notebook(tqdm):
+        tqdm = _notebook_bar()
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1000, leave=False, disable=not show)
+
+
+def _in_notebook(tqdm_class) -> bool:
+    return any(c.__module__ == "tqdm.notebook" for c in tqdm_class.__mro__)
+
+
+def _notebook_bar():
+    """tqdm's notebook bar, drawn at its end state when closed. tqdm skips updates that come
+    faster than ``mininterval`` and does not redraw its text on close, so a saved notebook kept
+    "0%" or "91%" beside a full bar; and the cell's text fallback (what a viewer without the
+    widget shows) was the bar's repr at creation, ``0%| 0.00/15.5M``. Here the bar is redrawn on
+    close and shown through a display handle, updated then, so both read the true end state."""
+    from IPython.display import display
+    from tqdm.notebook import tqdm as notebook_tqdm
+
+    class Bar(notebook_tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, display=False, **kwargs)
+            self._handle = None if self.disable else display(self.container, display_id=True)
+
+        def close(self):
+            if not self.disable and self._handle is not None:
+                self.refresh()
+                self._handle.update(self.container)
+            super().close()
+
+    return Bar
 
 
 class ProgressBar:

@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 
 from gguf_gpu_lab.cli import main
+from gguf_gpu_lab.outputs import MANIFEST
 
 
 def run(*args):
@@ -113,7 +116,7 @@ def test_load_repeat_and_profile(tmp_path, small_model, capsys):
     out = capsys.readouterr().out
     assert "load 1 of 3: loaded" in out and "load 3 of 3: loaded" in out
     assert "GB in host memory (host backend))" in out and "on the device" not in out
-    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["spans.csv", "timeline.png", "trace.json"]
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == [MANIFEST, "spans.csv", "timeline.png", "trace.json"]
 
 
 @pytest.mark.parametrize("flags,what", [([], "bench"), (["--dequant"], "bench --dequant"), (["--e2e"], "bench --e2e")])
@@ -196,19 +199,41 @@ def test_bfloat16_npy_loads_in_numpy(tmp_path, small_model, capsys):
 
 @pytest.mark.parametrize("args,needle", [
     (["load", "/nonexistent.gguf", "--streams", "0"], "argument --streams: must be from 1 to 64, got 0"),
-    (["load", "/nonexistent.gguf", "--chunk-mb", "0"], "argument --chunk-mb: must be above 0, got 0"),
+    (["load", "/nonexistent.gguf", "--chunk-mb", "0"], "argument --chunk-mb: must be from 0.015625 to 1024, got 0"),
+    (["load", "/nonexistent.gguf", "--chunk-mb", "1e-9"], "argument --chunk-mb: must be from 0.015625 to 1024, got 1e-9"),
+    (["load", "/nonexistent.gguf", "--chunk-mb", "1e308"], "argument --chunk-mb: must be from 0.015625 to 1024, got 1e308"),
+    (["load", "/nonexistent.gguf", "--chunk-mb", "inf"], "argument --chunk-mb: must be from 0.015625 to 1024, got inf"),
+    (["load", "/nonexistent.gguf", "--chunk-mb", "nan"], "argument --chunk-mb: must be from 0.015625 to 1024, got nan"),
     (["load", "/nonexistent.gguf", "--readers", "two"], "argument --readers: expected a whole number, got 'two'"),
-    (["load", "/nonexistent.gguf", "--repeat", "0"], "argument --repeat: must be at least 1, got 0"),
-    (["fuzz", "--cases", "-5"], "argument --cases: must be at least 1, got -5"),
+    (["load", "/nonexistent.gguf", "--repeat", "0"], "argument --repeat: must be from 1 to 1000, got 0"),
+    (["load", "/nonexistent.gguf", "--device", "-1"], "argument --device: device indices are from 0 to 1023, got '-1'"),
+    (["load", "/nonexistent.gguf", "--device", "99999999999999999999"], "argument --device: device indices are from 0"),
+    (["fuzz", "--cases", "-5"], "argument --cases: must be from 1 to 10000000, got -5"),
     (["synth", "x.gguf", "--seed", "-1"], "argument --seed: must be from 0 to 4294967295, got -1"),
-    (["check", "/nonexistent.gguf", "--max-problems", "0"], "argument --max-problems: must be at least 1, got 0"),
-    (["bench", "--cpu", "--size-mb", "0"], "argument --size-mb: must be at least 1, got 0"),
+    (["synth", "x.gguf", "--vocab", "0"], "argument --vocab: must be from 1 to 16777216, got 0"),
+    (["synth", "x.gguf", "--heads", "0"], "argument --heads: must be from 1 to 4096, got 0"),
+    (["check", "/nonexistent.gguf", "--max-problems", "0"], "argument --max-problems: must be from 1 to 1000000000, got 0"),
+    (["bench", "--cpu", "--size-mb", "0"], "argument --size-mb: must be from 1 to 65536, got 0"),
+    (["inspect"], "the following arguments are required: path"),
 ])
 def test_bad_numbers_are_refused_up_front_by_their_flag(tmp_path, monkeypatch, capsys, args, needle):
     monkeypatch.chdir(tmp_path)  # were a check missing, what the command writes stays here
     with pytest.raises(SystemExit) as e:
         main(args)
-    assert e.value.code == 2 and needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err
+    # one line, as the README promises, not argparse's usage block
+    assert err.startswith(f"gguf-gpu-lab {args[0]}: error: ") and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_open_refuses_options_it_does_not_use(tmp_path, monkeypatch, capsys):
+    import gguf_gpu_lab.tools.bench_e2e as be
+
+    monkeypatch.setattr(be, "bench_open", lambda: pytest.fail("bench --open ran with an option it ignores"))
+    assert main(["bench", "--open", "--size-mb", "5", "--out-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("gguf-gpu-lab: error: --size-mb is for bench --cpu and bench --dequant, "
+                                       "not bench --open\n")
 
 
 def test_profile_folder_is_checked_before_loading(tmp_path, small_model, capsys):
@@ -274,3 +299,118 @@ def test_bench_model_writes_a_temporary_model_or_uses_the_one_given(small_model)
     assert not os.path.exists(path) and not os.path.exists(os.path.dirname(path))
     with bench_model(str(small_model), "8B", "Q4_K_M") as (given, info):
         assert given == str(small_model) and info is None
+
+
+def test_synth_refuses_an_existing_path_unless_overwrite(tmp_path, capsys):
+    from gguf_gpu_lab.outputs import OutputExistsError
+    from gguf_gpu_lab.tools.synth import synth
+
+    mine = tmp_path / "real-model.gguf"
+    mine.write_bytes(b"GGUF a model that synth did not write")
+    assert main(["synth", str(mine), "--params", "1M", "--mix", "Q8_0"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gguf-gpu-lab: error: {mine}: exists; the model would replace it (overwrite=True, or --overwrite, allows that)\n"
+    assert mine.read_bytes() == b"GGUF a model that synth did not write"
+    with pytest.raises(OutputExistsError, match="exists"):
+        synth(mine, "1M", "Q8_0")
+    with pytest.raises(FileExistsError):  # also the OSError a caller may expect
+        synth(mine, "1M", "Q8_0")
+    assert mine.read_bytes() == b"GGUF a model that synth did not write"
+    assert main(["synth", str(mine), "--params", "1M", "--mix", "Q8_0", "--overwrite"]) == 0
+    assert mine.read_bytes()[:4] == b"GGUF" and mine.stat().st_size > 1000
+    assert main(["synth", str(tmp_path / "no-such-folder" / "m.gguf"), "--params", "1M"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_dequant_out_is_the_file_named_and_checked_before_the_work(tmp_path, small_model, monkeypatch, capsys):
+    import gguf_gpu_lab.model
+
+    name = "blk.0.attn_k.weight"
+    assert main(["dequant", str(small_model), name, "--out", str(tmp_path / "q.txt")]) == 2
+    assert "give a name ending in .npy" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    taken = tmp_path / "taken.npy"
+    taken.write_bytes(b"keep me")
+    monkeypatch.setattr(gguf_gpu_lab.model.GGUFModel, "dequantize", lambda *a, **k: pytest.fail("worked first"))
+    assert main(["dequant", str(small_model), name, "--out", str(taken)]) == 2
+    assert capsys.readouterr().err.startswith(f"gguf-gpu-lab: error: {taken}: exists")
+    monkeypatch.undo()
+    assert main(["dequant", str(small_model), name, "--out", str(taken), "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert f"saved {taken} (float32)" in out and "NumPy shape (" in out and "GGUF order (" in out
+    assert np.load(taken).dtype == np.float32 and sorted(p.name for p in tmp_path.iterdir()) == ["taken.npy"]
+
+
+def test_fuzz_and_bench_out_are_checked_before_the_work(tmp_path, monkeypatch, capsys):
+    from gguf_gpu_lab.tools import bench, fuzz
+
+    taken = tmp_path / "r.json"
+    taken.write_text("{}")
+    monkeypatch.setattr(fuzz, "run", lambda *a, **k: pytest.fail("fuzzed first"))
+    monkeypatch.setattr(bench, "bench_cpu", lambda *a, **k: pytest.fail("benchmarked first"))
+    assert main(["fuzz", "--cases", "3", "--out", str(taken)]) == 2
+    assert main(["bench", "--cpu", "--size-mb", "1", "--out", str(taken)]) == 2
+    assert capsys.readouterr().err.count(f"{taken}: exists") == 2 and taken.read_text() == "{}"
+    monkeypatch.undo()
+    assert main(["fuzz", "--cases", "3", "--out", str(taken), "--overwrite"]) == 0
+    assert json.loads(taken.read_text())["cases"] == 3
+
+
+def test_bench_results_of_the_same_day_do_not_replace_each_other(tmp_path):
+    from gguf_gpu_lab.tools.bench import machine_info, save_result
+
+    res = {"benchmark": "x", "machine": machine_info(), "n": 1}
+    first = save_result(res, str(tmp_path), "x")
+    second = save_result({**res, "n": 2}, str(tmp_path), "x")  # the same second: a numbered name
+    assert first != second and len(list(tmp_path.glob("x-*.json"))) == 2
+    assert re.fullmatch(r"x-\d{4}-\d\d-\d\dT\d{6}-.+\.json", os.path.basename(first))
+    assert json.loads(open(first).read())["n"] == 1 and json.loads(open(second).read())["n"] == 2
+
+
+def test_demo_replaces_its_own_files_and_refuses_others(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "timeline.png").write_bytes(b"a picture of mine")
+    assert main(["demo", "--out-dir", str(out), "--params", "1M"]) == 2
+    assert "timeline.png: exists and was not written by gguf-gpu-lab" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["timeline.png"]
+    (out / "timeline.png").unlink()
+    assert main(["demo", "--out-dir", str(out), "--params", "1M"]) == 0
+    assert main(["demo", "--out-dir", str(out), "--params", "1M"]) == 0  # its own files, replaced
+    assert (out / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_folder_refuses_files_it_did_not_write(tmp_path, small_model, capsys):
+    prof = tmp_path / "prof"
+    prof.mkdir()
+    (prof / "spans.csv").write_text("mine")
+    assert main(["load", str(small_model), "--backend", "host", "--profile", str(prof)]) == 2
+    assert "spans.csv: exists and was not written by gguf-gpu-lab" in capsys.readouterr().err
+    assert main(["load", str(small_model), "--backend", "host", "--profile", str(prof), "--overwrite"]) == 0
+    assert main(["load", str(small_model), "--backend", "host", "--profile", str(prof)]) == 0  # now its own
+    assert (prof / "spans.csv").read_text() != "mine"
+
+
+def test_a_closed_pipe_ends_quietly(small_model):
+    """``inspect ... | head -1``: the reader goes; no "error: Broken pipe", no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "gguf_gpu_lab", "inspect", str(small_model), "--tensors"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the first write: every write meets a closed pipe
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait(timeout=120) == 141 and err == ""
+
+
+def test_inspect_and_dequant_name_the_order_of_their_shapes(small_model, capsys):
+    import gguf_gpu_lab as lab
+
+    with lab.open_model(small_model) as m:
+        t = m.info("blk.0.ffn_down.weight")
+    assert t.shape != t.np_shape  # GGUF order is NumPy's reversed
+    assert main(["inspect", str(small_model), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    header = next(ln for ln in out.splitlines() if ln.lstrip().startswith("name"))
+    assert "ggml_shape" in header and "np_shape" in header and "GGUF order" in out and "NumPy order" in out
+    row = next(ln for ln in out.splitlines() if ln.lstrip().startswith("blk.0.ffn_down.weight"))
+    assert str(t.shape) in row and str(t.np_shape) in row
+    assert main(["dequant", str(small_model), "blk.0.ffn_down.weight"]) == 0
+    assert f"NumPy shape {t.np_shape} (GGUF order {t.shape})" in capsys.readouterr().out

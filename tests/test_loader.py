@@ -27,7 +27,7 @@ def _check(m, r, mode, dtype, names=None):
             assert bad.size == 0, (mode, dtype, name)
 
 
-@pytest.mark.parametrize("chunk_mb", [0.01, 0.3, 64.0])  # smaller than most tensors .. larger than all
+@pytest.mark.parametrize("chunk_mb", [0.02, 0.3, 64.0])  # smaller than most tensors .. larger than all
 @pytest.mark.parametrize("mode", ["gpu", "raw", "cpu", "sequential"])
 def test_every_mode_matches_cpu_dequantization(all_types_model, mode, chunk_mb):
     with open_model(all_types_model) as m:
@@ -94,6 +94,29 @@ def test_bad_options(small_model):
                     ({"chunk_mb": 0}, "chunk_mb"), ({"order": "random"}, "order"), ({"dtype": "int8"}, "dtype")]:
         with pytest.raises(GGUFLabError, match=msg):
             load(small_model, backend="host", **kw)
+
+
+@pytest.mark.parametrize("kw,line", [
+    ({"chunk_mb": 1e-9}, "chunk_mb must be a number from 0.015625 to 1024 (MiB), got 1e-09"),
+    ({"chunk_mb": 1e308}, "chunk_mb must be a number from 0.015625 to 1024 (MiB), got 1e+308"),
+    ({"chunk_mb": float("inf")}, "chunk_mb must be a number from 0.015625 to 1024 (MiB), got inf"),
+    ({"chunk_mb": float("nan")}, "chunk_mb must be a number from 0.015625 to 1024 (MiB), got nan"),
+    ({"chunk_mb": "16"}, "chunk_mb must be a number from 0.015625 to 1024 (MiB), got '16'"),
+    ({"staging_mb": 0}, "staging_mb must be a number from 0.015625 to 65536 (MiB), got 0"),
+    ({"staging_mb": 1e12}, "staging_mb must be a number from 0.015625 to 65536 (MiB), got 1000000000000.0"),
+    ({"streams": True}, "streams must be an integer from 1 to 64, got True"),
+    ({"readers": 10**9}, "readers must be an integer from 1 to 256, got 1000000000"),
+    ({"device": -1}, "device must be an index of 0 or more, a list of indices or 'all', got -1"),
+    ({"device": 99999999999999999999}, "device 99999999999999999999 is not a device: the host backend plays devices 0 to 63"),
+    ({"device": [0, 10**6]}, "device 1000000 is not a device"),
+])
+def test_numbers_out_of_range_are_one_line_before_any_work(small_model, monkeypatch, kw, line):
+    import gguf_gpu_lab.loader as loader
+
+    monkeypatch.setattr(loader, "Pipeline", lambda *a, **k: pytest.fail("the load started"))
+    with pytest.raises(GGUFLabError) as e:
+        load(small_model, backend="host", **kw)
+    assert line in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("mode", ["gpu", "cpu", "sequential"])
@@ -343,3 +366,15 @@ def test_preload_progress_counts_the_tensors_of_a_batch():
     assert n == 64 and (during.tensors_done, during.tensors_total, during.bytes_done, during.bytes_total) == (0, 64, 0, 640)
     after = h.progress
     assert (after.tensors_done, after.tensors_total, after.bytes_done, after.bytes_total) == (64, 64, 640, 640)
+
+
+@pytest.mark.parametrize("mode,dtype", [("cpu", "float32"), ("cpu", "float16"), ("sequential", "float32"),
+                                        ("gpu", "float32"), ("raw", "float16")])
+def test_h2d_spans_count_the_bytes_copied(small_model, mode, dtype):
+    """cpu and sequential modes copy dequantized values: their h2d spans say so (a float32 load
+    copies several times the file's bytes), so h2d GB/s is not understated; gpu and raw copy the file's."""
+    r = load(small_model, mode=mode, dtype=dtype, chunk_mb=0.25, backend="host")
+    h2d = int(r.profile.df.query("stage == 'h2d'")["bytes"].sum())
+    assert h2d == (r.out_bytes if mode in ("cpu", "sequential") else r.file_bytes)
+    if mode in ("cpu", "sequential") and dtype == "float32":
+        assert h2d > 3 * r.file_bytes

@@ -208,3 +208,20 @@ def test_two_gpu_lazy_cache_and_preload(small_model, two_gpus):
             assert dt.device == placed[t.name] == dt.array.device.id, t.name
         assert m.cache_info()["loads"] == len(m.tensors)
         assert np.array_equal(x.numpy().reshape(-1), m.dequantize("output.weight", "float16").reshape(-1))
+
+
+def test_a_gpu_that_is_not_there_is_refused_before_any_work(small_model):
+    import cupy
+
+    from gguf_gpu_lab import BackendError
+
+    n = cupy.cuda.runtime.getDeviceCount()
+    with pytest.raises(BackendError, match=f"device {n} is not a device: GPU indices here are 0 to {n - 1}"):
+        load(small_model, device=n, backend="cupy")
+
+
+@pytest.mark.parametrize("mode", ["cpu", "sequential", "gpu"])
+def test_h2d_spans_count_the_bytes_copied_on_the_gpu(small_model, mode):
+    r = load(small_model, mode=mode, dtype="float32", chunk_mb=0.25, backend="cupy")
+    h2d = int(r.profile.df.query("stage == 'h2d'")["bytes"].sum())
+    assert h2d == (r.file_bytes if mode == "gpu" else r.out_bytes)

@@ -39,7 +39,10 @@ def test_tensor_table_and_summary(small_model):
         assert s["tensor_bytes"] == df["n_bytes"].sum()
         assert s["file_size"] == os.path.getsize(small_model) > s["tensor_bytes"]
         assert set(s["by_type"].index) == {"Q4_K", "Q6_K", "F32"}
-        assert s["by_layer"]["count"].sum() == df["layer"].notna().sum()
+        assert s["by_layer"]["count"].sum() == len(df) and s["by_layer"]["n_bytes"].sum() == s["tensor_bytes"]
+        emb = s["by_layer"].loc[("embeddings", -1)]
+        assert emb["count"] == 1 and emb["n_bytes"] == m.info("token_embd.weight").n_bytes
+        assert s["by_layer"].index[-1] == ("other", -1)  # output norm and output
         assert 4.5 < s["bits_per_weight"] < 6
         html = m._repr_html_()
         assert "Q4_K" in html and "llama" in html
@@ -57,12 +60,12 @@ def test_blocks_of_other_stacks_and_none(no_block_model, small_model):
                        "v.post_ln.weight": (None, None), "mm.0.weight": (None, None)}
         assert list(m.tensors_df()["group"]) == [g for g, _ in got.values()]
         by_layer = m.summary()["by_layer"]
-        assert list(by_layer.index) == [("enc.blk", 0), ("v.blk", 0), ("v.blk", 1)]
-        assert list(by_layer["count"]) == [1, 1, 1]
+        assert list(by_layer.index) == [("embeddings", -1), ("enc.blk", 0), ("v.blk", 0), ("v.blk", 1), ("other", -1)]
+        assert list(by_layer["count"]) == [1, 1, 1, 1, 2]  # v.patch_embd; v.post_ln and mm.0
     with lab.open_model(small_model) as m:  # a plain decoder: one group
         by_layer = m.summary()["by_layer"]
-        assert set(by_layer.index.get_level_values("group")) == {"blk"}
-        assert list(by_layer.index.get_level_values("layer")) == list(range(m.metadata["llama.block_count"]))
+        assert set(by_layer.index.get_level_values("group")) == {"embeddings", "blk", "other"}
+        assert list(by_layer.loc["blk"].index) == list(range(m.metadata["llama.block_count"]))
 
 
 def test_raw_is_zero_copy_and_matches_gguf_reader(small_model):
@@ -340,3 +343,22 @@ def test_missing_file_is_also_file_not_found(tmp_path):
     assert isinstance(e.value, GGUFLabError) and "nope.gguf" in str(e.value)
     with pytest.raises(FileNotFoundError):
         lab.load(tmp_path / "nope.gguf", backend="host")
+
+
+def test_missing_names_are_gguflab_errors_and_key_errors_naming_the_file(small_model):
+    from gguf_gpu_lab.loader import load
+
+    with lab.open_model(small_model) as m:
+        with pytest.raises(lab.MetadataNotFoundError) as e:
+            m.metadata_value("general.architectur")
+        assert isinstance(e.value, KeyError) and isinstance(e.value, lab.GGUFLabError)
+        assert str(e.value).startswith(f"{small_model}: no metadata key 'general.architectur'; did you mean "
+                                       "'general.architecture'")
+    with pytest.raises(lab.TensorNotFoundError) as e:
+        load(small_model, tensors=["nope", "blk.0.attn_q.weight", "nope2"], backend="host")
+    assert str(e.value) == f"{small_model}: no tensor named 'nope' (and 1 more missing)"
+    r = load(small_model, tensors=["blk.0.attn_q.weight"], backend="host")
+    with pytest.raises(lab.TensorNotFoundError) as e:
+        r["blk.0.attn_k.weight"]
+    assert isinstance(e.value, KeyError) and str(e.value).startswith(f"{small_model}: no tensor loaded named "
+                                                                    "'blk.0.attn_k.weight'; did you mean")

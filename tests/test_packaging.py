@@ -71,3 +71,39 @@ def test_readme_test_command_is_what_ci_runs():
     cmds = re.findall(r"```bash\n(.*?)```", readme, re.S)[0].strip().splitlines()
     setup, test = [c for c in cmds if not c.startswith("#")][:2]
     assert setup.strip() in ci and test.strip() in ci
+
+
+def test_license_file_is_mit(pyproject):
+    assert pyproject["license"] == "MIT" and "LICENSE" in pyproject["license-files"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
+
+
+def test_sdist_holds_what_its_tests_need(tmp_path):
+    """pytest runs in an unpacked sdist: the tests with their conftests, helpers and data, and the
+    files they read (notebooks, README, results, environment files, the CI script), and a LICENSE."""
+    import subprocess
+    import sys
+    import tarfile
+
+    import shutil
+
+    # from a clean copy: an egg-info left by an earlier build would add its file list to this one
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", ".git", ".venv", "build",
+                                                            "dist", "gguf-lab-*", ".pytest_cache"))
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    r = subprocess.run([sys.executable, "-c", build, str(tmp_path)], cwd=src, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    name = r.stdout.strip().splitlines()[-1]
+    with tarfile.open(tmp_path / name) as tar:
+        top = name[:-len(".tar.gz")]
+        members = {m.name[len(top) + 1:] for m in tar.getmembers() if m.isfile()}
+        pkg_info = tar.extractfile(f"{top}/PKG-INFO").read().decode()
+    want = {str(p.relative_to(ROOT)) for d in ("tests", "notebooks") for p in (ROOT / d).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and ".ipynb_checkpoints" not in p.parts}
+    want |= {"LICENSE", "README.md", "conftest.py", "pyproject.toml", ".ci/run", *ENV_FILES}
+    want |= {str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "results").glob("*.json")}
+    assert {"tests/__init__.py", "tests/conftest.py", "tests/data/libgguf-grid-rows.npz", "tests/gguf_bytes.py"} <= want
+    assert not want - members, sorted(want - members)[:10]
+    assert "License-File: LICENSE" in pkg_info and not [m for m in members if m.endswith(".pyc")]

@@ -100,12 +100,16 @@ def test_plots_leave_no_pyplot_figure(small_model, no_block_model):
         figs.append(layers)
     # pyplot keeps none of them, so a notebook shows each only as the cell's result
     assert plt.get_fignums() == []
-    assert [t.get_text() for t in layers.axes[0].get_xticklabels()] == ["enc.blk.0", "v.blk.0", "v.blk.1"]
+    assert [t.get_text() for t in layers.axes[0].get_xticklabels()] == ["embeddings", "enc.blk.0", "v.blk.0", "v.blk.1",
+                                                                        "other"]
     for fig in figs:
         fig.savefig(BytesIO(), format="png")
     with open_model(small_model) as m:
-        labels = [t.get_text() for t in plots.model_bytes(m, "layer").axes[0].get_xticklabels()]
-        assert labels == [str(i) for i in range(m.metadata["llama.block_count"])]
+        fig = plots.model_bytes(m, "layer")
+        labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        assert labels == ["embeddings", *(str(i) for i in range(m.metadata["llama.block_count"])), "other"]
+        heights = [b.get_height() for b in fig.axes[0].patches]  # the bars add up to the title's MiB
+        assert sum(heights) == pytest.approx(m.summary()["tensor_bytes"] / 2**20)
 
 
 def test_model_bytes_without_layers(tmp_path):
@@ -113,9 +117,9 @@ def test_model_bytes_without_layers(tmp_path):
 
     path = GGUFBytes(tensors=[f32_tensor("mm.0.weight", 32), f32_tensor("mm.2.bias", 32)]).write(tmp_path / "loose.gguf")
     with open_model(path) as m:
-        assert m.summary()["by_layer"].empty
+        assert list(m.summary()["by_layer"]["count"]) == [2]  # both in "other"
         fig = plots.model_bytes(m, "layer")
-        assert "no tensor belongs to a layer" in [t.get_text() for t in fig.axes[0].texts]
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["other"]
         fig.savefig(BytesIO(), format="png")
 
 
@@ -202,3 +206,25 @@ def test_timeline_says_what_a_device_bar_means():
             "reader 0", "stream 0", "copy engine", "kernels", "setup"]
     host = Profile.from_spans(spans[:1], 0, 0.004, meta={"backend": "host", "device_timing": "events"})
     assert len(plots.timeline(host).axes[0].texts) == 0
+
+
+def test_timeline_legend_colours_match_the_lanes():
+    """A CUPTI timeline's "kernels" lane draws dequant bars; the setup's kernel preparation is named
+    apart in the legend, so no legend entry names a lane in another lane's colour."""
+    from matplotlib.colors import to_hex
+
+    ms = 1_000_000
+    spans = [Span("reader 0", "read", 0, "a", 10, 0, 2 * ms), Span("copy engine", "h2d", 0, "a", 10, 2 * ms, 3 * ms),
+             Span("kernels", "dequant", 0, "a", 10, 3 * ms, 4 * ms), Span("setup", "kernels", -1, "", 0, 0, ms),
+             Span("setup", "pin staging", -1, "", 0, 0, ms)]
+    fig = plots.timeline(Profile.from_spans(spans, 0, 0.004, meta={"backend": "cupy", "device_timing": "cupti"}))
+    legend = {t.get_text(): to_hex(h.get_facecolor()) for t, h in
+              zip(fig.axes[0].get_legend().get_texts(), fig.axes[0].get_legend().legend_handles)}
+    assert legend == {"read": plots.STAGE_COLORS["read"].lower(), "h2d": plots.STAGE_COLORS["h2d"].lower(),
+                      "dequant": plots.STAGE_COLORS["dequant"].lower(),
+                      "setup: pin staging": plots.STAGE_COLORS["pin staging"].lower(),
+                      "setup: kernels": plots.STAGE_COLORS["kernels"].lower()}
+    y = [t.get_text() for t in fig.axes[0].get_yticklabels()].index("kernels")
+    on_lane = {to_hex(c.get_facecolor()[0]) for c in fig.axes[0].collections
+               if abs(c.get_paths()[0].vertices[:, 1].mean() - y) < 0.5}
+    assert on_lane == {legend["dequant"]}  # the kernels lane in the colour its legend entry names

@@ -206,3 +206,15 @@ def test_f64_is_cast_to_requested_dtype():
 
 def test_quant_types_list_is_complete():
     assert len(QUANT_TYPES) >= 20
+
+
+def test_ml_dtypes_is_imported_only_when_bfloat16_is_needed():
+    """`import gguf_gpu_lab` (and the command line's start) stays light: ml_dtypes took most of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gguf_gpu_lab, gguf_gpu_lab.cli; print('ml_dtypes' in sys.modules); "
+            "from gguf_gpu_lab import quant; print(quant.resolve_dtype('bfloat16'), quant.bfloat16.__name__, "
+            "'ml_dtypes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.split() == ["False", "bfloat16", "bfloat16", "True"]

@@ -167,3 +167,16 @@ def test_threads_write_the_same_bytes(tmp_path):
     b = synth(tmp_path / "b.gguf", "4M", "Q4_K_M", seed=5, threads=3)
     assert (a.n_tensors, a.n_params, a.file_size) == (b.n_tensors, b.n_params, b.file_size)
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+@pytest.mark.parametrize("kw,line", [
+    ({"params": "99999T"}, "--params: '99999T' is above the largest model synth writes (2T parameters)"),
+    ({"seed": -1}, "seed must be a whole number from 0 to 4294967295, got -1"),
+    ({"seed": 2**32}, "seed must be a whole number from 0 to 4294967295, got 4294967296"),
+    ({"threads": 0}, "threads must be a whole number from 1 to 256, got 0"),
+    ({"threads": 1.5}, "threads must be a whole number from 1 to 256, got 1.5"),
+])
+def test_numbers_out_of_range_are_refused_before_writing(tmp_path, kw, line):
+    with pytest.raises(GGUFLabError) as e:
+        synth(tmp_path / "x.gguf", **{"params": "1M", "mix": "Q8_0", **kw})
+    assert str(e.value) == line and not list(tmp_path.iterdir())

@@ -116,7 +116,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     # a path is parsed once per process (and again only if the file changes): reloads reuse it
     model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
     try:
-        chosen = select(model.tensors, tensors, order)
+        chosen = select(model.tensors, tensors, order, model.path)
         where = plan_placement(chosen, devices, backends, opts.mode, opts.dtype, placement, opts.streams,
                                opts.chunk_mb) if several else None
         ld = Pipeline(model, backends if several else be, opts, chosen, progress, Stop(cancel), where)

@@ -30,7 +30,7 @@ from ..model import GGUFModel, TensorInfo
 from ..profiler import Span
 from ..source import ByteSource
 from .placement import Placement
-from .plan import Chunk, LoadOptions, plan_chunks, plan_sites
+from .plan import Chunk, LoadOptions, copied_bytes, plan_chunks, plan_sites
 from .result import DeviceTensor, alloc_outputs, check_memory
 from .sequential import run_sequential
 from .staging import Staging, Stop, cpu_piece, default_readers, read_chunk, staged_bytes
@@ -404,7 +404,8 @@ class Pipeline:
         for lane_name, c, evs in self.device_events:
             first = c.pieces[0].tensor.name
             for (_, a), (stage, b) in zip(evs, evs[1:]):
-                spans.append(Span(lane_name, stage, c.index, first, c.nbytes, a.time_ns(), b.time_ns()))
+                n = copied_bytes(c, self.opts.mode, self.opts.dtype) if stage == "h2d" else c.nbytes
+                spans.append(Span(lane_name, stage, c.index, first, n, a.time_ns(), b.time_ns()))
         self.device_events = []
         return spans
 

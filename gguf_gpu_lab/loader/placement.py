@@ -24,7 +24,10 @@ def single_device(device) -> int | None:
     of devices or ``"all"``: a load over several)."""
     if isinstance(device, (str, bool)) or not hasattr(device, "__index__"):
         return None
-    return operator.index(device)
+    d = operator.index(device)
+    if d < 0:  # as the command line's --device refuses it
+        raise GGUFLabError(f"device must be an index of 0 or more, a list of indices or 'all', got {device!r}")
+    return d
 
 
 def several_devices(device, placement=None) -> bool:

@@ -8,11 +8,20 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import quant
-from ..errors import GGUFLabError, TensorNotFoundError
+from ..errors import GGUFLabError, TensorNotFoundError, not_found
 from ..model import TensorInfo
 
 MODES = ("gpu", "raw", "cpu", "sequential")
 ORDERS = ("file", "largest", "layer")
+CHUNK_MB = (1 / 64, 1024.0)  # 16 KiB to 1 GiB: below, per-chunk costs swamp a load; above, staging outgrows memory
+STAGING_MB = (1 / 64, 65536.0)  # total pinned staging: at most 64 GiB
+
+
+def _in_range(name: str, value, low: float, high: float) -> None:
+    """A real number (not a bool) from ``low`` to ``high``, else one line naming the argument."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not (ok and low <= value <= high):  # nan fails both comparisons
+        raise GGUFLabError(f"{name} must be a number from {low:g} to {high:g} (MiB), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -30,16 +39,16 @@ class LoadOptions:
     def check(self) -> "LoadOptions":
         if self.mode not in MODES:
             raise GGUFLabError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not (isinstance(self.streams, int) and 1 <= self.streams <= 64):
+        if not (isinstance(self.streams, int) and not isinstance(self.streams, bool) and 1 <= self.streams <= 64):
             raise GGUFLabError(f"streams must be an integer from 1 to 64, got {self.streams!r}")
-        if self.readers is not None and not (isinstance(self.readers, int) and 1 <= self.readers <= 256):
+        if self.readers is not None and not (isinstance(self.readers, int) and not isinstance(self.readers, bool)
+                                             and 1 <= self.readers <= 256):
             raise GGUFLabError(f"readers must be an integer from 1 to 256, got {self.readers!r}")
         if self.read not in ("mmap", "preadv"):
             raise GGUFLabError(f"read must be 'mmap' or 'preadv', got {self.read!r}")
-        if not self.chunk_mb > 0:
-            raise GGUFLabError(f"chunk_mb must be positive, got {self.chunk_mb!r}")
-        if self.staging_mb is not None and not self.staging_mb > 0:
-            raise GGUFLabError(f"staging_mb must be positive, got {self.staging_mb!r}")
+        _in_range("chunk_mb", self.chunk_mb, *CHUNK_MB)
+        if self.staging_mb is not None:
+            _in_range("staging_mb", self.staging_mb, *STAGING_MB)
         if not (callable(self.order) or self.order in ORDERS):
             raise GGUFLabError(f"order must be one of {', '.join(ORDERS)} or a callable, got {self.order!r}")
         if self.profile not in (True, False, "events", "cupti"):
@@ -74,8 +83,9 @@ class Chunk:
         return sum(p.nbytes for p in self.pieces)
 
 
-def select(tensors: Sequence[TensorInfo], names=None, order="file") -> list[TensorInfo]:
-    """The tensors to load, in load order. ``names``: a list of names or a predicate."""
+def select(tensors: Sequence[TensorInfo], names=None, order="file", path=None) -> list[TensorInfo]:
+    """The tensors to load, in load order. ``names``: a list of names or a predicate; ``path``:
+    the file, named by the error for a name it does not have."""
     if names is None:
         chosen = list(tensors)
     elif callable(names):
@@ -84,7 +94,8 @@ def select(tensors: Sequence[TensorInfo], names=None, order="file") -> list[Tens
         by_name = {t.name: t for t in tensors}
         missing = [n for n in names if n not in by_name]
         if missing:
-            raise TensorNotFoundError(f"no tensor named {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            e = not_found(TensorNotFoundError, path or "the model", "tensor named", missing[0], by_name)
+            raise TensorNotFoundError(e.args[0] + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""))
         chosen = [by_name[n] for n in dict.fromkeys(names)]
     if callable(order):
         return sorted(chosen, key=order)
@@ -153,6 +164,15 @@ def plan_sites(tensors_per_site: Sequence[Sequence[TensorInfo]], chunk_bytes: in
 def output_bytes(t: TensorInfo, mode: str, dtype: str) -> int:
     """Bytes a tensor's output takes on the device in a mode."""
     return t.n_bytes if mode == "raw" else t.n_elements * out_kind(t, mode, dtype)[1].itemsize
+
+
+def copied_bytes(c: Chunk, mode: str, dtype: str) -> int:
+    """Bytes a chunk's host-to-device copy moves: its file bytes, or in cpu mode the values the
+    readers dequantized (a float32 output copies several times the file's quantized bytes)."""
+    if mode != "cpu":
+        return c.nbytes
+    return sum(p.n_blocks * quant.type_spec(p.tensor.ggml_type).block_size
+               * out_kind(p.tensor, mode, dtype)[1].itemsize for p in c.pieces)
 
 
 def out_kind(t: TensorInfo, mode: str, dtype: str) -> tuple[str, np.dtype]:

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import quant
 from ..device import Backend
-from ..errors import DeviceMemoryError
+from ..errors import DeviceMemoryError, TensorNotFoundError, not_found
 from ..model import TensorInfo
 from ..profiler import Profile
 from .placement import Placement
@@ -103,7 +103,10 @@ class LoadResult(Mapping[str, DeviceTensor]):
         return df
 
     def __getitem__(self, k):
-        return self.tensors[k]
+        try:
+            return self.tensors[k]
+        except KeyError:  # a GGUFLabError naming the file, and still a KeyError
+            raise not_found(TensorNotFoundError, self.path, "tensor loaded named", k, self.tensors) from None
 
     def __iter__(self):
         return iter(self.tensors)

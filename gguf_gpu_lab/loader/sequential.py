@@ -37,7 +37,7 @@ def run_sequential(pl) -> tuple[dict[str, DeviceTensor], int]:
         be.synchronize()
         t2 = time.perf_counter_ns()
         pl.span("main", "cpu_dequant", i, t.name, t.n_bytes, t0, t1)
-        pl.span("main", "h2d", i, t.name, t.n_bytes, t1, t2)
+        pl.span("main", "h2d", i, t.name, arr.nbytes, t1, t2)  # the bytes copied, not the file's
         out[t.name] = DeviceTensor(t, arr, logical, "sequential", be.device)
         total += t.n_bytes
         if pl.progress is not None and pl.progress(total, sum(x.n_bytes for x in pl.tensors), t.name) is False:

@@ -15,12 +15,16 @@ __all__ = [
     "iq1_m_scale", "default_threads", "bfloat16",
 ]
 
-try:
-    from ml_dtypes import bfloat16
-except ImportError:  # pragma: no cover - ml_dtypes is a dependency
-    bfloat16 = None
-
 _DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+
+
+def __getattr__(name: str):
+    # ml_dtypes is imported when bfloat16 is first needed: it is most of `import gguf_gpu_lab`'s time
+    if name == "bfloat16":
+        from ml_dtypes import bfloat16
+
+        return bfloat16
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_dtype(dtype) -> np.dtype:
@@ -28,7 +32,9 @@ def resolve_dtype(dtype) -> np.dtype:
     key = np.dtype(dtype).name if not isinstance(dtype, str) else dtype.lower()
     if key in _DTYPES:
         return _DTYPES[key]
-    if key == "bfloat16" and bfloat16 is not None:
+    if key == "bfloat16":
+        from ml_dtypes import bfloat16
+
         return np.dtype(bfloat16)
     raise GGUFLabError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
 

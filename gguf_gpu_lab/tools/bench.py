@@ -16,6 +16,7 @@ import numpy as np
 from gguf import quants as gq
 
 from .. import quant
+from ..errors import GGUFLabError
 from .verify import mismatches
 
 DEFAULT_CPU_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")
@@ -110,12 +111,21 @@ def format_cpu(res: dict) -> str:
 
 
 def save_result(res: dict, out_dir: str, kind: str) -> str:
+    """Write a result as ``KIND-YYYY-MM-DDTHHMMSS-HOST.json`` (the run's UTC date and time) in
+    ``out_dir``; never over an existing file: a name taken gets ``-2``, ``-3``... Returns the path."""
     os.makedirs(out_dir, exist_ok=True)
-    stamp = res["machine"]["date"][:10]
-    path = os.path.join(out_dir, f"{kind}-{stamp}-{res['machine']['host']}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=2)
-    return path
+    stamp = res["machine"]["date"][:19].replace(":", "")  # 2026-12-03T184501: a second run that day keeps its own
+    stem = os.path.join(out_dir, f"{kind}-{stamp}-{res['machine']['host']}")
+    for n in range(1, 1000):
+        path = f"{stem}.json" if n == 1 else f"{stem}-{n}.json"
+        try:
+            f = open(path, "x")  # created here or refused: another run's file is never replaced
+        except FileExistsError:
+            continue
+        with f:
+            json.dump(res, f, indent=2)
+        return path
+    raise GGUFLabError(f"{stem}.json: that name and 998 numbered ones are taken in {out_dir}")
 
 
 @contextlib.contextmanager

@@ -8,16 +8,24 @@ import time
 
 from .. import quant
 from ..model import _fmt_bytes, open_model
+from ..outputs import claim_folder, record_folder
 from .synth import synth
 from .verify import mismatches, reference
 
 
-def run_demo(out_dir: str = "gguf-lab-demo", params: str = "25M", mix: str = "Q4_K_M", progress=None) -> dict:
+def run_demo(out_dir: str = "gguf-lab-demo", params: str = "25M", mix: str = "Q4_K_M", progress=None,
+             overwrite: bool = False) -> dict:
     """Synthesize a model into ``out_dir``, open and check it, dequantize every tensor on the CPU
-    (all cores), verify each against gguf-py, and print a summary. Returns the figures."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"synthetic-{params}-{mix}.gguf")
-    r = synth(path, params, mix, seed=0)
+    (all cores), verify each against gguf-py, and print a summary. Returns the figures.
+
+    The files an earlier demo wrote in ``out_dir`` are replaced; a file of the same name that the
+    toolkit did not write there is refused (``OutputExistsError``, before any work) unless
+    ``overwrite``."""
+    model = f"synthetic-{params}-{mix}.gguf"
+    names = (model, "spans.csv", "timeline.png", "trace.json")
+    path = claim_folder(out_dir, names, overwrite, "--overwrite (overwrite=True)")[model]
+    record_folder(out_dir, [model])  # before synth writes it: a demo stopped half way may redo it
+    r = synth(path, params, mix, seed=0, overwrite=True)
     print(f"1. wrote {path}: {r.n_tensors} tensors, {r.n_params / 1e6:.1f} M weights, "
           f"{_fmt_bytes(r.file_size)} in {r.seconds:.2f} s")
     out = {"model": path, "synth_s": r.seconds}
@@ -56,6 +64,7 @@ def run_demo(out_dir: str = "gguf-lab-demo", params: str = "25M", mix: str = "Q4
         from ..plots import write_profile
 
         files = write_profile(r.profile, out_dir)
+        record_folder(out_dir, names)
         out.update(load_gb_s=r.gb_s, load_backend=r.backend, load_mismatches=wrong, **files)
     print(f"files in {os.path.abspath(out_dir)}: {os.path.basename(path)}, spans.csv, timeline.png, trace.json "
           "(open it in https://ui.perfetto.dev)")

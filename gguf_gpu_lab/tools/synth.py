@@ -25,6 +25,7 @@ from .. import quant
 from . import synth_archs
 from .synth_archs import LlamaConfig
 from ..errors import GGUFLabError
+from ..outputs import check_new, create_new
 
 # fp16 bit patterns 0x1400..0x2400: positive values from ~0.00098 to ~0.0156.
 _SCALE_LO, _SCALE_HI = 0x1400, 0x2400
@@ -47,6 +48,9 @@ NAMED_CONFIGS = {
 _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 
+MAX_PARAMS = 2 * 10**12  # about 1.1 TB in Q4_K_M: past any model published in GGUF
+
+
 def parse_params(text: str | int) -> int:
     """ "7B" -> 7e9, "350M" -> 3.5e8, 1000000 -> 1e6."""
     if isinstance(text, (int, np.integer)):
@@ -58,6 +62,8 @@ def parse_params(text: str | int) -> int:
         n = int(float(m.group(1)) * _SUFFIX.get(m.group(2), 1))
     if n < 1_000_000:
         raise GGUFLabError(f"--params: {text!r} is below the smallest model (1M parameters)")
+    if n > MAX_PARAMS:
+        raise GGUFLabError(f"--params: {text!r} is above the largest model synth writes (2T parameters)")
     return n
 
 
@@ -262,10 +268,13 @@ def _write_parallel(fd: int, plans: list[TensorPlan], offsets: list[int], seed: 
                 progress(done, total, name)
 
 
-def _check_space(path: str, need: int) -> None:
+_OVERWRITE_HINT = "overwrite=True, or --overwrite,"
+
+
+def _check_space(path: str, need: int, overwrite: bool) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(folder).free
-    if os.path.isfile(path):  # an old file there is replaced
+    if overwrite and os.path.isfile(path):  # an old file there is replaced
         free += os.path.getsize(path)
     if need > free:
         raise GGUFLabError(f"{path}: the model needs {need / 1e9:.2f} GB ({need} bytes), {folder} has "
@@ -301,6 +310,7 @@ def synth(
     kv_heads: int | None = None,
     weights: str = "random",
     threads: int = 1,
+    overwrite: bool = False,
 ) -> SynthResult:
     """Write a synthetic GGUF model, llama-shaped unless ``arch`` says otherwise.
 
@@ -323,9 +333,11 @@ def synth(
             trained model's are, so that a forward pass in float16 stays finite).
         threads: tensors made and written side by side (the same bytes as one thread): a 40 GB
             70B file for a benchmark in seconds rather than minutes.
+        overwrite: replace a file already at ``path``; by default an existing path is refused
+            (``OutputExistsError``) before anything is written, whatever the file holds.
 
     Raises ``GGUFLabError`` before writing anything when the folder has less free space than the
-    file needs (both named).
+    file needs (both named), or when ``path`` exists and ``overwrite`` is False.
 
     Example:
         >>> r = synth(tmp_path / "m.gguf", "10M", "Q4_0")
@@ -336,6 +348,9 @@ def synth(
     t0 = time.perf_counter()
     if weights not in WEIGHTS:
         raise GGUFLabError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    for name, value, low, high in (("seed", seed, 0, 2**32 - 1), ("threads", threads, 1, 256)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+            raise GGUFLabError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
     cfg = _with_heads(llama_config(params), heads, kv_heads)
     if vocab is not None:
         if not (isinstance(vocab, (int, np.integer)) and 1 <= vocab <= 1 << 24):
@@ -344,7 +359,9 @@ def synth(
     plans = _plan(cfg, mix, synth_archs.check_arch(arch))
     tokens = synth_archs.tokens(arch, cfg.vocab, _tokens(cfg.vocab))
     path = os.fspath(path)
-    _check_space(path, file_bytes(plans, tokens))  # before writing: a 1T model would fill the disk first
+    check_new(path, overwrite, "model", _OVERWRITE_HINT)
+    _check_space(path, file_bytes(plans, tokens), overwrite)  # before writing: a 1T model would fill the disk first
+    create_new(path, overwrite, "model", _OVERWRITE_HINT)  # claimed: a file appearing since is not replaced
     w = GGUFWriter(path, synth_archs.gguf_arch(arch))
     # transformers reads a llama file as Mistral only when its name is exactly "mistral"
     w.add_name("mistral" if arch == "mistral" else f"synthetic {arch} {params} {mix}")

@@ -1,0 +1,92 @@
+"""Files the toolkit writes: never one put in place of a file it did not make, unless asked.
+
+A single output (``synth OUT``, ``dequant --out``, ``bench --out``, ``fuzz --out``) is refused
+when its path exists and ``overwrite`` is False; the check runs before any work, so a refusal
+costs nothing. A folder of outputs (the demo's, ``load --profile DIR``) keeps a list of the
+files the toolkit wrote there (``MANIFEST``): a later run replaces those, and refuses any other
+file of the same name unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Iterable
+
+from .errors import GGUFLabError, OutputExistsError
+
+__all__ = ["MANIFEST", "OutputExistsError", "check_new", "create_new", "claim_folder", "record_folder"]
+
+MANIFEST = ".gguf-gpu-lab-outputs.json"  # in a folder of outputs: the names the toolkit wrote there
+
+
+def check_new(path: str | os.PathLike, overwrite: bool = False, what: str = "output", hint: str = "--overwrite") -> str:
+    """``path`` as a string, after checking that writing there replaces nothing unless
+    ``overwrite``, and that its folder exists; raises ``OutputExistsError`` naming the path.
+
+    Example:
+        >>> check_new(tmp_path / "new.json")[-8:]
+        'new.json'
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise OutputExistsError(f"{path}: the {what} path is a folder; name a file")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExistsError(f"{path}: exists; the {what} would replace it ({hint} allows that)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise GGUFLabError(f"{path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GGUFLabError(f"{path}: cannot write into the folder {folder}")
+    return path
+
+
+def create_new(path: str | os.PathLike, overwrite: bool = False, what: str = "output",
+               hint: str = "--overwrite") -> str:
+    """``check_new``, then the file created (empty) in the same step when ``overwrite`` is False,
+    so that a file appearing between the check and the write is not replaced either."""
+    path = check_new(path, overwrite, what, hint)
+    if not overwrite:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            raise OutputExistsError(f"{path}: exists; the {what} would replace it ({hint} allows that)") from None
+    return path
+
+
+def _recorded(folder: str) -> set[str]:
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            return set(json.load(f).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def claim_folder(folder: str, names: Iterable[str], overwrite: bool = False, hint: str = "--overwrite") -> dict:
+    """Check, before any work, that the files ``names`` can be written into ``folder`` (made if
+    missing): each is new, or one the toolkit wrote there before (listed in ``MANIFEST``), or
+    ``overwrite`` is True. Returns {name: path}; call ``record_folder`` once they are written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise GGUFLabError(f"{folder}: cannot create the folder ({e.strerror or type(e).__name__})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GGUFLabError(f"{folder}: cannot write into the folder")
+    ours = _recorded(folder)
+    paths = {n: os.path.join(folder, n) for n in names}
+    theirs = [p for n, p in paths.items() if os.path.lexists(p) and n not in ours]
+    if theirs and not overwrite:
+        more = f" (and {len(theirs) - 1} more)" if len(theirs) > 1 else ""
+        raise OutputExistsError(f"{theirs[0]}{more}: exists and was not written by gguf-gpu-lab; "
+                                f"{hint} replaces it")
+    return paths
+
+
+def record_folder(folder: str, names: Iterable[str]) -> None:
+    """Add ``names`` to the folder's list of files the toolkit wrote (see ``claim_folder``)."""
+    files = sorted(_recorded(folder) | set(names))
+    tmp = os.path.join(folder, f"{MANIFEST}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"written_by": "gguf-gpu-lab", "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}, f)
+    os.replace(tmp, os.path.join(folder, MANIFEST))
