@@ -28,7 +28,7 @@ from .errors import (
     TensorNotFoundError,
     UnsupportedTypeError,
 )
-from .loader import DeviceTensor, LoadResult, load
+from .loader import DeviceTensor, LoadResult, Shard, ShardError, load
 from .model import GGUFModel, TensorInfo, open_model
 from .quant import dequantize, type_spec
 from .scan import Problem
@@ -65,5 +65,5 @@ def __dir__():  # what tab completion offers: the public face and the submodules
 __all__ = [
     "open_model", "load", "check", "GGUFModel", "TensorInfo", "LoadResult", "DeviceTensor", "Problem",
     "dequantize", "type_spec", "GGUFLabError", "GGUFFormatError", "ModelNotFoundError", "TensorNotFoundError",
-    "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "__version__",
+    "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "Shard", "ShardError", "__version__",
 ]

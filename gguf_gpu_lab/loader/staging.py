@@ -95,6 +95,39 @@ def read_into(fd: int, mm: np.ndarray | None, dst: np.ndarray, offset: int) -> N
         dst[...] = mm[offset:offset + n]
 
 
+def read_piece(fd: int, mm: np.ndarray | None, dst: np.ndarray, p: Piece) -> None:
+    """A piece's file bytes into ``dst``, its rows (a column shard's segments) gathered one after
+    another: one 2-D copy out of the mapping, or one read per row, so that the device still sees
+    one contiguous copy per piece."""
+    if p.rows == 1:
+        read_into(fd, mm, dst, p.file_offset)
+        return
+    rb = p.nbytes // p.rows
+    if mm is not None:
+        end = p.file_offset + (p.rows - 1) * p.stride + rb
+        if end > os.fstat(fd).st_size:  # touching mapped pages past the end is SIGBUS
+            raise GGUFLabError(f"file ended early: needs bytes up to {end}, the file now has "
+                               f"{os.fstat(fd).st_size} (was it truncated after it was opened?)")
+        src = np.lib.stride_tricks.as_strided(mm[p.file_offset:end], (p.rows, rb), (p.stride, 1), writeable=False)
+        np.copyto(dst.reshape(p.rows, rb), src)
+        return
+    for r in range(p.rows):
+        read_into(fd, None, dst[r * rb:(r + 1) * rb], p.file_offset + r * p.stride)
+
+
+def piece_bytes(model: GGUFModel, p: Piece) -> np.ndarray:
+    """A piece's bytes out of the model's mapping: a view for one run, a gathered copy for a
+    column shard's rows."""
+    spec = quant.type_spec(p.tensor.ggml_type)
+    raw = model.raw(p.tensor.name)
+    lo = p.first_block * spec.type_size
+    if p.rows == 1:
+        return raw[lo:lo + p.nbytes]
+    rb = p.nbytes // p.rows
+    end = lo + (p.rows - 1) * p.stride + rb
+    return np.lib.stride_tricks.as_strided(raw[lo:end], (p.rows, rb), (p.stride, 1), writeable=False).reshape(-1)
+
+
 def staged_bytes(p: Piece, dtype: str) -> int:
     """Bytes a piece takes in a cpu-mode staging slot: its values in the output dtype."""
     spec = quant.type_spec(p.tensor.ggml_type)
@@ -105,7 +138,7 @@ def staged_bytes(p: Piece, dtype: str) -> int:
 
 def cpu_piece(model: GGUFModel, p: Piece, slot: np.ndarray, pos: int, dtype: str) -> int:
     spec = quant.type_spec(p.tensor.ggml_type)
-    raw = model.raw(p.tensor.name)[p.first_block * spec.type_size:(p.first_block + p.n_blocks) * spec.type_size]
+    raw = piece_bytes(model, p)
     if spec.kind == "int":
         slot[pos:pos + raw.nbytes] = raw
         return pos + raw.nbytes
