@@ -34,7 +34,7 @@ from .plan import Chunk, LoadOptions, plan_chunks, plan_sites
 from .shard import Cut
 from .result import DeviceTensor, alloc_outputs, check_memory
 from .sequential import run_sequential
-from .staging import Staging, Stop, cpu_piece, default_readers, read_piece, staged_bytes
+from .staging import Staging, Stop, cpu_piece, default_readers, gather_into, read_into, staged_bytes
 
 
 @dataclass
@@ -271,7 +271,10 @@ class Pipeline:
                         if feed.cpu_mode:
                             pos = cpu_piece(self.model, p, slot, pos, self.opts.dtype)
                         else:
-                            read_piece(feed.fd, feed.mm, slot[pos:pos + p.nbytes], p)
+                            if p.rows == 1:
+                                read_into(feed.fd, feed.mm, slot[pos:pos + p.nbytes], p.file_offset)
+                            else:  # a column shard's segments, gathered
+                                gather_into(feed.fd, feed.mm, slot[pos:pos + p.nbytes], p)
                             pos += p.nbytes
                     t1 = time.perf_counter_ns()
                 self.span(f"reader {rid}", "cpu_dequant" if feed.cpu_mode else "read", c.index,

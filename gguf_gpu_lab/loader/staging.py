@@ -95,13 +95,10 @@ def read_into(fd: int, mm: np.ndarray | None, dst: np.ndarray, offset: int) -> N
         dst[...] = mm[offset:offset + n]
 
 
-def read_piece(fd: int, mm: np.ndarray | None, dst: np.ndarray, p: Piece) -> None:
-    """A piece's file bytes into ``dst``, its rows (a column shard's segments) gathered one after
-    another: one 2-D copy out of the mapping, or one read per row, so that the device still sees
-    one contiguous copy per piece."""
-    if p.rows == 1:
-        read_into(fd, mm, dst, p.file_offset)
-        return
+def gather_into(fd: int, mm: np.ndarray | None, dst: np.ndarray, p: Piece) -> None:
+    """A strided piece's file bytes into ``dst``, its rows (a column shard's segments) gathered one
+    after another: one 2-D copy out of the mapping, or one read per row, so that the device still
+    sees one contiguous copy per piece."""
     rb = p.nbytes // p.rows
     if mm is not None:
         end = p.file_offset + (p.rows - 1) * p.stride + rb
