@@ -182,15 +182,16 @@ def cmd_check(path: str, max_problems: int) -> int:
 
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
               model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
-              hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B") -> int:
+              hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
+              tp: bool = False, tp_worlds: Sequence[int] = (1, 2, 4), tp_device: str = "auto") -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
-                                    ("--hf", hf), ("--multi-gpu", multi_gpu)) if on]
+                                    ("--hf", hf), ("--multi-gpu", multi_gpu), ("--tp", tp)) if on]
     if len(chosen) > 1:
-        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, or none (the "
-                           f"loader); got {' '.join(chosen)}")
-    if not cpu and not open_:  # before the loader benchmark writes its model (4.6 GiB for 8B)
+        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, --tp, or none "
+                           f"(the loader); got {' '.join(chosen)}")
+    if not cpu and not open_ and not tp:  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
 
         reason = _cupy_or_reason()[1]
@@ -201,7 +202,13 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
         _writable_dir(os.path.dirname(os.path.abspath(out)), "--out")
     else:
         _writable_dir(out_dir, "--out-dir")
-    if multi_gpu:
+    if tp:
+        from .tools.bench_tp import bench_tp, format_tp
+
+        res = bench_tp(model_path, params="25M" if params == "8B" and model_path is None else params,
+                       worlds=tp_worlds, device=tp_device)
+        print(format_tp(res))
+    elif multi_gpu:
         from .tools.bench_multi import bench_multi, format_multi
 
         res = bench_multi(model_path, params=params, big_params=big_params)
@@ -385,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every GPU of the host in one run: pinned H2D alone and together, the page-cache copy "
                         "ceiling while all copy, one GPU against all on the 8B file, and a 70B Q4_K_M file (~40 GB, "
                         "written and deleted) to float16 over all GPUs, sampled tensors checked against gguf-py")
+    s.add_argument("--tp", action="store_true",
+                   help="tensor-parallel hf.from_gguf under torchrun for worlds 1, 2, 4: per-rank bytes read and load "
+                        "time (host backend with gloo, or the GPUs with NCCL where there are two or more; needs the hf "
+                        "extra; default model: a synthetic 25M Q4_K_M llama)")
+    s.add_argument("--tp-worlds", type=_whole(1, 64), nargs="+", default=[1, 2, 4],
+                   help="--tp: the world sizes (default 1 2 4)")
+    s.add_argument("--tp-device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="--tp: 'cuda' (NCCL), 'cpu' (gloo) or 'auto' (the GPUs where there are two or more)")
     s.add_argument("--big-params", default="70B",
                    help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
     s.add_argument("--out", help="write the JSON result to this file (default: a dated file in --out-dir)")
@@ -428,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
                              args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
-                             None if args.big_params.lower() == "none" else args.big_params)
+                             None if args.big_params.lower() == "none" else args.big_params, args.tp,
+                             tuple(args.tp_worlds), args.tp_device)
         if args.command == "fuzz":
             return cmd_fuzz(args.cases, args.seed, args.out)
         if args.command == "demo":
