@@ -11,8 +11,8 @@ rank's shards are loaded by ``load(shard=...)``, transformed by transformers' pr
 rank's share of the heads (llama's q/k permutation runs inside each head), and wrapped by
 ``DTensor.from_local`` with the parameter's own shape and stride.
 
-    torchrun --nproc-per-node 2 -m gguf_gpu_lab.tools.tp_demo model.gguf
-    model = hf.from_gguf("model.gguf", device="cpu", tp_plan="auto")   # inside each rank
+    torchrun --nproc-per-node 2 -m gguf_gpu_lab.tools.tp_run model.gguf --device cpu
+    model = hf.from_gguf("model.gguf", device="cpu", tp_plan="auto")   # inside each rank's script
 
 Collectives, all before any tensor byte is read or after every rank has finished: one that checks
 every rank opened the same file (size and a digest of the header), one after the load that makes a
@@ -67,8 +67,8 @@ def init_distributed(device_type: str, timeout_s: float):
     return dist
 
 
-def _agree(dist, value, what: str) -> list:
-    """Every rank's ``value`` (one all-gather); ranks whose value differs from rank 0's named."""
+def _agree(dist, value) -> list:
+    """Every rank's ``value``, by rank (one all-gather)."""
     got: list = [None] * dist.get_world_size()
     dist.all_gather_object(got, value)
     return got
@@ -178,20 +178,33 @@ def from_gguf_tp(path, dtype: str, device, attn_implementation, device_mesh, tim
     dev = torch.device(device)
     dist = init_distributed(dev.type, timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    model = path if isinstance(path, GGUFModel) else shared_model(path)
-    ids = _agree(dist, file_identity(model), "file")
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)  # NCCL's object collectives run on the current device
+    try:
+        model = path if isinstance(path, GGUFModel) else shared_model(path)
+        identity = file_identity(model)
+    except GGUFLabError as e:  # still reach the collective, or the other ranks would wait for this one
+        model, identity = None, ("error", f"{type(e).__name__}: {e}")
+    ids = _agree(dist, identity)
+    failed = {r: v[1] for r, v in enumerate(ids) if v[0] == "error"}
+    if failed:
+        raise TensorParallelError(f"{os.fspath(getattr(path, 'path', path))}: ranks {sorted(failed)} could not open "
+                                  f"the file (rank {min(failed)}: {failed[min(failed)]})")
     odd = [r for r, v in enumerate(ids) if v != ids[0]]
     if odd:
         raise TensorParallelError(f"{model.path}: ranks {odd} opened another file than rank 0 (size, header digest: "
                                   f"{ids[odd[0]][0]}, {ids[odd[0]][1][:12]} against {ids[0][0]}, {ids[0][1][:12]})")
     _, backend, index = _hf._device(dev)
+    t_dist = time.perf_counter() - t0
     conv = _hf._Conversion(model, dtype, attn_implementation)
     hf = conv.hf_model
     _untie(hf)
+    t_plan = time.perf_counter()
     mesh = _tp_mesh(hf, conv, device_mesh, dev.type)
     shards, layouts = plan_shards(conv, mesh) if mesh is not None else ({}, {})
+    conv.steps.update(distributed_s=t_dist, tp_plan_s=time.perf_counter() - t_plan)
     if shards:
         conv.processor = _ShardProcessor(conv, shards, mesh.size())
     result = state = error = None
@@ -203,7 +216,7 @@ def from_gguf_tp(path, dtype: str, device, attn_implementation, device_mesh, tim
         state = conv.state_dict(result, backend, index, load_options)
     except Exception as e:  # every rank must reach the status collective, or the others would wait
         error = e
-    status = _agree(dist, None if error is None else f"{type(error).__name__}: {error}", "status")
+    status = _agree(dist, None if error is None else f"{type(error).__name__}: {error}")
     bad = {r: s for r, s in enumerate(status) if s is not None}
     if bad:
         result = state = None

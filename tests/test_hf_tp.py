@@ -9,7 +9,9 @@ every supported architecture (tests/tp_worker.py does the work on each rank):
   a row split run in another order: about 1e-7 seen), 20 greedy tokens identical;
 - each rank's bytes read no more than its shards + the replicated tensors + 1 %;
 - a rank failing mid-load makes every rank raise, with no reader thread left; a world that does not
-  divide the key/value heads is one error naming the tensor; ranks on different files are named.
+  divide the key/value heads is one error naming the tensor; ranks on different files, or that
+  cannot open it, are named;
+- device_mesh= (a 1-D mesh of the world) gives the same shards as transformers' own mesh.
 
 Needs the hf extra; skipped without it, except where CI=true.
 """
@@ -126,6 +128,8 @@ def _check(out, world):
         assert f["threads_after_failure"] == [], f
         assert "blk.0.attn_k.weight" in f["bad_heads"] and "num_key_value_heads = 1" in f["bad_heads"], f
         assert f"ranks {list(range(1, world))} opened another file" in f["other_file"], f
+        assert f"ranks {list(range(1, world))} could not open" in f["missing_file"], f
+        assert res["device_mesh_problems"] == [], res["device_mesh_problems"]
     assert {c["case"] for c in ranks[0]["cases"]} >= {f"{a}-Q8_0" for a in hf.SUPPORTED_ARCHITECTURES}
     print(f"world {world}: max |logit diff| against the one-process model {max(diffs):.3g}")
     return ranks

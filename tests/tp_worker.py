@@ -120,7 +120,34 @@ def check_failures(files: dict, rank: int, world: int) -> dict:
         out["other_file"] = "no error"
     except TensorParallelError as e:
         out["other_file"] = str(e)
+    try:
+        hf.from_gguf(files["good"] if rank == 0 else files["good"] + ".missing", dtype="float32", device="cpu",
+                     tp_plan="auto")
+        out["missing_file"] = "no error"
+    except TensorParallelError as e:
+        out["missing_file"] = str(e)
     return out
+
+
+def check_device_mesh(files: dict, world: int) -> list[str]:
+    """device_mesh=: a 1-D mesh of the whole world gives the same parameters as transformers' own."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from gguf_gpu_lab import hf
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    a = dict(hf.from_gguf(files["good"], dtype="float32", device="cpu", tp_plan="auto",
+                          device_mesh=mesh).named_parameters())
+    b = dict(hf.from_gguf(files["good"], dtype="float32", device="cpu", tp_plan="auto").named_parameters())
+    bad = []
+    for k in sorted(b):
+        pa, pb = a[k], b[k]
+        if getattr(pa, "placements", None) != getattr(pb, "placements", None):
+            bad.append(f"{k}: placements {getattr(pa, 'placements', None)} against {getattr(pb, 'placements', None)}")
+        elif hasattr(pa, "to_local") and not torch.equal(pa.to_local(), pb.to_local()):
+            bad.append(f"{k}: local shard differs")
+    return bad
 
 
 def main(spec_path: str, out_dir: str) -> None:
@@ -141,6 +168,7 @@ def main(spec_path: str, out_dir: str) -> None:
             results["errors"].append(f"{case['name']}: {type(e).__name__}: {e}")
             raise
     results["failures"] = check_failures(spec["failure_files"], rank, world)
+    results["device_mesh_problems"] = check_device_mesh(spec["failure_files"], world)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
     dist.destroy_process_group()

@@ -155,9 +155,13 @@ def cut(t: TensorInfo, shard: ShardLike, path: str = "") -> Cut:
     and the sizes when ``count`` does not divide the split dimension.
 
     Example:
-        >>> c = cut(info_of_a_256x512_q4_k_tensor, Shard(-1, 1, 2))
-        >>> c.outer, c.seg, c.start, c.aligned          # 256 rows, the second 256 weights of each
-        (256, 256, 256, True)
+        >>> t = model["blk.0.attn_q.weight"]          # 256 x 256, Q4_K: 256-weight blocks
+        >>> rows = cut(t, Shard(0, 1, 2))            # rows 128..255: one byte range
+        >>> rows.outer, rows.seg, rows.start, rows.aligned, rows.read_bytes == t.n_bytes // 2
+        (1, 32768, 32768, True, True)
+        >>> cols = cut(t, (-1, 1, 2))                # columns 128..255 of every row, inside a block
+        >>> cols.outer, cols.seg, cols.head, cols.aligned, cols.read_bytes == t.n_bytes
+        (256, 128, 128, False, True)
     """
     s = as_shard(shard)
     if s is not None and s.count == 1:
