@@ -75,21 +75,27 @@ def _agree(dist, value) -> list:
 
 
 def _tp_mesh(hf, conv, device_mesh, device_type: str):
-    """Apply transformers' plan to the meta model: its own mesh (as ``from_pretrained`` makes it)
-    or the tp dimension of ``device_mesh``. Returns the tp mesh."""
+    """Apply transformers' plan to the meta model: on its own mesh, as ``from_pretrained`` makes it
+    (when ``device`` is of the accelerator's type), else on the tp dimension of ``device_mesh`` (by
+    default a mesh of the whole world on the device's type: ``device="cpu"`` on a GPU host).
+    Returns the tp mesh, or None for a world of one."""
     from transformers.distributed import DistributedConfig
     from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
-    if device_mesh is None:
+    import torch
+    import torch.distributed as dist
+
+    if device_mesh is None and dist.get_world_size() == 1:  # one rank: nothing to shard
+        return None
+    accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if device_mesh is None and (accel.type if accel is not None else "cpu") == device_type:
         dc, _, manager = type(hf).prepare_distribute_model(DistributedConfig(tp_plan="auto"))
-        if manager is None:  # one rank: nothing to shard
-            return None
-        mesh = manager.get_mesh("tp")
-        if mesh.device_type != device_type:
-            raise GGUFLabError(f"transformers builds its mesh on {mesh.device_type!r} here; device must be that type, "
-                               f"got {device_type!r} (or pass device_mesh=)")
         type(hf).maybe_distribute_model(hf, dc, manager)
-        return mesh
+        return manager.get_mesh("tp")
+    if device_mesh is None:  # transformers would build its mesh on the accelerator: one on the device's type
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device_mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))
     names = device_mesh.mesh_dim_names or ()
     mesh = device_mesh["tp"] if "tp" in names else device_mesh
     if mesh.ndim != 1:

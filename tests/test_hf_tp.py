@@ -91,8 +91,11 @@ def _torchrun(*args) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
-def _launch(spec, out, commands) -> None:
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+def _launch(spec, out, commands, device="cpu") -> None:
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           "GGUF_LAB_TP_DEVICE": device}
+    if device == "cpu":  # on a GPU host too: transformers' own tp model would otherwise build a CUDA mesh
+        env["CUDA_VISIBLE_DEVICES"] = ""
     procs = [subprocess.Popen(c + [WORKER, str(spec), str(out)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for c in commands]
     logs = []
@@ -153,6 +156,23 @@ def test_torchrun_two_nodes(spec, tmp_path):
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "gguf-lab-tp", "--max-restarts", "0"]
     _launch(spec, tmp_path, [_torchrun(*common, "--node-rank", str(n), "--local-addr", "127.0.0.1")
                              for n in range(2)])
+    _check(tmp_path, 2)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+def test_torchrun_nccl_two_gpus(spec, tmp_path):
+    """The same checks with NCCL, each rank on its own GPU (the gpu mode through CuPy): needs two."""
+    if _gpu_count() < 2:
+        pytest.skip(f"NCCL tensor parallel needs two GPUs; {_gpu_count()} here")
+    port = _free_port()
+    _launch(spec, tmp_path, [_torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                                       "--master-port", str(port))], device="cuda")
     _check(tmp_path, 2)
 
 

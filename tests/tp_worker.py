@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+DEVICE = os.environ.get("GGUF_LAB_TP_DEVICE", "cpu")  # "cuda": each rank on cuda:LOCAL_RANK, NCCL
+
 
 def _bits_equal(a, b) -> bool:
     import torch
@@ -29,9 +31,9 @@ def check_case(case: dict, world: int) -> dict:
     from gguf_gpu_lab import hf, hf_tp
 
     t0 = time.perf_counter()
-    tp = hf.from_gguf(case["gguf"], dtype="float32", device="cpu", tp_plan="auto")
+    tp = hf.from_gguf(case["gguf"], dtype="float32", device=DEVICE, tp_plan="auto")
     load_s = time.perf_counter() - t0
-    one = hf.from_gguf(case["gguf"], dtype="float32", device="cpu")
+    one = hf.from_gguf(case["gguf"], dtype="float32", device=DEVICE)
     ref = AutoModelForCausalLM.from_pretrained(case["saved"], tp_plan="auto", dtype=torch.float32)
     a, b, c = (dict(m.named_parameters(remove_duplicate=False)) for m in (tp, ref, one))
     out = {"case": case["name"], "load_s": load_s, "problems": []}
@@ -60,9 +62,10 @@ def check_case(case: dict, world: int) -> dict:
             bad.append(f"{k}: requires_grad {pa.requires_grad}, transformers' {pb.requires_grad}")
     if (tp.lm_head.weight is tp.get_input_embeddings().weight) != (ref.lm_head.weight is ref.get_input_embeddings().weight):
         bad.append("the output layer's tie to the embedding differs from transformers'")
-    ids = torch.tensor([case["input"]])
+    ids = torch.tensor([case["input"]], device=next(one.parameters()).device)
     with torch.no_grad():
         la, lc, lr = tp(ids).logits.float(), one(ids).logits.float(), ref(ids).logits.float()
+    la, lc, lr = la.cpu(), lc.cpu(), lr.cpu()
     out["max_logit_diff"] = float((la - lc).abs().max())
     out["max_logit_diff_vs_transformers_tp"] = float((la - lr).abs().max())
     out["max_abs_logit"] = float(lc.abs().max())
@@ -103,7 +106,7 @@ def check_failures(files: dict, rank: int, world: int) -> dict:
     if rank == world - 1:
         pipeline.read_into = broken
     try:
-        hf.from_gguf(files["good"], dtype="float32", device="cpu", tp_plan="auto", chunk_mb=0.01)
+        hf.from_gguf(files["good"], dtype="float32", device=DEVICE, tp_plan="auto", chunk_mb=0.01)
         out["failing_rank"] = "no error"
     except TensorParallelError as e:
         out["failing_rank"] = str(e)
@@ -111,17 +114,17 @@ def check_failures(files: dict, rank: int, world: int) -> dict:
         pipeline.read_into = real
     out["threads_after_failure"] = _leftover_threads()
     try:
-        hf.from_gguf(files["bad_heads"], dtype="float32", device="cpu", tp_plan="auto")
+        hf.from_gguf(files["bad_heads"], dtype="float32", device=DEVICE, tp_plan="auto")
         out["bad_heads"] = "no error"
     except ShardError as e:
         out["bad_heads"] = str(e)
     try:
-        hf.from_gguf(files["good" if rank == 0 else "other"], dtype="float32", device="cpu", tp_plan="auto")
+        hf.from_gguf(files["good" if rank == 0 else "other"], dtype="float32", device=DEVICE, tp_plan="auto")
         out["other_file"] = "no error"
     except TensorParallelError as e:
         out["other_file"] = str(e)
     try:
-        hf.from_gguf(files["good"] if rank == 0 else files["good"] + ".missing", dtype="float32", device="cpu",
+        hf.from_gguf(files["good"] if rank == 0 else files["good"] + ".missing", dtype="float32", device=DEVICE,
                      tp_plan="auto")
         out["missing_file"] = "no error"
     except TensorParallelError as e:
@@ -136,10 +139,10 @@ def check_device_mesh(files: dict, world: int) -> list[str]:
 
     from gguf_gpu_lab import hf
 
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
-    a = dict(hf.from_gguf(files["good"], dtype="float32", device="cpu", tp_plan="auto",
+    mesh = init_device_mesh(DEVICE, (world,), mesh_dim_names=("tp",))
+    a = dict(hf.from_gguf(files["good"], dtype="float32", device=DEVICE, tp_plan="auto",
                           device_mesh=mesh).named_parameters())
-    b = dict(hf.from_gguf(files["good"], dtype="float32", device="cpu", tp_plan="auto").named_parameters())
+    b = dict(hf.from_gguf(files["good"], dtype="float32", device=DEVICE, tp_plan="auto").named_parameters())
     bad = []
     for k in sorted(b):
         pa, pb = a[k], b[k]
@@ -158,7 +161,7 @@ def main(spec_path: str, out_dir: str) -> None:
     from gguf_gpu_lab.hf_tp import init_distributed
 
     spec = json.load(open(spec_path))
-    init_distributed("cpu", 120)
+    init_distributed(DEVICE, 120)
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {"rank": rank, "world": world, "cases": [], "errors": []}
     for case in spec["cases"]:
