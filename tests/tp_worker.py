@@ -1,5 +1,6 @@
-"""One rank of tests/test_hf_tp.py, run under torchrun (gloo, CPU): every case of the file list the
-test wrote, then the failure cases; each rank writes what it saw to ``rank<N>.json`` for the test to
+"""One rank of tests/test_hf_tp.py, run under torchrun (gloo on the CPU, or with
+GGUF_LAB_TP_DEVICE=cuda NCCL, a GPU a rank): every case of the file list the test wrote, then the
+failure cases and device_mesh=; each rank writes what it saw to ``rank<N>.json`` for the test to
 check. Not collected by pytest (its name does not start with test_)."""
 
 import json
@@ -28,7 +29,7 @@ def check_case(case: dict, world: int) -> dict:
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
 
-    from gguf_gpu_lab import hf, hf_tp
+    from gguf_gpu_lab import hf
 
     t0 = time.perf_counter()
     tp = hf.from_gguf(case["gguf"], dtype="float32", device=DEVICE, tp_plan="auto")
@@ -79,7 +80,6 @@ def check_case(case: dict, world: int) -> dict:
     out.update(read_bytes=r.file_bytes, wanted_bytes=r.wanted_bytes, whole_bytes=r.whole_bytes, sharded=sharded,
                shards=len(shards), expected_bytes=_expected_bytes(conv_names, model, shards, world),
                aligned=all(dt.cut is None or dt.cut.aligned for dt in r.tensors.values()))
-    del hf_tp
     return out
 
 
