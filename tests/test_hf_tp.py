@@ -166,10 +166,9 @@ def _gpu_count() -> int:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(_gpu_count() < 2, reason=f"NCCL tensor parallel needs two GPUs; {_gpu_count()} here")
 def test_torchrun_nccl_two_gpus(spec, tmp_path):
     """The same checks with NCCL, each rank on its own GPU (the gpu mode through CuPy): needs two."""
-    if _gpu_count() < 2:
-        pytest.skip(f"NCCL tensor parallel needs two GPUs; {_gpu_count()} here")
     port = _free_port()
     _launch(spec, tmp_path, [_torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                                        "--master-port", str(port))], device="cuda")
