@@ -79,9 +79,14 @@ def _tp_mesh(hf, conv, device_mesh, device_type: str):
     (when ``device`` is of the accelerator's type), else on the tp dimension of ``device_mesh`` (by
     default a mesh of the whole world on the device's type: ``device="cpu"`` on a GPU host).
     Returns the tp mesh, or None for a world of one."""
-    from transformers.distributed import DistributedConfig
-    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+    try:  # the DTensor tensor-parallel path of transformers 5.24 and later (the hf extra's floor)
+        from transformers.distributed import DistributedConfig
+        from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+    except ImportError as e:
+        import transformers
 
+        raise GGUFLabError(f"tp_plan needs transformers' DTensor tensor parallelism (5.24 or later); "
+                           f"transformers {transformers.__version__} lacks it ({e})") from None
     import torch
     import torch.distributed as dist
 
