@@ -31,7 +31,7 @@ from .errors import (
     SourceChangedError,
     UnsupportedTypeError,
 )
-from .loader import DeviceTensor, LoadResult, load
+from .loader import DeviceTensor, LoadResult, Shard, ShardError, load
 from . import cache as _cache  # noqa: F401,E402  (registers the lazy device cache with GGUFModel)
 from .model import GGUFModel, TensorInfo, open_model
 from .quant import dequantize, type_spec
@@ -70,5 +70,5 @@ __all__ = [
     "open_model", "load", "check", "GGUFModel", "TensorInfo", "LoadResult", "DeviceTensor", "Problem",
     "dequantize", "type_spec", "GGUFLabError", "GGUFFormatError", "ModelNotFoundError", "TensorNotFoundError",
     "MetadataNotFoundError", "OutputExistsError", "SourceChangedError",
-    "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "__version__",
+    "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "Shard", "ShardError", "__version__",
 ]

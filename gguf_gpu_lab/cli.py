@@ -205,19 +205,21 @@ def cmd_check(path: str, max_problems: int) -> int:
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types: list[str] | None,
               model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
               hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
-              export: bool = False, overwrite: bool = False) -> int:
+              export: bool = False, overwrite: bool = False, tp: bool = False,
+              tp_worlds: Sequence[int] = (1, 2, 4), tp_device: str = "auto") -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
-                                    ("--hf", hf), ("--multi-gpu", multi_gpu), ("--export", export)) if on]
+                                    ("--hf", hf), ("--multi-gpu", multi_gpu), ("--export", export), ("--tp", tp))
+              if on]
     if len(chosen) > 1:
-        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, --export, or "
-                           f"none (the loader); got {' '.join(chosen)}")
+        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, --export, --tp, "
+                           f"or none (the loader); got {' '.join(chosen)}")
     for flag, value in (("--size-mb", size_mb), ("--types", types)):
         if value is not None and not (cpu or dequant):
             raise GGUFLabError(f"{flag} is for bench --cpu and bench --dequant, not bench{' ' + chosen[0] if chosen else ''}")
     size_mb = 256 if size_mb is None else size_mb
-    if not cpu and not open_ and not export:  # before the loader benchmark writes its model (4.6 GiB for 8B)
+    if not cpu and not open_ and not export and not tp:  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
 
         reason = _cupy_or_reason()[1]
@@ -228,7 +230,13 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
         check_new(out, overwrite, "--out file")
     else:
         _writable_dir(out_dir, "--out-dir")
-    if multi_gpu:
+    if tp:
+        from .tools.bench_tp import bench_tp, format_tp
+
+        res = bench_tp(model_path, params="25M" if params == "8B" and model_path is None else params,
+                       worlds=tp_worlds, device=tp_device)
+        print(format_tp(res))
+    elif multi_gpu:
         from .tools.bench_multi import bench_multi, format_multi
 
         res = bench_multi(model_path, params=params, big_params=big_params)
@@ -444,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "the disk's sequential write speed measured in the same run, peak host memory, transformers' "
                         "from_pretrained(gguf_file=...) + save_pretrained on a 1B file, and the tokenizer of a "
                         "262,144-token vocabulary against transformers' (the GPU where there is one)")
+    s.add_argument("--tp", action="store_true",
+                   help="tensor-parallel hf.from_gguf under torchrun for worlds 1, 2, 4: per-rank bytes read and load "
+                        "time (host backend with gloo, or the GPUs with NCCL where there are two or more; needs the hf "
+                        "extra; default model: a synthetic 25M Q4_K_M llama)")
+    s.add_argument("--tp-worlds", type=_whole(1, 64), nargs="+", default=[1, 2, 4],
+                   help="--tp: the world sizes (default 1 2 4)")
+    s.add_argument("--tp-device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="--tp: 'cuda' (NCCL), 'cpu' (gloo) or 'auto' (the GPUs where there are two or more)")
     s.add_argument("--big-params", default="70B",
                    help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
     s.add_argument("--out", help="write the JSON result to this file (default: a file named by date and time in "
@@ -522,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
                              args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
                              None if args.big_params.lower() == "none" else args.big_params, args.export,
-                             args.overwrite)
+                             args.overwrite, args.tp, tuple(args.tp_worlds), args.tp_device)
         if args.command == "export":
             return cmd_export(args.path, args.out_dir, args.dtype, args.max_shard_size, args.overwrite, args.budget,
                               args.device)

@@ -297,7 +297,7 @@ def _result_device(result: LoadResult) -> int:
 
 
 def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementation: str | None = None,
-              **load_options):
+              tp_plan: str | None = None, device_mesh=None, timeout_s: float = 600.0, **load_options):
     """A ready transformers model (``AutoModelForCausalLM``, eval mode) from a GGUF file: the same
     config and weights as ``from_pretrained(dir, gguf_file=name, dtype=..., device_map=device)``.
 
@@ -312,6 +312,14 @@ def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementatio
         dtype: "float16", "bfloat16" or "float32".
         device: "cuda", "cuda:N" or "cpu" (the host backend: NumPy dequantization on all cores).
         attn_implementation: passed to transformers ("sdpa", "eager", ...; default its own choice).
+        tp_plan: "auto" under ``torchrun``: tensor parallel, the model ``from_pretrained(...,
+            tp_plan="auto")`` builds (DTensor parameters, transformers' own plan), each rank reading
+            only its shards of the file (``gguf_gpu_lab.hf_tp``); ``device="cuda"`` is then each
+            rank's ``cuda:LOCAL_RANK`` (NCCL), ``"cpu"`` the host backend (gloo).
+        device_mesh: with ``tp_plan``, a ``DeviceMesh`` (1-D, or with a "tp" dimension) to shard
+            over; default transformers' own mesh of the whole world.
+        timeout_s: with ``tp_plan``, how long (1 to 86400 s) a collective waits for the other
+            ranks when this call sets up ``torch.distributed``.
         load_options: passed to ``load`` (streams, chunk_mb, readers, progress, profile, ...).
 
     Example:
@@ -321,6 +329,14 @@ def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementatio
         torch.Size([1, 3, 4096])
     """
     torch = _deps()
+    if tp_plan is not None:
+        if tp_plan != "auto":
+            raise GGUFLabError(f"tp_plan must be None or 'auto' (transformers' own plan), got {tp_plan!r}")
+        from .hf_tp import from_gguf_tp
+
+        return from_gguf_tp(path, dtype, device, attn_implementation, device_mesh, timeout_s, load_options)
+    if device_mesh is not None:
+        raise GGUFLabError("device_mesh shards a model with tp_plan='auto'; pass both")
     t0 = time.perf_counter()
     model = path if isinstance(path, GGUFModel) else shared_model(path)
     dev, backend, index = _device(device)

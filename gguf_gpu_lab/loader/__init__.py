@@ -1,7 +1,8 @@
 """Loading tensors onto the device: ``load()`` and what it returns.
 
 The stages, one file each: ``plan`` (options, which tensors in what order, chunks of whole
-blocks), ``placement`` (which device each tensor goes to, in a load over several), ``staging`` (the pinned ring and the reader threads' reads), ``pipeline`` (queueing
+blocks), ``placement`` (which device each tensor goes to, in a load over several), ``shard`` (which
+part of a tensor a load wants, over its bytes), ``staging`` (the pinned ring and the reader threads' reads), ``pipeline`` (queueing
 copies and kernels on the streams), ``sequential`` (the one-tensor-at-a-time baseline) and
 ``result`` (``DeviceTensor``, ``LoadResult``).
 """
@@ -20,11 +21,12 @@ from .pipeline import Pipeline
 from .placement import Placement, place, resolve_devices, several_devices, single_device
 from .plan import MODES, ORDERS, Chunk, LoadOptions, Piece, output_bytes, plan_chunks, select
 from .result import DeviceTensor, LoadResult, finish_shapes
+from .shard import Cut, Shard, ShardError, cut, resolve_cuts
 from .staging import Stop, default_readers
 
 __all__ = ["load", "LoadOptions", "LoadResult", "DeviceTensor", "select", "plan_chunks", "Piece", "Chunk",
            "default_readers", "MODES", "ORDERS", "Placement", "place", "plan_placement", "resolve_devices",
-           "several_devices", "single_device", "backends_for"]
+           "several_devices", "single_device", "backends_for", "Shard", "ShardError", "Cut", "cut"]
 
 
 def _cupti_recorder(backend: Backend):
@@ -51,7 +53,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
          readers: int | None = None, staging_mb: float | None = None, order="file", tensors=None,
          device: "int | Sequence[int] | str" = 0, placement=None,
          progress: Callable[[int, int, str], object] | None = None, profile: bool | str = True,
-         backend: str | Backend = "auto", cancel: threading.Event | None = None, read: str = "mmap") -> LoadResult:
+         backend: str | Backend = "auto", cancel: threading.Event | None = None, read: str = "mmap",
+         shard=None) -> LoadResult:
     """Load tensors of a GGUF model onto the device.
 
     Args:
@@ -88,6 +91,14 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             ``cupti-python``) records when each copy and kernel really ran, on a ``copy engine``
             and a ``kernels`` lane; False records nothing.
         backend: "auto", "cupy", "host" or a backend object.
+        shard: load only part of tensors (one device): None (all whole), a mapping of tensor names
+            to a ``Shard(dim, index, count)`` or a ``(dim, index, count)`` tuple (None: whole), or a
+            function of ``TensorInfo`` giving one. A split of the first NumPy dimension is one byte
+            range; of the last, one segment of every row, gathered into the staging slot. The
+            array has the shard's shape; ``DeviceTensor.global_shape`` and ``.region`` say where
+            it sits; ``result.wanted_bytes``/``whole_bytes`` and the profile's meta say the bytes
+            read against the shards' share and the whole tensors'. Every shard is checked
+            (``ShardError``) before anything is read.
 
     Example:
         >>> r = load("model.gguf", mode="gpu", dtype="float16")   # without a GPU, on the host backend
@@ -96,9 +107,15 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         >>> r2 = load("model.gguf", device=[0, 1], backend="host")   # the host backend plays two devices
         >>> r2["token_embd.weight"].device, r2["output.weight"].device
         (0, 1)
+        >>> r3 = load("model.gguf", shard={"blk.0.attn_q.weight": (-1, 1, 2)})   # columns 128..255
+        >>> r3["blk.0.attn_q.weight"].array.shape, r3["blk.0.attn_q.weight"].region
+        ((256, 128), (slice(0, 256, None), slice(128, 256, None)))
     """
     opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, read, staging_mb, order, profile).check()
     several = several_devices(device, placement)
+    if several and shard is not None:
+        raise GGUFLabError("shard= loads parts of tensors onto one device (a tensor-parallel rank's); "
+                           "a load over several devices places whole tensors")
     if several:
         devices, backends = backends_for(backend, device)
         if opts.profile == "cupti":
@@ -117,9 +134,10 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
     try:
         chosen = select(model.tensors, tensors, order, model.path)
+        cuts = resolve_cuts(chosen, shard, model.path)
         where = plan_placement(chosen, devices, backends, opts.mode, opts.dtype, placement, opts.streams,
                                opts.chunk_mb) if several else None
-        ld = Pipeline(model, backends if several else be, opts, chosen, progress, Stop(cancel), where)
+        ld = Pipeline(model, backends if several else be, opts, chosen, progress, Stop(cancel), where, cuts)
         if be.is_gpu:  # anchors device events to the host clock (the process's first CUDA call may be this)
             for b in backends:
                 b.clock()
@@ -136,11 +154,16 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
                 ld.cupti.stop()
         finish_shapes(outputs)
         out_bytes = sum(v.nbytes for v in outputs.values())
+        wanted = whole = None
+        if cuts is not None:
+            wanted, whole = sum(c.wanted_bytes for c in cuts.values()), sum(t.n_bytes for t in chosen)
         prof = Profile.from_spans(ld.spans, origin_ns=clock_host0, wall_s=wall, deferred=ld._device_spans, meta={
             "mode": opts.mode, "streams": opts.streams, "readers": opts.readers, "chunk_mb": opts.chunk_mb,
             "backend": be.name, "file_bytes": nbytes, "out_bytes": out_bytes, "devices": list(devices),
-            "device_timing": "cupti" if ld.cupti is not None else "events"}) if profile else None
-        return LoadResult(outputs, nbytes, out_bytes, wall, opts, be.name, prof, model.path, ld.placement)
+            "device_timing": "cupti" if ld.cupti is not None else "events",
+            **({"wanted_bytes": wanted, "whole_bytes": whole} if cuts is not None else {})}) if profile else None
+        return LoadResult(outputs, nbytes, out_bytes, wall, opts, be.name, prof, model.path, ld.placement,
+                          wanted, whole)
     finally:
         if bar is not None:
             bar.close()

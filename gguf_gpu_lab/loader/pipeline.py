@@ -31,6 +31,7 @@ from ..profiler import Span
 from ..source import ByteSource
 from .placement import Placement
 from .plan import Chunk, LoadOptions, copied_bytes, plan_chunks, plan_sites
+from .shard import Cut
 from .result import DeviceTensor, alloc_outputs, check_memory
 from .sequential import run_sequential
 from .staging import Staging, Stop, cpu_piece, default_readers, read_chunk, staged_bytes
@@ -72,9 +73,10 @@ class _Site:
 class Pipeline:
     def __init__(self, model: GGUFModel, backend: "Backend | Sequence[Backend]", opts: LoadOptions,
                  tensors: list[TensorInfo], progress: Callable | None, cancelled: Stop,
-                 placement: Placement | None = None):
-        """``backend``: one backend, or with ``placement`` one per device of the placement."""
-        self.model, self.opts, self.tensors = model, opts, tensors
+                 placement: Placement | None = None, cuts: dict[str, Cut] | None = None):
+        """``backend``: one backend, or with ``placement`` one per device of the placement;
+        ``cuts``: each tensor's shard (None: every tensor whole)."""
+        self.model, self.opts, self.tensors, self.cuts = model, opts, tensors, cuts
         if placement is None:
             self.sites = [_Site(backend, list(tensors))]
         else:
@@ -118,7 +120,7 @@ class Pipeline:
             site.max_chunk = max(site.max_chunk, c.nbytes)
         if self.placement is None:
             check_memory(self.backend, self.model.path, self.tensors, opts.mode, opts.dtype,
-                         opts.streams * self.sites[0].max_chunk if opts.mode == "gpu" else 0)
+                         opts.streams * self.sites[0].max_chunk if opts.mode == "gpu" else 0, self.cuts)
             return
         reserve = {d: opts.streams * s.max_chunk if opts.mode == "gpu" else 0
                    for d, s in zip(self.placement.devices, self.sites)}
@@ -146,7 +148,7 @@ class Pipeline:
         chunk_bytes = max(1, int(opts.chunk_mb * (1 << 20)))
         if cpu_mode:  # the slot holds dequantized values: plan in quantized bytes of about that size
             chunk_bytes = max(1, int(chunk_bytes / max(out_item / 0.5, 1.0)))
-        chunks = (plan_chunks(self.tensors, chunk_bytes) if self.placement is None
+        chunks = (plan_chunks(self.tensors, chunk_bytes, self.cuts) if self.placement is None
                   else plan_sites([s.tensors for s in self.sites], chunk_bytes))
         self.check_memory(chunks)
         if not chunks:
@@ -238,7 +240,7 @@ class Pipeline:
     def _alloc_outputs(self) -> dict[str, DeviceTensor]:
         out: dict[str, DeviceTensor] = {}
         for site in self.sites:
-            out.update(alloc_outputs(site.backend, site.tensors, self.opts.mode, self.opts.dtype))
+            out.update(alloc_outputs(site.backend, site.tensors, self.opts.mode, self.opts.dtype, self.cuts))
         return out
 
     def _queue_all(self, n_chunks: int, ready_q: queue.Queue, outputs: dict, total: int) -> None:
@@ -312,7 +314,7 @@ class Pipeline:
         for c in chunks:
             pos = 0
             for p in c.pieces:
-                pieces[c.site].append((p.tensor.ggml_type, p.first_block * quant.type_spec(p.tensor.ggml_type).block_size,
+                pieces[c.site].append((p.tensor.ggml_type, p.out_block * quant.type_spec(p.tensor.ggml_type).block_size,
                                        pos))
                 pos += p.nbytes
         variants = [kernel_variants(ps, self.opts.dtype) for ps in pieces]
@@ -373,9 +375,9 @@ class Pipeline:
                 if rec:
                     rec.issue(lane.index, "d2d" if spec.kind == "int" else "dequant", c.index, p.tensor.name, p.nbytes)
                 if spec.kind == "int":  # the bytes are the values
-                    lane.copy_d2d(out, p.first_block * spec.type_size, dev, pos, p.nbytes)
+                    lane.copy_d2d(out, p.out_block * spec.type_size, dev, pos, p.nbytes)
                 else:  # the kernel reads the piece's blocks from scratch and writes their slice of out
-                    lane.dequant(dev, pos, spec.ggml_type, out, p.first_block * spec.block_size, self.opts.dtype,
+                    lane.dequant(dev, pos, spec.ggml_type, out, p.out_block * spec.block_size, self.opts.dtype,
                                  p.n_blocks)
                 pos += p.nbytes
             evs.append(("dequant", lane.record()))
@@ -383,11 +385,11 @@ class Pipeline:
             for p in c.pieces:
                 out = outputs[p.tensor.name].array
                 if mode == "raw":
-                    lo, n = p.first_block * quant.type_spec(p.tensor.ggml_type).type_size, p.nbytes
+                    lo, n = p.out_block * quant.type_spec(p.tensor.ggml_type).type_size, p.nbytes
                 else:
                     spec = quant.type_spec(p.tensor.ggml_type)
                     per = (spec.block_size if spec.kind != "int" else 1) * out.itemsize
-                    lo, n = p.first_block * per, p.n_blocks * per
+                    lo, n = p.out_block * per, p.n_blocks * per
                 if rec:
                     rec.issue(lane.index, "h2d", c.index, p.tensor.name, n)
                 lane.copy_h2d(out, lo, data, pos, n)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .. import quant
 from ..errors import GGUFLabError, TensorNotFoundError, not_found
 from ..model import TensorInfo
+from .shard import Cut
 
 MODES = ("gpu", "raw", "cpu", "sequential")
 ORDERS = ("file", "largest", "layer")
@@ -60,13 +61,24 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class Piece:
-    """A run of whole blocks of one tensor: ``[first_block, first_block + n_blocks)``."""
+    """Whole blocks of one tensor read together: ``rows`` runs of ``n_blocks // rows`` blocks,
+    ``stride`` file bytes apart (one run, ``stride`` 0, unless the piece is a column shard's
+    segments), the first starting at block ``first_block`` of the tensor and at ``file_offset``.
+    They land, expanded and gathered, from block ``out_block`` of the output (``first_block`` when
+    the whole tensor is loaded)."""
 
     tensor: TensorInfo
     first_block: int
     n_blocks: int
     file_offset: int
     nbytes: int
+    out_block: int | None = None
+    rows: int = 1
+    stride: int = 0
+
+    def __post_init__(self):
+        if self.out_block is None:
+            object.__setattr__(self, "out_block", self.first_block)
 
 
 @dataclass(frozen=True)
@@ -110,9 +122,11 @@ def select(tensors: Sequence[TensorInfo], names=None, order="file", path=None) -
     raise GGUFLabError(f"order must be one of {', '.join(ORDERS)} or a callable, got {order!r}")
 
 
-def plan_chunks(tensors: Sequence[TensorInfo], chunk_bytes: int) -> list[Chunk]:
+def plan_chunks(tensors: Sequence[TensorInfo], chunk_bytes: int, cuts: Mapping[str, Cut] | None = None) -> list[Chunk]:
     """Split big tensors into chunks of whole blocks of at most ``chunk_bytes``; batch small
-    ones together up to ``chunk_bytes``."""
+    ones together up to ``chunk_bytes``. ``cuts``: the shard of each tensor (``shard.resolve_cuts``;
+    a tensor without one is whole): a row shard is one range, a column shard's pieces gather
+    whole segments (or, a segment over ``chunk_bytes``, runs of its blocks)."""
     chunks: list[Chunk] = []
     batch: list[Piece] = []
     size = 0
@@ -124,6 +138,19 @@ def plan_chunks(tensors: Sequence[TensorInfo], chunk_bytes: int) -> list[Chunk]:
         batch, size = [], 0
 
     for t in tensors:
+        c = cuts.get(t.name) if cuts else None
+        if c is not None and c.shard is not None:
+            pieces = shard_pieces(c, chunk_bytes)
+            if c.read_bytes > chunk_bytes:
+                flush()
+                for p in pieces:
+                    chunks.append(Chunk(len(chunks), (p,)))
+            else:
+                if size + c.read_bytes > chunk_bytes:
+                    flush()
+                batch.extend(pieces)
+                size += c.read_bytes
+            continue
         spec = quant.type_spec(t.ggml_type)
         n_blocks = t.n_elements // spec.block_size
         per = max(1, chunk_bytes // spec.type_size)
@@ -139,6 +166,32 @@ def plan_chunks(tensors: Sequence[TensorInfo], chunk_bytes: int) -> list[Chunk]:
             size += t.n_bytes
     flush()
     return chunks
+
+
+def shard_pieces(c: Cut, chunk_bytes: int) -> list[Piece]:
+    """The pieces of a shard, each at most ``chunk_bytes`` unless one block is more: a contiguous
+    shard split into runs of blocks; a strided one into groups of whole segments (one gathered
+    copy each), or a segment over ``chunk_bytes`` into runs of its blocks."""
+    t, spec = c.tensor, c.spec
+    ts = spec.type_size
+    per = max(1, chunk_bytes // ts)
+    row_bytes = c.row_blocks * ts
+    if c.contiguous:
+        b0, nb = c.first, c.cover
+        return [Piece(t, b0 + k, min(per, nb - k), t.offset + (b0 + k) * ts, min(per, nb - k) * ts, k)
+                for k in range(0, nb, per)]
+    seg_bytes = c.cover * ts
+    if seg_bytes > chunk_bytes:
+        out = []
+        for r in range(c.outer):
+            b0 = r * c.row_blocks + c.first
+            out += [Piece(t, b0 + k, min(per, c.cover - k), t.offset + (b0 + k) * ts, min(per, c.cover - k) * ts,
+                          r * c.cover + k) for k in range(0, c.cover, per)]
+        return out
+    rows_per = max(1, chunk_bytes // seg_bytes)
+    return [Piece(t, r * c.row_blocks + c.first, nr * c.cover, t.offset + r * row_bytes + c.first * ts, nr * seg_bytes,
+                  r * c.cover, nr, row_bytes)
+            for r in range(0, c.outer, rows_per) for nr in (min(rows_per, c.outer - r),)]
 
 
 def plan_sites(tensors_per_site: Sequence[Sequence[TensorInfo]], chunk_bytes: int) -> list[Chunk]:
@@ -161,9 +214,15 @@ def plan_sites(tensors_per_site: Sequence[Sequence[TensorInfo]], chunk_bytes: in
         done[k] += c.nbytes
 
 
-def output_bytes(t: TensorInfo, mode: str, dtype: str) -> int:
-    """Bytes a tensor's output takes on the device in a mode."""
-    return t.n_bytes if mode == "raw" else t.n_elements * out_kind(t, mode, dtype)[1].itemsize
+def output_bytes(t: TensorInfo, mode: str, dtype: str, c: Cut | None = None) -> int:
+    """Bytes a tensor's output takes on the device in a mode (of its shard ``c``: the covering
+    blocks' bytes in raw mode; their expansion, plus the shard itself when it is not aligned)."""
+    if c is None or c.shard is None:
+        return t.n_bytes if mode == "raw" else t.n_elements * out_kind(t, mode, dtype)[1].itemsize
+    if mode == "raw":
+        return c.read_bytes
+    item = out_kind(t, mode, dtype)[1].itemsize
+    return (c.landing_elements() + (0 if c.aligned else c.n_elements)) * item
 
 
 def copied_bytes(c: Chunk, mode: str, dtype: str) -> int:

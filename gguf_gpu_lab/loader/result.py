@@ -14,6 +14,7 @@ from ..model import TensorInfo
 from ..profiler import Profile
 from .placement import Placement
 from .plan import LoadOptions, out_kind, output_bytes
+from .shard import Cut, Shard
 
 @dataclass
 class DeviceTensor:
@@ -26,10 +27,26 @@ class DeviceTensor:
     dtype: str
     mode: str
     device: int = 0  # the device index the array lives on
+    cut: Cut | None = None  # the shard loaded (None: the whole tensor)
 
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def shard(self) -> Shard | None:
+        """The ``Shard`` this array holds, or None for the whole tensor."""
+        return None if self.cut is None else self.cut.shard
+
+    @property
+    def global_shape(self) -> tuple[int, ...]:
+        """The whole tensor's NumPy shape (the array's own shape when it is whole)."""
+        return self.info.np_shape
+
+    @property
+    def region(self) -> tuple[slice, ...]:
+        """Where the array sits in the whole tensor (NumPy order): ``whole[region] == array``."""
+        return tuple(slice(0, n) for n in self.info.np_shape) if self.cut is None else self.cut.region
 
     @property
     def nbytes(self) -> int:
@@ -66,7 +83,9 @@ class LoadResult(Mapping[str, DeviceTensor]):
     ``len(r)``, ``for name in r``), with ``file_bytes`` moved, ``out_bytes`` on the device,
     ``wall_s`` (from the backend being ready to the last byte in place), ``gb_s``, the
     ``options`` used, the ``backend`` name, the ``profile`` (spans; None with ``profile=False``) and
-    the ``path`` of the file. ``to_torch()`` gives every tensor as a ``torch.Tensor`` without copies
+    the ``path`` of the file. A sharded load (``shard=``) also says ``wanted_bytes`` (the shards'
+    share of the file: ``file_bytes`` exceeds it by the covering blocks of unaligned column shards)
+    and ``whole_bytes`` (the whole tensors' bytes). ``to_torch()`` gives every tensor as a ``torch.Tensor`` without copies
     (needs torch). A load over several devices also has ``placement`` (a DataFrame: tensor,
     device, layer, type, file and output bytes) and ``device_summary()`` (each device's share,
     need and free bytes, and with a profile the GB/s it received); ``place`` is the ``Placement``."""
@@ -80,6 +99,8 @@ class LoadResult(Mapping[str, DeviceTensor]):
     profile: Profile | None = None
     path: str | None = None
     place: Placement | None = None
+    wanted_bytes: int | None = None  # a sharded load: the shards' share of the file bytes
+    whole_bytes: int | None = None  # a sharded load: the file bytes of the whole tensors
 
     @property
     def devices(self) -> tuple[int, ...]:
@@ -128,25 +149,46 @@ class LoadResult(Mapping[str, DeviceTensor]):
                 f"({self.gb_s:.1f} GB/s), mode={self.options.mode}, backend={self.backend}{on}>")
 
 
-def alloc_outputs(backend: Backend, tensors: Sequence[TensorInfo], mode: str, dtype: str) -> dict[str, DeviceTensor]:
+def alloc_outputs(backend: Backend, tensors: Sequence[TensorInfo], mode: str, dtype: str,
+                  cuts: Mapping[str, Cut] | None = None) -> dict[str, DeviceTensor]:
+    """Flat outputs: a tensor's elements (its bytes in raw mode), or of a shard the expansion of
+    its covering blocks (sliced to the shard by ``finish_shapes`` when they hold more)."""
     out: dict[str, DeviceTensor] = {}
     for t in tensors:
         logical, store = out_kind(t, mode, dtype)
-        n = t.n_bytes if mode == "raw" else t.n_elements
-        out[t.name] = DeviceTensor(t, backend.empty(n, store), logical, mode, backend.device)
+        c = cuts.get(t.name) if cuts else None
+        if c is None or c.shard is None:
+            n = t.n_bytes if mode == "raw" else t.n_elements
+        else:
+            n = c.read_bytes if mode == "raw" else c.landing_elements()
+        out[t.name] = DeviceTensor(t, backend.empty(n, store), logical, mode, backend.device, c)
     return out
 
 
 def finish_shapes(result: dict[str, DeviceTensor]) -> None:
-    """Outputs were filled flat; give the dequantized ones their tensor shapes (raw stays bytes)."""
+    """Outputs were filled flat; give the dequantized ones their tensor's (or shard's) shape
+    (raw stays bytes). A shard read as covering blocks keeps only its own columns (one 2-D copy)."""
     for dt in result.values():
-        if dt.dtype != "raw":
-            dt.array = dt.array.reshape(dt.info.np_shape)
+        if dt.dtype == "raw":
+            continue
+        c = dt.cut
+        if c is not None and not c.aligned:
+            landing = dt.array.reshape(c.outer, -1)[:, c.head:c.head + c.seg]
+            if isinstance(landing, np.ndarray):
+                dt.array = landing.copy()
+            else:  # CuPy: the copy runs on the array's device
+                import cupy
+
+                with cupy.cuda.Device(dt.device):
+                    dt.array = landing.copy()
+        shape = dt.info.np_shape if c is None else c.np_shape
+        dt.array = dt.array.reshape(shape)
 
 
-def check_memory(backend: Backend, path: str, tensors: Sequence[TensorInfo], mode: str, dtype: str, extra: int) -> None:
+def check_memory(backend: Backend, path: str, tensors: Sequence[TensorInfo], mode: str, dtype: str, extra: int,
+                 cuts: Mapping[str, Cut] | None = None) -> None:
     """Fail before allocating anything when the outputs (and ``extra`` bytes) cannot fit."""
-    need = extra + sum(output_bytes(t, mode, dtype) for t in tensors)
+    need = extra + sum(output_bytes(t, mode, dtype, cuts.get(t.name) if cuts else None) for t in tensors)
     free = backend.mem_free()
     if free is not None and need > free:
         raise DeviceMemoryError(f"{path}: loading {len(tensors)} tensors ({mode}, {dtype}) needs {need} bytes of "

@@ -80,14 +80,40 @@ def read_chunk(source: ByteSource, pieces, slot: np.ndarray, mapped: bool) -> in
         source.check()
     pos = 0
     for p in pieces:
-        dst = slot[pos:pos + p.nbytes]
-        v = source.view(p.file_offset, p.nbytes) if mapped else None
-        if v is None:
-            source.read_into(p.file_offset, dst)
-        else:
-            np.copyto(dst, v)
+        piece_into(source, p, slot[pos:pos + p.nbytes], mapped)
         pos += p.nbytes
     return pos
+
+
+def piece_into(source: ByteSource, p: Piece, dst: np.ndarray, mapped: bool) -> None:
+    """A piece's file bytes into ``dst``: one run, or a column shard's rows gathered one after
+    another (one 2-D copy out of the mapping, or one read per row), so that the device still
+    sees one contiguous copy per piece. From the mapping only after the caller's ``check()``."""
+    rb = p.nbytes // p.rows
+    if mapped:
+        span = (p.rows - 1) * p.stride + rb
+        v = source.view(p.file_offset, span)
+        if v is not None:
+            if p.rows == 1:
+                np.copyto(dst, v)
+            else:
+                rows = np.lib.stride_tricks.as_strided(v, (p.rows, rb), (p.stride, 1), writeable=False)
+                np.copyto(dst.reshape(p.rows, rb), rows)
+            return
+    for r in range(p.rows):
+        source.read_into(p.file_offset + r * p.stride, dst[r * rb:(r + 1) * rb])
+
+
+def piece_bytes(source: ByteSource, p: Piece, mapped: bool, buf: np.ndarray | None = None) -> np.ndarray:
+    """A piece's bytes: a view of the mapping for one run (after the caller's ``check()``), else
+    gathered or read into ``buf`` (a new array when None)."""
+    if mapped and p.rows == 1:
+        v = source.view(p.file_offset, p.nbytes)
+        if v is not None:
+            return v
+    out = np.empty(p.nbytes, np.uint8) if buf is None else buf
+    piece_into(source, p, out, mapped)
+    return out
 
 
 def staged_bytes(p: Piece, dtype: str) -> int:
@@ -103,10 +129,7 @@ def cpu_piece(source: ByteSource, p: Piece, slot: np.ndarray, pos: int, dtype: s
     read from the mapping (checked once per chunk by the caller) or, without it, with preadv into
     a buffer of this thread's (never through the mapping: a truncation is then an error, not SIGBUS)."""
     spec = quant.type_spec(p.tensor.ggml_type)
-    raw = source.view(p.file_offset, p.nbytes) if mapped else None
-    if raw is None:
-        raw = _scratch(p.nbytes)
-        source.read_into(p.file_offset, raw)
+    raw = piece_bytes(source, p, mapped, _scratch(p.nbytes))
     if spec.kind == "int":
         slot[pos:pos + raw.nbytes] = raw
         return pos + raw.nbytes
