@@ -48,7 +48,7 @@ def check(model, *, max_problems: int = 100) -> list[Problem]:
     """
     if isinstance(model, GGUFModel):
         return model.check(max_problems=max_problems)
-    with open_model(model) as m:
+    with open_model(model, warmup=False) as m:
         return m.check(max_problems=max_problems)
 
 

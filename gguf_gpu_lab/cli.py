@@ -97,7 +97,7 @@ def _json_default(o):
 def cmd_inspect(path: str, as_json: bool, tensors: bool) -> int:
     from .model import _fmt_bytes, open_model
 
-    with open_model(path) as m:
+    with open_model(path, warmup=False) as m:
         s = m.summary()
         if as_json:
             doc = {k: v for k, v in s.items() if k not in ("by_type", "by_layer")}
@@ -146,7 +146,7 @@ def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool,
 
     if bf16_bits and dtype != "bfloat16":
         raise GGUFLabError(f"--bf16-bits needs --dtype bfloat16, got --dtype {dtype}")
-    with open_model(path) as m:
+    with open_model(path, warmup=False) as m:
         t = m.info(name)
         x = m.dequantize(name, dtype)
         print(f"{name}: {t.type_name} {t.np_shape} -> {x.dtype} "
@@ -169,7 +169,7 @@ def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool,
 def cmd_check(path: str, max_problems: int) -> int:
     from .model import open_model
 
-    with open_model(path) as m:
+    with open_model(path, warmup=False) as m:
         problems = m.check(max_problems=max_problems)
     for p in problems:
         print(p)

@@ -18,8 +18,11 @@ cast, as transformers does. The tests check every tensor bit for bit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
+import re
+import sys
 import threading
 import time
 from typing import Any
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GGUFLabError
+from .loader.background import BackgroundLoad
 from .loader import DeviceTensor, LoadResult, load
 from .model import GGUFModel, shared_model
 
@@ -148,9 +152,37 @@ def weights_map(hf_model, processor, arch: str) -> dict[str, str]:
 
 # -- state dict -----------------------------------------------------------------------------------
 
+def _parse_device(device) -> tuple[str, int | None]:
+    """("cpu" or "cuda", index or None) of a device given as "cuda", "cuda:1", "cpu", an index or a
+    torch.device, without importing torch: a load can start before torch is imported."""
+    if isinstance(device, str):
+        m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device.strip())
+        if m is None:
+            raise GGUFLabError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+        return m.group(1), None if m.group(2) is None else int(m.group(2))
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return "cuda", device
+    if type(device).__name__ == "device" and getattr(device, "type", None) in ("cpu", "cuda"):
+        return device.type, device.index
+    raise GGUFLabError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+
+
+def _load_target(device) -> tuple[str, int]:
+    """(backend, device index) a load for ``device`` uses, without importing torch: "cuda" alone
+    is torch's current device, which is 0 until torch has set up CUDA."""
+    kind, index = _parse_device(device)
+    if kind == "cpu":
+        return "host", 0
+    if index is None:
+        torch = sys.modules.get("torch")
+        index = torch.cuda.current_device() if torch is not None and torch.cuda.is_initialized() else 0
+    return "cupy", index
+
+
 def _device(device) -> tuple[Any, str, int]:
     """(torch.device, backend, device index) for a device given as "cuda", "cuda:1", "cpu" or a torch.device."""
     torch = _deps()
+    _parse_device(device)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -210,11 +242,13 @@ class _Conversion:
                                f"tensor {name!r}; gguf_gpu_lab.hf does not handle that")
         return r.weights
 
-    def load(self, backend: str, index: int, load_options: dict) -> LoadResult:
-        t0 = time.perf_counter()
-        r = load(self.model, dtype=self.dtype, tensors=self.wanted, backend=backend, device=index, **load_options)
-        self.steps["load_s"] = time.perf_counter() - t0
-        return r
+    def wanted_only(self, result: LoadResult) -> LoadResult:
+        """``result`` without the tensors transformers' model does not take (loaded because the
+        load started before the model named what it takes): their memory goes now."""
+        if all(n in self.names for n in result):
+            return result
+        kept = {n: t for n, t in result.tensors.items() if n in self.names}
+        return dataclasses.replace(result, tensors=kept, out_bytes=sum(t.nbytes for t in kept.values()))
 
     def state_dict(self, result: LoadResult, backend: str, index: int, load_options: dict) -> dict[str, Any]:
         """transformers' names -> tensors on the device, the loaded memory reused wherever the
@@ -279,11 +313,35 @@ def to_state_dict(path_or_result, dtype: str = "float16", device="cuda", **load_
         device = "cpu" if result.backend == "host" else f"cuda:{_result_device(result)}"
         path_or_result = result.path
     model = path_or_result if isinstance(path_or_result, GGUFModel) else shared_model(path_or_result)
-    dev, backend, index = _device(device)
-    conv = _Conversion(model, dtype)
-    if result is None:
-        result = conv.load(backend, index, load_options)
+    if result is not None:
+        dev, backend, index = _device(device)
+        conv = _Conversion(model, dtype)
+    else:
+        conv, result, backend, index = _build_while_loading(model, dtype, device, None, load_options)
     return conv.state_dict(result, backend, index, load_options)
+
+
+def _build_while_loading(model: GGUFModel, dtype: str, device, attn_implementation, load_options: dict):
+    """Start the load of every tensor of the file on a thread of its own, then import torch and
+    transformers and build the model on the meta device while it runs (a process's first call
+    spends seconds on those imports); the tensors the model does not take are dropped after.
+    A failing build (or an interrupt) cancels the load and frees what it loaded. Returns
+    (conversion, load result, backend, device index)."""
+    if dtype not in _DTYPES:
+        raise GGUFLabError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    architecture(model)  # an unsupported file is refused before any load
+    backend, index = _load_target(device)
+    bg = BackgroundLoad(model, dict(load_options, dtype=dtype, backend=backend, device=index))
+    try:
+        _device(device)  # imports torch; is the GPU torch's too?
+        conv = _Conversion(model, dtype, attn_implementation)
+        t0 = time.perf_counter()
+        result = bg.result()
+    except BaseException:
+        bg.cancel()
+        raise
+    conv.steps.update(load_s=bg.load_s, load_wait_s=time.perf_counter() - t0)
+    return conv, conv.wanted_only(result), backend, index
 
 
 def _result_device(result: LoadResult) -> int:
@@ -300,7 +358,9 @@ def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementatio
     The model is built on the meta device and its parameters are the loaded tensors themselves
     (``load_state_dict(assign=True)``): no weight is allocated twice. ``model.gguf_load_result``
     is the ``LoadResult`` (``.profile`` for ``plots.timeline``); ``model.gguf_steps_s`` the seconds
-    of each step (config, meta_model, names, load, transform, assign, total).
+    of each step (config, meta_model, names, load, load_wait, transform, assign, total). The load
+    starts first, on a thread of its own, and the transformers model is built while it runs
+    (``load_s`` overlaps the steps before it; ``load_wait_s`` is what was left to wait for).
 
     Args:
         path: a .gguf file (or an open ``GGUFModel``) of a supported architecture
@@ -316,12 +376,10 @@ def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementatio
         >>> model(torch.tensor([[1, 2, 3]])).logits.shape
         torch.Size([1, 3, 4096])
     """
-    torch = _deps()
     t0 = time.perf_counter()
     model = path if isinstance(path, GGUFModel) else shared_model(path)
-    dev, backend, index = _device(device)
-    conv = _Conversion(model, dtype, attn_implementation)
-    result = conv.load(backend, index, load_options)
+    conv, result, backend, index = _build_while_loading(model, dtype, device, attn_implementation, load_options)
+    dev = _device(device)[0]
     state = conv.state_dict(result, backend, index, load_options)
     t1 = time.perf_counter()
     hf = conv.hf_model

@@ -15,6 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from . import naming, quant
+from . import warmup as _warmup
 from .errors import GGUFFormatError, GGUFLabError, ModelNotFoundError, TensorNotFoundError
 from .header import Field, Header, map_file
 
@@ -356,7 +357,7 @@ def shared_model(path: str | os.PathLike) -> GGUFModel:
         if m is not None and not m.closed:
             _SHARED.move_to_end(key)
             return m
-    m = GGUFModel(path)
+    m = _warmup.start(GGUFModel(path))  # on a GPU machine: context, staging ring, kernels in the background
     with _SHARED_LOCK:
         _SHARED[key] = m
         while len(_SHARED) > _SHARED_MAX:  # dropped, not closed: a load may still be using it
@@ -364,8 +365,10 @@ def shared_model(path: str | os.PathLike) -> GGUFModel:
     return m
 
 
-def open_model(path: str | os.PathLike) -> GGUFModel:
-    """Open and validate a GGUF file (no tensor data is read).
+def open_model(path: str | os.PathLike, *, warmup: bool | None = None) -> GGUFModel:
+    """Open and validate a GGUF file (no tensor data is read). On a machine with a GPU this also
+    starts getting it ready for a load in the background (``gguf_gpu_lab.warmup``; off with
+    ``warmup=False`` or ``GGUF_LAB_WARMUP=0``).
 
     Example:
         >>> with open_model("model.gguf") as m:
@@ -373,7 +376,7 @@ def open_model(path: str | os.PathLike) -> GGUFModel:
         ...     w = m.dequantize("blk.0.attn_q.weight")
         llama 21
     """
-    return GGUFModel(path)
+    return _warmup.start(GGUFModel(path), warmup)
 
 
 from .scan import Problem  # noqa: E402  (type of check()'s result)

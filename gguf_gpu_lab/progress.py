@@ -1,11 +1,21 @@
 """Progress bars for the command line and ``load(progress=True)``: tqdm (an ipywidgets bar in
 notebooks), decimal units like the summaries (kB, MB, GB), and shown only where someone can
-watch them: a terminal, a notebook, or ``GGUF_LAB_PROGRESS=1`` (``0`` hides them everywhere)."""
+watch them: a terminal, a notebook, or ``GGUF_LAB_PROGRESS=1`` (``0`` hides them everywhere).
+
+A load's bar (``LoadBar``) is made by the caller's thread before the load starts, with its
+total, and drawn by a thread of its own every ``interval`` seconds: the load's completion
+thread only stores a tuple, so nothing a bar does (a notebook widget's messages, a terminal's
+writes) can delay a chunk."""
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
+
+from .errors import GGUFLabError
+
+DRAW_INTERVAL_S = 0.1  # a bar is redrawn at most this often: 10 times a second reads as smooth
 
 
 def shown() -> bool:
@@ -18,6 +28,15 @@ def shown() -> bool:
 
     notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
     return notebook or sys.stderr.isatty()
+
+
+def check_progress(progress) -> None:
+    """Refuse a ``progress=`` argument that is not None, False, True or a callable, before any
+    work: a string or a number would otherwise fail at the first chunk, mid-load."""
+    if progress is None or progress is False or progress is True or callable(progress):
+        return
+    raise GGUFLabError(f"progress must be None or False (no report), True (a bar) or a callable "
+                       f"progress(bytes_done, bytes_total, tensor); got {progress!r}")
 
 
 def progress_bar(desc: str, total: int | None = None, unit: str = "B"):
@@ -33,8 +52,64 @@ def progress_bar(desc: str, total: int | None = None, unit: str = "B"):
                 disable=not shown())
 
 
+class LoadBar:
+    """A ``progress(done, total, name)`` callable for a load: the bar is made now, on the caller's
+    thread (a notebook shows a widget only from the thread running the cell), sized by ``total``;
+    a call only stores its arguments, and a thread of its own draws the latest every ``interval``
+    seconds; ``close()`` draws the last state and removes the bar. Where bars are not shown no
+    thread is started.
+
+    Example:
+        >>> bar = LoadBar("load (gpu)", total=1000)
+        >>> bar(500, 1000, "blk.0.attn_q.weight")   # what the load's completion thread does
+        >>> bar.close()
+    """
+
+    def __init__(self, desc: str, total: int, unit: str = "B", interval: float = DRAW_INTERVAL_S):
+        if not 0.01 <= interval <= 60:
+            raise GGUFLabError(f"progress interval must be from 0.01 to 60 seconds, got {interval!r}")
+        self.interval = interval
+        self.bar = progress_bar(desc, total, unit)
+        self._state: tuple[int, int, str | None] = (0, total, None)
+        self._drawn: tuple | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if not self.bar.disable:
+            self._thread = threading.Thread(target=self._run, name="gguf-lab-progress", daemon=True)
+            self._thread.start()
+
+    def __call__(self, done: int, total: int, name: str | None = None) -> None:
+        self._state = (done, total, name)  # one store: the only cost on the load's thread
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._draw()
+
+    def _draw(self) -> None:
+        state = self._state
+        if state == self._drawn:
+            return
+        self._drawn = state
+        done, total, name = state
+        if total != self.bar.total:
+            self.bar.reset(total=total)  # reset(), not .total =: it also resizes a notebook widget
+        if name:
+            self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        """Stop the drawing thread, draw the last state, remove the bar; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            self._draw()
+        self.bar.close()
+
+
 class ProgressBar:
-    """A ``progress(done, total, name)`` callback that draws one bar. The bar is made at the first
+    """A ``progress(done, total, name)`` callback that draws one bar, on the calling thread, for
+    work whose total is known only at its first report (``synth``). The bar is made at the first
     call, once the total is known: a bar made without one reads ``0.00B [00:00, ?B/s]`` in text,
     and a notebook widget made without one is drawn full and never moves.
 
@@ -61,3 +136,15 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def reporter(progress, desc: str, total: int):
+    """What a load calls after each chunk for a ``progress=`` argument (checked by
+    ``check_progress``): None for None/False, a ``LoadBar`` for True, the callable itself
+    otherwise. The caller closes a ``LoadBar``."""
+    check_progress(progress)
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        return LoadBar(desc, total)
+    return progress
