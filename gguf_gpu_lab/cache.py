@@ -142,7 +142,8 @@ class PreloadHandle:
     tensor from the queue so that a caller can load it at once (``GGUFModel.tensor`` does)."""
 
     def __init__(self, names: list[str], sizes: dict[str, int], run_batch: Callable[[list[str], threading.Event], None],
-                 batch_bytes: int):
+                 batch_bytes: int, on_end: Callable[[], None] | None = None):
+        self._on_end = on_end  # called once the preload ends, however it ends (closes its bar)
         self._queue = deque(names)
         self._sizes = sizes
         self._lock = threading.Lock()
@@ -193,6 +194,8 @@ class PreloadHandle:
         finally:
             with self._lock:
                 self._current = None
+            if self._on_end is not None:
+                self._on_end()
 
     def take(self, name: str) -> bool:
         """Remove ``name`` from the queue; True if it was still waiting there."""
@@ -293,6 +296,10 @@ def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device
     else:
         on = None
         target = {"backend": get_backend(backend, device), "device": device}
+    from .progress import LoadBar, check_progress, reporter
+
+    progress = load_options.pop("progress", None)
+    check_progress(progress)
     cache = model._cache()
     key_of = lambda n: (model.path, n, mode, dtype, device if on is None else on[n])  # noqa: E731
     names = [t.name for t in select(model.tensors, tensors, order)]
@@ -308,7 +315,7 @@ def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device
         where = {} if on is None else {"placement": {n: on[n] for n in todo}}
         try:
             r = load(model, mode=mode, dtype=dtype, tensors=todo, cancel=cancel, profile=False, **target, **where,
-                     **load_options)
+                     progress=None if report is None else relay, **load_options)
         except BaseException as e:
             for n in todo:
                 cache.fail(keys[n], e)
@@ -316,4 +323,14 @@ def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device
         for n in todo:
             cache.fulfill(keys[n], r[n])
 
-    return PreloadHandle(names, sizes, run_batch, int(batch_mb * (1 << 20)))
+    # one report for the whole preload (a bar made here, on the caller's thread): each batch's
+    # counts added to the bytes of the batches before it
+    report = reporter(progress, "preload", sum(sizes[n] for n in names))
+
+    def relay(done, total, name=None):
+        p = handle.progress
+        return report(p.bytes_done + done, p.bytes_total, name)
+
+    handle = PreloadHandle(names, sizes, run_batch, int(batch_mb * (1 << 20)),
+                           report.close if isinstance(report, LoadBar) else None)
+    return handle

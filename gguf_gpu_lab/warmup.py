@@ -75,10 +75,10 @@ def gpu_likely() -> bool:
 
 
 def enabled(warmup=None) -> bool:
-    """Whether opening a model starts a warm-up: ``warmup`` (None: ``GGUF_LAB_WARMUP``, on
-    unless ``0``) and a GPU likely (``gpu_likely``)."""
+    """Whether opening a model starts a warm-up: ``warmup`` (True or False; None: as
+    ``GGUF_LAB_WARMUP`` says, on unless ``0``) and a GPU likely (``gpu_likely``)."""
     _check(warmup)
-    if warmup is False or os.environ.get(ENV, "1").strip() == "0":
+    if warmup is False or (warmup is None and os.environ.get(ENV, "1").strip() == "0"):
         return False
     return gpu_likely()
 

@@ -44,3 +44,105 @@ def test_notebook_bar_is_sized_by_its_total(monkeypatch):
     bar.bar.refresh()
     assert (widget.max, widget.value) == (20, 5)
     bar.close()
+
+
+# -- progress= of every kind, checked before any work; a bar that cannot delay a chunk ------------
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0, 0.5, [], object()])
+def test_progress_of_another_kind_is_refused_before_any_work(tmp_path, bad):
+    from gguf_gpu_lab import GGUFLabError
+
+    missing = tmp_path / "not-there.gguf"  # were the file opened first, this would be ModelNotFoundError
+    with pytest.raises(GGUFLabError, match=r"progress must be None or False .* True \(a bar\) or a callable"):
+        load(missing, backend="host", progress=bad)
+
+
+@pytest.mark.parametrize("off", [None, False])
+def test_no_progress(small_model, monkeypatch, capsys, off):
+    monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")  # a bar would be drawn, were one asked for
+    r = load(small_model, backend="host", progress=off, chunk_mb=0.5)
+    assert len(r) > 0 and capsys.readouterr().err == ""
+    assert "progress callback" not in set(r.profile.df["stage"])
+
+
+def test_a_slow_bar_does_not_delay_the_load(small_model, monkeypatch):
+    """A bar whose every draw takes 0.3 s (a stalled notebook front end): the load's completion
+    thread only stores the counts, the bar's own thread draws them, so the load ends long before
+    a single draw would have; the last state is drawn at close, and it is the total."""
+    import threading
+    import time
+
+    from gguf_gpu_lab import open_model
+    from gguf_gpu_lab.progress import LoadBar
+
+    monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")
+    drawn, threads = [], set()
+    real_draw = LoadBar._draw
+
+    def slow_draw(self):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.3)
+        real_draw(self)
+        drawn.append(self._drawn)
+
+    monkeypatch.setattr(LoadBar, "_draw", slow_draw)
+    with open_model(small_model, warmup=False) as m:
+        total = sum(t.n_bytes for t in m.tensors)
+        load(m, backend="host", chunk_mb=0.25)  # the process's first load of it: threads and pages ready
+        t0 = time.perf_counter()
+        r = load(m, backend="host", progress=True, chunk_mb=0.25)
+        call_s = time.perf_counter() - t0
+    assert r.profile.df["chunk"].max() >= 8  # many chunks: a bar drawn after each would take 8 x 0.3 s
+    assert r.wall_s < 0.3 <= call_s  # the load did not wait for a draw; the call waited for the last one
+    assert drawn[-1][:2] == (total, total)
+    assert threads <= {"gguf-lab-progress", threading.current_thread().name}  # never a loader thread
+    assert not any(t.name == "gguf-lab-progress" for t in threading.enumerate())  # joined at close
+
+
+def test_a_slow_progress_callable_has_a_span(small_model):
+    """A callable runs on the completion thread (today's semantics): the time it takes is a span
+    of its own on the setup lane, so the timeline shows where the load waited."""
+    import time
+
+    calls = []
+
+    def slow(done, total, name):
+        calls.append(done)
+        time.sleep(0.02)
+
+    r = load(small_model, backend="host", progress=slow, chunk_mb=0.5)
+    spans = r.profile.df[r.profile.df["stage"] == "progress callback"]
+    assert len(spans) == len(calls) > 1 and (spans["dur_us"] >= 19_000).all()
+    assert set(spans["lane"]) == {"setup"}
+
+
+def test_a_progress_callable_still_cancels(small_model):
+    from gguf_gpu_lab import LoadCancelled
+
+    with pytest.raises(LoadCancelled, match="progress callback"):
+        load(small_model, backend="host", progress=lambda d, t, n: False, chunk_mb=0.5)
+
+
+def test_setup_spans_explain_the_host_work_before_the_first_copy(small_model):
+    r = load(small_model, backend="host", chunk_mb=0.5)
+    setup = set(r.profile.df.loc[r.profile.df["lane"] == "setup", "stage"])
+    assert {"plan", "pin staging", "allocate outputs"} <= setup
+
+
+def test_preload_draws_one_bar_for_all_its_batches(small_model, monkeypatch):
+    from gguf_gpu_lab import GGUFLabError, open_model
+    from gguf_gpu_lab.progress import LoadBar
+
+    monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")
+    made, closed = [], []
+    real_init, real_close = LoadBar.__init__, LoadBar.close
+    monkeypatch.setattr(LoadBar, "__init__", lambda self, *a, **k: (made.append(a), real_init(self, *a, **k))[1])
+    monkeypatch.setattr(LoadBar, "close", lambda self: (closed.append(self._state), real_close(self))[1])
+    with open_model(small_model, warmup=False) as m:
+        total = sum(t.n_bytes for t in m.tensors)
+        with pytest.raises(GGUFLabError, match="progress must be"):
+            m.preload(backend="host", progress="yes")
+        m.preload(backend="host", progress=True, batch_mb=0.5).wait()
+        assert m.cache_info()["entries"] == len(m)
+    assert made == [("preload", total)]  # one bar, made by the caller, batches counted on from each other
+    assert closed[0][:2] == (total, total)
