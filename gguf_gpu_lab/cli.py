@@ -182,13 +182,14 @@ def cmd_check(path: str, max_problems: int) -> int:
 
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
               model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
-              hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B") -> int:
+              hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
+              first: bool = False) -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
-                                    ("--hf", hf), ("--multi-gpu", multi_gpu)) if on]
+                                    ("--hf", hf), ("--multi-gpu", multi_gpu), ("--first", first)) if on]
     if len(chosen) > 1:
-        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, or none (the "
+        raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, --first, or none (the "
                            f"loader); got {' '.join(chosen)}")
     if not cpu and not open_:  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
@@ -201,7 +202,12 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
         _writable_dir(os.path.dirname(os.path.abspath(out)), "--out")
     else:
         _writable_dir(out_dir, "--out-dir")
-    if multi_gpu:
+    if first:
+        from .tools.bench_first import bench_first, format_first
+
+        res = bench_first(model_path, params=params)
+        print(format_first(res))
+    elif multi_gpu:
         from .tools.bench_multi import bench_multi, format_multi
 
         res = bench_multi(model_path, params=params, big_params=big_params)
@@ -385,11 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every GPU of the host in one run: pinned H2D alone and together, the page-cache copy "
                         "ceiling while all copy, one GPU against all on the 8B file, and a 70B Q4_K_M file (~40 GB, "
                         "written and deleted) to float16 over all GPUs, sampled tensors checked against gguf-py")
+    s.add_argument("--first", action="store_true",
+                   help="the first minute in Jupyter kernels (nbclient): a bar's cost on the big and a ~20 MB file, the "
+                        "first load 1 s after open and with no pause, the kernel's first bar, a warm load's first copy; "
+                        "from_gguf's first call and transformers' import apart (fresh processes)")
     s.add_argument("--big-params", default="70B",
                    help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
     s.add_argument("--out", help="write the JSON result to this file (default: a dated file in --out-dir)")
-    s.add_argument("--model", help="loader, --e2e and --hf benchmarks: this model (default: a synthetic one of --params)")
-    s.add_argument("--params", default="8B", help="loader, --e2e and --hf benchmarks: synthetic model size (default 8B, "
+    s.add_argument("--model", help="loader, --e2e, --hf and --first benchmarks: this model (default: a synthetic one of --params)")
+    s.add_argument("--params", default="8B", help="loader, --e2e, --hf and --first benchmarks: synthetic model size (default 8B, "
                                                   "~4.6 GiB Q4_K_M)")
     s.add_argument("--out-dir", default=BENCH_DIR,
                    help=f"folder for the JSON result (default: {BENCH_DIR}/ under the working directory)")
@@ -428,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
                              args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
-                             None if args.big_params.lower() == "none" else args.big_params)
+                             None if args.big_params.lower() == "none" else args.big_params, args.first)
         if args.command == "fuzz":
             return cmd_fuzz(args.cases, args.seed, args.out)
         if args.command == "demo":

@@ -2,13 +2,14 @@
 notebooks), decimal units like the summaries (kB, MB, GB), and shown only where someone can
 watch them: a terminal, a notebook, or ``GGUF_LAB_PROGRESS=1`` (``0`` hides them everywhere).
 
-A load's bar (``LoadBar``) is made by the caller's thread before the load starts, with its
-total, and drawn by a thread of its own every ``interval`` seconds: the load's completion
-thread only stores a tuple, so nothing a bar does (a notebook widget's messages, a terminal's
-writes) can delay a chunk."""
+A load's bar (``LoadBar``) is set up before the load starts, with its total, and made and drawn
+by a thread of its own: the load's completion thread only stores a tuple, so nothing a bar does
+(a notebook widget's messages, a terminal's writes) can delay a chunk; a load shorter than
+``SHOW_AFTER_S`` makes no bar at all."""
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 import threading
@@ -16,6 +17,7 @@ import threading
 from .errors import GGUFLabError
 
 DRAW_INTERVAL_S = 0.1  # a bar is redrawn at most this often: 10 times a second reads as smooth
+SHOW_AFTER_S = 0.2  # a load's bar is made only once the load has run this long (LoadBar)
 
 
 def shown() -> bool:
@@ -53,11 +55,14 @@ def progress_bar(desc: str, total: int | None = None, unit: str = "B"):
 
 
 class LoadBar:
-    """A ``progress(done, total, name)`` callable for a load: the bar is made now, on the caller's
-    thread (a notebook shows a widget only from the thread running the cell), sized by ``total``;
-    a call only stores its arguments, and a thread of its own draws the latest every ``interval``
-    seconds; ``close()`` draws the last state and removes the bar. Where bars are not shown no
-    thread is started.
+    """A ``progress(done, total, name)`` callable for a load, made before the load starts with
+    its total. A call only stores its arguments; a thread of its own (started here, in the
+    caller's context, so a notebook shows the bar in the cell that started the load) makes the
+    bar once the load has run ``delay`` seconds, where ``shown()``, and then draws the latest
+    state every ``interval`` seconds. A load shorter than ``delay`` makes no bar at all: one made
+    for it would be removed (``leave=False``) before anyone could read it, and a notebook widget
+    costs more to make (10-40 ms of Python) than such a load takes. ``close()`` draws the last
+    state and removes the bar.
 
     Example:
         >>> bar = LoadBar("load (gpu)", total=1000)
@@ -65,23 +70,31 @@ class LoadBar:
         >>> bar.close()
     """
 
-    def __init__(self, desc: str, total: int, unit: str = "B", interval: float = DRAW_INTERVAL_S):
+    def __init__(self, desc: str, total: int, unit: str = "B", interval: float = DRAW_INTERVAL_S,
+                 delay: float | None = None):
+        delay = SHOW_AFTER_S if delay is None else delay
         if not 0.01 <= interval <= 60:
             raise GGUFLabError(f"progress interval must be from 0.01 to 60 seconds, got {interval!r}")
-        self.interval = interval
-        self.bar = progress_bar(desc, total, unit)
+        if not 0 <= delay <= 3600:
+            raise GGUFLabError(f"progress delay must be from 0 to 3600 seconds, got {delay!r}")
+        self.desc, self.unit, self.interval, self.delay = desc, unit, interval, delay
+        self.bar = None
         self._state: tuple[int, int, str | None] = (0, total, None)
         self._drawn: tuple | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if not self.bar.disable:
-            self._thread = threading.Thread(target=self._run, name="gguf-lab-progress", daemon=True)
-            self._thread.start()
+        # the caller's context: ipykernel sends a thread's output to the cell its context names
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name="gguf-lab-progress", daemon=True)
+        self._thread.start()
 
     def __call__(self, done: int, total: int, name: str | None = None) -> None:
         self._state = (done, total, name)  # one store: the only cost on the load's thread
 
     def _run(self) -> None:
+        if self._stop.wait(self.delay) or not shown():
+            return
+        self.bar = progress_bar(self.desc, self._state[1], self.unit)
+        self._draw()
         while not self._stop.wait(self.interval):
             self._draw()
 
@@ -100,11 +113,11 @@ class LoadBar:
     def close(self) -> None:
         """Stop the drawing thread, draw the last state, remove the bar; safe to call twice."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._thread.join()
+        if self.bar is not None:
             self._draw()
-        self.bar.close()
+            self.bar.close()
+            self.bar = None
 
 
 class ProgressBar:

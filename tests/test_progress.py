@@ -9,14 +9,28 @@ from gguf_gpu_lab.progress import ProgressBar
 def test_load_bar_starts_with_its_total_in_decimal_units(small_model, monkeypatch, capsys):
     from tqdm import tqdm
 
-    from gguf_gpu_lab import open_model
+    from gguf_gpu_lab import open_model, progress
 
     monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")
-    with open_model(small_model) as m:
+    monkeypatch.setattr(progress, "SHOW_AFTER_S", 0.0)  # a bar however short the load
+    with open_model(small_model, warmup=False) as m:
         total = sum(t.n_bytes for t in m.tensors)
         load(m, backend="host", progress=True, chunk_mb=0.5)
     first = capsys.readouterr().err.split("\r")[1]  # the bar as first drawn
-    assert first.startswith("load (gpu):   0%|") and f" 0.00/{tqdm.format_sizeof(total)} [" in first  # GB/MB, not GiB/MiB
+    assert first.startswith("load (gpu):") and f"/{tqdm.format_sizeof(total)} [" in first  # GB/MB, not GiB/MiB
+
+
+def test_a_load_shorter_than_the_delay_makes_no_bar(small_model, monkeypatch, capsys):
+    from gguf_gpu_lab import progress
+
+    monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")
+    monkeypatch.setattr(progress, "SHOW_AFTER_S", 30.0)
+    made = []
+    monkeypatch.setattr(progress, "progress_bar", lambda *a, **k: made.append(a))
+    load(small_model, backend="host", progress=True, chunk_mb=0.5)
+    assert made == [] and capsys.readouterr().err == ""
+    with pytest.raises(Exception, match="delay must be from 0 to 3600"):
+        progress.LoadBar("x", 10, delay=-1)
 
 
 @pytest.mark.parametrize("env", [None, "0"])
@@ -86,6 +100,7 @@ def test_a_slow_bar_does_not_delay_the_load(small_model, monkeypatch):
         drawn.append(self._drawn)
 
     monkeypatch.setattr(LoadBar, "_draw", slow_draw)
+    monkeypatch.setattr("gguf_gpu_lab.progress.SHOW_AFTER_S", 0.0)
     with open_model(small_model, warmup=False) as m:
         total = sum(t.n_bytes for t in m.tensors)
         load(m, backend="host", chunk_mb=0.25)  # the process's first load of it: threads and pages ready
@@ -146,3 +161,22 @@ def test_preload_draws_one_bar_for_all_its_batches(small_model, monkeypatch):
         assert m.cache_info()["entries"] == len(m)
     assert made == [("preload", total)]  # one bar, made by the caller, batches counted on from each other
     assert closed[0][:2] == (total, total)
+
+
+def test_in_a_kernel_the_bar_is_a_widget_in_the_cell_that_loads(small_model, tmp_path):
+    """In a Jupyter kernel the bar is tqdm's notebook widget, made by the bar's own thread and
+    shown in the cell that started the load (not in a later cell, not lost)."""
+    nbformat = pytest.importorskip("nbformat")
+    NotebookClient = pytest.importorskip("nbclient").NotebookClient
+    cells = ["import gguf_gpu_lab as lab, gguf_gpu_lab.progress as p, time\n"
+             f"p.SHOW_AFTER_S = 0.0; m = lab.open_model({str(small_model)!r}, warmup=False)",
+             "print('nothing shown here')",
+             "bar = p.LoadBar('load (gpu)', 100, delay=0.0); bar(50, 100, 't'); time.sleep(0.3); bar.close()",
+             "r = lab.load(m, backend='host', progress=True, chunk_mb=0.25); print(len(r))"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for c in nb.cells for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors, errors[0].get("evalue")
+    widget = "application/vnd.jupyter.widget-view+json"
+    shown = [i for i, c in enumerate(nb.cells) for o in c.outputs if widget in o.get("data", {})]
+    assert shown[:1] == [2] and set(shown) <= {2, 3}  # the bar of cell 3: made at once, as SHOW_AFTER_S = 0
