@@ -153,12 +153,10 @@ def weights_map(hf_model, processor, arch: str) -> dict[str, str]:
 # -- state dict -----------------------------------------------------------------------------------
 
 def _parse_device(device) -> tuple[str, int | None]:
-    """("cpu" or "cuda", index or None) of a device given as "cuda", "cuda:1", "cpu", an index or a
-    torch.device, without importing torch: a load can start before torch is imported."""
-    if isinstance(device, str):
-        m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device.strip())
-        if m is None:
-            raise GGUFLabError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+    """("cpu" or "cuda", index or None) of "cuda", "cuda:1", "cpu", an index or a torch.device,
+    without importing torch: a load can start before torch is imported."""
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device.strip()) if isinstance(device, str) else None
+    if m is not None:
         return m.group(1), None if m.group(2) is None else int(m.group(2))
     if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
         return "cuda", device
@@ -182,19 +180,13 @@ def _load_target(device) -> tuple[str, int]:
 def _device(device) -> tuple[Any, str, int]:
     """(torch.device, backend, device index) for a device given as "cuda", "cuda:1", "cpu" or a torch.device."""
     torch = _deps()
-    _parse_device(device)
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise GGUFLabError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r} ({e})") from None
-    if dev.type == "cpu":
-        return dev, "host", 0
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise GGUFLabError(f"device {device!r}: torch sees no GPU here; device='cpu' loads on the host backend")
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        return torch.device("cuda", index), "cupy", index
-    raise GGUFLabError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+    kind, index = _parse_device(device)
+    if kind == "cpu":
+        return torch.device("cpu"), "host", 0
+    if not torch.cuda.is_available():
+        raise GGUFLabError(f"device {device!r}: torch sees no GPU here; device='cpu' loads on the host backend")
+    index = index if index is not None else torch.cuda.current_device()
+    return torch.device("cuda", index), "cupy", index
 
 
 def _as_torch(dt: DeviceTensor):

@@ -129,8 +129,7 @@ class Pipeline:
         if cpu_mode:  # the slot holds dequantized values: plan in quantized bytes of about that size
             chunk_bytes = max(1, int(chunk_bytes / max(out_item / 0.5, 1.0)))
         want_readers = opts.readers or default_readers(len(self.sites))
-        # the first chunks ramp up to full size, one a reader: the first copy starts after a
-        # small read, not after every reader has filled a whole chunk
+        # first chunks ramp up, one a reader: the first copy waits for a small read, not a full one
         chunks = (plan_chunks(self.tensors, chunk_bytes, ramp=want_readers) if self.placement is None
                   else plan_sites([s.tensors for s in self.sites], chunk_bytes))
         self.check_memory(chunks)
@@ -328,11 +327,10 @@ class Pipeline:
         if self.event_timing and len(evs) > 1:
             self.device_events.append((self.sites[c.site].lane_name(lane.index), c, evs))
         if self.progress is not None:
-            t0 = time.perf_counter_ns()
-            verdict = self.progress(done_bytes, total, c.pieces[-1].tensor.name)
+            t0, name = time.perf_counter_ns(), c.pieces[-1].tensor.name
+            verdict = self.progress(done_bytes, total, name)
             if not isinstance(self.progress, LoadBar):  # a caller's callable runs on this thread: timed
-                self.span("setup", "progress callback", c.index, c.pieces[-1].tensor.name, 0, t0,
-                          time.perf_counter_ns())
+                self.span("setup", "progress callback", c.index, name, 0, t0, time.perf_counter_ns())
             if verdict is False:
                 self.cancelled.set()
                 raise LoadCancelled(f"{self.model.path}: load cancelled by the progress callback "
