@@ -9,9 +9,10 @@ a notebook kernel it also imports the progress bar's widgets. A load waits for (
 in flight rather than race it for the ring and the kernels; a warm-up's error is kept
 (``last()``) and never fails a load, which then does the same work itself.
 
-Off with ``GGUF_LAB_WARMUP=0`` or ``open_model(path, warmup=False)``. Without a GPU it costs
-nothing: CuPy is neither imported nor looked for beyond its package's presence and the GPU
-driver's device files, and no thread starts.
+Off with ``GGUF_LAB_WARMUP=0`` or ``open_model(path, warmup=False)`` (``warmup=True`` wins over the
+variable); a process that forks after opening a model should turn it off, since a CUDA context
+does not survive a fork. Without a GPU it costs nothing: CuPy is neither imported nor looked for
+beyond its package's presence and the GPU driver's device files, and no thread starts.
 """
 
 from __future__ import annotations

@@ -123,6 +123,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         where = plan_placement(chosen, devices, backends, opts.mode, opts.dtype, placement, opts.streams,
                                opts.chunk_mb) if several else None
         ld = Pipeline(model, backends if several else be, opts, chosen, progress, Stop(cancel), where)
+        if opts.profile == "cupti":
+            ld.cupti = _cupti_recorder(be)
         clock_host0 = time.perf_counter_ns()  # the profile's zero and the start of the wall time
         if be.is_gpu:
             _join_warmup(ld)
@@ -130,8 +132,6 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             for b in backends:  # anchors device events to the host clock (the process's first CUDA call may be this)
                 b.clock()
             ld.span("setup", "device clock", -1, "", 0, t0, time.perf_counter_ns())
-        if opts.profile == "cupti":
-            ld.cupti = _cupti_recorder(be)
         try:
             if ld.cupti is not None:
                 ld.cupti.start()
