@@ -179,6 +179,50 @@ def test_the_loader_ramps_its_first_chunks(small_model):
     assert (reads["bytes"].to_numpy()[:3] <= lim).all() and reads["bytes"].iloc[0] < (2 << 20)
 
 
+# -- the CuPy path, against the stand-in for CuPy's ROCm build (tests/rocm_standin.py) ------------
+
+def test_warmup_through_cupy_asks_for_context_ring_and_kernels(small_model, fresh_warmup, monkeypatch, tmp_path):
+    """What the warm-up asks of CuPy: an event on the null stream (the context and the device
+    clock), the pinned ring of a default load (exact-size buffers on ROCm), and one compile and
+    load per kernel variant of the file's types; the ring is kept by the backend for the load."""
+    from gguf_gpu_lab import device
+    from gguf_gpu_lab.loader.staging import default_readers
+    from gguf_gpu_lab.quant import gpu as qgpu
+
+    from .rocm_standin import StandIn
+
+    standin = StandIn()
+    for name, module in standin.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setenv("GGUF_LAB_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setattr(device, "_cupy_or_reason", lambda: (standin.modules["cupy"], None))
+    monkeypatch.setattr(device, "_INSTANCES", {})
+    monkeypatch.setattr(warmup, "gpu_likely", lambda: True)
+    monkeypatch.delenv("GGUF_LAB_WARMUP", raising=False)
+    caches = (qgpu._kernel, qgpu._function, qgpu._tables, device.gpu_available)
+    for f in caches:
+        f.cache_clear()
+    try:
+        with open_model(small_model) as m:
+            warmup.join()
+            w = warmup.last()
+            assert w.error is None and {"context_s", "staging_s", "kernels_s"} <= set(w.steps), (w.error, w.steps)
+            types = {t.ggml_type for t in m.tensors}
+            chunks = plan_chunks(m.tensors, 16 << 20, ramp=default_readers())
+        want = warmup.kernel_variants(types)
+        defs = [dict(x[2:].split("=") for x in o if x.startswith("-D")) for _, o in standin.compiles]
+        got = {tuple(int(d[k]) for k in ("GGML_TYPE", "OUT_KIND", "VEC_STORE", "VEC_LOAD")) for d in defs}
+        assert got == want and len(standin.loads) == len(want)
+        n_slots = min(min(default_readers(), len(chunks)) + 8, len(chunks))
+        assert standin.pinned == [max(c.nbytes for c in chunks)] * n_slots
+        be = device._INSTANCES[("cupy", 0)]
+        assert be._ring is not None and not be._ring_busy and be._clock is not None
+        assert not standin.stubbed
+    finally:
+        for f in caches:
+            f.cache_clear()  # no stand-in kernels left for the real GPU tests
+
+
 # -- on a GPU ------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
