@@ -288,6 +288,10 @@ def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device
     of about ``batch_mb``; over several devices, each batch loads onto every device at once."""
     from .device import get_backend
     from .loader import load, select, several_devices
+    from .progress import LoadBar, check_progress, reporter
+
+    progress = load_options.pop("progress", None)
+    check_progress(progress)  # before any work
 
     if several_devices(device, placement):
         pl = model_placement(model, device, placement, backend, mode, dtype)
@@ -296,10 +300,6 @@ def preload_handle(model, order, dtype: str, mode: str, tensors, backend, device
     else:
         on = None
         target = {"backend": get_backend(backend, device), "device": device}
-    from .progress import LoadBar, check_progress, reporter
-
-    progress = load_options.pop("progress", None)
-    check_progress(progress)
     cache = model._cache()
     key_of = lambda n: (model.path, n, mode, dtype, device if on is None else on[n])  # noqa: E731
     names = [t.name for t in select(model.tensors, tensors, order)]
