@@ -180,3 +180,15 @@ def test_in_a_kernel_the_bar_is_a_widget_in_the_cell_that_loads(small_model, tmp
     widget = "application/vnd.jupyter.widget-view+json"
     shown = [i for i, c in enumerate(nb.cells) for o in c.outputs if widget in o.get("data", {})]
     assert shown[:1] == [2] and set(shown) <= {2, 3}  # the bar of cell 3: made at once, as SHOW_AFTER_S = 0
+
+
+def test_a_bar_given_to_load_is_the_callers_to_close(small_model):
+    """A ``LoadBar`` passed in (as ``hf.from_gguf`` and preload do, made on the caller's thread)
+    is left open by the load; only a bar the load made itself is closed by it."""
+    from gguf_gpu_lab.progress import LoadBar
+
+    bar = LoadBar("mine", 10)
+    load(small_model, backend="host", progress=bar, chunk_mb=0.5)
+    assert not bar._stop.is_set() and bar._state[0] == bar._state[1] > 0
+    bar.close()
+    assert bar._stop.is_set()

@@ -16,7 +16,7 @@ from ..device import Backend, device_count, get_backend
 from ..errors import BackendError, GGUFLabError
 from ..model import GGUFModel, shared_model
 from ..profiler import Profile
-from ..progress import LoadBar, check_progress, reporter
+from ..progress import check_progress, reporter
 from .pipeline import Pipeline
 from .placement import Placement, place, resolve_devices, several_devices, single_device
 from .plan import MODES, ORDERS, Chunk, LoadOptions, Piece, output_bytes, plan_chunks, select
@@ -117,9 +117,9 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         chosen = select(model.tensors, tensors, order)
         # a bar (a widget in notebooks, text in terminals) is made here, sized, before the load
         # starts; the load only stores its counts, and the bar's own thread draws them
-        bar = progress = reporter(progress, f"load ({mode})", sum(t.n_bytes for t in chosen))
-        if not isinstance(bar, LoadBar):
-            bar = None
+        made = progress is True  # a bar this load makes is this load's to close
+        progress = reporter(progress, f"load ({mode})", sum(t.n_bytes for t in chosen))
+        bar = progress if made else None
         where = plan_placement(chosen, devices, backends, opts.mode, opts.dtype, placement, opts.streams,
                                opts.chunk_mb) if several else None
         ld = Pipeline(model, backends if several else be, opts, chosen, progress, Stop(cancel), where)
