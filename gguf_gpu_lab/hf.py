@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GGUFLabError
-from .loader.background import BackgroundLoad
+from .loader.background import load_while
 from .loader import DeviceTensor, LoadResult, load
 from .model import GGUFModel, shared_model
 
@@ -323,16 +323,10 @@ def _build_while_loading(model: GGUFModel, dtype: str, device, attn_implementati
         raise GGUFLabError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     architecture(model)  # an unsupported file is refused before any load
     backend, index = _load_target(device)
-    bg = BackgroundLoad(model, dict(load_options, dtype=dtype, backend=backend, device=index))
-    try:
-        _device(device)  # imports torch; is the GPU torch's too?
-        conv = _Conversion(model, dtype, attn_implementation)
-        t0 = time.perf_counter()
-        result = bg.result()
-    except BaseException:
-        bg.cancel()
-        raise
-    conv.steps.update(load_s=bg.load_s, load_wait_s=time.perf_counter() - t0)
+    conv, result, load_s, wait_s = load_while(  # _device imports torch: is the GPU torch's too?
+        model, dict(load_options, dtype=dtype, backend=backend, device=index),
+        lambda: (_device(device), _Conversion(model, dtype, attn_implementation))[1])
+    conv.steps.update(load_s=load_s, load_wait_s=wait_s)
     return conv, conv.wanted_only(result), backend, index
 
 

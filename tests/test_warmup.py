@@ -257,3 +257,33 @@ def test_a_load_right_after_open_waits_for_the_warmup(small_model, fresh_warmup,
         assert warmup.last().done()
         stages = set(r.profile.df.loc[r.profile.df["lane"] == "setup", "stage"])
         assert "device clock" in stages
+
+
+# -- a load while the caller works (hf.from_gguf's first call) --------------------------------------
+
+def test_load_while_work_runs(small_model):
+    from gguf_gpu_lab.loader.background import load_while
+
+    with open_model(small_model, warmup=False) as m:
+        seen = []
+        done, r, load_s, wait_s = load_while(m, {"backend": "host"}, lambda: seen.append(1) or "built")
+        assert done == "built" and seen == [1] and len(r) == len(m) and load_s > 0 and wait_s >= 0
+
+
+def test_load_while_a_failing_work_cancels_the_load(small_model):
+    from gguf_gpu_lab.loader.background import load_while
+
+    def slow(done, total, name):
+        time.sleep(0.05)
+
+    def broken():
+        time.sleep(0.1)
+        raise ValueError("no model for you")
+
+    with open_model(small_model, warmup=False) as m:
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError, match="no model for you"):
+            load_while(m, {"backend": "host", "chunk_mb": 0.05, "progress": slow}, broken)
+        n_chunks = len(plan_chunks(m.tensors, int(0.05 * (1 << 20))))
+        assert time.perf_counter() - t0 < 0.05 * n_chunks  # stopped, not run to its end
+    assert not any(t.name.startswith("gguf-lab-") for t in threading.enumerate())

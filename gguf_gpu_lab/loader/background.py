@@ -87,3 +87,19 @@ class BackgroundLoad:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def load_while(model, options: dict, work):
+    """``load(model, **options)`` on a thread of its own while ``work()`` runs on this one;
+    returns (what ``work`` returned, the ``LoadResult``, the load's seconds, the seconds this
+    thread then waited for it). An error in ``work`` (or an interrupt) cancels the load and
+    frees what it loaded; an error of the load is raised here."""
+    bg = BackgroundLoad(model, options)
+    try:
+        done = work()
+        t0 = time.perf_counter()
+        result = bg.result()
+    except BaseException:
+        bg.cancel()
+        raise
+    return done, result, bg.load_s, time.perf_counter() - t0
