@@ -33,6 +33,7 @@ from .errors import (
 )
 from .loader import DeviceTensor, LoadResult, Shard, ShardError, load
 from . import cache as _cache  # noqa: F401,E402  (registers the lazy device cache with GGUFModel)
+from . import warmup as _warmup  # noqa: F401,E402  (registers the warm-up started when a model is opened)
 from .model import GGUFModel, TensorInfo, open_model
 from .quant import dequantize, type_spec
 from .scan import Problem
@@ -52,7 +53,7 @@ def check(model, *, max_problems: int = 100) -> list[Problem]:
     """
     if isinstance(model, GGUFModel):
         return model.check(max_problems=max_problems)
-    with open_model(model) as m:
+    with open_model(model, warmup=False) as m:
         return m.check(max_problems=max_problems)
 
 

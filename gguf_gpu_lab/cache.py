@@ -143,7 +143,8 @@ class PreloadHandle:
     tensor from the queue so that a caller can load it at once (``GGUFModel.tensor`` does)."""
 
     def __init__(self, names: list[str], sizes: dict[str, int], run_batch: Callable[[list[str], threading.Event], None],
-                 batch_bytes: int):
+                 batch_bytes: int, on_end: Callable[[], None] | None = None):
+        self._on_end = on_end  # called once the preload ends, however it ends (closes its bar)
         self._queue = deque(names)
         self._sizes = sizes
         self._lock = threading.Lock()
@@ -194,6 +195,8 @@ class PreloadHandle:
         finally:
             with self._lock:
                 self._current = None
+            if self._on_end is not None:
+                self._on_end()
 
     def take(self, name: str) -> bool:
         """Remove ``name`` from the queue; True if it was still waiting there."""
@@ -320,6 +323,10 @@ def preload(model, order, background: bool, dtype: str, mode: str, tensors, back
     from .device import get_backend
     from .errors import GGUFLabError
     from .loader import load, select, several_devices
+    from .progress import LoadBar, check_progress, reporter
+
+    progress = load_options.pop("progress", None)
+    check_progress(progress)  # before any work
 
     model.source  # noqa: B018  (a closed model raises here)
     if several_devices(device, placement):
@@ -345,7 +352,7 @@ def preload(model, order, background: bool, dtype: str, mode: str, tensors, back
         where = {} if on is None else {"placement": {n: on[n] for n in todo}}
         try:
             r = load(model, mode=mode, dtype=dtype, tensors=todo, cancel=cancel, profile=False, **target, **where,
-                     **load_options)
+                     progress=None if report is None else relay, **load_options)
         except BaseException as e:
             for n in todo:
                 cache.fail(keys[n], e)
@@ -353,12 +360,24 @@ def preload(model, order, background: bool, dtype: str, mode: str, tensors, back
         for n in todo:
             cache.fulfill(keys[n], r[n])
 
-    handle = PreloadHandle(names, sizes, run_batch, int(batch_mb * (1 << 20)))
+    # one report for the whole preload (a bar made here, on the caller's thread): each batch's
+    # counts added to the bytes of the batches before it
+    report = reporter(progress, "preload", sum(sizes[n] for n in names))
+
+    def relay(done, total, name=None):
+        p = handle.progress
+        return report(p.bytes_done + done, p.bytes_total, name)
+
+    handle = PreloadHandle(names, sizes, run_batch, int(batch_mb * (1 << 20)),
+                           report.close if isinstance(report, LoadBar) else None)
     with st.lock:
-        if st.preload is not None and not st.preload.done():
-            raise GGUFLabError(f"{model.path}: a preload is already running; cancel() or wait() for it first")
-        # set before it starts, so tensor() calls from other threads can take from its queue
-        st.preload = handle
+        running = st.preload is not None and not st.preload.done()
+        if not running:  # set before it starts, so tensor() calls from other threads can take from its queue
+            st.preload = handle
+    if running:
+        if isinstance(report, LoadBar):
+            report.close()
+        raise GGUFLabError(f"{model.path}: a preload is already running; cancel() or wait() for it first")
     return handle.start(background)
 
 
@@ -378,9 +397,9 @@ def info(model) -> dict[str, Any]:
 def _register() -> None:
     import sys
 
-    from .model import register_device_cache
+    from .model import register
 
-    register_device_cache(sys.modules[__name__])
+    register("cache", sys.modules[__name__])
 
 
 _register()

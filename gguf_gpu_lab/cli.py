@@ -110,7 +110,7 @@ def _json_default(o):
 def cmd_inspect(path: str, as_json: bool, tensors: bool) -> int:
     from .model import _fmt_bytes, open_model
 
-    with open_model(path) as m:
+    with open_model(path, warmup=False) as m:
         s = m.summary()
         if as_json:
             doc = {k: v for k, v in s.items() if k not in ("by_type", "by_layer")}
@@ -167,7 +167,7 @@ def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool,
         if not out.endswith(".npy"):
             raise GGUFLabError(f"--out {out}: the file is a NumPy .npy file; give a name ending in .npy")
         check_new(out, overwrite, "--out file")
-    with open_model(path) as m:
+    with open_model(path, warmup=False) as m:
         t = m.info(name)
         x = m.dequantize(name, dtype)
         print(f"{name}: {t.type_name}, NumPy shape {t.np_shape} (GGUF order {t.shape}) -> {x.dtype} "
@@ -191,7 +191,7 @@ def cmd_dequant(path: str, name: str, out: str | None, dtype: str, verify: bool,
 def cmd_check(path: str, max_problems: int) -> int:
     from .model import open_model
 
-    with open_model(path) as m:
+    with open_model(path, warmup=False) as m:
         problems = m.check(max_problems=max_problems)
     for p in problems:
         print(p)
@@ -206,15 +206,15 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
               model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
               hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
               export: bool = False, overwrite: bool = False, tp: bool = False,
-              tp_worlds: Sequence[int] = (1, 2, 4), tp_device: str = "auto") -> int:
+              tp_worlds: Sequence[int] = (1, 2, 4), tp_device: str = "auto", first: bool = False) -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
-                                    ("--hf", hf), ("--multi-gpu", multi_gpu), ("--export", export), ("--tp", tp))
-              if on]
+                                    ("--hf", hf), ("--multi-gpu", multi_gpu), ("--export", export), ("--tp", tp),
+                                    ("--first", first)) if on]
     if len(chosen) > 1:
         raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, --export, --tp, "
-                           f"or none (the loader); got {' '.join(chosen)}")
+                           f"--first, or none (the loader); got {' '.join(chosen)}")
     for flag, value in (("--size-mb", size_mb), ("--types", types)):
         if value is not None and not (cpu or dequant):
             raise GGUFLabError(f"{flag} is for bench --cpu and bench --dequant, not bench{' ' + chosen[0] if chosen else ''}")
@@ -236,6 +236,11 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
         res = bench_tp(model_path, params="25M" if params == "8B" and model_path is None else params,
                        worlds=tp_worlds, device=tp_device)
         print(format_tp(res))
+    elif first:
+        from .tools.bench_first import bench_first, format_first
+
+        res = bench_first(model_path, params=params)
+        print(format_first(res))
     elif multi_gpu:
         from .tools.bench_multi import bench_multi, format_multi
 
@@ -460,13 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--tp: the world sizes (default 1 2 4)")
     s.add_argument("--tp-device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="--tp: 'cuda' (NCCL), 'cpu' (gloo) or 'auto' (the GPUs where there are two or more)")
+    s.add_argument("--first", action="store_true",
+                   help="the first minute in Jupyter kernels (nbclient): a bar's cost on the big and a ~20 MB file, the "
+                        "first load 1 s after open and with no pause, the kernel's first bar, a warm load's first copy; "
+                        "from_gguf's first call and transformers' import apart (fresh processes)")
     s.add_argument("--big-params", default="70B",
                    help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
     s.add_argument("--out", help="write the JSON result to this file (default: a file named by date and time in "
                                  "--out-dir)")
     s.add_argument("--overwrite", action="store_true", help="replace a file at --out (refused by default)")
-    s.add_argument("--model", help="loader, --e2e, --hf and --export benchmarks: this model (default: a synthetic one of --params)")
-    s.add_argument("--params", default="8B", help="loader, --e2e, --hf and --export benchmarks: synthetic model size (default 8B, "
+    s.add_argument("--model", help="loader, --e2e, --hf, --export and --first benchmarks: this model (default: a synthetic one of --params)")
+    s.add_argument("--params", default="8B", help="loader, --e2e, --hf, --export and --first benchmarks: synthetic model size (default 8B, "
                                                   "~4.6 GiB Q4_K_M)")
     s.add_argument("--out-dir", default=BENCH_DIR,
                    help=f"folder for the JSON result (default: {BENCH_DIR}/ under the working directory)")
@@ -538,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
                              args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
                              None if args.big_params.lower() == "none" else args.big_params, args.export,
-                             args.overwrite, args.tp, tuple(args.tp_worlds), args.tp_device)
+                             args.overwrite, args.tp, tuple(args.tp_worlds), args.tp_device, args.first)
         if args.command == "export":
             return cmd_export(args.path, args.out_dir, args.dtype, args.max_shard_size, args.overwrite, args.budget,
                               args.device)

@@ -100,7 +100,7 @@ def _check_space(folder: str, need: int) -> None:
 
 
 def _device_for(device: str):
-    from . import hf
+    from . import hf_convert as hf
 
     if device == "auto":
         from .device import _cupy_or_reason
@@ -138,7 +138,7 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
         >>> r.files[:3]
         ('config.json', 'generation_config.json', 'model.safetensors')
     """
-    from . import hf
+    from . import hf_convert as hf
 
     t0 = time.perf_counter()
     torch = hf._deps()
@@ -170,7 +170,9 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
     steps: dict[str, float] = {"prepare_s": time.perf_counter() - t0}
     def save_tokenizer() -> None:
         t = time.perf_counter()
-        hf.tokenizer(model).save_pretrained(tmp)
+        from .hf_tokenizer import tokenizer as hf_tokenizer
+
+        hf_tokenizer(model).save_pretrained(tmp)
         steps["tokenizer_s"] = time.perf_counter() - t
 
     try:

@@ -19,239 +19,22 @@ cast, as transformers does. The tests check every tensor bit for bit.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import threading
 import time
 from typing import Any
 
-import numpy as np
-
 from .errors import GGUFLabError
-from .loader import DeviceTensor, LoadResult, load
+from .export import export as _export
+from .hf_convert import (
+    _DTYPES, SUPPORTED_ARCHITECTURES, _Conversion, _deps, _device, _finish, _load_target, _result_device, architecture,
+    config, config_dict, weights_map)
+from .hf_tokenizer import tokenizer as _tokenizer
+from .hf_tp import from_gguf_tp
+from .loader import LoadResult
+from .loader.background import load_while
 from .model import GGUFModel, shared_model
 
-# the architectures checked equal to transformers' own load, tensor for tensor (tests/test_hf.py);
-# "mistral" is a llama file named exactly "mistral", which transformers reads as a Mistral model
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
-
-_DTYPES = ("float16", "bfloat16", "float32")
-
-
-def _deps():
-    try:
-        import torch
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise GGUFLabError(f"gguf_gpu_lab.hf needs torch and transformers ({e}); "
-                           "install them with: pip install 'gguf-gpu-lab[hf]'") from None
-    return torch
-
-
-def architecture(model: GGUFModel) -> tuple[str, str]:
-    """(the file's ``general.architecture``, the one transformers reads it as), or a
-    ``GGUFLabError`` naming an architecture that is not supported here."""
-    md = model.metadata
-    arch = md.get("general.architecture")
-    # transformers' own rule: a llama file whose name is exactly "mistral" is a Mistral model
-    updated = "mistral" if arch is not None and "llama" in arch and md.get("general.name") == "mistral" else arch
-    if updated not in SUPPORTED_ARCHITECTURES:
-        raise GGUFLabError(f"{model.path}: architecture {updated!r} is not supported by gguf_gpu_lab.hf; "
-                           f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return arch, updated
-
-
-def _value(model: GGUFModel, key: str) -> Any:
-    """A metadata value as transformers' GGUF reader gives it: a one-element array as its element."""
-    v = model.metadata[key]
-    if isinstance(v, dict) or isinstance(v, list):
-        v = model.metadata_value(key)
-        v = v.tolist() if isinstance(v, np.ndarray) else list(v)
-        if len(v) == 1:
-            v = v[0]
-    return v
-
-
-def config_dict(model: GGUFModel) -> dict[str, Any]:
-    """The transformers config dict of a GGUF file: transformers' GGUF key table
-    (``GGUF_CONFIG_MAPPING``) and defaults applied to metadata read by this project's parser
-    (string arrays stay undecoded), with the rules ``load_gguf_checkpoint`` adds for the
-    supported architectures (tied embeddings, Gemma 3's text model, the vocabulary size)."""
-    from transformers.modeling_gguf_pytorch_utils import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
-
-    arch, updated = architecture(model)
-    cfg: dict[str, Any] = {}
-    for key in model.metadata:
-        prefix, _, rest = key.replace(arch, updated).partition(".")
-        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
-        if renamed is None or renamed == -1:
-            continue
-        value = _value(model, key)
-        if isinstance(value, str) and arch in value:
-            value = value.replace(arch, updated)
-        cfg[renamed] = value
-    cfg["tie_word_embeddings"] = "output.weight" not in model
-    for k, v in GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch) or {}).items():
-        cfg.setdefault(k, v)
-    if cfg.get("model_type") == "gemma3":  # the file holds the text backbone only
-        cfg["model_type"] = "gemma3_text"
-    if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in model.metadata:
-        tokens = model.metadata["tokenizer.ggml.tokens"]
-        cfg["vocab_size"] = tokens["length"] if isinstance(tokens, dict) else len(tokens)
-    return cfg
-
-
-def config(path_or_model):
-    """The ``transformers`` config of a GGUF file (see ``config_dict``)."""
-    _deps()
-    from transformers import CONFIG_MAPPING
-
-    model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
-    d = config_dict(model)
-    return CONFIG_MAPPING[d["model_type"]].from_dict(d)
-
-
-# -- the name map -------------------------------------------------------------------------------
-
-_NAME_MAP_LOCK = threading.Lock()
-_NAME_MAPS: dict[tuple, dict[str, str]] = {}
-
-
-@contextlib.contextmanager
-def _gguf_name_maps_memoized():
-    """transformers' ``get_gguf_hf_weights_map`` builds gguf-py's name table again for every module
-    it recurses into: 11-12 s for an 8B llama against 0.05 s with the table built once (the 2-core
-    development machine, 2026-11-28). Memoized for the call only; the results are the same."""
-    import gguf
-
-    real = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(real)
-    try:
-        yield
-    finally:
-        gguf.get_tensor_name_map = real
-
-
-def weights_map(hf_model, processor, arch: str) -> dict[str, str]:
-    """GGUF tensor name -> transformers parameter name, by transformers' ``get_gguf_hf_weights_map``
-    for the file's architecture (cached by the model's parameter names)."""
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
-
-    key = (type(processor).__name__, arch, hf_model.config.num_hidden_layers, tuple(hf_model.state_dict()))
-    with _NAME_MAP_LOCK:
-        if key not in _NAME_MAPS:
-            with _gguf_name_maps_memoized():
-                _NAME_MAPS[key] = get_gguf_hf_weights_map(hf_model, processor, model_type=arch)
-            while len(_NAME_MAPS) > 8:
-                _NAME_MAPS.pop(next(iter(_NAME_MAPS)))
-        return _NAME_MAPS[key]
-
-
-# -- state dict -----------------------------------------------------------------------------------
-
-def _device(device) -> tuple[Any, str, int]:
-    """(torch.device, backend, device index) for a device given as "cuda", "cuda:1", "cpu" or a torch.device."""
-    torch = _deps()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise GGUFLabError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r} ({e})") from None
-    if dev.type == "cpu":
-        return dev, "host", 0
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise GGUFLabError(f"device {device!r}: torch sees no GPU here; device='cpu' loads on the host backend")
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        return torch.device("cuda", index), "cupy", index
-    raise GGUFLabError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
-
-
-def _as_torch(dt: DeviceTensor):
-    """The loaded array as a torch tensor sharing its memory: ``torch.from_numpy`` on the host,
-    DLPack on a GPU."""
-    torch = _deps()
-    if isinstance(dt.array, np.ndarray):
-        t = torch.from_numpy(dt.array)
-        return t.view(torch.bfloat16) if dt.dtype == "bfloat16" else t
-    return dt.to_torch()
-
-
-class _Conversion:
-    """What turning one file into transformers' tensors needs: config, meta model, processor, names."""
-
-    def __init__(self, model: GGUFModel, dtype: str, attn_implementation: str | None = None):
-        torch = _deps()
-        from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
-
-        if dtype not in _DTYPES:
-            raise GGUFLabError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-        self.steps: dict[str, float] = {}
-        t0 = time.perf_counter()
-        self.model, self.dtype, self.torch_dtype = model, dtype, getattr(torch, dtype)
-        self.arch, self.updated = architecture(model)
-        self.config_dict = config_dict(model)
-        self.config = CONFIG_MAPPING[self.config_dict["model_type"]].from_dict(self.config_dict)
-        t1 = time.perf_counter()
-        kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-        with torch.device("meta"):
-            self.hf_model = AutoModelForCausalLM.from_config(self.config, dtype=self.torch_dtype, **kw)
-        t2 = time.perf_counter()
-        self.processor = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=self.config_dict)
-        self.names = weights_map(self.hf_model, self.processor, self.arch)
-        t3 = time.perf_counter()
-        self.steps.update(config_s=t1 - t0, meta_model_s=t2 - t1, names_s=t3 - t2)
-        self.wanted = [t.name for t in model.tensors if t.name in self.names]
-
-    def _process(self, name: str, t):
-        r = self.processor.process(weights=t, name=name, tensor_key_mapping=self.names,
-                                   parsed_parameters={"tensors": {}})
-        if r.name != name:
-            raise GGUFLabError(f"{self.model.path}: transformers' {type(self.processor).__name__} renames or consumes "
-                               f"tensor {name!r}; gguf_gpu_lab.hf does not handle that")
-        return r.weights
-
-    def load(self, backend: str, index: int, load_options: dict) -> LoadResult:
-        t0 = time.perf_counter()
-        r = load(self.model, dtype=self.dtype, tensors=self.wanted, backend=backend, device=index, **load_options)
-        self.steps["load_s"] = time.perf_counter() - t0
-        return r
-
-    def state_dict(self, result: LoadResult, backend: str, index: int, load_options: dict,
-                   names: list[str] | None = None) -> dict[str, Any]:
-        """transformers' names -> tensors on the device, the loaded memory reused wherever the
-        transform keeps the shape. A 1-D tensor whose values the processor changes (Gemma's norms:
-        weight - 1) is loaded again in float32 and changed there, as transformers does, then cast.
-        ``names``: these GGUF tensors only (default all the model needs; the export goes by batches)."""
-        torch = _deps()
-        t0 = time.perf_counter()
-        wanted = self.wanted if names is None else names
-        missing = [n for n in wanted if n not in result]
-        if missing:
-            raise GGUFLabError(f"{self.model.path}: the load result lacks {len(missing)} tensors the model needs, "
-                               f"first {missing[0]!r}")
-        out: dict[str, Any] = {}
-        again: list[str] = []
-        with torch.no_grad():
-            for name in wanted:
-                t = _as_torch(result[name])
-                w = self._process(name, t)
-                if w is not t:
-                    if t.ndim == 1 and self.dtype != "float32":
-                        again.append(name)
-                        continue
-                    if w.shape == t.shape:
-                        t.copy_(w)  # back into the loaded buffer: the transform's scratch is freed at once
-                    else:
-                        t = w.contiguous()
-                out[self.names[name]] = t
-            if again:
-                opts = {k: v for k, v in load_options.items() if k != "progress"}
-                r32 = load(self.model, dtype="float32", tensors=again, backend=backend, device=index, **opts)
-                for name in again:
-                    out[self.names[name]] = self._process(name, _as_torch(r32[name])).to(self.torch_dtype)
-        self.steps["transform_s"] = time.perf_counter() - t0
-        return out
+__all__ = ["SUPPORTED_ARCHITECTURES", "architecture", "config", "config_dict", "weights_map", "to_state_dict",
+           "from_gguf", "tokenizer", "export"]
 
 
 def to_state_dict(path_or_result, dtype: str = "float16", device="cuda", **load_options) -> dict[str, Any]:
@@ -283,17 +66,29 @@ def to_state_dict(path_or_result, dtype: str = "float16", device="cuda", **load_
         device = "cpu" if result.backend == "host" else f"cuda:{_result_device(result)}"
         path_or_result = result.path
     model = path_or_result if isinstance(path_or_result, GGUFModel) else shared_model(path_or_result)
-    dev, backend, index = _device(device)
-    conv = _Conversion(model, dtype)
-    if result is None:
-        result = conv.load(backend, index, load_options)
+    if result is not None:
+        dev, backend, index = _device(device)
+        conv = _Conversion(model, dtype)
+    else:
+        conv, result, backend, index = _build_while_loading(model, dtype, device, None, load_options)
     return conv.state_dict(result, backend, index, load_options)
 
 
-def _result_device(result: LoadResult) -> int:
-    for dt in result.values():
-        return int(dt.array.device.id)
-    return 0
+def _build_while_loading(model: GGUFModel, dtype: str, device, attn_implementation, load_options: dict):
+    """Start the load of every tensor of the file on a thread of its own, then import torch and
+    transformers and build the model on the meta device while it runs (a process's first call
+    spends seconds on those imports); the tensors the model does not take are dropped after.
+    A failing build (or an interrupt) cancels the load and frees what it loaded. Returns
+    (conversion, load result, backend, device index)."""
+    if dtype not in _DTYPES:
+        raise GGUFLabError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    architecture(model)  # an unsupported file is refused before any load
+    backend, index = _load_target(device)
+    conv, result, load_s, wait_s = load_while(  # _device imports torch: is the GPU torch's too?
+        model, dict(load_options, dtype=dtype, backend=backend, device=index),
+        lambda: (_device(device), _Conversion(model, dtype, attn_implementation))[1])
+    conv.steps.update(load_s=load_s, load_wait_s=wait_s)
+    return conv, conv.wanted_only(result), backend, index
 
 
 def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementation: str | None = None,
@@ -304,7 +99,9 @@ def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementatio
     The model is built on the meta device and its parameters are the loaded tensors themselves
     (``load_state_dict(assign=True)``): no weight is allocated twice. ``model.gguf_load_result``
     is the ``LoadResult`` (``.profile`` for ``plots.timeline``); ``model.gguf_steps_s`` the seconds
-    of each step (config, meta_model, names, load, transform, assign, total).
+    of each step (config, meta_model, names, load, load_wait, transform, assign, total). The load
+    starts first, on a thread of its own, and the transformers model is built while it runs
+    (``load_s`` overlaps the steps before it; ``load_wait_s`` is what was left to wait for).
 
     Args:
         path: a .gguf file (or an open ``GGUFModel``) of a supported architecture
@@ -328,20 +125,16 @@ def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementatio
         >>> model(torch.tensor([[1, 2, 3]])).logits.shape
         torch.Size([1, 3, 4096])
     """
-    torch = _deps()
     if tp_plan is not None:
         if tp_plan != "auto":
             raise GGUFLabError(f"tp_plan must be None or 'auto' (transformers' own plan), got {tp_plan!r}")
-        from .hf_tp import from_gguf_tp
-
         return from_gguf_tp(path, dtype, device, attn_implementation, device_mesh, timeout_s, load_options)
     if device_mesh is not None:
         raise GGUFLabError("device_mesh shards a model with tp_plan='auto'; pass both")
     t0 = time.perf_counter()
     model = path if isinstance(path, GGUFModel) else shared_model(path)
-    dev, backend, index = _device(device)
-    conv = _Conversion(model, dtype, attn_implementation)
-    result = conv.load(backend, index, load_options)
+    conv, result, backend, index = _build_while_loading(model, dtype, device, attn_implementation, load_options)
+    dev = _device(device)[0]
     state = conv.state_dict(result, backend, index, load_options)
     t1 = time.perf_counter()
     hf = conv.hf_model
@@ -360,36 +153,14 @@ def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementatio
     return hf
 
 
-def _finish(hf, dev) -> None:
-    """What ``from_pretrained`` does after filling the weights, by transformers' own code: buffers
-    that are not weights (rotary frequencies, embedding scales) made on the device and computed by
-    ``initialize_weights``, which leaves every loaded parameter as it is; then eval mode."""
-    torch = _deps()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.is_meta:
-                raise GGUFLabError(f"parameter of shape {tuple(p.shape)} was never filled")
-            p._is_hf_initialized = True
-        for mod in hf.modules():
-            for name, buf in list(mod._buffers.items()):
-                if buf is not None and buf.is_meta:
-                    mod._buffers[name] = torch.empty_like(buf, device=dev)
-        hf.initialize_weights()
-    hf.eval()
-
-
 def tokenizer(path):
     """transformers' tokenizer for a GGUF file: what ``AutoTokenizer.from_pretrained(folder,
     gguf_file=name)`` gives, read by this project's parser (``gguf_gpu_lab.hf_tokenizer``)."""
-    from .hf_tokenizer import tokenizer as _tokenizer
-
     return _tokenizer(path)
 
 
 def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwrite: bool = False, progress=True,
            **options):
     """A Hugging Face model folder (safetensors) from a GGUF file: see ``gguf_gpu_lab.export.export``."""
-    from .export import export as _export
-
     return _export(path, out_dir, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                    progress=progress, **options)

@@ -185,7 +185,7 @@ def tokenizer(path):
         >>> tok.convert_tokens_to_ids("<tok100>"), len(tok)
         (100, 4099)
     """
-    from . import hf
+    from . import hf_convert as hf
 
     hf._deps()
     model = path if isinstance(path, GGUFModel) else shared_model(path)

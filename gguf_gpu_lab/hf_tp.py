@@ -182,7 +182,7 @@ def from_gguf_tp(path, dtype: str, device, attn_implementation, device_mesh, tim
     import torch
     from torch.distributed.tensor import DTensor
 
-    from . import hf as _hf
+    from . import hf_convert as _hf
     from .model import shared_model
 
     t0 = time.perf_counter()

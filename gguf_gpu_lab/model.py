@@ -324,21 +324,30 @@ class GGUFModel:
         return check_model(self, max_problems=max_problems)
 
 
-# The lazy device cache (cache.py) registers itself here when the package is imported: the model
-# describes a file and imports nothing that loads, so model -> cache -> loader -> model is no circle.
-_DEVICE_CACHE = None
+# What the layers above the model register when the package is imported: the model describes a
+# file and imports nothing that loads, so neither model -> cache -> loader -> model nor
+# model -> warmup -> loader -> model is a circle. "cache": the lazy device cache (cache.py), which
+# tensor(), preload(), evict() and cache_info() hand over to; "opened": the warm-up (warmup.py),
+# started when a model is opened.
+_HOOKS: dict[str, Any] = {}
 
 
-def register_device_cache(impl) -> None:
-    """Set what ``tensor()``, ``preload()``, ``evict()`` and ``cache_info()`` hand over to."""
-    global _DEVICE_CACHE
-    _DEVICE_CACHE = impl
+def register(kind: str, impl) -> None:
+    """Set the implementation of a hook (``"cache"`` or ``"opened"``)."""
+    if kind not in ("cache", "opened"):
+        raise ValueError(f"unknown hook {kind!r}")
+    _HOOKS[kind] = impl
 
 
 def _device_cache():
-    if _DEVICE_CACHE is None:  # pragma: no cover - the package's __init__ registers it
+    if "cache" not in _HOOKS:  # pragma: no cover - the package's __init__ registers it
         raise GGUFLabError("the device cache is not registered: import gguf_gpu_lab")
-    return _DEVICE_CACHE
+    return _HOOKS["cache"]
+
+
+def _opened(model: "GGUFModel", warmup: bool | None = None) -> "GGUFModel":
+    start = _HOOKS.get("opened")
+    return model if start is None else start(model, warmup)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -389,7 +398,7 @@ def shared_model(path: str | os.PathLike) -> GGUFModel:
     if not owner:
         return fut.result()
     try:
-        m = GGUFModel(path)
+        m = _opened(GGUFModel(path))  # on a GPU machine: context, staging ring, kernels in the background
     except BaseException as e:
         with _SHARED_LOCK:
             del _PARSING[key]
@@ -406,8 +415,10 @@ def shared_model(path: str | os.PathLike) -> GGUFModel:
     return m
 
 
-def open_model(path: str | os.PathLike) -> GGUFModel:
-    """Open and validate a GGUF file (no tensor data is read).
+def open_model(path: str | os.PathLike, *, warmup: bool | None = None) -> GGUFModel:
+    """Open and validate a GGUF file (no tensor data is read). On a machine with a GPU this also
+    starts getting it ready for a load in the background (``gguf_gpu_lab.warmup``; off with
+    ``warmup=False`` or ``GGUF_LAB_WARMUP=0``).
 
     Example:
         >>> with open_model("model.gguf") as m:
@@ -415,4 +426,4 @@ def open_model(path: str | os.PathLike) -> GGUFModel:
         ...     w = m.dequantize("blk.0.attn_q.weight")
         llama 21
     """
-    return GGUFModel(path)
+    return _opened(GGUFModel(path), warmup)

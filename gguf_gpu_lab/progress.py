@@ -1,11 +1,23 @@
 """Progress bars for the command line and ``load(progress=True)``: tqdm (an ipywidgets bar in
 notebooks), decimal units like the summaries (kB, MB, GB), and shown only where someone can
-watch them: a terminal, a notebook, or ``GGUF_LAB_PROGRESS=1`` (``0`` hides them everywhere)."""
+watch them: a terminal, a notebook, or ``GGUF_LAB_PROGRESS=1`` (``0`` hides them everywhere).
+
+A load's bar (``LoadBar``) is set up before the load starts, with its total, and made and drawn
+by a thread of its own: the load's completion thread only stores a tuple, so nothing a bar does
+(a notebook widget's messages, a terminal's writes) can delay a chunk; a load shorter than
+``SHOW_AFTER_S`` makes no bar at all."""
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
+import threading
+
+from .errors import GGUFLabError
+
+DRAW_INTERVAL_S = 0.1  # a bar is redrawn at most this often: 10 times a second reads as smooth
+SHOW_AFTER_S = 0.2  # a load's bar is made only once the load has run this long (LoadBar)
 
 
 def shown() -> bool:
@@ -18,6 +30,15 @@ def shown() -> bool:
 
     notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
     return notebook or sys.stderr.isatty()
+
+
+def check_progress(progress) -> None:
+    """Refuse a ``progress=`` argument that is not None, False, True or a callable, before any
+    work: a string or a number would otherwise fail at the first chunk, mid-load."""
+    if progress is None or progress is False or progress is True or callable(progress):
+        return
+    raise GGUFLabError(f"progress must be None or False (no report), True (a bar) or a callable "
+                       f"progress(bytes_done, bytes_total, tensor); got {progress!r}")
 
 
 def progress_bar(desc: str, total: int | None = None, unit: str = "B"):
@@ -62,8 +83,75 @@ def _notebook_bar():
     return Bar
 
 
+class LoadBar:
+    """A ``progress(done, total, name)`` callable for a load, made before the load starts with
+    its total. A call only stores its arguments; a thread of its own (started here, in the
+    caller's context, so a notebook shows the bar in the cell that started the load) makes the
+    bar once the load has run ``delay`` seconds, where ``shown()``, and then draws the latest
+    state every ``interval`` seconds. A load shorter than ``delay`` makes no bar at all: one made
+    for it would be removed (``leave=False``) before anyone could read it, and a notebook widget
+    costs more to make (10-40 ms of Python) than such a load takes. ``close()`` draws the last
+    state and removes the bar.
+
+    Example:
+        >>> bar = LoadBar("load (gpu)", total=1000)
+        >>> bar(500, 1000, "blk.0.attn_q.weight")   # what the load's completion thread does
+        >>> bar.close()
+    """
+
+    def __init__(self, desc: str, total: int, unit: str = "B", interval: float = DRAW_INTERVAL_S,
+                 delay: float | None = None):
+        delay = SHOW_AFTER_S if delay is None else delay
+        if not 0.01 <= interval <= 60:
+            raise GGUFLabError(f"progress interval must be from 0.01 to 60 seconds, got {interval!r}")
+        if not 0 <= delay <= 3600:
+            raise GGUFLabError(f"progress delay must be from 0 to 3600 seconds, got {delay!r}")
+        self.desc, self.unit, self.interval, self.delay = desc, unit, interval, delay
+        self.bar = None
+        self._state: tuple[int, int, str | None] = (0, total, None)
+        self._drawn: tuple | None = None
+        self._stop = threading.Event()
+        # the caller's context: ipykernel sends a thread's output to the cell its context names
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name="gguf-lab-progress", daemon=True)
+        self._thread.start()
+
+    def __call__(self, done: int, total: int, name: str | None = None) -> None:
+        self._state = (done, total, name)  # one store: the only cost on the load's thread
+
+    def _run(self) -> None:
+        if self._stop.wait(self.delay) or not shown():
+            return
+        self.bar = progress_bar(self.desc, self._state[1], self.unit)
+        self._draw()
+        while not self._stop.wait(self.interval):
+            self._draw()
+
+    def _draw(self) -> None:
+        state = self._state
+        if state == self._drawn:
+            return
+        self._drawn = state
+        done, total, name = state
+        if total != self.bar.total:
+            self.bar.reset(total=total)  # reset(), not .total =: it also resizes a notebook widget
+        if name:
+            self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        """Stop the drawing thread, draw the last state, remove the bar; safe to call twice."""
+        self._stop.set()
+        self._thread.join()
+        if self.bar is not None:
+            self._draw()
+            self.bar.close()
+            self.bar = None
+
+
 class ProgressBar:
-    """A ``progress(done, total, name)`` callback that draws one bar. The bar is made at the first
+    """A ``progress(done, total, name)`` callback that draws one bar, on the calling thread, for
+    work whose total is known only at its first report (``synth``). The bar is made at the first
     call, once the total is known: a bar made without one reads ``0.00B [00:00, ?B/s]`` in text,
     and a notebook widget made without one is drawn full and never moves.
 
@@ -90,3 +178,15 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def reporter(progress, desc: str, total: int):
+    """What a load calls after each chunk for a ``progress=`` argument (checked by
+    ``check_progress``): None for None/False, a ``LoadBar`` for True, the callable itself
+    otherwise. The caller closes a ``LoadBar``."""
+    check_progress(progress)
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        return LoadBar(desc, total)
+    return progress

@@ -275,3 +275,76 @@ def test_bench_hf_on_the_host(tmp_path):
     assert res["from_gguf_s"] > 0 and res["load_s"] > 0 and res["transformers_s"] > 0
     assert set(res["meets_targets"]) == {"vs_load", "vs_transformers"}
     assert "from_gguf" in format_hf(res)
+
+
+# -- the first call: the load runs while transformers' model is built --------------------------
+
+def test_the_load_runs_while_the_model_is_built(model_dir, monkeypatch):
+    """The load starts first, on a thread of its own: with a build that takes 0.5 s, the first
+    chunk is in place before the build ends, and from_gguf waits for the load hardly at all."""
+    import threading
+    import time
+
+    real = hf._Conversion.__init__
+    built = {}
+
+    def slow_build(self, *a, **k):
+        time.sleep(0.5)
+        real(self, *a, **k)
+        built["end"] = time.perf_counter()
+
+    chunks = []
+    monkeypatch.setattr(hf._Conversion, "__init__", slow_build)
+    model = hf.from_gguf(_file(model_dir, "llama"), dtype="float32", device="cpu",
+                         progress=lambda d, t, n: chunks.append((time.perf_counter(), threading.current_thread().name)))
+    steps = model.gguf_steps_s
+    assert chunks and chunks[0][0] < built["end"]
+    assert steps["load_wait_s"] < 0.1 and steps["load_s"] > 0
+    assert all(name != threading.current_thread().name for _, name in chunks)
+    r = model.gguf_load_result  # only what the model took is kept: one tensor a state-dict entry
+    assert len(r) == len(hf.to_state_dict(_file(model_dir, "llama"), dtype="float32", device="cpu"))
+
+
+def test_a_failing_build_cancels_the_load_and_frees_it(model_dir, monkeypatch):
+    import gc
+    import threading
+    import time
+    import weakref
+
+    from gguf_gpu_lab.loader import background
+
+    results = []
+    real_run = background.BackgroundLoad._run
+
+    def run(self, model, options):
+        real_run(self, model, options)
+        results.append((self.error, weakref.ref(self._result) if self._result is not None else None))
+
+    def broken_build(self, *a, **k):
+        time.sleep(0.2)
+        raise RuntimeError("transformers could not build this model")
+
+    monkeypatch.setattr(background.BackgroundLoad, "_run", run)
+    monkeypatch.setattr(hf._Conversion, "__init__", broken_build)
+    slow = lambda d, t, n: time.sleep(0.05)  # noqa: E731  (a load still running when the build fails)
+    with pytest.raises(RuntimeError, match="could not build"):
+        hf.from_gguf(_file(model_dir, "llama"), dtype="float32", device="cpu", progress=slow, chunk_mb=0.05)
+    gc.collect()
+    (error, ref), = results
+    assert isinstance(error, lab.LoadCancelled) or (ref is not None and ref() is None)
+    assert not any(t.name.startswith("gguf-lab-") for t in threading.enumerate())
+
+
+def test_from_gguf_refuses_a_wrong_progress_before_any_work(model_dir, monkeypatch):
+    from gguf_gpu_lab.loader import background
+
+    monkeypatch.setattr(background, "load", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(GGUFLabError, match="progress must be"):
+        hf.from_gguf(_file(model_dir, "llama"), device="cpu", progress="yes")
+    with pytest.raises(GGUFLabError, match="device must be"):
+        hf.from_gguf(_file(model_dir, "llama"), device="tpu")
+
+
+def test_to_state_dict_with_progress_false(model_dir):
+    sd = hf.to_state_dict(_file(model_dir, "qwen2"), dtype="float16", device="cpu", progress=False)
+    assert "model.layers.0.self_attn.q_proj.weight" in sd

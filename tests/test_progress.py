@@ -9,14 +9,28 @@ from gguf_gpu_lab.progress import ProgressBar
 def test_load_bar_starts_with_its_total_in_decimal_units(small_model, monkeypatch, capsys):
     from tqdm import tqdm
 
-    from gguf_gpu_lab import open_model
+    from gguf_gpu_lab import open_model, progress
 
     monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")
-    with open_model(small_model) as m:
+    monkeypatch.setattr(progress, "SHOW_AFTER_S", 0.0)  # a bar however short the load
+    with open_model(small_model, warmup=False) as m:
         total = sum(t.n_bytes for t in m.tensors)
         load(m, backend="host", progress=True, chunk_mb=0.5)
     first = capsys.readouterr().err.split("\r")[1]  # the bar as first drawn
-    assert first.startswith("load (gpu):   0%|") and f" 0.00/{tqdm.format_sizeof(total)} [" in first  # GB/MB, not GiB/MiB
+    assert first.startswith("load (gpu):") and f"/{tqdm.format_sizeof(total)} [" in first  # GB/MB, not GiB/MiB
+
+
+def test_a_load_shorter_than_the_delay_makes_no_bar(small_model, monkeypatch, capsys):
+    from gguf_gpu_lab import progress
+
+    monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")
+    monkeypatch.setattr(progress, "SHOW_AFTER_S", 30.0)
+    made = []
+    monkeypatch.setattr(progress, "progress_bar", lambda *a, **k: made.append(a))
+    load(small_model, backend="host", progress=True, chunk_mb=0.5)
+    assert made == [] and capsys.readouterr().err == ""
+    with pytest.raises(Exception, match="delay must be from 0 to 3600"):
+        progress.LoadBar("x", 10, delay=-1)
 
 
 @pytest.mark.parametrize("env", [None, "0"])
@@ -59,7 +73,8 @@ def test_a_saved_notebook_shows_the_bar_at_its_end(small_model, tmp_path):
     with open_model(small_model) as m:
         total = tqdm.format_sizeof(sum(t.n_bytes for t in m.tensors), divisor=1000)
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import os\nos.environ.pop('GGUF_LAB_PROGRESS', None)\nimport gguf_gpu_lab as lab\n"
+        "import os\nos.environ.pop('GGUF_LAB_PROGRESS', None)\nimport gguf_gpu_lab as lab, gguf_gpu_lab.progress as p\n"
+        "p.SHOW_AFTER_S = 0.0  # a bar even for a load this short\n"
         f"r = lab.load({str(small_model)!r}, backend='host', chunk_mb=0.05, progress=True)")])
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", store_widget_state=True,
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -71,3 +86,137 @@ def test_a_saved_notebook_shows_the_bar_at_its_end(small_model, tmp_path):
     bars = [s["state"] for s in state.values() if s["model_name"] == "FloatProgressModel"]
     assert bars and all(b["value"] == b["max"] for b in bars)
     assert any("100%" in t for t in texts) and not any(f"{total}/" in t and f"{total}/{total}" not in t for t in texts), texts
+
+
+# -- progress= of every kind, checked before any work; a bar that cannot delay a chunk ------------
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0, 0.5, [], object()])
+def test_progress_of_another_kind_is_refused_before_any_work(tmp_path, bad):
+    from gguf_gpu_lab import GGUFLabError
+
+    missing = tmp_path / "not-there.gguf"  # were the file opened first, this would be ModelNotFoundError
+    with pytest.raises(GGUFLabError, match=r"progress must be None or False .* True \(a bar\) or a callable"):
+        load(missing, backend="host", progress=bad)
+
+
+@pytest.mark.parametrize("off", [None, False])
+def test_no_progress(small_model, monkeypatch, capsys, off):
+    monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")  # a bar would be drawn, were one asked for
+    r = load(small_model, backend="host", progress=off, chunk_mb=0.5)
+    assert len(r) > 0 and capsys.readouterr().err == ""
+    assert "progress callback" not in set(r.profile.df["stage"])
+
+
+def test_a_slow_bar_does_not_delay_the_load(small_model, monkeypatch):
+    """A bar whose every draw takes 0.3 s (a stalled notebook front end): the load's completion
+    thread only stores the counts, the bar's own thread draws them, so the load ends long before
+    a single draw would have; the last state is drawn at close, and it is the total."""
+    import threading
+    import time
+
+    from gguf_gpu_lab import open_model
+    from gguf_gpu_lab.progress import LoadBar
+
+    monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")
+    drawn, threads = [], set()
+    real_draw = LoadBar._draw
+
+    def slow_draw(self):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.3)
+        real_draw(self)
+        drawn.append(self._drawn)
+
+    monkeypatch.setattr(LoadBar, "_draw", slow_draw)
+    monkeypatch.setattr("gguf_gpu_lab.progress.SHOW_AFTER_S", 0.0)
+    with open_model(small_model, warmup=False) as m:
+        total = sum(t.n_bytes for t in m.tensors)
+        load(m, backend="host", chunk_mb=0.25)  # the process's first load of it: threads and pages ready
+        t0 = time.perf_counter()
+        r = load(m, backend="host", progress=True, chunk_mb=0.25)
+        call_s = time.perf_counter() - t0
+    assert r.profile.df["chunk"].max() >= 8  # many chunks: a bar drawn after each would take 8 x 0.3 s
+    assert r.wall_s < 0.3 <= call_s  # the load did not wait for a draw; the call waited for the last one
+    assert drawn[-1][:2] == (total, total)
+    assert threads <= {"gguf-lab-progress", threading.current_thread().name}  # never a loader thread
+    assert not any(t.name == "gguf-lab-progress" for t in threading.enumerate())  # joined at close
+
+
+def test_a_slow_progress_callable_has_a_span(small_model):
+    """A callable runs on the completion thread (today's semantics): the time it takes is a span
+    of its own on the setup lane, so the timeline shows where the load waited."""
+    import time
+
+    calls = []
+
+    def slow(done, total, name):
+        calls.append(done)
+        time.sleep(0.02)
+
+    r = load(small_model, backend="host", progress=slow, chunk_mb=0.5)
+    spans = r.profile.df[r.profile.df["stage"] == "progress callback"]
+    assert len(spans) == len(calls) > 1 and (spans["dur_us"] >= 19_000).all()
+    assert set(spans["lane"]) == {"setup"}
+
+
+def test_a_progress_callable_still_cancels(small_model):
+    from gguf_gpu_lab import LoadCancelled
+
+    with pytest.raises(LoadCancelled, match="progress callback"):
+        load(small_model, backend="host", progress=lambda d, t, n: False, chunk_mb=0.5)
+
+
+def test_setup_spans_explain_the_host_work_before_the_first_copy(small_model):
+    r = load(small_model, backend="host", chunk_mb=0.5)
+    setup = set(r.profile.df.loc[r.profile.df["lane"] == "setup", "stage"])
+    assert {"plan", "pin staging", "allocate outputs"} <= setup
+
+
+def test_preload_draws_one_bar_for_all_its_batches(small_model, monkeypatch):
+    from gguf_gpu_lab import GGUFLabError, open_model
+    from gguf_gpu_lab.progress import LoadBar
+
+    monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")
+    made, closed = [], []
+    real_init, real_close = LoadBar.__init__, LoadBar.close
+    monkeypatch.setattr(LoadBar, "__init__", lambda self, *a, **k: (made.append(a), real_init(self, *a, **k))[1])
+    monkeypatch.setattr(LoadBar, "close", lambda self: (closed.append(self._state), real_close(self))[1])
+    with open_model(small_model, warmup=False) as m:
+        total = sum(t.n_bytes for t in m.tensors)
+        with pytest.raises(GGUFLabError, match="progress must be"):
+            m.preload(backend="host", progress="yes")
+        m.preload(backend="host", progress=True, batch_mb=0.5).wait()
+        assert m.cache_info()["entries"] == len(m)
+    assert made == [("preload", total)]  # one bar, made by the caller, batches counted on from each other
+    assert closed[0][:2] == (total, total)
+
+
+def test_in_a_kernel_the_bar_is_a_widget_in_the_cell_that_loads(small_model, tmp_path):
+    """In a Jupyter kernel the bar is tqdm's notebook widget, made by the bar's own thread and
+    shown in the cell that started the load (not in a later cell, not lost)."""
+    nbformat = pytest.importorskip("nbformat")
+    NotebookClient = pytest.importorskip("nbclient").NotebookClient
+    cells = ["import gguf_gpu_lab as lab, gguf_gpu_lab.progress as p, time\n"
+             f"p.SHOW_AFTER_S = 0.0; m = lab.open_model({str(small_model)!r}, warmup=False)",
+             "print('nothing shown here')",
+             "bar = p.LoadBar('load (gpu)', 100, delay=0.0); bar(50, 100, 't'); time.sleep(0.3); bar.close()",
+             "r = lab.load(m, backend='host', progress=True, chunk_mb=0.25); print(len(r))"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for c in nb.cells for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors, errors[0].get("evalue")
+    widget = "application/vnd.jupyter.widget-view+json"
+    shown = [i for i, c in enumerate(nb.cells) for o in c.outputs if widget in o.get("data", {})]
+    assert shown[:1] == [2] and set(shown) <= {2, 3}  # the bar of cell 3: made at once, as SHOW_AFTER_S = 0
+
+
+def test_a_bar_given_to_load_is_the_callers_to_close(small_model):
+    """A ``LoadBar`` passed in (as ``hf.from_gguf`` and preload do, made on the caller's thread)
+    is left open by the load; only a bar the load made itself is closed by it."""
+    from gguf_gpu_lab.progress import LoadBar
+
+    bar = LoadBar("mine", 10)
+    load(small_model, backend="host", progress=bar, chunk_mb=0.5)
+    assert not bar._stop.is_set() and bar._state[0] == bar._state[1] > 0
+    bar.close()
+    assert bar._stop.is_set()

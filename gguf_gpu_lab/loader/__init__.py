@@ -17,6 +17,7 @@ from ..device import Backend, device_count, get_backend
 from ..errors import BackendError, GGUFLabError
 from ..model import GGUFModel, shared_model
 from ..profiler import Profile
+from ..progress import check_progress, reporter
 from .pipeline import Pipeline
 from .placement import Placement, place, resolve_devices, several_devices, single_device
 from .plan import MODES, ORDERS, Chunk, LoadOptions, Piece, output_bytes, plan_chunks, select
@@ -52,7 +53,7 @@ def backends_for(backend: "str | Backend", device) -> tuple[tuple[int, ...], lis
 def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int = 4, chunk_mb: float = 16.0,
          readers: int | None = None, staging_mb: float | None = None, order="file", tensors=None,
          device: "int | Sequence[int] | str" = 0, placement=None,
-         progress: Callable[[int, int, str], object] | None = None, profile: bool | str = True,
+         progress: "bool | Callable[[int, int, str], object] | None" = None, profile: bool | str = True,
          backend: str | Backend = "auto", cancel: threading.Event | None = None, read: str = "mmap",
          shard=None) -> LoadResult:
     """Load tensors of a GGUF model onto the device.
@@ -83,9 +84,12 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             or dotted prefixes (``"blk.3"``, ``""`` for the rest) to devices, a previous result's
             ``placement`` or a function of ``TensorInfo`` giving a device. Every device's share
             is checked against its free memory before anything is allocated.
-        progress: ``progress(bytes_done, bytes_total, tensor)`` after each chunk; return False to
-            cancel. ``True`` shows a tqdm bar in a notebook (ipywidgets) or a terminal (see
-            ``gguf_gpu_lab.progress``).
+        progress: None or False: no report; ``True``: a tqdm bar in a notebook (ipywidgets) or a
+            terminal, made before the load starts and drawn from a thread of its own at most 10
+            times a second (see ``gguf_gpu_lab.progress``); a callable: called as
+            ``progress(bytes_done, bytes_total, tensor)`` after each chunk, on the load's
+            completion thread (return False to cancel). Anything else is a ``GGUFLabError``
+            before any work.
         profile: record spans (``result.profile``): True (or "events") times device work with
             CUDA/HIP events, which fire when a stream reaches them; "cupti" (NVIDIA, needs
             ``cupti-python``) records when each copy and kernel really ran, on a ``copy engine``
@@ -111,6 +115,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         >>> r3["blk.0.attn_q.weight"].array.shape, r3["blk.0.attn_q.weight"].region
         ((256, 128), (slice(0, 256, None), slice(128, 256, None)))
     """
+    check_progress(progress)  # before any work: a wrong kind would otherwise fail mid-load
     opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, read, staging_mb, order, profile).check()
     several = several_devices(device, placement)
     if several and shard is not None:
@@ -126,24 +131,28 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         devices, backends = (one,), [get_backend(backend, one)]  # (its notice before any bar)
     be = backends[0]
     bar = None
-    if progress is True:  # a tqdm bar: a widget in notebooks, text in terminals
-        from ..progress import ProgressBar
-
-        bar = progress = ProgressBar(f"load ({mode})")
     # a path is parsed once per process (and again only if the file changes): reloads reuse it
     model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
     try:
         chosen = select(model.tensors, tensors, order, model.path)
         cuts = resolve_cuts(chosen, shard, model.path)
+        # a bar (a widget in notebooks, text in terminals) is made here, sized, before the load
+        # starts; the load only stores its counts, and the bar's own thread draws them
+        made = progress is True  # a bar this load makes is this load's to close
+        progress = reporter(progress, f"load ({mode})", sum(t.n_bytes for t in chosen))
+        bar = progress if made else None
         where = plan_placement(chosen, devices, backends, opts.mode, opts.dtype, placement, opts.streams,
                                opts.chunk_mb) if several else None
         ld = Pipeline(model, backends if several else be, opts, chosen, progress, Stop(cancel), where, cuts)
-        if be.is_gpu:  # anchors device events to the host clock (the process's first CUDA call may be this)
-            for b in backends:
-                b.clock()
         if opts.profile == "cupti":
             ld.cupti = _cupti_recorder(be)
         clock_host0 = time.perf_counter_ns()  # the profile's zero and the start of the wall time
+        if be.is_gpu:
+            _join_warmup(ld)
+            t0 = time.perf_counter_ns()
+            for b in backends:  # anchors device events to the host clock (the process's first CUDA call may be this)
+                b.clock()
+            ld.span("setup", "device clock", -1, "", 0, t0, time.perf_counter_ns())
         try:
             if ld.cupti is not None:
                 ld.cupti.start()
@@ -167,6 +176,16 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     finally:
         if bar is not None:
             bar.close()
+
+
+def _join_warmup(ld: Pipeline) -> None:
+    """Wait for a warm-up in flight (``gguf_gpu_lab.warmup``) rather than race it for the staging
+    ring and the kernels; the wait has a span of its own. A warm-up's error never fails a load."""
+    from .. import warmup
+
+    t0 = time.perf_counter_ns()
+    if warmup.join():
+        ld.span("setup", "wait for warm-up", -1, "", 0, t0, time.perf_counter_ns())
 
 
 def plan_placement(tensors, devices, backends, mode: str = "gpu", dtype: str = "float16", placement=None,

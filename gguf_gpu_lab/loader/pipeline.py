@@ -28,6 +28,7 @@ from ..device import Backend, Event
 from ..errors import LoadCancelled
 from ..model import GGUFModel, TensorInfo
 from ..profiler import Span
+from ..progress import LoadBar
 from ..source import ByteSource
 from .placement import Placement
 from .plan import Chunk, LoadOptions, copied_bytes, plan_chunks, plan_sites
@@ -145,15 +146,19 @@ class Pipeline:
         opts = self.opts
         cpu_mode = opts.mode == "cpu"
         out_item = 1 if opts.mode == "raw" else quant.resolve_dtype(opts.dtype).itemsize
+        t_plan = time.perf_counter_ns()
         chunk_bytes = max(1, int(opts.chunk_mb * (1 << 20)))
         if cpu_mode:  # the slot holds dequantized values: plan in quantized bytes of about that size
             chunk_bytes = max(1, int(chunk_bytes / max(out_item / 0.5, 1.0)))
-        chunks = (plan_chunks(self.tensors, chunk_bytes, self.cuts) if self.placement is None
+        want_readers = opts.readers or default_readers(len(self.sites))
+        # first chunks ramp up, one a reader: the first copy waits for a small read, not a full one
+        chunks = (plan_chunks(self.tensors, chunk_bytes, self.cuts, ramp=want_readers) if self.placement is None
                   else plan_sites([s.tensors for s in self.sites], chunk_bytes))
         self.check_memory(chunks)
+        self.span("setup", "plan", -1, "", 0, t_plan, time.perf_counter_ns())
         if not chunks:
             return self._alloc_outputs(), 0
-        readers = min(opts.readers or default_readers(len(self.sites)), len(chunks))
+        readers = min(want_readers, len(chunks))
         total = sum(c.nbytes for c in chunks)
         threads: list[threading.Thread] = []
         outputs: dict[str, DeviceTensor] = {}
@@ -185,7 +190,9 @@ class Pipeline:
                     self.cupti.bind(self.sites[0].lanes)
                 self.span("setup", "allocate outputs", -1, "", 0, t0, time.perf_counter_ns())
             if kernels is not None:
+                t0 = time.perf_counter_ns()
                 kernels.join()
+                self.span("setup", "wait for kernels", -1, "", 0, t0, time.perf_counter_ns())
                 if kernels.error is not None:
                     raise kernels.error
             try:
@@ -340,10 +347,15 @@ class Pipeline:
         done_bytes += c.nbytes
         if self.event_timing and len(evs) > 1:
             self.device_events.append((self.sites[c.site].lane_name(lane.index), c, evs))
-        if self.progress is not None and self.progress(done_bytes, total, c.pieces[-1].tensor.name) is False:
-            self.cancelled.set()
-            raise LoadCancelled(f"{self.model.path}: load cancelled by the progress callback "
-                                f"after {done_bytes} of {total} bytes")
+        if self.progress is not None:
+            t0, name = time.perf_counter_ns(), c.pieces[-1].tensor.name
+            verdict = self.progress(done_bytes, total, name)
+            if not isinstance(self.progress, LoadBar):  # a caller's callable runs on this thread: timed
+                self.span("setup", "progress callback", c.index, name, 0, t0, time.perf_counter_ns())
+            if verdict is False:
+                self.cancelled.set()
+                raise LoadCancelled(f"{self.model.path}: load cancelled by the progress callback "
+                                    f"after {done_bytes} of {total} bytes")
         return done_bytes
 
     def _get(self, q: queue.Queue):

@@ -122,14 +122,33 @@ def select(tensors: Sequence[TensorInfo], names=None, order="file", path=None) -
     raise GGUFLabError(f"order must be one of {', '.join(ORDERS)} or a callable, got {order!r}")
 
 
-def plan_chunks(tensors: Sequence[TensorInfo], chunk_bytes: int, cuts: Mapping[str, Cut] | None = None) -> list[Chunk]:
+RAMP_MIN_BYTES = 1 << 20  # a ramp chunk no smaller than this: below it a copy's own overhead shows
+
+
+def chunk_limits(chunk_bytes: int, ramp: int = 0) -> list[int]:
+    """The byte limits of the first chunks of a plan: with ``ramp`` readers, chunk ``i < ramp``
+    gets ``(i + 1) / (ramp + 1)`` of ``chunk_bytes`` (at least ``RAMP_MIN_BYTES``), so the first
+    reads finish one after another, the first after a small read, and each reader stays that
+    far ahead of the next; every later chunk gets ``chunk_bytes``."""
+    if ramp < 1 or chunk_bytes <= RAMP_MIN_BYTES:
+        return []
+    return [min(chunk_bytes, max(RAMP_MIN_BYTES, chunk_bytes * (i + 1) // (ramp + 1))) for i in range(ramp)]
+
+
+def plan_chunks(tensors: Sequence[TensorInfo], chunk_bytes: int, cuts: Mapping[str, Cut] | None = None,
+                ramp: int = 0) -> list[Chunk]:
     """Split big tensors into chunks of whole blocks of at most ``chunk_bytes``; batch small
     ones together up to ``chunk_bytes``. ``cuts``: the shard of each tensor (``shard.resolve_cuts``;
     a tensor without one is whole): a row shard is one range, a column shard's pieces gather
-    whole segments (or, a segment over ``chunk_bytes``, runs of its blocks)."""
+    whole segments (or, a segment over ``chunk_bytes``, runs of its blocks). ``ramp``: the first
+    that many chunks of whole tensors smaller, growing to full size (``chunk_limits``)."""
     chunks: list[Chunk] = []
     batch: list[Piece] = []
     size = 0
+    first = chunk_limits(chunk_bytes, ramp)
+
+    def limit() -> int:  # of the chunk being filled
+        return first[len(chunks)] if len(chunks) < len(first) else chunk_bytes
 
     def flush():
         nonlocal batch, size
@@ -153,14 +172,15 @@ def plan_chunks(tensors: Sequence[TensorInfo], chunk_bytes: int, cuts: Mapping[s
             continue
         spec = quant.type_spec(t.ggml_type)
         n_blocks = t.n_elements // spec.block_size
-        per = max(1, chunk_bytes // spec.type_size)
-        if t.n_bytes > chunk_bytes:
+        if t.n_bytes > limit():
             flush()
-            for b0 in range(0, n_blocks, per):
-                nb = min(per, n_blocks - b0)
+            b0 = 0
+            while b0 < n_blocks:
+                nb = min(max(1, limit() // spec.type_size), n_blocks - b0)
                 chunks.append(Chunk(len(chunks), (Piece(t, b0, nb, t.offset + b0 * spec.type_size, nb * spec.type_size),)))
+                b0 += nb
         else:
-            if size + t.n_bytes > chunk_bytes:
+            if size + t.n_bytes > limit():
                 flush()
             batch.append(Piece(t, 0, n_blocks, t.offset, t.n_bytes))
             size += t.n_bytes

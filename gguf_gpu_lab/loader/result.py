@@ -81,7 +81,8 @@ class DeviceTensor:
 class LoadResult(Mapping[str, DeviceTensor]):
     """What ``load`` returns: a read-only mapping of tensor name to ``DeviceTensor`` (``r[name]``,
     ``len(r)``, ``for name in r``), with ``file_bytes`` moved, ``out_bytes`` on the device,
-    ``wall_s`` (from the backend being ready to the last byte in place), ``gb_s``, the
+    ``wall_s`` (from the start of the load, on a GPU its wait for a warm-up and its device clock
+    included, to the last byte in place), ``gb_s``, the
     ``options`` used, the ``backend`` name, the ``profile`` (spans; None with ``profile=False``) and
     the ``path`` of the file. A sharded load (``shard=``) also says ``wanted_bytes`` (the shards'
     share of the file: ``file_bytes`` exceeds it by the covering blocks of unaligned column shards)

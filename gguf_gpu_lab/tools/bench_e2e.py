@@ -32,7 +32,7 @@ def _time_open(path: str, repeat: int) -> list[float]:
     out = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        m = open_model(path)
+        m = open_model(path, warmup=False)
         out.append(time.perf_counter() - t0)
         m.close()
     return out
@@ -66,7 +66,7 @@ def bench_open(out_dir: str | None = None, repeat: int = 7, reader: bool = True)
             times = _time_open(path, repeat)
             from ..model import open_model
 
-            with open_model(path) as m:
+            with open_model(path, warmup=False) as m:
                 t0 = time.perf_counter()
                 tokens = m.metadata_value("tokenizer.ggml.tokens")
                 decode_s = time.perf_counter() - t0

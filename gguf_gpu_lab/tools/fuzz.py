@@ -85,7 +85,7 @@ def layout(data: bytes) -> Layout:
     with tempfile.NamedTemporaryFile(suffix=".gguf", delete=False) as f:
         f.write(data)
     try:
-        with open_model(f.name) as m:
+        with open_model(f.name, warmup=False) as m:
             h = m._header
             kv_starts = [f.offset for f in h.fields.values()]
             kv_values = [(f.value_offset - 4, int(f.type)) for f in h.fields.values()]
@@ -187,7 +187,7 @@ def run(cases: int, seed: int = 0, *, time_limit_s: float = 2.0, memory_limit: i
                 tracemalloc.reset_peak()
                 t0 = time.perf_counter()
                 try:
-                    with open_model(path) as m:
+                    with open_model(path, warmup=False) as m:
                         for k in m.metadata:  # arrays are decoded on access: decode each in full
                             m.metadata_value(k)
                         for t in m.tensors:

@@ -1,0 +1,291 @@
+"""The transformers side of a GGUF file, under ``hf`` and the modules above it (``hf_tp``,
+``hf_tokenizer``, ``export``): the config from transformers' own GGUF tables over this project's
+parser, transformers' names for the file's tensors, the device a load goes to, and the conversion
+of loaded tensors (transformers' own ``TensorProcessor`` transforms, on the device). ``hf`` is the
+face; see its docstring for bit-exactness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import re
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from .errors import GGUFLabError
+from .loader import DeviceTensor, LoadResult, load
+from .model import GGUFModel, shared_model
+
+# the architectures checked equal to transformers' own load, tensor for tensor (tests/test_hf.py);
+# "mistral" is a llama file named exactly "mistral", which transformers reads as a Mistral model
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _deps():
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise GGUFLabError(f"gguf_gpu_lab.hf needs torch and transformers ({e}); "
+                           "install them with: pip install 'gguf-gpu-lab[hf]'") from None
+    return torch
+
+
+def architecture(model: GGUFModel) -> tuple[str, str]:
+    """(the file's ``general.architecture``, the one transformers reads it as), or a
+    ``GGUFLabError`` naming an architecture that is not supported here."""
+    md = model.metadata
+    arch = md.get("general.architecture")
+    # transformers' own rule: a llama file whose name is exactly "mistral" is a Mistral model
+    updated = "mistral" if arch is not None and "llama" in arch and md.get("general.name") == "mistral" else arch
+    if updated not in SUPPORTED_ARCHITECTURES:
+        raise GGUFLabError(f"{model.path}: architecture {updated!r} is not supported by gguf_gpu_lab.hf; "
+                           f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch, updated
+
+
+def _value(model: GGUFModel, key: str) -> Any:
+    """A metadata value as transformers' GGUF reader gives it: a one-element array as its element."""
+    v = model.metadata[key]
+    if isinstance(v, dict) or isinstance(v, list):
+        v = model.metadata_value(key)
+        v = v.tolist() if isinstance(v, np.ndarray) else list(v)
+        if len(v) == 1:
+            v = v[0]
+    return v
+
+
+def config_dict(model: GGUFModel) -> dict[str, Any]:
+    """The transformers config dict of a GGUF file: transformers' GGUF key table
+    (``GGUF_CONFIG_MAPPING``) and defaults applied to metadata read by this project's parser
+    (string arrays stay undecoded), with the rules ``load_gguf_checkpoint`` adds for the
+    supported architectures (tied embeddings, Gemma 3's text model, the vocabulary size)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    arch, updated = architecture(model)
+    cfg: dict[str, Any] = {}
+    for key in model.metadata:
+        prefix, _, rest = key.replace(arch, updated).partition(".")
+        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if renamed is None or renamed == -1:
+            continue
+        value = _value(model, key)
+        if isinstance(value, str) and arch in value:
+            value = value.replace(arch, updated)
+        cfg[renamed] = value
+    cfg["tie_word_embeddings"] = "output.weight" not in model
+    for k, v in GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch) or {}).items():
+        cfg.setdefault(k, v)
+    if cfg.get("model_type") == "gemma3":  # the file holds the text backbone only
+        cfg["model_type"] = "gemma3_text"
+    if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in model.metadata:
+        tokens = model.metadata["tokenizer.ggml.tokens"]
+        cfg["vocab_size"] = tokens["length"] if isinstance(tokens, dict) else len(tokens)
+    return cfg
+
+
+def config(path_or_model):
+    """The ``transformers`` config of a GGUF file (see ``config_dict``)."""
+    _deps()
+    from transformers import CONFIG_MAPPING
+
+    model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
+    d = config_dict(model)
+    return CONFIG_MAPPING[d["model_type"]].from_dict(d)
+
+
+# -- the name map -------------------------------------------------------------------------------
+
+_NAME_MAP_LOCK = threading.Lock()
+_NAME_MAPS: dict[tuple, dict[str, str]] = {}
+
+
+@contextlib.contextmanager
+def _gguf_name_maps_memoized():
+    """transformers' ``get_gguf_hf_weights_map`` builds gguf-py's name table again for every module
+    it recurses into: 11-12 s for an 8B llama against 0.05 s with the table built once (the 2-core
+    development machine, 2026-11-28). Memoized for the call only; the results are the same."""
+    import gguf
+
+    real = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(real)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = real
+
+
+def weights_map(hf_model, processor, arch: str) -> dict[str, str]:
+    """GGUF tensor name -> transformers parameter name, by transformers' ``get_gguf_hf_weights_map``
+    for the file's architecture (cached by the model's parameter names)."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    key = (type(processor).__name__, arch, hf_model.config.num_hidden_layers, tuple(hf_model.state_dict()))
+    with _NAME_MAP_LOCK:
+        if key not in _NAME_MAPS:
+            with _gguf_name_maps_memoized():
+                _NAME_MAPS[key] = get_gguf_hf_weights_map(hf_model, processor, model_type=arch)
+            while len(_NAME_MAPS) > 8:
+                _NAME_MAPS.pop(next(iter(_NAME_MAPS)))
+        return _NAME_MAPS[key]
+
+
+# -- state dict -----------------------------------------------------------------------------------
+
+def _parse_device(device) -> tuple[str, int | None]:
+    """("cpu" or "cuda", index or None) of "cuda", "cuda:1", "cpu", an index or a torch.device,
+    without importing torch: a load can start before torch is imported."""
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device.strip()) if isinstance(device, str) else None
+    if m is not None:
+        return m.group(1), None if m.group(2) is None else int(m.group(2))
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return "cuda", device
+    if type(device).__name__ == "device" and getattr(device, "type", None) in ("cpu", "cuda"):
+        return device.type, device.index
+    raise GGUFLabError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+
+
+def _load_target(device) -> tuple[str, int]:
+    """(backend, device index) a load for ``device`` uses, without importing torch: "cuda" alone
+    is torch's current device, which is 0 until torch has set up CUDA."""
+    kind, index = _parse_device(device)
+    if kind == "cpu":
+        return "host", 0
+    if index is None:
+        torch = sys.modules.get("torch")
+        index = torch.cuda.current_device() if torch is not None and torch.cuda.is_initialized() else 0
+    return "cupy", index
+
+
+def _device(device) -> tuple[Any, str, int]:
+    """(torch.device, backend, device index) for a device given as "cuda", "cuda:1", "cpu" or a torch.device."""
+    torch = _deps()
+    kind, index = _parse_device(device)
+    if kind == "cpu":
+        return torch.device("cpu"), "host", 0
+    if not torch.cuda.is_available():
+        raise GGUFLabError(f"device {device!r}: torch sees no GPU here; device='cpu' loads on the host backend")
+    index = index if index is not None else torch.cuda.current_device()
+    return torch.device("cuda", index), "cupy", index
+
+
+def _as_torch(dt: DeviceTensor):
+    """The loaded array as a torch tensor sharing its memory: ``torch.from_numpy`` on the host,
+    DLPack on a GPU."""
+    torch = _deps()
+    if isinstance(dt.array, np.ndarray):
+        t = torch.from_numpy(dt.array)
+        return t.view(torch.bfloat16) if dt.dtype == "bfloat16" else t
+    return dt.to_torch()
+
+
+class _Conversion:
+    """What turning one file into transformers' tensors needs: config, meta model, processor, names."""
+
+    def __init__(self, model: GGUFModel, dtype: str, attn_implementation: str | None = None):
+        torch = _deps()
+        from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        if dtype not in _DTYPES:
+            raise GGUFLabError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        self.steps: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.model, self.dtype, self.torch_dtype = model, dtype, getattr(torch, dtype)
+        self.arch, self.updated = architecture(model)
+        self.config_dict = config_dict(model)
+        self.config = CONFIG_MAPPING[self.config_dict["model_type"]].from_dict(self.config_dict)
+        t1 = time.perf_counter()
+        kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        with torch.device("meta"):
+            self.hf_model = AutoModelForCausalLM.from_config(self.config, dtype=self.torch_dtype, **kw)
+        t2 = time.perf_counter()
+        self.processor = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=self.config_dict)
+        self.names = weights_map(self.hf_model, self.processor, self.arch)
+        t3 = time.perf_counter()
+        self.steps.update(config_s=t1 - t0, meta_model_s=t2 - t1, names_s=t3 - t2)
+        self.wanted = [t.name for t in model.tensors if t.name in self.names]
+
+    def _process(self, name: str, t):
+        r = self.processor.process(weights=t, name=name, tensor_key_mapping=self.names,
+                                   parsed_parameters={"tensors": {}})
+        if r.name != name:
+            raise GGUFLabError(f"{self.model.path}: transformers' {type(self.processor).__name__} renames or consumes "
+                               f"tensor {name!r}; gguf_gpu_lab.hf does not handle that")
+        return r.weights
+
+    def wanted_only(self, result: LoadResult) -> LoadResult:
+        """``result`` without the tensors transformers' model does not take (loaded because the
+        load started before the model named what it takes): their memory goes now."""
+        if all(n in self.names for n in result):
+            return result
+        kept = {n: t for n, t in result.tensors.items() if n in self.names}
+        return dataclasses.replace(result, tensors=kept, out_bytes=sum(t.nbytes for t in kept.values()))
+
+    def state_dict(self, result: LoadResult, backend: str, index: int, load_options: dict,
+                   names: list[str] | None = None) -> dict[str, Any]:
+        """transformers' names -> tensors on the device, the loaded memory reused wherever the
+        transform keeps the shape. A 1-D tensor whose values the processor changes (Gemma's norms:
+        weight - 1) is loaded again in float32 and changed there, as transformers does, then cast.
+        ``names``: these GGUF tensors only (default all the model needs; the export goes by batches)."""
+        torch = _deps()
+        t0 = time.perf_counter()
+        wanted = self.wanted if names is None else names
+        missing = [n for n in wanted if n not in result]
+        if missing:
+            raise GGUFLabError(f"{self.model.path}: the load result lacks {len(missing)} tensors the model needs, "
+                               f"first {missing[0]!r}")
+        out: dict[str, Any] = {}
+        again: list[str] = []
+        with torch.no_grad():
+            for name in wanted:
+                t = _as_torch(result[name])
+                w = self._process(name, t)
+                if w is not t:
+                    if t.ndim == 1 and self.dtype != "float32":
+                        again.append(name)
+                        continue
+                    if w.shape == t.shape:
+                        t.copy_(w)  # back into the loaded buffer: the transform's scratch is freed at once
+                    else:
+                        t = w.contiguous()
+                out[self.names[name]] = t
+            if again:
+                opts = {k: v for k, v in load_options.items() if k != "progress"}
+                r32 = load(self.model, dtype="float32", tensors=again, backend=backend, device=index, **opts)
+                for name in again:
+                    out[self.names[name]] = self._process(name, _as_torch(r32[name])).to(self.torch_dtype)
+        self.steps["transform_s"] = time.perf_counter() - t0
+        return out
+
+
+def _result_device(result: LoadResult) -> int:
+    for dt in result.values():
+        return int(dt.array.device.id)
+    return 0
+
+
+def _finish(hf, dev) -> None:
+    """What ``from_pretrained`` does after filling the weights, by transformers' own code: buffers
+    that are not weights (rotary frequencies, embedding scales) made on the device and computed by
+    ``initialize_weights``, which leaves every loaded parameter as it is; then eval mode."""
+    torch = _deps()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.is_meta:
+                raise GGUFLabError(f"parameter of shape {tuple(p.shape)} was never filled")
+            p._is_hf_initialized = True
+        for mod in hf.modules():
+            for name, buf in list(mod._buffers.items()):
+                if buf is not None and buf.is_meta:
+                    mod._buffers[name] = torch.empty_like(buf, device=dev)
+        hf.initialize_weights()
+    hf.eval()
