@@ -40,7 +40,7 @@ class TensorParallelError(GGUFLabError, RuntimeError):
 
 def file_identity(model: GGUFModel) -> tuple[int, str]:
     """(file size, SHA-256 of the header and tensor table): what every rank must agree on."""
-    return model.file_size, hashlib.sha256(model._bytes[:model.data_offset]).hexdigest()
+    return model.file_size, hashlib.sha256(model.source.read(0, model.data_offset)).hexdigest()
 
 
 def init_distributed(device_type: str, timeout_s: float):
