@@ -264,7 +264,7 @@ def test_named_ranges_for_system_profilers(small_model):
     be = Recording()
     r = load(small_model, chunk_mb=0.5, backend=be)
     n_chunks = len(plan_chunks(list(r[k].info for k in r), int(0.5 * (1 << 20))))
-    assert "allocate outputs" in be.names
+    assert "lanes and scratch" in be.names
     assert sorted(n for n in be.names if n.startswith("read chunk")) == sorted(f"read chunk {i}" for i in range(n_chunks))
     assert sorted(n for n in be.names if n.startswith("queue chunk")) == sorted(f"queue chunk {i}" for i in range(n_chunks))
 

@@ -115,7 +115,10 @@ def test_first_load_prepares_the_kernels_it_launches(small_model, monkeypatch):
     for dtype in ("bfloat16", "float32"):
         r = load(small_model, mode="gpu", dtype=dtype, chunk_mb=0.5, backend="cupy")
         setup = r.profile.df[r.profile.df["lane"] == "setup"]
-        assert set(setup["stage"]) == {"pin staging", "allocate outputs", "kernels"}
+        stages = set(setup["stage"])  # the setup's host work, each stall a span of its own
+        assert {"pin staging", "allocate outputs", "kernels"} <= stages
+        assert stages <= {"plan", "pin staging", "lanes and scratch", "allocate outputs", "kernels", "wait for kernels",
+                          "device clock", "wait for warm-up"}
     assert prepared and qgpu._function.cache_info().currsize == len(set(prepared))
 
 

@@ -1,7 +1,8 @@
 """Queueing on streams: reader threads fill pinned staging slots; the caller's thread queues each
 chunk's copy and kernels as its read finishes, round robin over the lanes, so no reader waits on
-another's Python work. The event after a chunk's copy guards its slot's reuse. Outputs are
-allocated while the first reads run, and before any chunk's copy is queued.
+another's Python work. The event after a chunk's copy guards its slot's reuse. A tensor's output
+is allocated just before the copy of its first chunk is queued, so the first copy waits for no
+other tensor's allocation and the rest are made while copies run.
 
     file --readers--> pinned staging slot --lane k: H2D--> device --lane k: dequant--> output
 
@@ -179,16 +180,17 @@ class Pipeline:
                        for i in range(readers)]
             for th in threads:
                 th.start()
-            with self.backend.range("allocate outputs", 1):
+            # the outputs are allocated as their chunks are queued (_outputs_for), under copies
+            # already running: only the lanes and their scratch come before the first copy
+            with self.backend.range("lanes and scratch", 1):
                 t0 = time.perf_counter_ns()
-                outputs.update(self._alloc_outputs())
                 for site in self.sites:
                     site.lanes = site.backend.lanes(opts.streams)
                     if opts.mode == "gpu":  # quantized bytes land here, per lane, before the kernel expands them
                         site.scratch = [site.backend.empty(site.max_chunk, np.uint8) for _ in site.lanes]
                 if self.cupti is not None:
                     self.cupti.bind(self.sites[0].lanes)
-                self.span("setup", "allocate outputs", -1, "", 0, t0, time.perf_counter_ns())
+                self.span("setup", "lanes and scratch", -1, "", 0, t0, time.perf_counter_ns())
             if kernels is not None:
                 t0 = time.perf_counter_ns()
                 kernels.join()
@@ -212,7 +214,8 @@ class Pipeline:
                 raise self.error
             if self.cancelled.is_set():
                 raise LoadCancelled(f"{self.model.path}: load cancelled")
-            return outputs, total
+            rest = self._alloc_outputs(skip=outputs)  # tensors no chunk carried (none of their bytes to read)
+            return {t.name: outputs.get(t.name) or rest[t.name] for t in self.tensors}, total
         except BaseException as e:
             # a traceback kept alive (a notebook's last error) must not keep device memory: drop
             # the partial outputs, and the locals of the finished frames below this one
@@ -244,11 +247,25 @@ class Pipeline:
                    else max(2, int(opts.staging_mb * (1 << 20) // slot_bytes)))
         return min(n_slots, len(chunks)), slot_bytes
 
-    def _alloc_outputs(self) -> dict[str, DeviceTensor]:
+    def _alloc_outputs(self, skip=()) -> dict[str, DeviceTensor]:
         out: dict[str, DeviceTensor] = {}
         for site in self.sites:
-            out.update(alloc_outputs(site.backend, site.tensors, self.opts.mode, self.opts.dtype, self.cuts))
+            out.update(alloc_outputs(site.backend, [t for t in site.tensors if t.name not in skip], self.opts.mode,
+                                     self.opts.dtype, self.cuts))
         return out
+
+    def _outputs_for(self, c: Chunk, outputs: dict) -> None:
+        """The outputs of a chunk's tensors that are not there yet, allocated on its device just
+        before its copy is queued: the first copy waits for no other tensor's allocation (tens of
+        milliseconds for 16 GB in a first load), and the rest happens while copies run. The
+        whole load's memory was checked against the free memory before anything was read."""
+        new = [p.tensor for p in c.pieces if p.tensor.name not in outputs]
+        if not new:
+            return
+        t0 = time.perf_counter_ns()
+        outputs.update(alloc_outputs(self.sites[c.site].backend, list(dict.fromkeys(new)), self.opts.mode,
+                                     self.opts.dtype, self.cuts))
+        self.span("setup", "allocate outputs", c.index, new[0].name, 0, t0, time.perf_counter_ns())
 
     def _queue_all(self, n_chunks: int, ready_q: queue.Queue, outputs: dict, total: int) -> None:
         """One thread queues every chunk, in the order its read finished, round robin over its
@@ -268,6 +285,7 @@ class Pipeline:
             if switch:
                 site.backend.make_current()
             with rng(f"queue chunk {c.index}", 2):
+                self._outputs_for(c, outputs)
                 evs = self._enqueue(c, lane, data, outputs, site.scratch)
             # the slot is free again once its copy is done (the kernel reads device scratch)
             site.staging.release(slot_i, dict(evs)["h2d"])
