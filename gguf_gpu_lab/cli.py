@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from .errors import GGUFLabError
-from .outputs import check_new, claim_folder, record_folder
+from .outputs import check_new, claim_folder, record_folder, writable_folder
 from .progress import ProgressBar, progress_bar
 
 BENCH_DIR = "gguf-lab-bench"  # under the working directory; the committed results are benchmarks/results
@@ -67,12 +67,7 @@ def _devices(text: str):
 
 def _writable_dir(path: str, flag: str) -> None:
     """Create ``path`` and check that it takes files, before the work whose results go there."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise GGUFLabError(f"{flag} {path}: cannot create the folder ({e.strerror or type(e).__name__})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise GGUFLabError(f"{flag} {path}: cannot write into the folder")
+    writable_folder(path, f"{flag} {path}")
 
 
 def _os_error(e: OSError) -> str:

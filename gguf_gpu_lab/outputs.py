@@ -63,16 +63,23 @@ def _recorded(folder: str) -> set[str]:
         return set()
 
 
+def writable_folder(folder: str, label: str | None = None) -> None:
+    """Create ``folder`` if missing and check that it takes files, before the work whose results go
+    there; errors name it as ``label`` (default the folder itself)."""
+    label = folder if label is None else label
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise GGUFLabError(f"{label}: cannot create the folder ({e.strerror or type(e).__name__})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GGUFLabError(f"{label}: cannot write into the folder")
+
+
 def claim_folder(folder: str, names: Iterable[str], overwrite: bool = False, hint: str = "--overwrite") -> dict:
     """Check, before any work, that the files ``names`` can be written into ``folder`` (made if
     missing): each is new, or one the toolkit wrote there before (listed in ``MANIFEST``), or
     ``overwrite`` is True. Returns {name: path}; call ``record_folder`` once they are written."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise GGUFLabError(f"{folder}: cannot create the folder ({e.strerror or type(e).__name__})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise GGUFLabError(f"{folder}: cannot write into the folder")
+    writable_folder(folder)
     ours = _recorded(folder)
     paths = {n: os.path.join(folder, n) for n in names}
     theirs = [p for n, p in paths.items() if os.path.lexists(p) and n not in ours]

@@ -47,6 +47,9 @@ class StandIn:
             def memGetInfo(self):
                 return 60 << 30, 64 << 30
 
+            def getDeviceCount(self):
+                return 1
+
             def driverGetVersion(self):
                 return 70051831
 

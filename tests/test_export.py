@@ -7,7 +7,6 @@ files the library reads, and every refusal happens before anything is written.
 Needs the hf extra (torch, transformers, accelerate, safetensors): skipped without it, except where CI=true.
 """
 
-import importlib
 import json
 import os
 import random
@@ -16,23 +15,10 @@ from collections import namedtuple
 import numpy as np
 import pytest
 
-
-def _missing() -> list[str]:
-    out = []
-    for name in ("torch", "transformers", "accelerate", "safetensors"):
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            out.append(f"{name} ({e})")
-    return out
+from .needs import require
 
 
-_MISSING = _missing()
-if _MISSING:
-    _WHY = f"not importable: {', '.join(_MISSING)}; the hf extra installs them: pip install -e '.[hf]'"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true, and {_WHY}", pytrace=False)
-    pytest.skip(_WHY, allow_module_level=True)
+require("torch", "transformers", "accelerate", "safetensors")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402

@@ -5,29 +5,15 @@ and the logits of a short input. On the CPU with the host backend; GPU variants 
 Needs the hf extra (torch, transformers, accelerate): skipped without it, except where CI=true.
 """
 
-import importlib
 import os
 
 import numpy as np
 import pytest
 
-
-def _missing() -> list[str]:
-    out = []
-    for name in ("torch", "transformers", "accelerate"):
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            out.append(f"{name} ({e})")
-    return out
+from .needs import require
 
 
-_MISSING = _missing()
-if _MISSING:
-    _WHY = f"not importable: {', '.join(_MISSING)}; the hf extra installs them: pip install -e '.[hf]'"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true, and {_WHY}", pytrace=False)
-    pytest.skip(_WHY, allow_module_level=True)
+require("torch", "transformers", "accelerate")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402

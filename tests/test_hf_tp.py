@@ -16,7 +16,6 @@ every supported architecture (tests/tp_worker.py does the work on each rank):
 Needs the hf extra; skipped without it, except where CI=true.
 """
 
-import importlib
 import json
 import os
 import socket
@@ -25,22 +24,10 @@ import sys
 
 import pytest
 
-
-def _missing() -> list[str]:
-    out = []
-    for name in ("torch", "transformers", "accelerate"):
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            out.append(f"{name} ({e})")
-    return out
+from .needs import require
 
 
-if _missing():
-    _WHY = f"not importable: {', '.join(_missing())}; the hf extra installs them: pip install -e '.[hf]'"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true, and {_WHY}", pytrace=False)
-    pytest.skip(_WHY, allow_module_level=True)
+require("torch", "transformers", "accelerate")
 
 from gguf_gpu_lab import hf  # noqa: E402
 from gguf_gpu_lab.tools.synth import synth  # noqa: E402

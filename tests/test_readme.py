@@ -71,13 +71,13 @@ def test_the_gpu_only_benchmark_list_is_complete(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     sentence = re.search(r"`bench`, [^.]*? need a\s+GPU", TEXT).group(0)
     named = set(re.findall(r"`(bench(?: --[a-z0-9-]+)?)`", sentence))
-    for flag in ["", "--cpu", "--dequant", "--open", "--e2e", "--hf", "--multi-gpu"]:
-        if flag in ("--cpu", "--open"):
+    for flag in ["", "--cpu", "--dequant", "--open", "--e2e", "--hf", "--multi-gpu", "--first", "--export", "--tp"]:
+        if flag in ("--cpu", "--open", "--export", "--tp"):
             continue  # they run (and are named as running anywhere)
         assert main(["bench", *([flag] if flag else [])]) == 2
         assert "needs a GPU" in capsys.readouterr().err
         assert ("bench " + flag).strip() in named, flag
-    assert "`bench --cpu` and `bench --open` run anywhere" in TEXT
+    assert "`bench --cpu`, `bench --open`, `bench --export` and `bench --tp` run anywhere" in TEXT
 
 
 def test_headline_rows_name_their_machine_and_transformers_version():

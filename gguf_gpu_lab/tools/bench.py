@@ -31,6 +31,16 @@ def _best_of(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
+def package_version(name: str) -> str | None:
+    """An installed distribution's version, or None where it is not installed."""
+    from importlib.metadata import version
+
+    try:
+        return version(name)
+    except Exception:
+        return None
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or ""
     try:
@@ -41,19 +51,12 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    from importlib.metadata import version
-
-    def v(name):
-        try:
-            return version(name)
-        except Exception:
-            return None
 
     from .. import __version__
 
     return {
         "host": socket.gethostname(), "cpu": cpu, "cores": quant.default_threads(),
-        "python": platform.python_version(), "numpy": np.__version__, "gguf": v("gguf"),
+        "python": platform.python_version(), "numpy": np.__version__, "gguf": package_version("gguf"),
         "gguf_gpu_lab": __version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

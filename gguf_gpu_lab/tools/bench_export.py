@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from .bench import bench_model, machine_info, save_result
+from .bench import bench_model, machine_info, package_version, save_result
 
 TEXT = "The capital of France is Paris; \u00e9t\u00e9, \u4e2d\u6587, <tok100> and   spaces."
 
@@ -212,7 +212,7 @@ def bench_export(model_path: str | None = None, params: str = "8B", mix: str = "
 
             info = device_info()
         res = {"benchmark": "export", "machine": machine_info(), "device": info, "torch": torch.__version__,
-               "transformers": _version("transformers"), "safetensors": _version("safetensors"), "dtype": dtype,
+               "transformers": package_version("transformers"), "safetensors": package_version("safetensors"), "dtype": dtype,
                "budget_bytes": budget_bytes,
                "model": {"path": os.path.basename(path), "file_bytes": os.path.getsize(path), "synth": synth_info},
                "targets": {"vs_disk_at_least": 0.8, "peak_rss_at_most_bytes": budget_bytes + 10**9}}
@@ -237,15 +237,6 @@ def bench_export(model_path: str | None = None, params: str = "8B", mix: str = "
             "vs_disk": res["ratio_to_disk"] >= res["targets"]["vs_disk_at_least"],
             "peak_rss": res["export"]["peak_rss_bytes"] <= res["targets"]["peak_rss_at_most_bytes"]}
         return res
-
-
-def _version(name: str) -> str | None:
-    from importlib.metadata import version
-
-    try:
-        return version(name)
-    except Exception:
-        return None
 
 
 def format_export(res: dict) -> str:

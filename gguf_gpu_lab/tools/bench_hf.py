@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 
-from .bench import bench_model, machine_info, save_result
+from .bench import bench_model, machine_info, package_version, save_result
 
 
 def _sync(device) -> None:
@@ -85,7 +85,7 @@ def bench_hf(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K
 
             info = device_info()
         res = {"benchmark": "hf", "machine": machine_info(), "device": info, "torch": torch.__version__,
-               "transformers": _version("transformers"), "dtype": dtype, "repeat": repeat,
+               "transformers": package_version("transformers"), "dtype": dtype, "repeat": repeat,
                "model": {"path": os.path.basename(model_path), "file_bytes": os.path.getsize(model_path),
                          "synth": synth_info},
                "targets": {"vs_transformers_at_least": 100.0, "vs_load_at_most": 1.5}}
@@ -133,15 +133,6 @@ def bench_hf(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K
         del model
         _free_device_pools(dev)
         return res
-
-
-def _version(name: str) -> str | None:
-    from importlib.metadata import version
-
-    try:
-        return version(name)
-    except Exception:
-        return None
 
 
 def format_hf(res: dict) -> str:
