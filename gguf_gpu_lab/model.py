@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from . import naming, quant
 from .errors import GGUFLabError, ModelNotFoundError, TensorNotFoundError
-from .header import Field, Header
+from .header import Field, read_header
 from .source import ByteSource, open_source
 
 _ARRAY_SUMMARY_LEN = 8  # metadata arrays longer than this are summarised
@@ -72,7 +72,7 @@ class GGUFModel:
     def __init__(self, path: "str | os.PathLike | ByteSource"):
         source = open_source(path)
         try:
-            self._header = Header(source.header(), source.name)
+            self._header = read_header(source)
         except BaseException:
             source.close()
             raise

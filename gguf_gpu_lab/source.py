@@ -56,8 +56,9 @@ class ByteSource:
     def check(self) -> None:
         """Raise ``SourceChangedError`` when the bytes may have changed since the source was opened."""
 
-    def header(self):
-        """A buffer the header parser reads (the whole file, for a local one)."""
+    def header(self, want: int = 0):
+        """A buffer the header parser reads: the whole file (a local one), or a prefix of at
+        least ``want`` bytes (a remote one; ``header.read_header`` asks for more as it needs)."""
         raise NotImplementedError
 
     def _release(self) -> None:
@@ -159,7 +160,7 @@ class LocalFile(ByteSource):
     def mappable(self) -> bool:
         return not self._closing
 
-    def header(self):
+    def header(self, want: int = 0):
         return self._mapping
 
     def check(self) -> None:
@@ -213,8 +214,15 @@ def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) + f".{ns % 10**9 // 10**6:03d}"
 
 
-def open_source(where: "str | os.PathLike | ByteSource") -> ByteSource:
-    """The source for a path (or a source, as it is)."""
+def open_source(where: "str | os.PathLike | ByteSource", **remote) -> ByteSource:
+    """The source for a path, a URL (``http(s)://``, ``hf://``, an fsspec URL; ``remote``: its
+    ``cache`` and ``token``, see ``remote.open_remote``), or a source, as it is."""
     if isinstance(where, ByteSource):
         return where
+    from .remote import is_url, open_remote
+
+    if is_url(where):
+        return open_remote(where, **remote)
+    if isinstance(where, str) and where.startswith("file://"):
+        where = where[len("file://"):]
     return LocalFile(where)

@@ -1,0 +1,402 @@
+"""Remote byte sources: a GGUF file over HTTP(S), on the Hugging Face Hub, or in an fsspec store.
+
+Each is a ``ByteSource`` (source.py): the header parser, ``GGUFModel.raw`` and the loader's reader
+threads read through it as they read a local file, and do not know the difference.
+
+- ``HTTPSource``: ranged ``GET`` requests, one connection per concurrent reader (a pool of
+  ``requests`` sessions: a session is not shared by two threads at once), retried with bounded
+  backoff on resets, timeouts, 5xx and 429, resuming where the broken response stopped. Every
+  response is checked against what was opened: its total size (``Content-Range``) and ETag; a
+  difference is a ``SourceChangedError``. A server that answers a range with the whole file is an
+  error that says so.
+- ``hub_source``: ``hf://ORG/REPO/FILE.gguf[@REVISION]`` through ``huggingface_hub`` (its token,
+  ``HF_ENDPOINT``, its URL for a file), the revision resolved to a commit at open, so the bytes
+  cannot change under a load; gated, 401/403 and 404 answers as one line naming the file.
+- ``FsspecSource``: any other ``scheme://`` that fsspec has a backend for (``s3://``, ``gs://``,
+  ``memory://``...), through its stateless ``cat_file(path, start, end)`` (fsspec file objects are
+  not thread-safe).
+
+The header comes from a prefix: 1 MiB first, then the bytes the parser asks for plus 1 MiB, so an
+open fetches at most the header and 1 MiB more. Tokens and signed query strings are never shown:
+names and errors carry the URL without credentials or query.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import threading
+import time
+import urllib.parse
+
+import numpy as np
+
+from .errors import GGUFFormatError, GGUFLabError, RemoteError, RemoteNotFoundError, SourceChangedError
+from .source import ByteSource
+
+HEADER_STEP = 1 << 20  # the first header fetch, and how far past the parser's need each later one goes
+READ_BLOCK = 1 << 20  # a response body is read in blocks of this size
+RETRIES = 6  # attempts in a row without progress before a range fails
+BACKOFF_S = (0.05, 2.0)  # first wait after a failure, and the most any wait grows to
+TIMEOUT_S = (10.0, 60.0)  # connect, and between two bytes of a response
+_URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_url(where) -> bool:
+    """Whether ``where`` names a remote file (``scheme://...``; ``file://`` is local)."""
+    return isinstance(where, str) and bool(_URL_RE.match(where)) and not where.startswith("file://")
+
+
+def redact(url: str) -> str:
+    """``url`` without user, password and query string (where tokens and signatures live)."""
+    u = urllib.parse.urlsplit(url)
+    host = u.hostname or ""
+    if u.port:
+        host += f":{u.port}"
+    return urllib.parse.urlunsplit((u.scheme, host, u.path, "", ""))
+
+
+class RemoteSource(ByteSource):
+    """What every remote source shares: the growing header prefix and byte counters.
+    Subclasses implement ``_fetch(offset, view)`` (exactly ``len(view)`` bytes into ``view``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._prefix = bytearray()
+        self._prefix_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self.bytes_fetched = 0  # every byte received, header included (for tests and benchmarks)
+
+    def header(self, want: int = 0):
+        """A prefix of at least ``want`` bytes (1 MiB at first), grown by the missing range only."""
+        with self._prefix_lock:
+            have = len(self._prefix)
+            if have == 0 or want > have:
+                target = min(self.size, max(want, have) + HEADER_STEP) if have else min(self.size, HEADER_STEP)
+                more = np.empty(target - have, np.uint8)
+                self.read_into(have, more)
+                self._prefix += more.tobytes()
+            return bytes(self._prefix)
+
+    def read_into(self, offset: int, dst: np.ndarray) -> None:
+        n = dst.nbytes
+        self._bounds(offset, n)
+        if self._closing and self._users == 0:
+            raise GGUFLabError(f"{self.name}: model is closed")
+        if n:
+            self._fetch(offset, memoryview(dst).cast("B"))
+
+    def _count(self, n: int) -> None:
+        with self._count_lock:
+            self.bytes_fetched += n
+
+    def _fetch(self, offset: int, view: memoryview) -> None:
+        raise NotImplementedError
+
+
+def _backoff(attempt: int) -> float:
+    return min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** attempt)
+
+
+def _norm_etag(etag: str | None) -> str | None:
+    if not etag:
+        return None
+    etag = etag.strip()
+    return (etag[2:] if etag.startswith("W/") else etag).strip('"')
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class _Retry(Exception):
+    """A failure worth another attempt (a reset, a timeout, a 5xx); ``why`` says which."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+class HTTPSource(RemoteSource):
+    """A file over HTTP(S), read in ranges (see the module's docstring).
+
+    Args:
+        url: the file's URL (credentials in it are used, never shown).
+        headers: sent with every request (an ``Authorization`` header, say); never shown.
+        name: what errors call it (default: the URL without credentials and query).
+        hint: added to 401/403 errors (the Hub's: a token may be needed).
+        identity: what the bytes are, when the caller knows better (the Hub's commit).
+    """
+
+    def __init__(self, url: str, *, headers: dict | None = None, name: str | None = None, hint: str = "",
+                 identity: tuple | None = None):
+        super().__init__()
+        import requests  # the remote extra: imported when a URL is opened, not with the package
+
+        self._requests = requests
+        self.url = url
+        self.name = name or redact(url)
+        self._headers = {"Accept-Encoding": "identity", **(headers or {})}
+        self._hint = hint
+        self._pool: queue.SimpleQueue = queue.SimpleQueue()  # idle sessions: one per concurrent reader
+        self._sessions: list = []
+        self.size = -1
+        self._etag: str | None = None
+        try:
+            # one byte tells the size (Content-Range), the ETag, and whether ranges are served
+            with self._session() as s, self._get(s, 0, 1, probe=True) as r:
+                self._etag = _norm_etag(r.headers.get("ETag"))
+                self.size = self._total(r)
+                self._count(len(r.content))
+        except BaseException:
+            self._release()
+            raise
+        if self.size == 0:
+            raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.name)
+        self.identity = identity or ("http", self.name, self._etag or r.headers.get("Last-Modified"), self.size)
+
+    # -- requests --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _session(self):
+        """A session of this thread's alone for the duration; dropped (its connection closed)
+        after a failure, so that a broken connection is never reused."""
+        try:
+            s = self._pool.get_nowait()
+        except queue.Empty:
+            s = self._requests.Session()
+            with self._lock:
+                self._sessions.append(s)
+        ok = False
+        try:
+            yield s
+            ok = True
+        finally:
+            if ok and not self._closing:
+                self._pool.put(s)
+            else:
+                s.close()
+                with self._lock:
+                    if s in self._sessions:
+                        self._sessions.remove(s)
+
+    def _get(self, s, offset: int, n: int, probe: bool = False):
+        """The response to a GET of [offset, offset + n) after its status is checked; ``_Retry``
+        for what another attempt may cure, ``RemoteError`` for what it will not."""
+        rq = self._requests
+        hdr = {**self._headers, "Range": f"bytes={offset}-{offset + n - 1}"}
+        try:
+            r = s.get(self.url, headers=hdr, stream=True, timeout=TIMEOUT_S)
+        except (rq.ConnectionError, rq.Timeout) as e:
+            raise _Retry(type(e).__name__) from None
+        except rq.RequestException as e:
+            raise RemoteError(f"{self.name}: request failed ({type(e).__name__})") from None
+        code = r.status_code
+        if code == 206:
+            return r
+        r.close()
+        if code >= 500 or code == 429:
+            raise _Retry(f"HTTP {code}")
+        if code == 200:
+            raise RemoteError(f"{self.name}: the server ignored the Range header (it answered a request for "
+                              f"bytes [{offset}, {offset + n}) with the whole file, HTTP 200): it cannot be read "
+                              "in ranges")
+        if code == 404:
+            raise RemoteNotFoundError(f"{self.name}: not found (HTTP 404)")
+        if code in (401, 403):
+            raise RemoteError(f"{self.name}: access denied (HTTP {code}){self._hint}")
+        if code == 416 and probe:  # an empty file has no byte 0
+            self.size = 0
+            raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.name)
+        raise RemoteError(f"{self.name}: HTTP {code} for bytes [{offset}, {offset + n})")
+
+    def _total(self, r) -> int:
+        m = _CONTENT_RANGE.fullmatch(r.headers.get("Content-Range", "").strip())
+        if m is None or m.group(3) == "*":
+            raise RemoteError(f"{self.name}: a ranged answer without the file's size (Content-Range: "
+                              f"{r.headers.get('Content-Range')!r})")
+        return int(m.group(3))
+
+    def _same(self, r, offset: int, n: int) -> None:
+        """The response is of the file that was opened, and of the bytes asked for."""
+        total = self._total(r)
+        if total != self.size:
+            raise SourceChangedError(self.name, f"its size went from {self.size} to {total} bytes")
+        etag = _norm_etag(r.headers.get("ETag"))
+        if self._etag is not None and etag is not None and etag != self._etag:
+            raise SourceChangedError(self.name, f"its ETag went from {self._etag!r} to {etag!r}")
+        m = _CONTENT_RANGE.fullmatch(r.headers["Content-Range"].strip())
+        if (int(m.group(1)), int(m.group(2))) != (offset, offset + n - 1):
+            raise RemoteError(f"{self.name}: asked for bytes [{offset}, {offset + n}), got "
+                              f"{r.headers['Content-Range']!r}")
+
+    def _fetch(self, offset: int, view: memoryview) -> None:
+        """Exactly ``len(view)`` bytes; a broken response is resumed where it stopped, after a
+        wait that doubles with each failure in a row (``RETRIES`` failures in a row fail)."""
+        got, failures, n = 0, 0, len(view)
+        while got < n:
+            try:
+                with self._session() as s:
+                    r = self._get(s, offset + got, n - got)
+                    with r:
+                        self._same(r, offset + got, n - got)
+                        got = self._body(r, view, got)
+                failures = 0
+            except _Retry as e:
+                failures += 1
+                if failures >= RETRIES:
+                    raise RemoteError(f"{self.name}: bytes [{offset + got}, {offset + n}) failed {failures} times "
+                                      f"in a row (last: {e.why})") from None
+                time.sleep(_backoff(failures - 1))
+            if self._closing and self._users == 0:
+                raise GGUFLabError(f"{self.name}: model is closed")
+
+    def _body(self, r, view: memoryview, got: int) -> int:
+        """Read a response's body into ``view`` from ``got``; returns how far it got (a short
+        body raises ``_Retry`` after keeping what came)."""
+        raw = r.raw
+        end = len(view)
+        try:
+            while got < end:
+                block = raw.read(min(READ_BLOCK, end - got), decode_content=False)
+                if not block:
+                    break
+                view[got:got + len(block)] = block
+                got += len(block)
+                self._count(len(block))
+        except Exception as e:  # urllib3's ProtocolError, IncompleteRead, a reset: keep what came, go on
+            raise _Retry(type(e).__name__) from None
+        if got < end:
+            raise _Retry(f"the response ended after {got} of {end} bytes")
+        return got
+
+    def _release(self) -> None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for s in sessions:
+            s.close()
+
+
+def parse_hf(url: str) -> tuple[str, str, str | None]:
+    """``hf://ORG/REPO/PATH/FILE.gguf[@REVISION]`` as (repo id, file, revision or None)."""
+    rest = url[len("hf://"):]
+    rev = None
+    if "@" in rest:
+        rest, rev = rest.rsplit("@", 1)
+    parts = rest.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise GGUFLabError(f"{url}: an hf:// URL names ORG/REPO/FILE.gguf (optionally @REVISION)")
+    return "/".join(parts[:2]), "/".join(parts[2:]), rev
+
+
+def hub_source(url: str, token: "str | bool | None" = None) -> HTTPSource:
+    """The source of ``hf://ORG/REPO/FILE.gguf[@REVISION]``: resolved to a commit through
+    ``huggingface_hub`` (its token unless ``token`` is given, its ``HF_ENDPOINT``), then read in
+    ranges at that commit."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import errors as hfe
+    from huggingface_hub.utils import build_hf_headers
+
+    repo, filename, rev = parse_hf(url)
+    name = url
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: the hub reads it once, at import
+    hint = "; the repository may be gated or private: log in (`hf auth login`) or set HF_TOKEN"
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo, filename, revision=rev, endpoint=endpoint), token=token,
+                                    endpoint=endpoint)
+    except hfe.GatedRepoError:
+        raise RemoteError(f"{name}: the repository {repo} is gated: accept its terms on the Hub, then log in "
+                          "(`hf auth login`) or set HF_TOKEN") from None
+    except (hfe.RepositoryNotFoundError, hfe.RevisionNotFoundError, hfe.EntryNotFoundError) as e:
+        what = {"RevisionNotFoundError": f"revision {rev!r}", "RepositoryNotFoundError": f"repository {repo}"}.get(
+            type(e).__name__, f"file {filename}")
+        extra = hint if type(e).__name__ == "RepositoryNotFoundError" else ""
+        raise RemoteNotFoundError(f"{name}: {what} not found{extra}") from None
+    except hfe.HfHubHTTPError as e:
+        code = getattr(getattr(e, "response", None), "status_code", None)
+        raise RemoteError(f"{name}: the Hub answered HTTP {code}{hint if code in (401, 403) else ''}") from None
+    except OSError as e:  # the connection itself
+        raise RemoteError(f"{name}: cannot reach the Hub ({type(e).__name__})") from None
+    if not meta.commit_hash:
+        raise RemoteError(f"{name}: the Hub gave no commit for the file (no X-Repo-Commit header)")
+    # at the commit, not the branch: a push during the load cannot change the bytes
+    at_commit = hf_hub_url(repo, filename, revision=meta.commit_hash, endpoint=endpoint)
+    src = HTTPSource(at_commit, headers=build_hf_headers(token=token), name=name, hint=hint,
+                     identity=("hf", repo, filename, meta.commit_hash, meta.etag, meta.size))
+    if meta.size is not None and src.size != meta.size:
+        src.close()
+        raise SourceChangedError(name, f"the Hub said {meta.size} bytes, the file has {src.size}")
+    src.repo, src.filename, src.revision, src.commit, src.etag = repo, filename, rev, meta.commit_hash, meta.etag
+    return src
+
+
+class FsspecSource(RemoteSource):
+    """A file in an fsspec store (``s3://``, ``gs://``, ``memory://``...), read with the stateless
+    ``cat_file(path, start, end)``; its identity (ETag, generation or modification time, and
+    size) is checked at open, before and after a load."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        try:
+            import fsspec
+        except ImportError:
+            raise GGUFLabError(f"{redact(url)}: reading {url.split(':', 1)[0]}:// URLs needs fsspec "
+                               "(pip install 'gguf-gpu-lab[remote]') and its backend for the scheme") from None
+        self.name = redact(url)
+        try:
+            self.fs, self.fpath = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as e:
+            raise GGUFLabError(f"{self.name}: no fsspec backend for this URL ({e})") from None
+        self.identity = self._stat()
+        self.size = self.identity[-1]
+        if self.size == 0:
+            raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.name)
+
+    def _stat(self) -> tuple:
+        try:
+            info = self.fs.info(self.fpath)
+        except FileNotFoundError:
+            raise RemoteNotFoundError(f"{self.name}: not found") from None
+        except PermissionError:
+            raise RemoteError(f"{self.name}: access denied") from None
+        tag = next((info[k] for k in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created")
+                    if info.get(k) is not None), None)
+        return ("fsspec", self.name, str(tag) if tag is not None else None, int(info["size"]))
+
+    def check(self) -> None:
+        now = self._stat()
+        if now != self.identity:
+            raise SourceChangedError(self.name, f"it was {self.identity[2:]} (tag, size), it is {now[2:]}")
+
+    def _fetch(self, offset: int, view: memoryview) -> None:
+        for failures in range(RETRIES):
+            try:
+                data = self.fs.cat_file(self.fpath, start=offset, end=offset + len(view))
+                break
+            except (ConnectionError, TimeoutError) as e:  # fsspec backends retry too; this bounds the rest
+                if failures == RETRIES - 1:
+                    raise RemoteError(f"{self.name}: bytes [{offset}, {offset + len(view)}) failed "
+                                      f"{RETRIES} times ({type(e).__name__})") from None
+                time.sleep(_backoff(failures))
+        if len(data) != len(view):
+            raise SourceChangedError(self.name, f"asked for {len(view)} bytes at offset {offset}, got {len(data)}")
+        view[:] = data
+        self._count(len(data))
+
+
+def open_remote(url: str, *, cache=None, token=None) -> ByteSource:
+    """The source of a URL: ``http(s)://``, ``hf://`` or an fsspec URL; with ``cache`` (a path,
+    or ``"hf"`` for the Hugging Face cache) a source that writes what it reads to disk and is a
+    local file once complete (see ``remote_cache``)."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("http", "https"):
+        src = HTTPSource(url)
+    elif scheme == "hf":
+        src = hub_source(url, token)
+    else:
+        src = FsspecSource(url)
+    if cache is None:
+        return src
+    from .remote_cache import cached
+
+    return cached(src, cache)
