@@ -400,3 +400,21 @@ def open_remote(url: str, *, cache=None, token=None) -> ByteSource:
     from .remote_cache import cached
 
     return cached(src, cache)
+
+
+def fetch_lanes(profile):
+    """Per connection (a reader thread's lane) of a streamed load's profile: bytes fetched, busy
+    time and GB/s while busy; a reader's "read" spans are its ranged requests."""
+    import pandas as pd
+
+    from .profiler import union_us
+
+    df = profile.df
+    reads = df[df["lane"].str.startswith("reader") & (df["stage"] == "read")]
+    rows = []
+    for lane, g in reads.groupby("lane", sort=False):
+        busy = union_us(g["start_us"].tolist(), g["end_us"].tolist())
+        rows.append({"lane": lane, "requests": len(g), "bytes": int(g["bytes"].sum()), "busy_us": busy,
+                     "gb_s": g["bytes"].sum() / busy / 1e3 if busy else float("nan")})
+    out = pd.DataFrame(rows, columns=["lane", "requests", "bytes", "busy_us", "gb_s"])
+    return out.sort_values("lane", key=lambda s: s.str.extract(r"(\d+)$")[0].astype(int)).reset_index(drop=True)

@@ -51,11 +51,13 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
          readers: int | None = None, staging_mb: float | None = None, order="file", tensors=None,
          device: "int | Sequence[int] | str" = 0, placement=None,
          progress: Callable[[int, int, str], object] | None = None, profile: bool | str = True,
-         backend: str | Backend = "auto", cancel: threading.Event | None = None, read: str = "mmap") -> LoadResult:
+         backend: str | Backend = "auto", cancel: threading.Event | None = None, read: str = "mmap",
+         cache=None) -> LoadResult:
     """Load tensors of a GGUF model onto the device.
 
     Args:
-        path_or_model: a path or an open ``GGUFModel``.
+        path_or_model: a path, a URL (``http(s)://``, ``hf://``, ``s3://``...: read in ranged
+            requests by the reader threads, one connection each) or an open ``GGUFModel``.
         mode: "gpu" (quantized bytes uploaded, dequantized on the GPU), "raw" (uploaded and kept
             quantized), "cpu" (dequantized on the CPU by the reader threads, then uploaded) or
             "sequential" (one tensor at a time, synchronously: the baseline).
@@ -85,6 +87,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             ``cupti-python``) records when each copy and kernel really ran, on a ``copy engine``
             and a ``kernels`` lane; False records nothing.
         backend: "auto", "cupy", "host" or a backend object.
+        cache: for a URL, a path (or ``"hf"``, the Hugging Face cache) that the bytes are written
+            to as they stream, so that the next open is local (see ``remote_cache``).
 
     Example:
         >>> r = load("model.gguf", mode="gpu", dtype="float16")   # without a GPU, on the host backend
@@ -111,7 +115,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
 
         bar = progress = ProgressBar(f"load ({mode})")
     # a path is parsed once per process (and again only if the file changes): reloads reuse it
-    model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
+    model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(
+        path_or_model, **({} if cache is None else {"cache": cache}))
     try:
         chosen = select(model.tensors, tensors, order)
         where = plan_placement(chosen, devices, backends, opts.mode, opts.dtype, placement, opts.streams,

@@ -106,6 +106,7 @@ def etag_of(path: str) -> str:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: one connection serves a reader's requests
+    disable_nagle_algorithm = True  # else a small body waits for the client's delayed ACK (40 ms)
 
     def log_message(self, *args) -> None:  # quiet
         pass
