@@ -98,9 +98,10 @@ def _hf_paths(src: RemoteSource):
         os.makedirs(os.path.dirname(link), exist_ok=True)
         if not os.path.lexists(link):
             os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
-        if src.revision and src.revision != src.commit:
-            os.makedirs(os.path.join(storage, "refs"), exist_ok=True)
-            with open(os.path.join(storage, "refs", src.revision), "w") as f:
+        rev = src.revision or "main"  # huggingface_hub's default revision
+        if rev != src.commit:  # a branch or tag: which commit it named when read
+            os.makedirs(os.path.dirname(os.path.join(storage, "refs", rev)), exist_ok=True)
+            with open(os.path.join(storage, "refs", rev), "w") as f:
                 f.write(src.commit)
 
     if os.path.isfile(blob) and not os.path.lexists(link):
