@@ -182,11 +182,12 @@ def cmd_check(path: str, max_problems: int) -> int:
 
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[str] | None,
               model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
-              hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B") -> int:
+              hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
+              remote: bool = False, connections: int = 16, rate_gbps: float = 1.0) -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
-                                    ("--hf", hf), ("--multi-gpu", multi_gpu)) if on]
+                                    ("--hf", hf), ("--multi-gpu", multi_gpu), ("--remote", remote)) if on]
     if len(chosen) > 1:
         raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, or none (the "
                            f"loader); got {' '.join(chosen)}")
@@ -201,7 +202,12 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int, types: list[
         _writable_dir(os.path.dirname(os.path.abspath(out)), "--out")
     else:
         _writable_dir(out_dir, "--out-dir")
-    if multi_gpu:
+    if remote:
+        from .tools.bench_remote import bench_remote, format_remote
+
+        res = bench_remote(model_path, params=params, connections=connections, rate_gbps=rate_gbps)
+        print(format_remote(res))
+    elif multi_gpu:
         from .tools.bench_multi import bench_multi, format_multi
 
         res = bench_multi(model_path, params=params, big_params=big_params)
@@ -385,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every GPU of the host in one run: pinned H2D alone and together, the page-cache copy "
                         "ceiling while all copy, one GPU against all on the 8B file, and a 70B Q4_K_M file (~40 GB, "
                         "written and deleted) to float16 over all GPUs, sampled tensors checked against gguf-py")
+    s.add_argument("--remote", action="store_true",
+                   help="load over HTTP from a local server against its raw ranged transfer of the same bytes with "
+                        "the same connections, unthrottled and at --rate-gbps, and against the local load")
+    s.add_argument("--connections", type=_whole(1, 256), default=16,
+                   help="--remote: connections (reader threads), 1-256 (default 16)")
+    s.add_argument("--rate-gbps", type=float, default=1.0,
+                   help="--remote: the throttled server's GB/s, 0.001-1000 (default 1)")
     s.add_argument("--big-params", default="70B",
                    help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
     s.add_argument("--out", help="write the JSON result to this file (default: a dated file in --out-dir)")
@@ -428,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
                              args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
-                             None if args.big_params.lower() == "none" else args.big_params)
+                             None if args.big_params.lower() == "none" else args.big_params, args.remote,
+                             args.connections, args.rate_gbps)
         if args.command == "fuzz":
             return cmd_fuzz(args.cases, args.seed, args.out)
         if args.command == "demo":

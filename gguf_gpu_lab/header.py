@@ -114,7 +114,10 @@ def read_header(source) -> "Header":
         try:
             return Header(buf, source.name, size=source.size)
         except NeedMore as e:
-            buf = source.header(e.want)
+            had, buf = len(buf), source.header(e.want)
+            if len(buf) <= had:  # a source that cannot give more would loop forever
+                raise GGUFFormatError(f"the header needs {e.want} bytes; the source gave {len(buf)}",
+                                      path=source.name) from None
 
 
 class Header:
@@ -151,7 +154,7 @@ class Header:
 
     def _more(self, end: int) -> None:
         """Ask for a longer prefix when byte ``end - 1`` is in the file but not in hand."""
-        if end > self._have:
+        if end > self._have and self._have < self.size:  # the whole file in hand: bounds checks speak
             raise NeedMore(min(end, self.size))
 
     def _u32(self, off: int, what: str) -> int:

@@ -280,3 +280,40 @@ def test_streamed_load_overlaps_the_transfer(tmp_path):
     assert r["identical_to_local"]
     serial = 1 + r["local_load_s"] / r["transfer_s"]
     assert r["load_over_transfer"] < min(1.2, serial), r
+
+
+def _parse_by_prefix(data: bytes, step: int):
+    """``read_header`` over a source that hands out prefixes ``step`` bytes past what is asked."""
+    class Prefix:
+        name, size = "fuzzed.gguf", len(data)
+
+        def __init__(self):
+            self.have = 0
+
+        def header(self, want=0):
+            self.have = min(self.size, max(want, self.have) + step)
+            return data[:self.have]
+
+    return read_header(Prefix())
+
+
+def test_prefix_parse_agrees_with_the_whole_file_on_mutations():
+    """Mutated files (the fuzzer's): parsed from growing prefixes they give the same header or
+    the same error as parsed whole; never a loop, never another answer."""
+    from gguf_gpu_lab.errors import GGUFFormatError
+    from gguf_gpu_lab.tools.fuzz import layout, mutate, seed_file
+
+    seed = seed_file()
+    lay = layout(seed)
+    rng = np.random.Generator(np.random.SFC64(19))
+    for i in range(150):
+        kind, data = mutate(seed, lay, rng)
+        outcomes = []
+        for step in (len(data), 37, 4096):
+            try:
+                h = _parse_by_prefix(data, step) if step != len(data) else Header(data, "fuzzed.gguf")
+                outcomes.append(("ok", [(t.name, t.dims, t.type_id, t.rel_offset) for t in h.tensors], h.data_offset,
+                                 [(f.key, f.type, f.end) for f in h.fields.values()]))
+            except GGUFFormatError as e:
+                outcomes.append(("error", str(e)))
+        assert outcomes[1] == outcomes[0] and outcomes[2] == outcomes[0], (i, kind, outcomes)

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from ..errors import GGUFLabError
 from .bench import bench_model, machine_info
 
 TARGETS = {"unthrottled": 1.1, "throttled": 1.05}  # load wall time / transfer time, on the GPU
@@ -119,13 +120,13 @@ def bench_remote(model_path: str | None = None, params: str = "8B", mix: str = "
                  repeat: int = 3, chunk_mb: float = 16.0) -> dict:
     """The benchmark's JSON result (see the module's docstring)."""
     if not 1 <= connections <= 256:
-        raise ValueError(f"connections must be between 1 and 256, got {connections}")
+        raise GGUFLabError(f"connections must be between 1 and 256, got {connections}")
     if not 0.001 <= rate_gbps <= 1000:
-        raise ValueError(f"rate_gbps must be between 0.001 and 1000, got {rate_gbps}")
+        raise GGUFLabError(f"rate_gbps must be between 0.001 and 1000, got {rate_gbps}")
     if not 0.0625 <= chunk_mb <= 1024:
-        raise ValueError(f"chunk_mb must be between 0.0625 and 1024, got {chunk_mb}")
+        raise GGUFLabError(f"chunk_mb must be between 0.0625 and 1024, got {chunk_mb}")
     if not 1 <= repeat <= 100:
-        raise ValueError(f"repeat must be between 1 and 100, got {repeat}")
+        raise GGUFLabError(f"repeat must be between 1 and 100, got {repeat}")
     from ..device import get_backend
 
     with bench_model(model_path, params, mix) as (path, synth_info):
