@@ -9,7 +9,7 @@ threads read through it as they read a local file, and do not know the differenc
   response is checked against what was opened: its total size (``Content-Range``) and ETag; a
   difference is a ``SourceChangedError``. A server that answers a range with the whole file is an
   error that says so.
-- ``hub_source``: ``hf://ORG/REPO/FILE.gguf[@REVISION]`` through ``huggingface_hub`` (its token,
+- ``remote_hub.hub_source``: ``hf://ORG/REPO/FILE.gguf[@REVISION]`` through ``huggingface_hub`` (its token,
   ``HF_ENDPOINT``, its URL for a file), the revision resolved to a commit at open, so the bytes
   cannot change under a load; gated, 401/403 and 404 answers as one line naming the file.
 - ``FsspecSource``: any other ``scheme://`` that fsspec has a backend for (``s3://``, ``gs://``,
@@ -24,7 +24,6 @@ names and errors carry the URL without credentials or query.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import re
 import threading
@@ -277,59 +276,6 @@ class HTTPSource(RemoteSource):
             s.close()
 
 
-def parse_hf(url: str) -> tuple[str, str, str | None]:
-    """``hf://ORG/REPO/PATH/FILE.gguf[@REVISION]`` as (repo id, file, revision or None)."""
-    rest = url[len("hf://"):]
-    rev = None
-    if "@" in rest:
-        rest, rev = rest.rsplit("@", 1)
-    parts = rest.split("/")
-    if len(parts) < 3 or not all(parts):
-        raise GGUFLabError(f"{url}: an hf:// URL names ORG/REPO/FILE.gguf (optionally @REVISION)")
-    return "/".join(parts[:2]), "/".join(parts[2:]), rev
-
-
-def hub_source(url: str, token: "str | bool | None" = None) -> HTTPSource:
-    """The source of ``hf://ORG/REPO/FILE.gguf[@REVISION]``: resolved to a commit through
-    ``huggingface_hub`` (its token unless ``token`` is given, its ``HF_ENDPOINT``), then read in
-    ranges at that commit."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub import errors as hfe
-    from huggingface_hub.utils import build_hf_headers
-
-    repo, filename, rev = parse_hf(url)
-    name = url
-    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: the hub reads it once, at import
-    hint = "; the repository may be gated or private: log in (`hf auth login`) or set HF_TOKEN"
-    try:
-        meta = get_hf_file_metadata(hf_hub_url(repo, filename, revision=rev, endpoint=endpoint), token=token,
-                                    endpoint=endpoint)
-    except hfe.GatedRepoError:
-        raise RemoteError(f"{name}: the repository {repo} is gated: accept its terms on the Hub, then log in "
-                          "(`hf auth login`) or set HF_TOKEN") from None
-    except (hfe.RepositoryNotFoundError, hfe.RevisionNotFoundError, hfe.EntryNotFoundError) as e:
-        what = {"RevisionNotFoundError": f"revision {rev!r}", "RepositoryNotFoundError": f"repository {repo}"}.get(
-            type(e).__name__, f"file {filename}")
-        extra = hint if type(e).__name__ == "RepositoryNotFoundError" else ""
-        raise RemoteNotFoundError(f"{name}: {what} not found{extra}") from None
-    except hfe.HfHubHTTPError as e:
-        code = getattr(getattr(e, "response", None), "status_code", None)
-        raise RemoteError(f"{name}: the Hub answered HTTP {code}{hint if code in (401, 403) else ''}") from None
-    except OSError as e:  # the connection itself
-        raise RemoteError(f"{name}: cannot reach the Hub ({type(e).__name__})") from None
-    if not meta.commit_hash:
-        raise RemoteError(f"{name}: the Hub gave no commit for the file (no X-Repo-Commit header)")
-    # at the commit, not the branch: a push during the load cannot change the bytes
-    at_commit = hf_hub_url(repo, filename, revision=meta.commit_hash, endpoint=endpoint)
-    src = HTTPSource(at_commit, headers=build_hf_headers(token=token), name=name, hint=hint,
-                     identity=("hf", repo, filename, meta.commit_hash, meta.etag, meta.size))
-    if meta.size is not None and src.size != meta.size:
-        src.close()
-        raise SourceChangedError(name, f"the Hub said {meta.size} bytes, the file has {src.size}")
-    src.repo, src.filename, src.revision, src.commit, src.etag = repo, filename, rev, meta.commit_hash, meta.etag
-    return src
-
-
 class FsspecSource(RemoteSource):
     """A file in an fsspec store (``s3://``, ``gs://``, ``memory://``...), read with the stateless
     ``cat_file(path, start, end)``; its identity (ETag, generation or modification time, and
@@ -392,6 +338,8 @@ def open_remote(url: str, *, cache=None, token=None) -> ByteSource:
     if scheme in ("http", "https"):
         src = HTTPSource(url)
     elif scheme == "hf":
+        from .remote_hub import hub_source
+
         src = hub_source(url, token)
     else:
         src = FsspecSource(url)

@@ -317,3 +317,16 @@ def test_prefix_parse_agrees_with_the_whole_file_on_mutations():
             except GGUFFormatError as e:
                 outcomes.append(("error", str(e)))
         assert outcomes[1] == outcomes[0] and outcomes[2] == outcomes[0], (i, kind, outcomes)
+
+
+def test_hf_from_gguf_over_http(srv, small_model):
+    """transformers' model from a URL: every weight as from the local file."""
+    pytest.importorskip("transformers", reason="hf.from_gguf needs the hf extra")
+    import torch
+
+    from gguf_gpu_lab import hf
+
+    remote = hf.from_gguf(srv.url("small.gguf"), dtype="float32", device="cpu")
+    local = hf.from_gguf(small_model, dtype="float32", device="cpu")
+    a, b = remote.state_dict(), local.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
