@@ -330,3 +330,41 @@ def test_hf_from_gguf_over_http(srv, small_model):
     local = hf.from_gguf(small_model, dtype="float32", device="cpu")
     a, b = remote.state_dict(), local.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inspect_a_url(srv, capsys):
+    from gguf_gpu_lab.cli import main
+
+    assert main(["inspect", srv.url("small.gguf")]) == 0
+    assert "21 tensors" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_load_over_http_on_the_gpu(srv, small_model, mode):
+    """Streamed into the GPU (CuPy): bit-identical to the local load on the GPU."""
+    with open_model(srv.url("small.gguf")) as m, open_model(small_model) as local:
+        opts = dict(mode=mode, dtype="float16", backend="cupy", readers=4, chunk_mb=0.25)
+        a, b = load(m, **opts), load(local, **opts)
+        for n in b.keys():
+            assert np.array_equal(a[n].numpy(), b[n].numpy(), equal_nan=True), n
+
+
+def test_bench_remote_result(small_model, tmp_path):
+    """bench --remote's JSON on the host backend: both server settings, their ratios and lanes."""
+    import json
+
+    from gguf_gpu_lab.tools.bench_remote import bench_remote, format_remote
+
+    path = tmp_path / "small.gguf"
+    shutil.copyfile(small_model, path)
+    res = bench_remote(str(path), connections=2, rate_gbps=0.05, backend="host", repeat=1, chunk_mb=0.25)
+    json.dumps(res)
+    assert set(res["runs"]) == {"unthrottled", "throttled"} and res["device"]["name"] and res["machine"]["date"]
+    for r in res["runs"].values():
+        assert r["identical_to_local"] and r["bytes"] == sum(c["bytes"] for c in r["connections"])
+        assert r["load_over_transfer"] == r["load_s"] / r["transfer_s"]
+    assert res["runs"]["throttled"]["transfer_gb_s"] < 0.06
+    assert "throttled" in format_remote(res)
+    with pytest.raises(GGUFLabError, match="connections"):
+        bench_remote(str(path), connections=0)
