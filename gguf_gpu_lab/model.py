@@ -374,6 +374,8 @@ def shared_model(path: str | os.PathLike, **remote) -> GGUFModel:
         src = open_source(path, **remote)
         key = ("url", src.name, src.identity)
     else:
+        if remote:
+            open_source(path, **remote)  # the error: cache= and token= are for URLs
         path = os.fspath(path)
         key = _shared_key(path)
     with _SHARED_LOCK:
@@ -424,8 +426,6 @@ def open_model(path: str | os.PathLike, *, cache=None, token=None) -> GGUFModel:
         llama 21
     """
     remote = {k: v for k, v in (("cache", cache), ("token", token)) if v is not None}
-    if remote and not isinstance(path, str):
-        raise GGUFLabError(f"{path}: cache= and token= are for URLs")
     return GGUFModel(open_source(path, **remote) if remote else path)
 
 

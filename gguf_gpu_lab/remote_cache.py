@@ -10,11 +10,14 @@ file and its record are kept, and the next open fetches only what is missing.
 ``cache`` is a path (a file, or a folder that the file goes in under the URL's name) or ``"hf"``:
 an ``hf://`` file goes into the Hugging Face cache in huggingface_hub's layout (``blobs/ETAG``,
 ``snapshots/COMMIT/FILE`` linked to it, ``refs/REVISION``), where ``hf_hub_download`` and
-transformers find it. A file at the path that this cache did not write is never replaced.
+transformers find it. A file at the path that this cache did not write is never replaced. One
+source fills a part file at a time (an exclusive ``flock``): a second open of the same URL and
+cache, while the first fills it, reads the remote file without the cache.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -48,7 +51,10 @@ def cached(src: RemoteSource, cache) -> ByteSource:
                 src.close()
                 return local
             local.close()
-        return CachingSource(src, final, done_hook)
+        try:
+            return CachingSource(src, final, done_hook)
+        except _Busy:  # another open model is filling this cache: read without it rather than wait
+            return src
     except BaseException:
         src.close()
         raise
@@ -141,6 +147,10 @@ def _missing(done: list[list[int]], a: int, b: int) -> list[tuple[int, int]]:
     return gaps
 
 
+class _Busy(Exception):
+    """The part file is locked by another source (of this process or another)."""
+
+
 class CachingSource(RemoteSource):
     """A remote source whose reads are written to a part file as they come (see the module)."""
 
@@ -152,6 +162,12 @@ class CachingSource(RemoteSource):
         self._rec_path = self.part + ".json"
         os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
         self._done: list[list[int]] = []
+        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:  # one writer a part file: a second would truncate what the first has written
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise _Busy from None
         try:
             with open(self._rec_path) as f:
                 rec = json.load(f)
@@ -160,7 +176,6 @@ class CachingSource(RemoteSource):
                 self._done = [list(r) for r in rec["done"]]  # resume: these bytes are on disk
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no record, or of another file: start again
-        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         if not self._done:
             os.ftruncate(self._fd, 0)
             os.ftruncate(self._fd, self.size)  # sparse: every range lands at its offset
@@ -225,6 +240,6 @@ class CachingSource(RemoteSource):
         with self._state:
             if not self._finished and self._done:
                 self._save()
-        os.close(self._fd)
+        os.close(self._fd)  # and the lock with it
         self._fd = -1
         self.remote.close()

@@ -223,6 +223,9 @@ def open_source(where: "str | os.PathLike | ByteSource", **remote) -> ByteSource
 
     if is_url(where):
         return open_remote(where, **remote)
+    if remote:
+        given = " and ".join(f"{k}=" for k in remote)
+        raise GGUFLabError(f"{where}: {given} {'are' if len(remote) > 1 else 'is'} for URLs, not local files")
     if isinstance(where, str) and where.startswith("file://"):
         where = where[len("file://"):]
     return LocalFile(where)

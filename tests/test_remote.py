@@ -368,3 +368,25 @@ def test_bench_remote_result(small_model, tmp_path):
     assert "throttled" in format_remote(res)
     with pytest.raises(GGUFLabError, match="connections"):
         bench_remote(str(path), connections=0)
+
+
+def test_cache_is_for_urls(small_model, tmp_path):
+    with pytest.raises(GGUFLabError, match="cache= is for URLs"):
+        open_model(str(small_model), cache=tmp_path / "x.gguf")
+    with pytest.raises(GGUFLabError, match="cache= is for URLs"):
+        load(small_model, backend="host", cache=tmp_path / "x.gguf")
+
+
+def test_one_writer_per_cache(srv, tmp_path, reference):
+    """A second model on a cache that another is filling reads without it: it never truncates
+    what the first has written."""
+    from gguf_gpu_lab.remote import HTTPSource
+    from gguf_gpu_lab.remote_cache import CachingSource
+
+    url, dest = srv.url("small.gguf"), tmp_path / "c.gguf"
+    with open_model(url, cache=dest) as first:
+        with open_model(url, cache=dest) as second:
+            assert isinstance(first.source, CachingSource) and type(second.source) is HTTPSource
+            _same(load(second, mode="raw", dtype="float32", backend="host"), reference["raw"])
+        _same(load(first, mode="raw", dtype="float32", backend="host"), reference["raw"])
+    assert open(dest, "rb").read() == open(srv.files["small.gguf"], "rb").read()
