@@ -155,6 +155,30 @@ class HTTPSource(RemoteSource):
             raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.name)
         self.identity = identity or ("http", self.name, self._etag or r.headers.get("Last-Modified"), self.size)
 
+    @contextlib.contextmanager
+    def use(self):
+        """As ``ByteSource.use``; when a user (a load) ends and no other is left, the idle
+        connections are closed: a finished, failed or cancelled load leaves none open."""
+        with super().use():
+            try:
+                yield self
+            finally:
+                with self._lock:
+                    last = self._users == 1
+                if last:
+                    self._drop_idle()
+
+    def _drop_idle(self) -> None:
+        while True:
+            try:
+                s = self._pool.get_nowait()
+            except queue.Empty:
+                return
+            s.close()
+            with self._lock:
+                if s in self._sessions:
+                    self._sessions.remove(s)
+
     # -- requests --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _session(self):

@@ -17,6 +17,7 @@ cache, while the first fills it, reads the remote file without the cache.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -182,6 +183,11 @@ class CachingSource(RemoteSource):
         self._saved = time.monotonic()
         self._finished = False
         self._state = threading.Lock()
+
+    @contextlib.contextmanager
+    def use(self):
+        with super().use(), self.remote.use():  # the remote's connections close when the load ends
+            yield self
 
     @property
     def cached_bytes(self) -> int:
