@@ -4,7 +4,7 @@ Each is a ``ByteSource`` (source.py): the header parser, ``GGUFModel.raw`` and t
 threads read through it as they read a local file, and do not know the difference.
 
 - ``HTTPSource``: ranged ``GET`` requests, one connection per concurrent reader (a pool of
-  ``requests`` sessions: a session is not shared by two threads at once), retried with bounded
+  ``http_conn.Connection``: one is never used by two threads at once), retried with bounded
   backoff on resets, timeouts, 5xx and 429, resuming where the broken response stopped. Every
   response is checked against what was opened: its total size (``Content-Range``) and ETag; a
   difference is a ``SourceChangedError``. A server that answers a range with the whole file is an
@@ -24,6 +24,7 @@ names and errors carry the URL without credentials or query.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import queue
 import re
 import threading
@@ -33,13 +34,13 @@ import urllib.parse
 import numpy as np
 
 from .errors import GGUFFormatError, GGUFLabError, RemoteError, RemoteNotFoundError, SourceChangedError
+from .http_conn import Connection, ConnectionFailed
 from .source import ByteSource
 
 HEADER_STEP = 1 << 20  # the first header fetch, and how far past the parser's need each later one goes
-READ_BLOCK = 1 << 20  # a response body is read in blocks of this size
+READ_BLOCK = 4 << 20  # a response body is read into the buffer this much at a time (bytes counted per block)
 RETRIES = 6  # attempts in a row without progress before a range fails
 BACKOFF_S = (0.05, 2.0)  # first wait after a failure, and the most any wait grows to
-TIMEOUT_S = (10.0, 60.0)  # connect, and between two bytes of a response
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -131,29 +132,26 @@ class HTTPSource(RemoteSource):
     def __init__(self, url: str, *, headers: dict | None = None, name: str | None = None, hint: str = "",
                  identity: tuple | None = None):
         super().__init__()
-        import requests  # the remote extra: imported when a URL is opened, not with the package
-
-        self._requests = requests
         self.url = url
         self.name = name or redact(url)
         self._headers = {"Accept-Encoding": "identity", **(headers or {})}
         self._hint = hint
-        self._pool: queue.SimpleQueue = queue.SimpleQueue()  # idle sessions: one per concurrent reader
-        self._sessions: list = []
+        self._pool: queue.SimpleQueue = queue.SimpleQueue()  # idle connections: one per concurrent reader
+        self._conns: list[Connection] = []
         self.size = -1
         self._etag: str | None = None
         try:
             # one byte tells the size (Content-Range), the ETag, and whether ranges are served
-            with self._session() as s, self._get(s, 0, 1, probe=True) as r:
-                self._etag = _norm_etag(r.headers.get("ETag"))
+            with self._connection() as c:
+                r = self._get(c, 0, 1, probe=True)
+                self._etag = _norm_etag(r.getheader("ETag"))
+                modified = r.getheader("Last-Modified")
                 self.size = self._total(r)
-                self._count(len(r.content))
+                self._count(len(r.read()))
         except BaseException:
             self._release()
             raise
-        if self.size == 0:
-            raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.name)
-        self.identity = identity or ("http", self.name, self._etag or r.headers.get("Last-Modified"), self.size)
+        self.identity = identity or ("http", self.name, self._etag or modified, self.size)
 
     @contextlib.contextmanager
     def use(self):
@@ -171,53 +169,49 @@ class HTTPSource(RemoteSource):
     def _drop_idle(self) -> None:
         while True:
             try:
-                s = self._pool.get_nowait()
+                c = self._pool.get_nowait()
             except queue.Empty:
                 return
-            s.close()
-            with self._lock:
-                if s in self._sessions:
-                    self._sessions.remove(s)
+            self._forget(c)
+
+    def _forget(self, c: Connection) -> None:
+        c.close()
+        with self._lock:
+            if c in self._conns:
+                self._conns.remove(c)
 
     # -- requests --------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _session(self):
-        """A session of this thread's alone for the duration; dropped (its connection closed)
-        after a failure, so that a broken connection is never reused."""
+    def _connection(self):
+        """A connection of this thread's alone for the duration; closed after a failure, so
+        that a broken connection (or one with a body left unread) is never reused."""
         try:
-            s = self._pool.get_nowait()
+            c = self._pool.get_nowait()
         except queue.Empty:
-            s = self._requests.Session()
+            c = Connection()
             with self._lock:
-                self._sessions.append(s)
+                self._conns.append(c)
         ok = False
         try:
-            yield s
+            yield c
             ok = True
         finally:
             if ok and not self._closing:
-                self._pool.put(s)
+                self._pool.put(c)
             else:
-                s.close()
-                with self._lock:
-                    if s in self._sessions:
-                        self._sessions.remove(s)
+                self._forget(c)
 
-    def _get(self, s, offset: int, n: int, probe: bool = False):
+    def _get(self, c: Connection, offset: int, n: int, probe: bool = False):
         """The response to a GET of [offset, offset + n) after its status is checked; ``_Retry``
         for what another attempt may cure, ``RemoteError`` for what it will not."""
-        rq = self._requests
-        hdr = {**self._headers, "Range": f"bytes={offset}-{offset + n - 1}"}
         try:
-            r = s.get(self.url, headers=hdr, stream=True, timeout=TIMEOUT_S)
-        except (rq.ConnectionError, rq.Timeout) as e:
-            raise _Retry(type(e).__name__) from None
-        except rq.RequestException as e:
-            raise RemoteError(f"{self.name}: request failed ({type(e).__name__})") from None
-        code = r.status_code
+            r = c.get(self.url, {**self._headers, "Range": f"bytes={offset}-{offset + n - 1}"})
+        except ConnectionFailed as e:
+            raise _Retry(e.why) from None
+        code = r.status
         if code == 206:
             return r
-        r.close()
+        c.close()  # the body is not read: the connection cannot serve another request
         if code >= 500 or code == 429:
             raise _Retry(f"HTTP {code}")
         if code == 200:
@@ -229,15 +223,14 @@ class HTTPSource(RemoteSource):
         if code in (401, 403):
             raise RemoteError(f"{self.name}: access denied (HTTP {code}){self._hint}")
         if code == 416 and probe:  # an empty file has no byte 0
-            self.size = 0
             raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.name)
         raise RemoteError(f"{self.name}: HTTP {code} for bytes [{offset}, {offset + n})")
 
     def _total(self, r) -> int:
-        m = _CONTENT_RANGE.fullmatch(r.headers.get("Content-Range", "").strip())
+        m = _CONTENT_RANGE.fullmatch((r.getheader("Content-Range") or "").strip())
         if m is None or m.group(3) == "*":
             raise RemoteError(f"{self.name}: a ranged answer without the file's size (Content-Range: "
-                              f"{r.headers.get('Content-Range')!r})")
+                              f"{r.getheader('Content-Range')!r})")
         return int(m.group(3))
 
     def _same(self, r, offset: int, n: int) -> None:
@@ -245,13 +238,13 @@ class HTTPSource(RemoteSource):
         total = self._total(r)
         if total != self.size:
             raise SourceChangedError(self.name, f"its size went from {self.size} to {total} bytes")
-        etag = _norm_etag(r.headers.get("ETag"))
+        etag = _norm_etag(r.getheader("ETag"))
         if self._etag is not None and etag is not None and etag != self._etag:
             raise SourceChangedError(self.name, f"its ETag went from {self._etag!r} to {etag!r}")
-        m = _CONTENT_RANGE.fullmatch(r.headers["Content-Range"].strip())
+        m = _CONTENT_RANGE.fullmatch(r.getheader("Content-Range").strip())
         if (int(m.group(1)), int(m.group(2))) != (offset, offset + n - 1):
             raise RemoteError(f"{self.name}: asked for bytes [{offset}, {offset + n}), got "
-                              f"{r.headers['Content-Range']!r}")
+                              f"{r.getheader('Content-Range')!r}")
 
     def _fetch(self, offset: int, view: memoryview) -> None:
         """Exactly ``len(view)`` bytes; a broken response is resumed where it stopped, after a
@@ -259,11 +252,14 @@ class HTTPSource(RemoteSource):
         got, failures, n = 0, 0, len(view)
         while got < n:
             try:
-                with self._session() as s:
-                    r = self._get(s, offset + got, n - got)
-                    with r:
+                with self._connection() as c:
+                    r = self._get(c, offset + got, n - got)
+                    try:
                         self._same(r, offset + got, n - got)
-                        got = self._body(r, view, got)
+                    except BaseException:
+                        c.close()
+                        raise
+                    got = self._body(c, r, view, got)
                 failures = 0
             except _Retry as e:
                 failures += 1
@@ -274,30 +270,30 @@ class HTTPSource(RemoteSource):
             if self._closing and self._users == 0:
                 raise GGUFLabError(f"{self.name}: model is closed")
 
-    def _body(self, r, view: memoryview, got: int) -> int:
-        """Read a response's body into ``view`` from ``got``; returns how far it got (a short
-        body raises ``_Retry`` after keeping what came)."""
-        raw = r.raw
+    def _body(self, c: Connection, r, view: memoryview, got: int) -> int:
+        """Read a response's body into ``view`` from ``got`` (``readinto``: no copy in between);
+        returns how far it got; a broken body raises ``_Retry`` after keeping what came."""
         end = len(view)
         try:
             while got < end:
-                block = raw.read(min(READ_BLOCK, end - got), decode_content=False)
-                if not block:
+                k = r.readinto(view[got:min(end, got + READ_BLOCK)])
+                if not k:
                     break
-                view[got:got + len(block)] = block
-                got += len(block)
-                self._count(len(block))
-        except Exception as e:  # urllib3's ProtocolError, IncompleteRead, a reset: keep what came, go on
+                got += k
+                self._count(k)
+        except (OSError, http.client.HTTPException) as e:  # a reset, a timeout, an incomplete read
+            c.close()
             raise _Retry(type(e).__name__) from None
         if got < end:
+            c.close()
             raise _Retry(f"the response ended after {got} of {end} bytes")
         return got
 
     def _release(self) -> None:
         with self._lock:
-            sessions, self._sessions = self._sessions, []
-        for s in sessions:
-            s.close()
+            conns, self._conns = self._conns, []
+        for c in conns:
+            c.close()
 
 
 class FsspecSource(RemoteSource):
