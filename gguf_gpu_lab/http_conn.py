@@ -45,7 +45,8 @@ class Connection:
     def get(self, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
         """The response to ``GET url`` after redirects; its body is the caller's to read, or to
         end with ``close()`` (a connection is reused only after a body read to its end)."""
-        headers = {"User-Agent": USER_AGENT, **headers}
+        if not any(k.lower() == "user-agent" for k in headers):
+            headers = {"User-Agent": USER_AGENT, **headers}
         for _ in range(MAX_REDIRECTS + 1):
             u = urllib.parse.urlsplit(url)
             conn = self._connect(u)
