@@ -158,15 +158,23 @@ def test_server_that_ignores_range(srv):
 
 
 def test_file_changed_mid_load(srv, files):
+    """The file is rewritten in place after the load's first chunk: a later answer's ETag
+    differs, and the load is a SourceChangedError, never other bytes."""
     m = open_model(srv.url("small.gguf"))
     path = files["small.gguf"]
     data = open(path, "rb").read()
+
+    def rewrite(done, total, name):
+        if not rewrite.done:
+            rewrite.done = True
+            with open(path, "r+b") as f:  # same size, new bytes: a new ETag
+                f.seek(m.data_offset)
+                f.write(b"\x55" * 4096)
+    rewrite.done = False
     try:
-        with open(path, "r+b") as f:  # same size, new bytes: a new ETag
-            f.seek(m.data_offset)
-            f.write(b"\x55" * 4096)
         with pytest.raises(SourceChangedError, match="ETag"):
-            load(m, mode="raw", backend="host")
+            load(m, mode="raw", backend="host", readers=1, chunk_mb=0.0625, progress=rewrite)  # ~40 chunks, a ring of 9
+        assert rewrite.done
     finally:
         with open(path, "wb") as f:
             f.write(data)
