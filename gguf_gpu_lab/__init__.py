@@ -25,6 +25,8 @@ from .errors import (
     GGUFLabError,
     LoadCancelled,
     ModelNotFoundError,
+    RemoteError,
+    RemoteNotFoundError,
     TensorNotFoundError,
     SourceChangedError,
     UnsupportedTypeError,
@@ -67,5 +69,6 @@ def __dir__():  # what tab completion offers: the public face and the submodules
 __all__ = [
     "open_model", "load", "check", "GGUFModel", "TensorInfo", "LoadResult", "DeviceTensor", "Problem",
     "dequantize", "type_spec", "GGUFLabError", "GGUFFormatError", "ModelNotFoundError", "TensorNotFoundError",
-    "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "SourceChangedError", "BackendError", "__version__",
+    "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "SourceChangedError", "RemoteError", "RemoteNotFoundError", "BackendError",
+    "__version__",
 ]
