@@ -398,3 +398,17 @@ def test_one_writer_per_cache(srv, tmp_path, reference):
             _same(load(second, mode="raw", dtype="float32", backend="host"), reference["raw"])
         _same(load(first, mode="raw", dtype="float32", backend="host"), reference["raw"])
     assert open(dest, "rb").read() == open(srv.files["small.gguf"], "rb").read()
+
+
+def test_bench_remote_command_line(capsys, tmp_path):
+    from gguf_gpu_lab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--remote", "--connections", "0"])
+    assert "--connections" in capsys.readouterr().err
+    try:
+        import cupy  # noqa: F401
+    except ImportError:  # without a GPU the benchmark refuses before writing its 8B model
+        assert main(["bench", "--remote", "--out-dir", str(tmp_path)]) == 2
+        assert "bench --remote needs a GPU" in capsys.readouterr().err
+        assert not list(tmp_path.iterdir())
