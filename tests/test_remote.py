@@ -276,18 +276,19 @@ def test_fetch_lanes_per_connection(srv):
 
 def test_streamed_load_overlaps_the_transfer(tmp_path):
     """CI's overlap check on the host backend: throttled to 20 MB/s, the load takes about the
-    raw transfer's time; copies and dequantization run one after the download would take the
-    transfer plus the local load (about 1.3x here), past the bound."""
+    raw transfer's time; copies and dequantization run after the download would add the local
+    load's time, past the bound."""
     from gguf_gpu_lab.tools.bench_remote import measure, server_process
     from gguf_gpu_lab.tools.synth import synth
 
     path = tmp_path / "m.gguf"
     synth(path, "25M", "Q4_K_M", seed=1)
     with server_process(str(tmp_path), 0.02) as endpoint:
-        r = measure(f"{endpoint}/files/m.gguf", str(path), 2, "gpu", "float16", "host", 2, 0.02, 1.0)
+        r = measure(f"{endpoint}/files/m.gguf", str(path), 2, "gpu", "float16", "host", 3, 0.02, 1.0)
     assert r["identical_to_local"]
-    serial = 1 + r["local_load_s"] / r["transfer_s"]
-    assert r["load_over_transfer"] < min(1.2, serial), r
+    # overlapped, the load ends about one chunk's work after the download; in series it would
+    # take the whole local load's time more
+    assert r["load_s"] - r["transfer_s"] < 0.5 * r["local_load_s"], r
 
 
 def _parse_by_prefix(data: bytes, step: int):
