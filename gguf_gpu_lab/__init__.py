@@ -27,6 +27,8 @@ from .errors import (
     MetadataNotFoundError,
     ModelNotFoundError,
     OutputExistsError,
+    RemoteError,
+    RemoteNotFoundError,
     TensorNotFoundError,
     SourceChangedError,
     UnsupportedTypeError,
@@ -70,6 +72,6 @@ def __dir__():  # what tab completion offers: the public face and the submodules
 __all__ = [
     "open_model", "load", "check", "GGUFModel", "TensorInfo", "LoadResult", "DeviceTensor", "Problem",
     "dequantize", "type_spec", "GGUFLabError", "GGUFFormatError", "ModelNotFoundError", "TensorNotFoundError",
-    "MetadataNotFoundError", "OutputExistsError", "SourceChangedError",
+    "MetadataNotFoundError", "OutputExistsError", "SourceChangedError", "RemoteError", "RemoteNotFoundError",
     "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "Shard", "ShardError", "__version__",
 ]

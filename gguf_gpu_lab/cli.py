@@ -201,15 +201,16 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
               model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
               hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
               export: bool = False, overwrite: bool = False, tp: bool = False,
-              tp_worlds: Sequence[int] = (1, 2, 4), tp_device: str = "auto", first: bool = False) -> int:
+              tp_worlds: Sequence[int] = (1, 2, 4), tp_device: str = "auto", first: bool = False,
+              remote: bool = False, connections: int = 16, rate_gbps: float = 1.0) -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
                                     ("--hf", hf), ("--multi-gpu", multi_gpu), ("--export", export), ("--tp", tp),
-                                    ("--first", first)) if on]
+                                    ("--first", first), ("--remote", remote)) if on]
     if len(chosen) > 1:
         raise GGUFLabError(f"choose one benchmark: --cpu, --dequant, --open, --e2e, --hf, --multi-gpu, --export, --tp, "
-                           f"--first, or none (the loader); got {' '.join(chosen)}")
+                           f"--first, --remote, or none (the loader); got {' '.join(chosen)}")
     for flag, value in (("--size-mb", size_mb), ("--types", types)):
         if value is not None and not (cpu or dequant):
             raise GGUFLabError(f"{flag} is for bench --cpu and bench --dequant, not bench{' ' + chosen[0] if chosen else ''}")
@@ -236,6 +237,11 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
 
         res = bench_first(model_path, params=params)
         print(format_first(res))
+    elif remote:
+        from .tools.bench_remote import bench_remote, format_remote
+
+        res = bench_remote(model_path, params=params, connections=connections, rate_gbps=rate_gbps)
+        print(format_remote(res))
     elif multi_gpu:
         from .tools.bench_multi import bench_multi, format_multi
 
@@ -464,6 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first minute in Jupyter kernels (nbclient): a bar's cost on the big and a ~20 MB file, the "
                         "first load 1 s after open and with no pause, the kernel's first bar, a warm load's first copy; "
                         "from_gguf's first call and transformers' import apart (fresh processes)")
+    s.add_argument("--remote", action="store_true",
+                   help="load over HTTP from a local server against its raw ranged transfer of the same bytes with "
+                        "the same connections, unthrottled and at --rate-gbps, and against the local load")
+    s.add_argument("--connections", type=_whole(1, 256), default=16,
+                   help="--remote: connections (reader threads), 1-256 (default 16)")
+    s.add_argument("--rate-gbps", type=float, default=1.0,
+                   help="--remote: the throttled server's GB/s, 0.001-1000 (default 1)")
     s.add_argument("--big-params", default="70B",
                    help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
     s.add_argument("--out", help="write the JSON result to this file (default: a file named by date and time in "
@@ -542,7 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
                              args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
                              None if args.big_params.lower() == "none" else args.big_params, args.export,
-                             args.overwrite, args.tp, tuple(args.tp_worlds), args.tp_device, args.first)
+                             args.overwrite, args.tp, tuple(args.tp_worlds), args.tp_device, args.first, args.remote,
+                             args.connections, args.rate_gbps)
         if args.command == "export":
             return cmd_export(args.path, args.out_dir, args.dtype, args.max_shard_size, args.overwrite, args.budget,
                               args.device)

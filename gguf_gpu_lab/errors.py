@@ -80,3 +80,13 @@ class SourceChangedError(GGUFLabError):
     def __init__(self, name: str, detail: str):
         super().__init__(f"{name}: the file changed after it was opened: {detail}; open it again")
         self.path = name
+
+
+class RemoteError(GGUFLabError):
+    """A remote file could not be read: access denied (401/403, a gated repository), not found
+    (404), a server that ignores ``Range``, or a connection that kept failing after its retries.
+    The message names the URL without its credentials."""
+
+
+class RemoteNotFoundError(RemoteError, ModelNotFoundError):
+    """A remote file that does not exist (HTTP 404; also a ``ModelNotFoundError``)."""

@@ -95,14 +95,45 @@ class TensorRecord:
     info_offset: int  # where its tensor info starts in the file
 
 
+class NeedMore(Exception):
+    """Raised by ``Header(prefix, path, size=...)`` when the parse needs bytes past the prefix but
+    inside the file: ``want`` is a lower bound on the prefix it needs (not an error: fetch more and
+    parse again)."""
+
+    def __init__(self, want: int):
+        super().__init__(want)
+        self.want = want
+
+
+def read_header(source) -> "Header":
+    """Parse a source's header: its ``header()`` buffer (a local file's whole mapping), or for a
+    remote source a prefix that ``header(want)`` grows until the metadata and the tensor table
+    are in."""
+    buf = source.header()
+    while True:
+        try:
+            return Header(buf, source.name, size=source.size)
+        except NeedMore as e:
+            had, buf = len(buf), source.header(e.want)
+            if len(buf) <= had:  # a source that cannot give more would loop forever
+                raise GGUFFormatError(f"the header needs {e.want} bytes; the source gave {len(buf)}",
+                                      path=source.name) from None
+
+
 class Header:
     """The parsed header of a GGUF file: ``version``, ``fields`` (key to ``Field``, file order),
-    ``tensors`` (``TensorRecord``), ``alignment`` and ``data_offset``."""
+    ``tensors`` (``TensorRecord``), ``alignment`` and ``data_offset``.
 
-    def __init__(self, mapping, path: str):
+    ``mapping`` is the whole file, or with ``size`` (the file's size) a prefix of it: a parse that
+    needs a byte past the prefix but inside the file raises ``NeedMore`` (see ``read_header``)."""
+
+    def __init__(self, mapping, path: str, size: int | None = None):
         self.mapping = mapping  # anything with the buffer protocol: mmap, bytes
         self.path = path
-        self.size = len(mapping)
+        self._have = len(mapping)  # bytes in hand: the whole file, or a prefix of it
+        self.size = self._have if size is None else size
+        if self._have > self.size:
+            raise ValueError(f"{path}: a prefix of {self._have} bytes is longer than the file ({self.size} bytes)")
         self._u8 = np.frombuffer(mapping, np.uint8)
         self.fields: dict[str, Field] = {}
         self.tensors: list[TensorRecord] = []
@@ -119,6 +150,12 @@ class Header:
         if n < 0 or off + n > self.size:
             self._fail(f"truncated: {what} needs {n} bytes at offset {off}, past the end of the file "
                        f"({self.size} bytes)")
+        self._more(off + n)
+
+    def _more(self, end: int) -> None:
+        """Ask for a longer prefix when byte ``end - 1`` is in the file but not in hand."""
+        if end > self._have and self._have < self.size:  # the whole file in hand: bounds checks speak
+            raise NeedMore(min(end, self.size))
 
     def _u32(self, off: int, what: str) -> int:
         self._need(off, 4, what)
@@ -145,6 +182,7 @@ class Header:
     def _parse(self) -> None:
         if self.size < 24:
             self._fail(f"file is {self.size} bytes, too short for a GGUF header (24 bytes)")
+        self._more(24)
         magic, version, n_tensors, n_kv = _HEAD.unpack_from(self.mapping, 0)
         if magic != GGUF_MAGIC:
             self._fail(f"bad magic 0x{magic:08x} (expected 0x{GGUF_MAGIC:08x}, 'GGUF')")
@@ -162,8 +200,10 @@ class Header:
         off = 24
         for i in range(n_kv):
             off = self._parse_kv(i, off)
+        self._more(off + n_tensors * _MIN_TENSOR_INFO_BYTES)  # a prefix: ask for the table at once
         for i in range(n_tensors):
             off = self._parse_tensor_info(i, off)
+        self._more(off)  # every value located so far must be in hand (decoded later, from the prefix)
         self.alignment = self._alignment()
         self.data_offset = off + (-off) % self.alignment
         if self.tensors and self.data_offset > self.size:
@@ -211,6 +251,7 @@ class Header:
         if n * _MIN_VALUE_BYTES[etype] > self.size - first:
             self._fail(f"{what}: array of {n} {etype.name} elements at offset {off} cannot fit in the "
                        f"{self.size - first} bytes left in the file")
+        self._more(first + n * _MIN_VALUE_BYTES[etype])  # a prefix: ask for at least this much at once
         if etype == VT.STRING:
             return etype, n, self._scan_strings(first, n, what)[2]
         if etype == VT.ARRAY:
@@ -259,7 +300,8 @@ class Header:
         if pos + 8 > self.size:
             self._fail(f"truncated: {what}[{done}] would start at offset {pos}, past the end of the file "
                        f"({self.size} bytes)")
-        w = self._u8[pos:min(self.size, pos + min(_SCAN_WINDOW, todo * 263 + 8))]
+        self._more(pos + 8)
+        w = self._u8[pos:min(self._have, pos + min(_SCAN_WINDOW, todo * 263 + 8))]
         z = w == 0
         m = z[1:len(w) - 6].copy()
         for k in range(2, 8):

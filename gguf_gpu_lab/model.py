@@ -17,9 +17,10 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from . import naming, quant
 from .errors import GGUFLabError, MetadataNotFoundError, ModelNotFoundError, TensorNotFoundError, not_found
-from .header import Field, Header
+from .header import Field, read_header
 from .scan import Problem, check_model
-from .source import ByteSource, open_source
+from .opening import open_source
+from .source import ByteSource
 
 _ARRAY_SUMMARY_LEN = 8  # metadata arrays longer than this are summarised
 _NUMERIC = frozenset(GGUFValueType) - {GGUFValueType.STRING, GGUFValueType.ARRAY}
@@ -73,7 +74,7 @@ class GGUFModel:
     def __init__(self, path: "str | os.PathLike | ByteSource"):
         source = open_source(path)
         try:
-            self._header = Header(source.header(), source.name)
+            self._header = read_header(source)
         except BaseException:
             source.close()
             raise
@@ -374,51 +375,71 @@ def _shared_key(path: str) -> tuple:
     return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def shared_model(path: str | os.PathLike) -> GGUFModel:
+def shared_model(path: str | os.PathLike, **remote) -> GGUFModel:
     """An open model for ``path`` shared by the calls that take a path (``load(path)``, a
     dashboard's clicks): parsed once per process, by one thread while others wait for it, and
     parsed again when the file at the path changes (its inode, size or modification time: a
-    model already handed out keeps reading the file it opened). The last few files are kept
-    open; never close one.
+    model already handed out keeps reading the file it opened). A URL is keyed by the URL and
+    the identity of what it serves (ETag or commit, and size: one request asks), with
+    ``remote`` (``cache``, ``token``) as for ``open_model``. The last few files are kept open;
+    never close one.
 
     Example:
         >>> shared_model("model.gguf") is shared_model("model.gguf")
         True"""
-    path = os.fspath(path)
-    key = _shared_key(path)
+    from .remote import is_url
+
+    src = None
+    if is_url(path):
+        src = open_source(path, **remote)
+        key = ("url", src.name, src.identity)
+    else:
+        if remote:
+            open_source(path, **remote)  # the error: cache= and token= are for URLs
+        path = os.fspath(path)
+        key = _shared_key(path)
     with _SHARED_LOCK:
         m = _SHARED.get(key)
         if m is not None and not m.closed:
             _SHARED.move_to_end(key)
-            return m
-        fut = _PARSING.get(key)
-        owner = fut is None
-        if owner:
-            fut = _PARSING[key] = Future()
-    if not owner:
-        return fut.result()
+        else:
+            m = None
+            fut = _PARSING.get(key)
+            owner = fut is None
+            if owner:
+                fut = _PARSING[key] = Future()
+    if m is not None or not owner:
+        if src is not None:
+            src.close()
+        return m if m is not None else fut.result()
     try:
-        m = _opened(GGUFModel(path))  # on a GPU machine: context, staging ring, kernels in the background
+        m = _opened(GGUFModel(path if src is None else src))  # on a GPU machine: the warm-up, in the background
     except BaseException as e:
         with _SHARED_LOCK:
             del _PARSING[key]
         fut.set_exception(e)
         raise
-    dev, ino, size, mtime = m.source.identity
     with _SHARED_LOCK:
         del _PARSING[key]
-        # keyed by what was opened: a file replaced between the stat and the open is the newer one
-        _SHARED[(key[0], dev, ino, size, mtime)] = m
+        if src is None:  # keyed by what was opened: a file replaced between the stat and the open is the newer one
+            dev, ino, size, mtime = m.source.identity
+            _SHARED[(key[0], dev, ino, size, mtime)] = m
+        else:
+            _SHARED[key] = m
         while len(_SHARED) > _SHARED_MAX:  # dropped, not closed: a load may still be using it
             _SHARED.popitem(last=False)
     fut.set_result(m)
     return m
 
 
-def open_model(path: str | os.PathLike, *, warmup: bool | None = None) -> GGUFModel:
-    """Open and validate a GGUF file (no tensor data is read). On a machine with a GPU this also
-    starts getting it ready for a load in the background (``gguf_gpu_lab.warmup``; off with
-    ``warmup=False`` or ``GGUF_LAB_WARMUP=0``).
+def open_model(path: str | os.PathLike, *, cache=None, token=None, warmup: bool | None = None) -> GGUFModel:
+    """Open and validate a GGUF file (no tensor data is read): a path, or a URL (``http(s)://``,
+    ``hf://ORG/REPO/FILE.gguf[@REVISION]``, an fsspec URL such as ``s3://``) whose header is
+    fetched in ranges (at most the header and 1 MiB more). For a URL, ``cache`` (a path, or
+    ``"hf"`` for the Hugging Face cache) keeps what is read on disk, and ``token`` is the Hub's
+    (default: huggingface_hub's own); see ``remote`` and ``remote_cache``. On a machine with a GPU
+    this also starts getting it ready for a load in the background (``gguf_gpu_lab.warmup``; off
+    with ``warmup=False`` or ``GGUF_LAB_WARMUP=0``).
 
     Example:
         >>> with open_model("model.gguf") as m:
@@ -426,4 +447,5 @@ def open_model(path: str | os.PathLike, *, warmup: bool | None = None) -> GGUFMo
         ...     w = m.dequantize("blk.0.attn_q.weight")
         llama 21
     """
-    return _opened(GGUFModel(path), warmup)
+    remote = {k: v for k, v in (("cache", cache), ("token", token)) if v is not None}
+    return _opened(GGUFModel(open_source(path, **remote) if remote else path), warmup)

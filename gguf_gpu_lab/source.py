@@ -56,8 +56,9 @@ class ByteSource:
     def check(self) -> None:
         """Raise ``SourceChangedError`` when the bytes may have changed since the source was opened."""
 
-    def header(self):
-        """A buffer the header parser reads (the whole file, for a local one)."""
+    def header(self, want: int = 0):
+        """A buffer the header parser reads: the whole file (a local one), or a prefix of at
+        least ``want`` bytes (a remote one; ``header.read_header`` asks for more as it needs)."""
         raise NotImplementedError
 
     def _release(self) -> None:
@@ -159,7 +160,7 @@ class LocalFile(ByteSource):
     def mappable(self) -> bool:
         return not self._closing
 
-    def header(self):
+    def header(self, want: int = 0):
         return self._mapping
 
     def check(self) -> None:
@@ -211,10 +212,3 @@ def _describe_change(size0: int, mtime0: int, size1: int, mtime1: int) -> str:
 
 def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) + f".{ns % 10**9 // 10**6:03d}"
-
-
-def open_source(where: "str | os.PathLike | ByteSource") -> ByteSource:
-    """The source for a path (or a source, as it is)."""
-    if isinstance(where, ByteSource):
-        return where
-    return LocalFile(where)

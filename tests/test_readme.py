@@ -71,7 +71,7 @@ def test_the_gpu_only_benchmark_list_is_complete(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     sentence = re.search(r"`bench`, [^.]*? need a\s+GPU", TEXT).group(0)
     named = set(re.findall(r"`(bench(?: --[a-z0-9-]+)?)`", sentence))
-    for flag in ["", "--cpu", "--dequant", "--open", "--e2e", "--hf", "--multi-gpu", "--first", "--export", "--tp"]:
+    for flag in ["", "--cpu", "--dequant", "--open", "--e2e", "--hf", "--multi-gpu", "--first", "--remote", "--export", "--tp"]:
         if flag in ("--cpu", "--open", "--export", "--tp"):
             continue  # they run (and are named as running anywhere)
         assert main(["bench", *([flag] if flag else [])]) == 2

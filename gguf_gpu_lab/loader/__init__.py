@@ -55,11 +55,12 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
          device: "int | Sequence[int] | str" = 0, placement=None,
          progress: "bool | Callable[[int, int, str], object] | None" = None, profile: bool | str = True,
          backend: str | Backend = "auto", cancel: threading.Event | None = None, read: str = "mmap",
-         shard=None) -> LoadResult:
+         shard=None, cache=None) -> LoadResult:
     """Load tensors of a GGUF model onto the device.
 
     Args:
-        path_or_model: a path or an open ``GGUFModel``.
+        path_or_model: a path, a URL (``http(s)://``, ``hf://``, ``s3://``...: read in ranged
+            requests by the reader threads, one connection each) or an open ``GGUFModel``.
         mode: "gpu" (quantized bytes uploaded, dequantized on the GPU), "raw" (uploaded and kept
             quantized), "cpu" (dequantized on the CPU by the reader threads, then uploaded) or
             "sequential" (one tensor at a time, synchronously: the baseline).
@@ -103,6 +104,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             it sits; ``result.wanted_bytes``/``whole_bytes`` and the profile's meta say the bytes
             read against the shards' share and the whole tensors'. Every shard is checked
             (``ShardError``) before anything is read.
+        cache: for a URL, a path (or ``"hf"``, the Hugging Face cache) that the bytes are written
+            to as they stream, so that the next open is local (see ``remote_cache``).
 
     Example:
         >>> r = load("model.gguf", mode="gpu", dtype="float16")   # without a GPU, on the host backend
@@ -132,7 +135,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     be = backends[0]
     bar = None
     # a path is parsed once per process (and again only if the file changes): reloads reuse it
-    model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(path_or_model)
+    model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(
+        path_or_model, **({} if cache is None else {"cache": cache}))
     try:
         chosen = select(model.tensors, tensors, order, model.path)
         cuts = resolve_cuts(chosen, shard, model.path)

@@ -1,0 +1,47 @@
+"""Which byte source a path or URL gets: ``open_source`` is the one door. A local path is a
+``source.LocalFile``; ``http(s)://`` an ``remote.HTTPSource``; ``hf://`` the Hub's file through
+``remote_hub``; any other URL an fsspec store's (``remote.FsspecSource``); with ``cache`` a remote
+source that keeps what it reads on disk (``remote_cache``). The sources know nothing of each
+other; only this module knows them all.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import GGUFLabError
+from .remote import FsspecSource, HTTPSource, is_url
+from .remote_cache import cached
+from .remote_hub import hub_source
+from .source import ByteSource, LocalFile
+
+
+def open_source(where: "str | os.PathLike | ByteSource", **remote) -> ByteSource:
+    """The source for a path, a URL (``http(s)://``, ``hf://``, an fsspec URL; ``remote``: its
+    ``cache`` and ``token``, see ``open_remote``), or a source, as it is."""
+    if isinstance(where, ByteSource):
+        return where
+    if is_url(where):
+        return open_remote(where, **remote)
+    if remote:
+        given = " and ".join(f"{k}=" for k in remote)
+        raise GGUFLabError(f"{where}: {given} {'are' if len(remote) > 1 else 'is'} for URLs, not local files")
+    if isinstance(where, str) and where.startswith("file://"):
+        where = where[len("file://"):]
+    return LocalFile(where)
+
+
+def open_remote(url: str, *, cache=None, token=None) -> ByteSource:
+    """The source of a URL: ``http(s)://``, ``hf://`` or an fsspec URL; with ``cache`` (a path,
+    or ``"hf"`` for the Hugging Face cache) a source that writes what it reads to disk and is a
+    local file once complete (see ``remote_cache``)."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("http", "https"):
+        src = HTTPSource(url)
+    elif scheme == "hf":
+        src = hub_source(url, token)
+    else:
+        src = FsspecSource(url)
+    if cache is None:
+        return src
+    return cached(src, cache)

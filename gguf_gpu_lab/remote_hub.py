@@ -1,0 +1,63 @@
+"""``hf://ORG/REPO/FILE.gguf[@REVISION]``: a file on the Hugging Face Hub, through
+``huggingface_hub`` (its token, its ``HF_ENDPOINT``, its URL for a file and its errors), resolved
+to a commit at open and then read in ranges by an ``HTTPSource`` at that commit."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import GGUFLabError, RemoteError, RemoteNotFoundError, SourceChangedError
+from .remote import HTTPSource
+
+
+def parse_hf(url: str) -> tuple[str, str, str | None]:
+    """``hf://ORG/REPO/PATH/FILE.gguf[@REVISION]`` as (repo id, file, revision or None)."""
+    rest = url[len("hf://"):]
+    rev = None
+    if "@" in rest:
+        rest, rev = rest.rsplit("@", 1)
+    parts = rest.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise GGUFLabError(f"{url}: an hf:// URL names ORG/REPO/FILE.gguf (optionally @REVISION)")
+    return "/".join(parts[:2]), "/".join(parts[2:]), rev
+
+
+def hub_source(url: str, token: "str | bool | None" = None) -> HTTPSource:
+    """The source of ``hf://ORG/REPO/FILE.gguf[@REVISION]``: resolved to a commit through
+    ``huggingface_hub`` (its token unless ``token`` is given, its ``HF_ENDPOINT``), then read in
+    ranges at that commit."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import errors as hfe
+    from huggingface_hub.utils import build_hf_headers
+
+    repo, filename, rev = parse_hf(url)
+    name = url
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: the hub reads it once, at import
+    hint = "; the repository may be gated or private: log in (`hf auth login`) or set HF_TOKEN"
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo, filename, revision=rev, endpoint=endpoint), token=token,
+                                    endpoint=endpoint)
+    except hfe.GatedRepoError:
+        raise RemoteError(f"{name}: the repository {repo} is gated: accept its terms on the Hub, then log in "
+                          "(`hf auth login`) or set HF_TOKEN") from None
+    except (hfe.RepositoryNotFoundError, hfe.RevisionNotFoundError, hfe.EntryNotFoundError) as e:
+        what = {"RevisionNotFoundError": f"revision {rev!r}", "RepositoryNotFoundError": f"repository {repo}"}.get(
+            type(e).__name__, f"file {filename}")
+        extra = hint if type(e).__name__ == "RepositoryNotFoundError" else ""
+        raise RemoteNotFoundError(f"{name}: {what} not found{extra}") from None
+    except hfe.HfHubHTTPError as e:
+        code = getattr(getattr(e, "response", None), "status_code", None)
+        raise RemoteError(f"{name}: the Hub answered HTTP {code}{hint if code in (401, 403) else ''}") from None
+    except OSError as e:  # the connection itself
+        raise RemoteError(f"{name}: cannot reach the Hub ({type(e).__name__})") from None
+    if not meta.commit_hash:
+        raise RemoteError(f"{name}: the Hub gave no commit for the file (no X-Repo-Commit header)")
+    # at the commit, not the branch: a push during the load cannot change the bytes
+    at_commit = hf_hub_url(repo, filename, revision=meta.commit_hash, endpoint=endpoint)
+    src = HTTPSource(at_commit, headers=build_hf_headers(token=token), name=name, hint=hint,
+                     identity=("hf", repo, filename, meta.commit_hash, meta.etag, meta.size))
+    if meta.size is not None and src.size != meta.size:
+        src.close()
+        raise SourceChangedError(name, f"the Hub said {meta.size} bytes, the file has {src.size}")
+    src.repo, src.filename, src.revision, src.commit, src.etag = repo, filename, rev, meta.commit_hash, meta.etag
+    return src
