@@ -221,7 +221,9 @@ def bench_export(model_path: str | None = None, params: str = "8B", mix: str = "
         nbytes = sum(p.numel() for n, p in conv.hf_model.state_dict().items()
                      if n in set(conv.names[g] for g in conv.wanted)) * size
         del conv
+        _say(f"the disk's sequential write speed: {nbytes / 1e9:.1f} GB into {work}")
         res["disk"] = disk_write_speed(work, nbytes)
+        _say(f"disk {res['disk']['write_gb_s']:.2f} GB/s; the export, in a child process")
         res["export"] = _run_child({"path": path, "out": os.path.join(work, "export"), "dtype": dtype,
                                     "budget": budget_bytes, "device": str(dev)})
         res["export"]["disk_bytes_estimate"] = nbytes
@@ -229,14 +231,22 @@ def bench_export(model_path: str | None = None, params: str = "8B", mix: str = "
         res["ratio_to_disk_weights_only"] = (res["export"]["weight_bytes"] / res["export"]["steps_s"]["weights_s"]
                                              / 1e9 / res["disk"]["write_gb_s"])
         shutil.rmtree(os.path.join(work, "export"))
+        _say(f"export {res['export']['gb_s']:.2f} GB/s")
         if baseline_params:
+            _say(f"transformers' from_pretrained(gguf_file=...) + save_pretrained on {baseline_params}")
             res["baseline"] = _baseline(work, baseline_params, dtype, str(dev), vocab)
         if tokenizer_vocab:
+            _say(f"the tokenizer of a {tokenizer_vocab:,}-token vocabulary, ours and transformers'")
             res["tokenizer"] = _tokenizer_timing(work, tokenizer_vocab)
         res["meets_targets"] = {
             "vs_disk": res["ratio_to_disk"] >= res["targets"]["vs_disk_at_least"],
             "peak_rss": res["export"]["peak_rss_bytes"] <= res["targets"]["peak_rss_at_most_bytes"]}
         return res
+
+
+def _say(what: str) -> None:
+    """A phase of the benchmark on stderr as it starts, so a run stopped by a time limit shows where."""
+    print(f"bench --export: {what}", file=sys.stderr, flush=True)
 
 
 def format_export(res: dict) -> str:
