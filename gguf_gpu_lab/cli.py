@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same connections, unthrottled and at --rate-gbps, and against the local load")
     s.add_argument("--connections", type=_whole(1, 256), default=16,
                    help="--remote: connections (reader threads), 1-256 (default 16)")
-    s.add_argument("--rate-gbps", type=float, default=1.0,
+    s.add_argument("--rate-gbps", type=_between(0.001, 1000), default=1.0,
                    help="--remote: the throttled server's GB/s, 0.001-1000 (default 1)")
     s.add_argument("--big-params", default="70B",
                    help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
