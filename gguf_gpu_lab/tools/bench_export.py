@@ -77,13 +77,13 @@ def _child(args: dict) -> dict:
     """The export in this (child) process: its result, the memory before it and the peak."""
     import resource
 
-    from .. import hf
+    from .. import hf, hf_convert
     from ..model import shared_model
 
     model = shared_model(args["path"])
-    hf._deps()
+    hf_convert._deps()
     t0 = time.perf_counter()  # what a process's first export adds: transformers' model modules imported, names mapped
-    hf._Conversion(model, args["dtype"])
+    hf_convert._Conversion(model, args["dtype"])
     warmup = time.perf_counter() - t0
     before = _rss_now()
     r = hf.export(model, args["out"], dtype=args["dtype"], budget=args["budget"], device=args["device"], progress=False)
@@ -196,7 +196,7 @@ def bench_export(model_path: str | None = None, params: str = "8B", mix: str = "
     """
     import torch
 
-    from .. import hf
+    from .. import hf_convert
     from ..export import _device_for, parse_size
     from ..model import shared_model
 
@@ -216,7 +216,7 @@ def bench_export(model_path: str | None = None, params: str = "8B", mix: str = "
                "budget_bytes": budget_bytes,
                "model": {"path": os.path.basename(path), "file_bytes": os.path.getsize(path), "synth": synth_info},
                "targets": {"vs_disk_at_least": 0.8, "peak_rss_at_most_bytes": budget_bytes + 10**9}}
-        conv = hf._Conversion(shared_model(path), dtype)  # the export's size, for the disk's run
+        conv = hf_convert._Conversion(shared_model(path), dtype)  # the export's size, for the disk's run
         size = 2 if dtype != "float32" else 4
         nbytes = sum(p.numel() for n, p in conv.hf_model.state_dict().items()
                      if n in set(conv.names[g] for g in conv.wanted)) * size

@@ -75,9 +75,9 @@ def bench_hf(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K
     """
     import torch
 
-    from .. import hf
+    from .. import hf_convert
 
-    dev, backend, index = hf._device(device)
+    dev, backend, index = hf_convert._device(device)
     with bench_model(model_path, params, mix, arch="llama", weights="small") as (model_path, synth_info):
         info = {"device": str(dev)}
         if dev.type == "cuda":
