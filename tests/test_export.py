@@ -29,13 +29,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from gguf_gpu_lab import GGUFLabError, export as export_module, hf  # noqa: E402
 from gguf_gpu_lab.errors import ModelNotFoundError  # noqa: E402
 from gguf_gpu_lab.hf_tokenizer import generate_merges  # noqa: E402
-from gguf_gpu_lab.tools.synth import synth  # noqa: E402
+from .archfiles import VOCAB, arch_file  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
 ARCHS = hf.SUPPORTED_ARCHITECTURES
-HEADS = {"qwen3": (2, 1)}  # as tests/test_hf.py: 128-wide heads, since transformers reads none from a qwen3 file
-VOCAB = 512
 INPUT = [[1, 5, 9, 30, 200, 7, 511]]
 TEXTS = ["Hello world, the <tok100> \u00e9t\u00e9 \u4e2d\u6587 test", "  two  spaces\nand a line <s></s> ab!cd~",
          "<pad><eos><bos><unk> \u2581the7 ing9"]
@@ -47,12 +45,7 @@ def model_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("export")
 
 
-def _file(d, arch, mix="Q4_K_M"):
-    p = d / f"{arch}-{mix}.gguf"
-    if not p.exists():
-        heads, kv = HEADS.get(arch, (4, 2))
-        synth(p, "1M", mix, seed=11, vocab=VOCAB, arch=arch, heads=heads, kv_heads=kv, weights="small")
-    return p
+_file = arch_file
 
 
 def _bits(t):

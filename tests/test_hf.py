@@ -24,13 +24,11 @@ import gguf_gpu_lab as lab  # noqa: E402
 from gguf_gpu_lab import GGUFLabError, hf  # noqa: E402
 from gguf_gpu_lab.tools.synth import synth  # noqa: E402
 
+from .archfiles import VOCAB, arch_file  # noqa: E402
+
 transformers.logging.set_verbosity_error()
 
 ARCHS = hf.SUPPORTED_ARCHITECTURES
-# grouped-query attention everywhere, so that a mix-up of q's and k's head counts shows; Qwen3 with
-# 128-wide heads, because transformers reads no head size from a qwen3 file and takes 128
-HEADS = {"qwen3": (2, 1)}
-VOCAB = 512
 INPUT = [[1, 5, 9, 30, 200, 7, 511]]
 CASES = ([(a, "Q4_K_M", d) for a in ARCHS for d in ("float32", "float16")]
          + [("llama", "Q4_K_M", "bfloat16"), ("gemma3", "Q4_K_M", "bfloat16"), ("llama", "F16", "float32"),
@@ -43,13 +41,7 @@ def model_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("hf")
 
 
-def _file(d, arch, mix="Q4_K_M"):
-    """A small synthetic file (trained-model sized weights, so float16 logits stay finite)."""
-    p = d / f"{arch}-{mix}.gguf"
-    if not p.exists():
-        heads, kv = HEADS.get(arch, (4, 2))
-        synth(p, "1M", mix, seed=11, vocab=VOCAB, arch=arch, heads=heads, kv_heads=kv, weights="small")
-    return p
+_file = arch_file
 
 
 def _reference(d, arch, mix, dtype, device_map=None):
