@@ -12,7 +12,6 @@ import os
 import random
 from collections import namedtuple
 
-import numpy as np
 import pytest
 
 from .needs import require
@@ -22,14 +21,13 @@ require("torch", "transformers", "accelerate", "safetensors")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from gguf import GGUFWriter  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from gguf_gpu_lab import GGUFLabError, export as export_module, hf  # noqa: E402
 from gguf_gpu_lab.errors import ModelNotFoundError  # noqa: E402
 from gguf_gpu_lab.hf_tokenizer import generate_merges  # noqa: E402
-from .archfiles import VOCAB, arch_file  # noqa: E402
+from .archfiles import VOCAB, arch_file, other_arch_file  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -167,17 +165,6 @@ def test_refuses_a_non_empty_folder_and_overwrites_when_asked(model_dir):
         hf.export(p, p, progress=False)
 
 
-def _bert(path):
-    w = GGUFWriter(str(path), "bert")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def test_refusals_write_nothing(model_dir, tmp_path, monkeypatch):
     p = _file(model_dir, "llama")
     out = tmp_path / "out"
@@ -188,7 +175,7 @@ def test_refusals_write_nothing(model_dir, tmp_path, monkeypatch):
         with pytest.raises(GGUFLabError, match=message):
             hf.export(p, out, progress=False, **kwargs)
     with pytest.raises(GGUFLabError, match="architecture 'bert' is not supported"):
-        hf.export(_bert(tmp_path / "bert.gguf"), out, progress=False)
+        hf.export(other_arch_file(tmp_path / "bert.gguf", "bert"), out, progress=False)
     with pytest.raises(ModelNotFoundError):
         hf.export(tmp_path / "missing.gguf", out, progress=False)
     Usage = namedtuple("Usage", "total used free")

@@ -7,7 +7,6 @@ Needs the hf extra (torch, transformers, accelerate): skipped without it, except
 
 import os
 
-import numpy as np
 import pytest
 
 from .needs import require
@@ -17,14 +16,13 @@ require("torch", "transformers", "accelerate")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from gguf import GGUFWriter  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import gguf_gpu_lab as lab  # noqa: E402
 from gguf_gpu_lab import GGUFLabError, hf  # noqa: E402
 from gguf_gpu_lab.tools.synth import synth  # noqa: E402
 
-from .archfiles import VOCAB, arch_file  # noqa: E402
+from .archfiles import VOCAB, arch_file, other_arch_file  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -164,20 +162,9 @@ def test_tokenizer_is_transformers_own(model_dir):
     assert len(hf.tokenizer(_file(model_dir, "qwen2"))("hello")["input_ids"]) > 0
 
 
-def _write(path, arch):
-    w = GGUFWriter(str(path), arch)
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.mark.parametrize("arch", ["bert", "falcon"])
 def test_unsupported_architecture_is_named(tmp_path, arch):
-    p = _write(tmp_path / f"{arch}.gguf", arch)
+    p = other_arch_file(tmp_path / f"{arch}.gguf", arch)
     with pytest.raises(GGUFLabError, match=rf"architecture '{arch}' is not supported.*llama, mistral, qwen2"):
         hf.from_gguf(p, device="cpu")
     with pytest.raises(GGUFLabError, match=f"'{arch}' is not supported"):

@@ -20,7 +20,7 @@ from ..profiler import Profile
 from ..progress import check_progress, reporter
 from .pipeline import Pipeline
 from .placement import Placement, place, resolve_devices, several_devices, single_device
-from .plan import MODES, ORDERS, Chunk, LoadOptions, Piece, output_bytes, plan_chunks, select
+from .plan import MODES, ORDERS, Chunk, LoadOptions, Piece, plan_chunks, select
 from .result import DeviceTensor, LoadResult, finish_shapes
 from .shard import Cut, Shard, ShardError, cut, resolve_cuts
 from .staging import Stop, default_readers

@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -310,9 +310,9 @@ class Pipeline:
                 slot_i, slot = feed.stagings[c.site].acquire(self.cancelled)
                 with self.backend.range(f"read chunk {c.index}", 0):
                     t0 = time.perf_counter_ns()
+                    if feed.mapped:  # once per chunk: its pieces are then read out of the mapping
+                        feed.source.check()
                     if feed.cpu_mode:
-                        if feed.mapped:  # once per chunk: its pieces are then views of the mapping
-                            feed.source.check()
                         pos = 0
                         for p in c.pieces:
                             pos = cpu_piece(feed.source, p, slot, pos, self.opts.dtype, feed.mapped)
