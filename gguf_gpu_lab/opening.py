@@ -1,6 +1,6 @@
 """Which byte source a path or URL gets: ``open_source`` is the one door. A local path is a
 ``source.LocalFile``; ``http(s)://`` an ``remote.HTTPSource``; ``hf://`` the Hub's file through
-``remote_hub``; any other URL an fsspec store's (``remote.FsspecSource``); with ``cache`` a remote
+``remote_hub``; any other URL an fsspec store's (``remote_fsspec.FsspecSource``); with ``cache`` a remote
 source that keeps what it reads on disk (``remote_cache``). The sources know nothing of each
 other; only this module knows them all.
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 
 from .errors import GGUFLabError
-from .remote import FsspecSource, HTTPSource, is_url
+from .remote import HTTPSource, is_url
 from .remote_cache import cached
+from .remote_fsspec import FsspecSource
 from .remote_hub import hub_source
 from .source import ByteSource, LocalFile
 

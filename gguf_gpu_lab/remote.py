@@ -8,13 +8,18 @@ threads read through it as they read a local file, and do not know the differenc
   backoff on resets, timeouts, 5xx and 429, resuming where the broken response stopped. Every
   response is checked against what was opened: its total size (``Content-Range``) and ETag; a
   difference is a ``SourceChangedError``. A server that answers a range with the whole file is an
-  error that says so.
+  error that says so. A redirect (the Hub's to its CDN) is followed once and its target reused
+  by every later request until it is about to expire (a signed URL's ``Expires`` or
+  ``X-Amz-Date`` + ``X-Amz-Expires``) or fails; then the file's own URL is asked again. A read
+  under a load's stop flag (``source.stopping``) gives up within about ``http_conn.POLL_S``.
 - ``remote_hub.hub_source``: ``hf://ORG/REPO/FILE.gguf[@REVISION]`` through ``huggingface_hub`` (its token,
   ``HF_ENDPOINT``, its URL for a file), the revision resolved to a commit at open, so the bytes
   cannot change under a load; gated, 401/403 and 404 answers as one line naming the file.
-- ``FsspecSource``: any other ``scheme://`` that fsspec has a backend for (``s3://``, ``gs://``,
-  ``memory://``...), through its stateless ``cat_file(path, start, end)`` (fsspec file objects are
-  not thread-safe).
+- ``remote_fsspec.FsspecSource``: any other ``scheme://`` that fsspec has a backend for
+  (``s3://``, ``gs://``, ``memory://``...), through its stateless ``cat_file(path, start, end)``.
+
+A load's chunk is read with ``read_ranges``: each run of adjacent ranges (a chunk's pieces
+usually are) is one request, received straight into the staging slot.
 
 The header comes from a prefix: 1 MiB first, then the bytes the parser asks for plus 1 MiB, so an
 open fetches at most the header and 1 MiB more. Tokens and signed query strings are never shown:
@@ -23,8 +28,9 @@ names and errors carry the URL without credentials or query.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
-import http.client
+import math
 import queue
 import re
 import threading
@@ -33,12 +39,12 @@ import urllib.parse
 
 import numpy as np
 
-from .errors import GGUFFormatError, GGUFLabError, RemoteError, RemoteNotFoundError, SourceChangedError
-from .http_conn import Connection, ConnectionFailed
-from .source import ByteSource
+from .errors import GGUFFormatError, GGUFLabError, LoadCancelled, RemoteError, RemoteNotFoundError, SourceChangedError
+from .http_conn import Connection, ConnectionFailed, Stopped
+from .source import ByteSource, current_stop
 
 HEADER_STEP = 1 << 20  # the first header fetch, and how far past the parser's need each later one goes
-READ_BLOCK = 4 << 20  # a response body is read into the buffer this much at a time (bytes counted per block)
+EXPIRY_MARGIN_S = 60.0  # a redirected URL signed until T is used until T minus this, then resolved again
 RETRIES = 6  # attempts in a row without progress before a range fails
 BACKOFF_S = (0.05, 2.0)  # first wait after a failure, and the most any wait grows to
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -81,12 +87,33 @@ class RemoteSource(ByteSource):
             return bytes(self._prefix)
 
     def read_into(self, offset: int, dst: np.ndarray) -> None:
-        n = dst.nbytes
-        self._bounds(offset, n)
+        if dst.nbytes:
+            self._fetch_run(offset, memoryview(dst).cast("B"))
+        else:
+            self._bounds(offset, 0)
+
+    def read_ranges(self, ranges, dst: np.ndarray) -> int:
+        """As ``ByteSource.read_ranges``, with each run of adjacent ranges one fetch (one request)."""
+        view = memoryview(dst).cast("B")
+        pos = 0
+        run_off = run_pos = run_n = 0
+        for offset, n in ranges:
+            if run_n and offset != run_off + run_n:
+                self._fetch_run(run_off, view[run_pos:run_pos + run_n])
+                run_n = 0
+            if not run_n:
+                run_off, run_pos = offset, pos
+            run_n += n
+            pos += n
+        if run_n:
+            self._fetch_run(run_off, view[run_pos:run_pos + run_n])
+        return pos
+
+    def _fetch_run(self, offset: int, view: memoryview) -> None:
+        self._bounds(offset, len(view))
         if self._closing and self._users == 0:
             raise GGUFLabError(f"{self.name}: model is closed")
-        if n:
-            self._fetch(offset, memoryview(dst).cast("B"))
+        self._fetch(offset, view)
 
     def _count(self, n: int) -> None:
         with self._count_lock:
@@ -111,11 +138,28 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class _Retry(Exception):
-    """A failure worth another attempt (a reset, a timeout, a 5xx); ``why`` says which."""
+    """A failure worth another attempt (a reset, a timeout, a 5xx); ``why`` says which;
+    ``wait``: after the usual backoff (False: at once, as after a redirect that expired)."""
 
-    def __init__(self, why: str):
+    def __init__(self, why: str, wait: bool = True):
         super().__init__(why)
         self.why = why
+        self.wait = wait
+
+
+def url_expiry(url: str) -> float:
+    """When a signed URL stops working (seconds since the epoch), from CloudFront's ``Expires``
+    or S3's ``X-Amz-Date`` + ``X-Amz-Expires``; infinity when the URL does not say."""
+    q = {k.lower(): v for k, v in urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)}
+    try:
+        if "expires" in q:
+            return float(q["expires"])
+        if "x-amz-date" in q and "x-amz-expires" in q:
+            t = time.strptime(q["x-amz-date"], "%Y%m%dT%H%M%SZ")
+            return calendar.timegm(t) + float(q["x-amz-expires"])
+    except ValueError:
+        pass
+    return math.inf
 
 
 class HTTPSource(RemoteSource):
@@ -138,6 +182,9 @@ class HTTPSource(RemoteSource):
         self._hint = hint
         self._pool: queue.SimpleQueue = queue.SimpleQueue()  # idle connections: one per concurrent reader
         self._conns: list[Connection] = []
+        # where a redirect led (url, headers to send there, when to stop using it), or None
+        self._direct: tuple[str, dict, float] | None = None
+        self.resolves = 0  # requests made to ``url`` itself that were redirected (for tests and benchmarks)
         self.size = -1
         self._etag: str | None = None
         try:
@@ -147,7 +194,7 @@ class HTTPSource(RemoteSource):
                 self._etag = _norm_etag(r.getheader("ETag"))
                 modified = r.getheader("Last-Modified")
                 self.size = self._total(r)
-                self._count(len(r.read()))
+                self._count(c.read_body(r, memoryview(bytearray(1))))
         except BaseException:
             self._release()
             raise
@@ -201,17 +248,35 @@ class HTTPSource(RemoteSource):
             else:
                 self._forget(c)
 
-    def _get(self, c: Connection, offset: int, n: int, probe: bool = False):
+    def _target(self) -> tuple[str, dict, bool]:
+        """Where the next request goes: the redirect's target while it is valid, else the URL."""
+        d = self._direct
+        if d is not None and time.time() < d[2] - EXPIRY_MARGIN_S:
+            return d[0], d[1], True
+        return self.url, self._headers, False
+
+    def _get(self, c: Connection, offset: int, n: int, probe: bool = False, stop=None):
         """The response to a GET of [offset, offset + n) after its status is checked; ``_Retry``
         for what another attempt may cure, ``RemoteError`` for what it will not."""
+        url, headers, direct = self._target()
         try:
-            r = c.get(self.url, {**self._headers, "Range": f"bytes={offset}-{offset + n - 1}"})
+            r = c.get(url, {**headers, "Range": f"bytes={offset}-{offset + n - 1}"}, stop)
         except ConnectionFailed as e:
+            if direct:
+                self._direct = None
             raise _Retry(e.why) from None
         code = r.status
+        if r.url != url and not direct:  # redirected: go straight there next time
+            self.resolves += 1
+            same_host = urllib.parse.urlsplit(r.url).hostname == urllib.parse.urlsplit(url).hostname
+            hdrs = headers if same_host else {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            self._direct = (r.url, hdrs, url_expiry(r.url))
         if code == 206:
             return r
         c.close()  # the body is not read: the connection cannot serve another request
+        if direct and code < 500 and code != 429:  # the redirect's target expired or was withdrawn
+            self._direct = None
+            raise _Retry(f"the redirected URL answered HTTP {code}", wait=False)
         if code >= 500 or code == 429:
             raise _Retry(f"HTTP {code}")
         if code == 200:
@@ -235,57 +300,67 @@ class HTTPSource(RemoteSource):
 
     def _same(self, r, offset: int, n: int) -> None:
         """The response is of the file that was opened, and of the bytes asked for."""
-        total = self._total(r)
-        if total != self.size:
-            raise SourceChangedError(self.name, f"its size went from {self.size} to {total} bytes")
-        etag = _norm_etag(r.getheader("ETag"))
-        if self._etag is not None and etag is not None and etag != self._etag:
-            raise SourceChangedError(self.name, f"its ETag went from {self._etag!r} to {etag!r}")
-        m = _CONTENT_RANGE.fullmatch(r.getheader("Content-Range").strip())
-        if (int(m.group(1)), int(m.group(2))) != (offset, offset + n - 1):
-            raise RemoteError(f"{self.name}: asked for bytes [{offset}, {offset + n}), got "
-                              f"{r.getheader('Content-Range')!r}")
+        cr = r.getheader("Content-Range") or ""
+        if cr != f"bytes {offset}-{offset + n - 1}/{self.size}":  # the usual answer, seen without a regex
+            total = self._total(r)
+            if total != self.size:
+                raise SourceChangedError(self.name, f"its size went from {self.size} to {total} bytes")
+            raise RemoteError(f"{self.name}: asked for bytes [{offset}, {offset + n}), got {cr!r}")
+        etag = r.getheader("ETag")
+        if self._etag is not None and etag is not None and _norm_etag(etag) != self._etag:
+            raise SourceChangedError(self.name, f"its ETag went from {self._etag!r} to {_norm_etag(etag)!r}")
+        if r.length is not None and r.length != n:
+            raise RemoteError(f"{self.name}: asked for {n} bytes at {offset}, the answer has {r.length}")
 
     def _fetch(self, offset: int, view: memoryview) -> None:
         """Exactly ``len(view)`` bytes; a broken response is resumed where it stopped, after a
-        wait that doubles with each failure in a row (``RETRIES`` failures in a row fail)."""
+        wait that doubles with each failure in a row (``RETRIES`` failures in a row fail). Under
+        a stop flag (``source.stopping``) a set flag ends it with ``LoadCancelled``."""
         got, failures, n = 0, 0, len(view)
+        stop = current_stop()
         while got < n:
             try:
                 with self._connection() as c:
-                    r = self._get(c, offset + got, n - got)
+                    r = self._get(c, offset + got, n - got, stop=stop)
                     try:
                         self._same(r, offset + got, n - got)
                     except BaseException:
                         c.close()
                         raise
-                    got = self._body(c, r, view, got)
+                    got = self._body(c, r, view, got, stop)
                 failures = 0
             except _Retry as e:
                 failures += 1
                 if failures >= RETRIES:
                     raise RemoteError(f"{self.name}: bytes [{offset + got}, {offset + n}) failed {failures} times "
                                       f"in a row (last: {e.why})") from None
-                time.sleep(_backoff(failures - 1))
+                if e.wait:
+                    self._sleep(_backoff(failures - 1), stop)
+            except Stopped:
+                raise LoadCancelled(f"{self.name}: read of bytes [{offset + got}, {offset + n}) stopped "
+                                    "(load cancelled)") from None
             if self._closing and self._users == 0:
                 raise GGUFLabError(f"{self.name}: model is closed")
 
-    def _body(self, c: Connection, r, view: memoryview, got: int) -> int:
-        """Read a response's body into ``view`` from ``got`` (``readinto``: no copy in between);
-        returns how far it got; a broken body raises ``_Retry`` after keeping what came."""
+    @staticmethod
+    def _sleep(seconds: float, stop) -> None:
+        if stop is None:
+            time.sleep(seconds)
+            return
+        end = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < end:
+            time.sleep(min(0.05, seconds))
+        if stop.is_set():
+            raise Stopped
+
+    def _body(self, c: Connection, r, view: memoryview, got: int, stop) -> int:
+        """Read a response's body into ``view`` from ``got`` (straight into it: no copy in
+        between); returns how far it got; a broken body raises ``_Retry`` after keeping what came."""
         end = len(view)
-        try:
-            while got < end:
-                k = r.readinto(view[got:min(end, got + READ_BLOCK)])
-                if not k:
-                    break
-                got += k
-                self._count(k)
-        except (OSError, http.client.HTTPException) as e:  # a reset, a timeout, an incomplete read
-            c.close()
-            raise _Retry(type(e).__name__) from None
+        k = c.read_body(r, view[got:], stop)
+        self._count(k)
+        got += k
         if got < end:
-            c.close()
             raise _Retry(f"the response ended after {got} of {end} bytes")
         return got
 
@@ -294,60 +369,6 @@ class HTTPSource(RemoteSource):
             conns, self._conns = self._conns, []
         for c in conns:
             c.close()
-
-
-class FsspecSource(RemoteSource):
-    """A file in an fsspec store (``s3://``, ``gs://``, ``memory://``...), read with the stateless
-    ``cat_file(path, start, end)``; its identity (ETag, generation or modification time, and
-    size) is checked at open, before and after a load."""
-
-    def __init__(self, url: str):
-        super().__init__()
-        try:
-            import fsspec
-        except ImportError:
-            raise GGUFLabError(f"{redact(url)}: reading {url.split(':', 1)[0]}:// URLs needs fsspec "
-                               "(pip install 'gguf-gpu-lab[remote]') and its backend for the scheme") from None
-        self.name = redact(url)
-        try:
-            self.fs, self.fpath = fsspec.core.url_to_fs(url)
-        except (ImportError, ValueError) as e:
-            raise GGUFLabError(f"{self.name}: no fsspec backend for this URL ({e})") from None
-        self.identity = self._stat()
-        self.size = self.identity[-1]
-        if self.size == 0:
-            raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.name)
-
-    def _stat(self) -> tuple:
-        try:
-            info = self.fs.info(self.fpath)
-        except FileNotFoundError:
-            raise RemoteNotFoundError(f"{self.name}: not found") from None
-        except PermissionError:
-            raise RemoteError(f"{self.name}: access denied") from None
-        tag = next((info[k] for k in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created")
-                    if info.get(k) is not None), None)
-        return ("fsspec", self.name, str(tag) if tag is not None else None, int(info["size"]))
-
-    def check(self) -> None:
-        now = self._stat()
-        if now != self.identity:
-            raise SourceChangedError(self.name, f"it was {self.identity[2:]} (tag, size), it is {now[2:]}")
-
-    def _fetch(self, offset: int, view: memoryview) -> None:
-        for failures in range(RETRIES):
-            try:
-                data = self.fs.cat_file(self.fpath, start=offset, end=offset + len(view))
-                break
-            except (ConnectionError, TimeoutError) as e:  # fsspec backends retry too; this bounds the rest
-                if failures == RETRIES - 1:
-                    raise RemoteError(f"{self.name}: bytes [{offset}, {offset + len(view)}) failed "
-                                      f"{RETRIES} times ({type(e).__name__})") from None
-                time.sleep(_backoff(failures))
-        if len(data) != len(view):
-            raise SourceChangedError(self.name, f"asked for {len(view)} bytes at offset {offset}, got {len(data)}")
-        view[:] = data
-        self._count(len(data))
 
 
 def fetch_lanes(profile):

@@ -7,6 +7,8 @@ source owns what it reads through and says what it is:
 - ``size``: the bytes it had when it was opened; ``identity``: what those bytes are (a local
   file's device, inode, size and modification time; a remote file's ETag or commit);
 - ``read_into(offset, dst)``: exactly ``dst.nbytes`` bytes, positional and thread-safe;
+  ``read_ranges(ranges, dst)``: several ranges one after another (a remote source asks for a
+  run of adjacent ones in one request);
 - ``view(offset, n)``: a zero-copy read-only view where the source has one (a mapping), else None;
 - ``check()``: raises ``SourceChangedError`` if the bytes may no longer be the ones the header
   was parsed from;
@@ -17,6 +19,10 @@ replaced on disk after it was opened (``os.replace``, as downloaders do) is neve
 keeps reading the inode its header came from. A file changed in place (truncated, rewritten,
 appended to) shows in ``check()``, which the loader calls before a load, once per chunk read from
 the mapping, and after the last read.
+
+``stopping(stop)``: the reads a thread makes inside look at ``stop`` (an object with
+``is_set()``, a load's stop flag) while they wait, and a remote one gives up within about 0.1 s
+of it being set (``LoadCancelled``); a local read is short and runs to its end.
 """
 
 from __future__ import annotations
@@ -31,6 +37,25 @@ import time
 import numpy as np
 
 from .errors import GGUFFormatError, GGUFLabError, ModelNotFoundError, SourceChangedError
+
+
+_STOP = threading.local()
+
+
+@contextlib.contextmanager
+def stopping(stop):
+    """Within: this thread's reads give up soon after ``stop.is_set()`` (see the module)."""
+    prev = getattr(_STOP, "flag", None)
+    _STOP.flag = stop
+    try:
+        yield
+    finally:
+        _STOP.flag = prev
+
+
+def current_stop():
+    """The stop flag of this thread's ``stopping`` context, or None."""
+    return getattr(_STOP, "flag", None)
 
 
 class ByteSource:
@@ -48,6 +73,15 @@ class ByteSource:
     # -- what a source implements ---------------------------------------------------------------
     def read_into(self, offset: int, dst: np.ndarray) -> None:
         raise NotImplementedError
+
+    def read_ranges(self, ranges, dst: np.ndarray) -> int:
+        """The bytes of each ``(offset, n)`` of ``ranges``, one after another, into ``dst``;
+        returns the bytes written."""
+        pos = 0
+        for offset, n in ranges:
+            self.read_into(offset, dst[pos:pos + n])
+            pos += n
+        return pos
 
     def view(self, offset: int, n: int) -> np.ndarray | None:
         """A zero-copy read-only view of [offset, offset + n), or None (no mapping)."""

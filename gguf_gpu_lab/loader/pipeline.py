@@ -30,7 +30,7 @@ from ..errors import LoadCancelled
 from ..model import GGUFModel, TensorInfo
 from ..profiler import Span
 from ..progress import LoadBar
-from ..source import ByteSource
+from ..source import ByteSource, stopping
 from .placement import Placement
 from .plan import Chunk, LoadOptions, copied_bytes, plan_chunks, plan_sites
 from .shard import Cut
@@ -137,7 +137,8 @@ class Pipeline:
     def run(self) -> tuple[dict[str, DeviceTensor], int]:
         """The load, start to end. The file is checked against what was opened before the first
         read and after the last: a load returns the bytes the header describes, or an error."""
-        with self.source.use():  # a close() meanwhile waits for the load to end
+        # a close() meanwhile waits for the load to end; a remote read stops soon after a cancel
+        with self.source.use(), stopping(self.cancelled):
             self.source.check()
             outputs, total = run_sequential(self) if self.opts.mode == "sequential" else self._run()
             self.source.check()
@@ -299,6 +300,10 @@ class Pipeline:
             done_bytes = self._complete(pending.popleft(), done_bytes, total)
 
     def _reader(self, rid: int, feed: "_Feed") -> None:
+        with stopping(self.cancelled):  # a remote read in progress gives up soon after a stop
+            self._read(rid, feed)
+
+    def _read(self, rid: int, feed: "_Feed") -> None:
         """A reader thread: fill staging slots with file bytes (or, in cpu mode, dequantized
         values); the queueing thread queues their copies and kernels."""
         try:

@@ -75,7 +75,12 @@ def read_chunk(source: ByteSource, pieces, slot: np.ndarray, mapped: bool) -> in
     written. ``mapped``: copied out of the file mapping (NumPy releases the GIL; 16 threads
     measured about 2x faster than preadv on the lent machine), after the caller's one check of
     the file for the chunk (a mapping touched past a truncated file's end is SIGBUS); else preadv
-    straight into the slot (a truncation at any moment is an error)."""
+    straight into the slot (a truncation at any moment is an error); the ranges of every piece (a
+    column shard's: one a row) go to the source at once, and a remote one fetches each run of
+    adjacent ranges in one request."""
+    if not mapped:
+        return source.read_ranges([(p.file_offset + r * p.stride, p.nbytes // p.rows)
+                                   for p in pieces for r in range(p.rows)], slot)
     pos = 0
     for p in pieces:
         piece_into(source, p, slot[pos:pos + p.nbytes], mapped)

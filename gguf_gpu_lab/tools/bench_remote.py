@@ -46,10 +46,14 @@ def server_process(folder: str, rate_gbps: float | None = None):
 
 def transfer(model, connections: int, chunk_mb: float = 16.0) -> tuple[float, int]:
     """Seconds to read the bytes of every chunk a load reads, with ``connections`` threads over
-    the model's source, into memory; and the bytes read."""
+    the model's source, into memory; and the bytes read. Each chunk is read as the load's
+    readers read it (``read_chunk``: the same requests, each run of adjacent pieces in one),
+    inside one ``use()`` of the source as a load is (connections opened on demand, closed at
+    the end), into a buffer of its thread's instead of a pinned staging slot."""
     from ..loader import plan_chunks
+    from ..loader.staging import read_chunk
 
-    chunks = plan_chunks(model.tensors, max(1, int(chunk_mb * (1 << 20))))
+    chunks = plan_chunks(model.tensors, max(1, int(chunk_mb * (1 << 20))), ramp=connections)
     if not chunks:
         return 0.0, 0
     it, lock = iter(chunks), threading.Lock()
@@ -65,20 +69,18 @@ def transfer(model, connections: int, chunk_mb: float = 16.0) -> tuple[float, in
                     c = next(it, None)
                 if c is None:
                     return
-                pos = 0
-                for p in c.pieces:
-                    src.read_into(p.file_offset, buf[pos:pos + p.nbytes])
-                    pos += p.nbytes
+                read_chunk(src, c.pieces, buf, False)
         except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=run, name=f"bench-transfer{i}") for i in range(min(connections, len(chunks)))]
-    t0 = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    dt = time.perf_counter() - t0
+    with src.use():
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        dt = time.perf_counter() - t0
     if errors:
         raise errors[0]
     return dt, sum(c.nbytes for c in chunks)

@@ -10,8 +10,10 @@ Files are served at ``/files/NAME`` and at the Hub's ``/ORG/REPO/resolve/REVISIO
 Faults, set on the server object while it runs: ``reset_after`` (the next responses' connections
 reset after that many body bytes, ``resets`` times), ``fail_5xx`` (the next N requests answer 500),
 ``ignore_range``, ``deny`` (repo ids answering 401, as a gated repo does), ``token`` (a bearer
-token the hub layout requires), ``rate`` (bytes per second over all connections). ``served``
-counts body bytes sent. ``python -m gguf_gpu_lab.tools.http_server DIR`` serves a folder (the
+token the hub layout requires), ``rate`` (bytes per second over all connections), ``redirect``
+(the Hub's layout answers 302 to ``http://localhost:PORT/cdn/NAME?Expires=T``, another host
+name, as the Hub sends downloads to its CDN; ``cdn_expires_s`` sets T, an expired or
+``cdn_deny`` times refused CDN URL answers 403). ``served`` counts body bytes sent. ``python -m gguf_gpu_lab.tools.http_server DIR`` serves a folder (the
 benchmark runs the server in its own process, so that its threads do not share the client's GIL).
 """
 
@@ -45,6 +47,9 @@ class Server(ThreadingHTTPServer):
         self.ignore_range = False
         self.deny: set[str] = set()
         self.token: str | None = None
+        self.redirect = False
+        self.cdn_expires_s = 3600.0
+        self.cdn_deny = 0
         self.served = 0
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self._lock = threading.Lock()
@@ -123,6 +128,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path.startswith("/files/"):
             return srv.files.get(path[len("/files/"):]), {}
+        if path.startswith("/cdn/"):
+            return self._cdn(path[len("/cdn/"):])
         parts = path.lstrip("/").split("/")
         if len(parts) >= 5 and parts[2] == "resolve":
             repo, name = "/".join(parts[:2]), "/".join(parts[4:])
@@ -131,9 +138,23 @@ class _Handler(BaseHTTPRequestHandler):
             if name not in srv.files:
                 return None, {"X-Error-Code": "EntryNotFound"}
             etag = etag_of(srv.files[name])
-            return srv.files[name], {"X-Repo-Commit": COMMIT, "X-Linked-Etag": f'"{etag}"',
-                                     "X-Linked-Size": str(os.path.getsize(srv.files[name]))}
+            hub = {"X-Repo-Commit": COMMIT, "X-Linked-Etag": f'"{etag}"',
+                   "X-Linked-Size": str(os.path.getsize(srv.files[name]))}
+            if srv.redirect:
+                expires = int(time.time() + srv.cdn_expires_s)
+                hub["Location"] = f"http://localhost:{srv.server_address[1]}/cdn/{name}?Expires={expires}&Signature=x"
+                return "302", hub
+            return srv.files[name], hub
         return None, {}
+
+    def _cdn(self, name: str) -> tuple[str | None, dict]:
+        srv: Server = self.server
+        query = dict(p.split("=", 1) for p in self.path.partition("?")[2].split("&") if "=" in p)
+        with srv._lock:
+            deny, srv.cdn_deny = srv.cdn_deny > 0, max(0, srv.cdn_deny - 1)
+        if deny or float(query.get("Expires", 0)) < time.time():
+            return "403", {}
+        return srv.files.get(name), {}
 
     def _serve(self, body: bool) -> None:
         srv: Server = self.server
@@ -142,6 +163,8 @@ class _Handler(BaseHTTPRequestHandler):
         path, extra = self._resolve()
         if path == "":
             return self._status(401, extra)
+        if path in ("302", "403"):
+            return self._status(int(path), extra)
         if path is None:
             return self._status(404, extra)
         fault = srv.take_fault() if body else None
