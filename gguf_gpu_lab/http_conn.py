@@ -20,6 +20,7 @@ leaves the host, as browsers and ``requests`` do. Proxies from the environment a
 from __future__ import annotations
 
 import base64
+import functools
 import socket
 import ssl
 import struct
@@ -27,6 +28,7 @@ import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_REDIRECTS = 8
 TIMEOUT_S = 60.0  # to connect, and without a byte of the response
@@ -51,6 +53,7 @@ class Stopped(Exception):
     """The caller's stop flag was set while a request waited (the connection is closed)."""
 
 
+@functools.lru_cache(maxsize=1)  # one context (its CA bundle loaded once) for every connection
 def _tls() -> ssl.SSLContext:
     try:
         import certifi  # the CA bundle pip itself trusts, where installed
@@ -58,6 +61,30 @@ def _tls() -> ssl.SSLContext:
         return ssl.create_default_context(cafile=certifi.where())
     except ImportError:
         return ssl.create_default_context()
+
+
+class _Target(NamedTuple):
+    """What a request to a URL needs, worked out once per URL (``_target``)."""
+
+    key: tuple  # (https, hostname, port): which connection serves it
+    host: str  # the Host header
+    path: str  # the request target: path and query
+    auth: str | None  # Basic credentials from the URL's user and password
+
+
+@functools.lru_cache(maxsize=64)
+def _target(url: str) -> _Target:
+    u = urllib.parse.urlsplit(url)
+    https = u.scheme == "https"
+    hostname = u.hostname or ""
+    shown = f"[{hostname}]" if ":" in hostname else hostname  # an IPv6 literal
+    host = shown if u.port is None else f"{shown}:{u.port}"
+    auth = None
+    if u.username is not None:
+        creds = f"{urllib.parse.unquote(u.username)}:{urllib.parse.unquote(u.password or '')}"
+        auth = "Basic " + base64.b64encode(creds.encode()).decode()
+    return _Target((https, hostname, u.port or (443 if https else 80)), host,
+                   (u.path or "/") + (f"?{u.query}" if u.query else ""), auth)
 
 
 @dataclass
@@ -92,17 +119,16 @@ class Connection:
         if not any(k.lower() == "user-agent" for k in headers):
             headers = {"User-Agent": USER_AGENT, **headers}
         for _ in range(MAX_REDIRECTS + 1):
-            u = urllib.parse.urlsplit(url)
-            h = dict(headers)
-            if u.username is not None and not any(k.lower() == "authorization" for k in h):
-                creds = f"{urllib.parse.unquote(u.username)}:{urllib.parse.unquote(u.password or '')}"
-                h["Authorization"] = "Basic " + base64.b64encode(creds.encode()).decode()
-            r = self._exchange(u, h, stop)
+            t = _target(url)
+            h = headers
+            if t.auth is not None and not any(k.lower() == "authorization" for k in h):
+                h = {**h, "Authorization": t.auth}
+            r = self._exchange(t, h, stop)
             loc = r.headers.get("location")
             if r.status in (301, 302, 303, 307, 308) and loc:
                 self.close()  # its body is not worth reading; the next host may be another
                 new = urllib.parse.urljoin(url, loc)
-                if urllib.parse.urlsplit(new).hostname != u.hostname:
+                if _target(new).key[1] != t.key[1]:
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 url = new
                 continue
@@ -110,22 +136,18 @@ class Connection:
             return r
         raise ConnectionFailed(f"more than {MAX_REDIRECTS} redirects")
 
-    def _exchange(self, u, headers: dict[str, str], stop) -> Response:
-        fresh = self._sock is None or self._key != (u.scheme, u.hostname, u.port)
-        sock = self._connect(u)
-        host = u.hostname if u.port is None else f"{u.hostname}:{u.port}"
-        if ":" in (u.hostname or "") and not (u.hostname or "").startswith("["):
-            host = f"[{u.hostname}]" + (f":{u.port}" if u.port else "")  # an IPv6 literal
-        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        lines = [f"GET {path} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+    def _exchange(self, t: "_Target", headers: dict[str, str], stop) -> Response:
+        fresh = self._sock is None or self._key != t.key
+        sock = self._connect(t)
+        head = f"GET {t.path} HTTP/1.1\r\nHost: {t.host}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         try:
-            sock.sendall("\r\n".join(lines).encode("latin-1"))
+            sock.sendall((head + "\r\n").encode("latin-1"))
             return self._response(sock, stop)
         except (ConnectionFailed, OSError) as e:
             self.close()
             if not fresh and (isinstance(e, OSError) or e.before_response):
                 # a kept connection that the server closed while it was idle: once more, on a new one
-                return self._exchange(u, headers, stop)
+                return self._exchange(t, headers, stop)
             if isinstance(e, ConnectionFailed):
                 raise
             raise ConnectionFailed(type(e).__name__) from None
@@ -216,20 +238,19 @@ class Connection:
                 self.close()
                 raise ConnectionFailed("TimeoutError")
 
-    def _connect(self, u) -> socket.socket:
-        key = (u.scheme, u.hostname, u.port)
-        if self._sock is not None and key == self._key:
+    def _connect(self, t: "_Target") -> socket.socket:
+        if self._sock is not None and t.key == self._key:
             return self._sock
         self.close()
-        https = u.scheme == "https"
+        https, hostname, port = t.key
         try:
-            sock = socket.create_connection((u.hostname, u.port or (443 if https else 80)), timeout=TIMEOUT_S)
+            sock = socket.create_connection((hostname, port), timeout=TIMEOUT_S)
         except OSError as e:
             raise ConnectionFailed(type(e).__name__) from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request is one small write
             if https:
-                sock = _tls().wrap_socket(sock, server_hostname=u.hostname)
+                sock = _tls().wrap_socket(sock, server_hostname=hostname)
                 sock.settimeout(POLL_S)  # the ssl module's reads honour the socket's timeout
             else:
                 # a blocking socket whose receives give up after POLL_S: MSG_WAITALL then waits
@@ -241,7 +262,7 @@ class Connection:
         except (OSError, ssl.SSLError) as e:
             sock.close()
             raise ConnectionFailed(type(e).__name__) from None
-        self._sock, self._key, self._tls = sock, key, https
+        self._sock, self._key, self._tls = sock, t.key, https
         return sock
 
     def close(self) -> None:

@@ -372,8 +372,9 @@ class HTTPSource(RemoteSource):
 
 
 def fetch_lanes(profile):
-    """Per connection (a reader thread's lane) of a streamed load's profile: bytes fetched, busy
-    time and GB/s while busy; a reader's "read" spans are its ranged requests."""
+    """Per connection (a reader thread's lane) of a streamed load's profile: requests, bytes
+    fetched, busy time, GB/s while busy, and when its first read began and its last ended
+    (microseconds from the load's start); a reader's "read" spans are its chunks' requests."""
     import pandas as pd
 
     from .profiler import union_us
@@ -384,6 +385,7 @@ def fetch_lanes(profile):
     for lane, g in reads.groupby("lane", sort=False):
         busy = union_us(g["start_us"].tolist(), g["end_us"].tolist())
         rows.append({"lane": lane, "requests": len(g), "bytes": int(g["bytes"].sum()), "busy_us": busy,
-                     "gb_s": g["bytes"].sum() / busy / 1e3 if busy else float("nan")})
-    out = pd.DataFrame(rows, columns=["lane", "requests", "bytes", "busy_us", "gb_s"])
+                     "gb_s": g["bytes"].sum() / busy / 1e3 if busy else float("nan"),
+                     "first_us": float(g["start_us"].min()), "last_us": float(g["end_us"].max())})
+    out = pd.DataFrame(rows, columns=["lane", "requests", "bytes", "busy_us", "gb_s", "first_us", "last_us"])
     return out.sort_values("lane", key=lambda s: s.str.extract(r"(\d+)$")[0].astype(int)).reset_index(drop=True)

@@ -3,10 +3,12 @@ bytes with the same connections into memory, measured in the same run, unthrottl
 both also against the local load of the same file.
 
 The server (tools/http_server.py, sendfile(2) when unthrottled) runs in its own process, so that
-its threads do not share the loading process's GIL. The transfer reads exactly the load's chunks,
-piece by piece, through the model's own source (its connections, one per reader thread) into
-buffers in memory: the ceiling a streamed load can reach. A load whose copies and kernels are
-hidden under the download takes about the transfer's time (target: 1.1x, 1.05x throttled).
+its threads do not share the loading process's GIL. The transfer reads exactly the load's chunks
+with the load's own read (``staging.read_chunk``: the same requests, one per run of adjacent
+pieces) through the model's own source (its connections, one per reader thread) into buffers in
+memory: the ceiling a streamed load can reach. A load whose copies and kernels are hidden under
+the download takes about the transfer's time (target: 1.1x, 1.05x throttled). A profiled load
+says where its time went (``profiled_load``: its first request, its last read's end, its wall).
 """
 
 from __future__ import annotations
@@ -109,11 +111,15 @@ def measure(url: str, local: str, connections: int, mode: str, dtype: str, backe
             local_walls.append(load(lm, **opts, profile=False).wall_s)
         prof = load(m, **opts, profile=True).profile
         lanes = fetch_lanes(prof)
+    # where a profiled load's time goes: before the first request, the reading, after the last
+    phases = {"wall_ms": prof.wall_s * 1e3, "first_read_ms": lanes["first_us"].min() / 1e3,
+              "last_first_read_ms": lanes["first_us"].max() / 1e3, "reads_end_ms": lanes["last_us"].max() / 1e3,
+              "reader_busy_ms_mean": lanes["busy_us"].mean() / 1e3}
     t, lw, loc = min(xfer), min(loads), min(local_walls)
     return {"rate_gbps": rate_gbps, "bytes": nbytes, "identical_to_local": bool(same),
             "transfer_s": t, "transfer_gb_s": nbytes / t / 1e9, "load_s": lw, "load_gb_s": nbytes / lw / 1e9,
             "load_over_transfer": lw / t, "local_load_s": loc, "load_over_local": lw / loc,
-            "transfer_runs_s": xfer, "load_runs_s": loads,
+            "transfer_runs_s": xfer, "load_runs_s": loads, "profiled_load": phases,
             "connections": lanes.to_dict("records")}
 
 
