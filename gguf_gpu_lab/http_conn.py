@@ -97,6 +97,7 @@ class Response:
     url: str
     length: int | None
     keep: bool  # the connection can serve another request once the body is read
+    chunked: bool = False  # a chunked body (never read by ``read_body``: the caller refuses it)
 
     def getheader(self, name: str, default=None):
         return self.headers.get(name.lower(), default)
@@ -190,7 +191,8 @@ class Connection:
         keep = (status[0] != "HTTP/1.0" and "close" not in hdrs.get("connection", "").lower()
                 and length is not None and not chunked)
         self._extra = view[end + 4:got]
-        return Response(int(status[1]), hdrs, "", int(length) if length is not None and not chunked else None, keep)
+        return Response(int(status[1]), hdrs, "", int(length) if length is not None and not chunked else None, keep,
+                        chunked)
 
     def read_body(self, r: Response, view: memoryview, stop=None) -> int:
         """The body, or its first ``len(view)`` bytes, into ``view``; returns the bytes received

@@ -309,6 +309,9 @@ class HTTPSource(RemoteSource):
         etag = r.getheader("ETag")
         if self._etag is not None and etag is not None and _norm_etag(etag) != self._etag:
             raise SourceChangedError(self.name, f"its ETag went from {self._etag!r} to {_norm_etag(etag)!r}")
+        if r.chunked:
+            raise RemoteError(f"{self.name}: the server sent bytes [{offset}, {offset + n}) in chunked encoding, "
+                              "which ranged reads do not take")
         if r.length is not None and r.length != n:
             raise RemoteError(f"{self.name}: asked for {n} bytes at {offset}, the answer has {r.length}")
 
