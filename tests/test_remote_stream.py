@@ -138,3 +138,14 @@ def test_stale_kept_connection_is_replaced(files, reference):
             failures = len(srv.requests)
             assert np.array_equal(m.raw("output.weight"), want)
             assert len(srv.requests) == failures + 1  # one request, on a new connection, no retry
+
+
+def test_column_shard_over_http(files, small_model):
+    """A column shard's rows are ranges that are not adjacent: each its own request, gathered
+    into one staging slot, as from the local file."""
+    shard = {"blk.0.attn_q.weight": (-1, 1, 2), "blk.0.ffn_down.weight": (0, 0, 2)}
+    with serve(files) as srv, open_model(srv.url("small.gguf")) as m:
+        got = load(m, mode="gpu", dtype="float32", backend="host", readers=2, chunk_mb=0.25, shard=shard)
+    want = load(small_model, mode="gpu", dtype="float32", backend="host", shard=shard)
+    for name in want.keys():
+        assert np.array_equal(got[name].numpy(), want[name].numpy()), name
