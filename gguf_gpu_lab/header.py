@@ -120,6 +120,48 @@ def read_header(source) -> "Header":
                                       path=source.name) from None
 
 
+
+def _decode_strings(blob: bytes, starts: np.ndarray, lengths: np.ndarray) -> list[str] | None:
+    """The strings at ``blob[starts[k]:starts[k] + lengths[k]]``, decoded as UTF-8 in one call:
+    the strings' bytes joined (their length prefixes left out), decoded at once, and cut at the
+    character offsets of the strings' starts (a character starts at every byte that is not a
+    continuation byte, 0b10xxxxxx). Exactly the strings decoded one by one when the joined bytes
+    are UTF-8 and no string starts with a continuation byte (then every character lies inside one
+    string); None otherwise (the caller decodes one by one and says which string is wrong)."""
+    n = len(starts)
+    if not n:
+        return []
+    u8 = np.frombuffer(blob, np.uint8)
+    if n > 1 and (starts[1:] == starts[:-1] + lengths[:-1] + 8).all() and starts[0] >= 1:
+        # back to back, as in one array: each length's last byte made a NUL separator, the rest
+        # left out; then one decode and one split, if no string holds a NUL of its own
+        keep = np.ones(int(starts[-1] + lengths[-1] - starts[0] + 1), bool)
+        drop = (starts[1:] - starts[0])[:, None] - np.arange(1, 8)
+        keep[drop.ravel()] = False
+        joined = u8[starts[0] - 1:starts[-1] + lengths[-1]][keep].copy()
+        joined[(starts - starts[0]) - 7 * np.arange(n)] = 0
+        if np.count_nonzero(joined == 0) == n:
+            try:
+                return joined.tobytes().decode("utf-8").split("\0")[1:]
+            except UnicodeDecodeError:
+                return None
+    first = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    joined = u8[first + np.arange(first.size)] if first.size else u8[:0]
+    begins = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=begins[1:])
+    is_start = (joined & 0xC0) != 0x80
+    nonempty = lengths > 0
+    if not is_start[begins[:-1][nonempty]].all():
+        return None
+    try:
+        text = joined.tobytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    chars = np.zeros(joined.size + 1, np.int64)
+    np.cumsum(is_start, out=chars[1:])
+    at = chars[begins].tolist()
+    return [text[a:b] for a, b in zip(at[:-1], at[1:])]
+
 class Header:
     """The parsed header of a GGUF file: ``version``, ``fields`` (key to ``Field``, file order),
     ``tensors`` (``TensorRecord``), ``alignment`` and ``data_offset``.
@@ -335,6 +377,9 @@ class Header:
         if etype == VT.STRING:
             starts, lengths, end = self._scan_strings(first, count, what)
             blob = self.mapping[first:end]  # one copy of the region, then a slice a string
+            fast = _decode_strings(blob, starts + 8 - first, lengths)
+            if fast is not None:
+                return fast
             pairs = list(zip((starts + 8 - first).tolist(), (starts + 8 - first + lengths).tolist()))
             try:
                 return [blob[a:b].decode("utf-8") for a, b in pairs]

@@ -246,6 +246,19 @@ def test_tokenizer_is_transformers_own(model_dir, arch):
         assert ours(text)["input_ids"] == ref(text)["input_ids"], text
 
 
+def test_tokenizer_leaves_transformers_as_it_was(model_dir):
+    """transformers' functions and builder tables are its own again after hf.tokenizer."""
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+
+    names = ("generate_merges", "get_merges", "sentencepiece_tokenizer", "add_gguf_special_tokens")
+    before = {n: getattr(mapping, n) for n in names}
+    tables = {n: dict(getattr(mapping, n)) for n in ("GGUF_TOKENIZER_TYPES", "GGUF_SENTENCEPIECE_BUILDERS")}
+    hf.tokenizer(_file(model_dir, "gemma3"))
+    assert {n: getattr(mapping, n) for n in names} == before
+    assert {n: dict(getattr(mapping, n)) for n in tables} == tables
+    assert all(f.__module__.startswith("transformers") for f in before.values())
+
+
 def test_tokenizer_with_an_older_transformers(model_dir, monkeypatch):
     """Without transformers.integrations.gguf's tokenizer module (before 5.24), transformers' own path."""
     from gguf_gpu_lab import hf_tokenizer

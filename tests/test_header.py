@@ -192,3 +192,26 @@ def test_bad_arrays_name_the_key(tmp_path, blob, needle):
     with pytest.raises(GGUFFormatError, match=needle) as e:
         lab.open_model(p)
     assert str(p) in str(e.value) and ("'k'" in str(e.value) or "alignment" in str(e.value))
+
+
+def test_strings_decoded_at_once_equal_one_by_one():
+    """``_decode_strings`` (one decode of the joined strings) gives each string's own decode, or
+    None where one string alone is not UTF-8, even when the joined bytes are (a character cut in two)."""
+    from gguf_gpu_lab.header import _decode_strings
+
+    def encoded(pieces, gap=0):
+        blob, starts = b"\x07" * 3, []
+        for p in pieces:
+            blob += struct.pack("<Q", len(p)) + b"\x05" * gap
+            starts.append(len(blob))
+            blob += p
+        return _decode_strings(blob, np.array(starts, np.int64), np.array([len(p) for p in pieces], np.int64))
+
+    cases = [["a", "", "\u00e9t\u00e9", "\u4e2d\U0001f600", "x" * 300], ["", ""], ["x"], [""], ["a\0b", "\0", "c"]]
+    for gap in (0, 2):  # back to back (one array) and apart
+        for texts in cases:
+            assert encoded([t.encode() for t in texts], gap) == texts, (gap, texts)
+        assert encoded([b"a\xc3", b"\xa9b"], gap) is None  # "\u00e9" cut between two strings
+        assert encoded([b"ok", b"\xff"], gap) is None
+        assert encoded([b"ok", "\ud800".encode("utf-8", "surrogatepass")], gap) is None
+    assert encoded([]) == []
