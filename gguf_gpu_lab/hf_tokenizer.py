@@ -303,7 +303,8 @@ def tokenizer(path):
     if not _has_gguf_tokenizer_module():  # an older transformers: its own (slower) path, the same result
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        with _tokens_as_a_set():
+            return AutoTokenizer.from_pretrained(folder, gguf_file=name)
     parsed = gguf_tokenizer(model)
     cls = tokenizer_class(hf.config(model))
     with _fast_conversion(parsed):
@@ -319,3 +320,56 @@ def _has_gguf_tokenizer_module() -> bool:
         return False
     return all(hasattr(m, a) for m, a in ((tig, "get_gguf_tokenizer"), (tig, "GGUF_TOKENIZER_MAPPING"),
                                            (gguf_tokenizer_mapping, "generate_merges")))
+
+
+class _Tokens(list):
+    """The token list, whose ``in`` asks a set of its items (built at the first ``in``): older
+    transformers (``integrations.ggml.GGUFTokenizerSkeleton``) derive merges with
+    ``piece in tokens`` on the list, once per place in every token: quadratic on a large
+    vocabulary (minutes on 128k tokens). A list of str: ``in`` answers the same."""
+
+    _set = None
+
+    def __contains__(self, item) -> bool:
+        if self._set is None:
+            self._set = set(self)
+        return item in self._set
+
+
+# where older transformers define or import convert_gguf_tokenizer
+_CONVERTER_MODULES = ("transformers.integrations.ggml", "transformers.integrations.gguf",
+                      "transformers.tokenization_utils_fast", "transformers.tokenization_utils_tokenizers")
+
+
+@contextlib.contextmanager
+def _tokens_as_a_set():
+    """For the length of the call, transformers' ``convert_gguf_tokenizer`` gets the tokenizer
+    dict with its ``tokens`` as a ``_Tokens`` (the same list, a set behind ``in``). Under the lock;
+    restored afterwards."""
+    import importlib
+    import sys
+
+    with _PATCH_LOCK:
+        patched = []
+        for module_name in _CONVERTER_MODULES:
+            if module_name not in sys.modules:
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(module_name)
+            module = sys.modules.get(module_name)
+            real = getattr(module, "convert_gguf_tokenizer", None)
+            if real is None or getattr(real, "_gguf_lab_real", None) is not None:
+                continue
+
+            def convert(architecture, tokenizer_dict, *args, _real=real, **kwargs):
+                if isinstance(tokenizer_dict, dict) and isinstance(tokenizer_dict.get("tokens"), list):
+                    tokenizer_dict = dict(tokenizer_dict, tokens=_Tokens(tokenizer_dict["tokens"]))
+                return _real(architecture, tokenizer_dict, *args, **kwargs)
+
+            convert._gguf_lab_real = real
+            setattr(module, "convert_gguf_tokenizer", convert)
+            patched.append((module, real))
+        try:
+            yield
+        finally:
+            for module, real in patched:
+                module.convert_gguf_tokenizer = real

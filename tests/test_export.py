@@ -270,6 +270,28 @@ def test_tokenizer_with_an_older_transformers(model_dir, monkeypatch):
         str(model_dir), gguf_file=p.name)(TEXTS[0])["input_ids"]
 
 
+def test_older_transformers_get_the_tokens_with_a_set_behind_in(model_dir, monkeypatch):
+    """On the older path, transformers' converter sees the token list as a ``_Tokens`` (the same
+    list; ``in`` through a set), and its own function is back afterwards."""
+    from gguf_gpu_lab import hf_tokenizer
+    import transformers.integrations.gguf as tig
+
+    tokens = hf_tokenizer._Tokens(["a", "b", "ab"])
+    assert tokens == ["a", "b", "ab"] and "ab" in tokens and "ba" not in tokens and tokens[1:] == ["b", "ab"]
+    real, seen = tig.convert_gguf_tokenizer, []
+
+    def watching(architecture, tokenizer_dict, *args, **kwargs):
+        seen.append(type(tokenizer_dict["tokens"]))
+        return real(architecture, tokenizer_dict, *args, **kwargs)
+
+    monkeypatch.setattr(tig, "convert_gguf_tokenizer", watching)
+    monkeypatch.setattr(hf_tokenizer, "_has_gguf_tokenizer_module", lambda: False)
+    p = _file(model_dir, "llama")
+    assert hf.tokenizer(p)(TEXTS[1])["input_ids"] == AutoTokenizer.from_pretrained(
+        str(model_dir), gguf_file=p.name)(TEXTS[1])["input_ids"]
+    assert seen == [hf_tokenizer._Tokens, list] and tig.convert_gguf_tokenizer is watching
+
+
 def test_tokenizer_of_a_missing_file(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such file"):
         hf.tokenizer(tmp_path / "nothing.gguf")
