@@ -149,7 +149,7 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
               hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
               export: bool = False, overwrite: bool = False, tp: bool = False,
               tp_worlds: Sequence[int] = (1, 2, 4), tp_device: str = "auto", first: bool = False,
-              remote: bool = False, connections: int = 16, rate_gbps: float = 1.0) -> int:
+              remote: bool = False, connections: int = 16, rate_gbps: float = 1.0, time_limit: float | None = None) -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
@@ -161,6 +161,8 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
     for flag, value in (("--size-mb", size_mb), ("--types", types)):
         if value is not None and not (cpu or dequant):
             raise GGUFLabError(f"{flag} is for bench --cpu and bench --dequant, not bench{' ' + chosen[0] if chosen else ''}")
+    if time_limit is not None and not export:
+        raise GGUFLabError(f"--time-limit is for bench --export, not bench{' ' + chosen[0] if chosen else ''}")
     size_mb = 256 if size_mb is None else size_mb
     if not cpu and not open_ and not export and not tp:  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
@@ -207,8 +209,14 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
     elif export:
         from .tools.bench_export import bench_export, format_export
 
-        res = bench_export(model_path, params=params, work_dir=out_dir)
+        from .tools.bench_export import save_progress
+
+        saved: list[str] = []  # the JSON is written after every phase (a run stopped keeps what it measured)
+        res = bench_export(model_path, params=params, work_dir=out_dir, time_limit=time_limit or 200.0,
+                           save=lambda r: saved.append(save_progress(r, out_dir, saved, out, overwrite)))
         print(format_export(res))
+        print(f"saved {saved[-1]}")
+        return 0
     elif hf:
         from .tools.bench_hf import bench_hf, format_hf
 
@@ -345,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
                              None if args.big_params.lower() == "none" else args.big_params, args.export,
                              args.overwrite, args.tp, tuple(args.tp_worlds), args.tp_device, args.first, args.remote,
-                             args.connections, args.rate_gbps)
+                             args.connections, args.rate_gbps, args.time_limit)
         if args.command == "export":
             return cmd_export(args.path, args.out_dir, args.dtype, args.max_shard_size, args.overwrite, args.budget,
                               args.device)

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--remote: connections (reader threads), 1-256 (default 16)")
     s.add_argument("--rate-gbps", type=_between(0.001, 1000), default=1.0,
                    help="--remote: the throttled server's GB/s, 0.001-1000 (default 1)")
+    s.add_argument("--time-limit", type=_between(1, 86400), default=None,
+                   help="--export: seconds for the whole run, 1-86400 (default 200); each phase runs in a child "
+                        "process with what is left, the JSON is written after every phase")
     s.add_argument("--big-params", default="70B",
                    help="--multi-gpu: the large model loaded over all GPUs (default 70B; 'none' skips it)")
     s.add_argument("--out", help="write the JSON result to this file (default: a file named by date and time in "

@@ -335,14 +335,38 @@ def test_cli_export(model_dir, capsys):
 
 
 def test_bench_export_on_the_host(tmp_path):
-    """The benchmark's own path, small and on the CPU (the lead runs it on a GPU with the 8B file)."""
+    """The benchmark's own path, small and on the CPU (the lead runs it on a GPU with the 8B file):
+    every phase in its child process, the result saved after each."""
     from gguf_gpu_lab.tools.bench_export import bench_export, format_export
 
+    saved = []
     res = bench_export(params="1M", device="cpu", work_dir=str(tmp_path), baseline_params="1M", vocab=VOCAB,
-                       tokenizer_vocab=2000)
+                       tokenizer_vocab=2000, time_limit=600, save=lambda r: saved.append(json.loads(json.dumps(r))))
+    assert [len(s["phases_s"]) for s in saved] == [1, 2, 3, 4, 5] and saved[-1] == json.loads(json.dumps(res))
     assert res["export"]["wall_s"] > 0 and res["disk"]["write_gb_s"] > 0 and res["ratio_to_disk"] > 0
     assert res["export"]["peak_rss_bytes"] > res["export"]["rss_before_bytes"] > 0
     assert res["baseline"]["transformers_s"] > 0 and res["baseline"]["bit_identical"]
-    assert res["tokenizer"]["same_ids"] and res["tokenizer"]["ours_s"] > 0
-    assert set(res["meets_targets"]) == {"vs_disk", "peak_rss"}
+    assert "written by neither" in res["baseline"]["tokenizer"]
+    assert res["tokenizer"]["ours_s"] > 0 and res["tokenizer"]["vocab"] == 2000
+    ref = res["tokenizer_reference"]
+    assert ref["same_ids"] and ref["same_backend"] and ref["same_class"] and ref["transformers_s"] > 0
+    assert set(res["meets_targets"]) == {"vs_disk", "peak_rss", "tokenizer"}
     assert "export" in format_export(res) and os.listdir(tmp_path) == []
+
+
+def test_bench_export_keeps_what_it_measured_when_time_runs_out(tmp_path, capsys):
+    """A phase still running at the time limit is killed and recorded; the later ones are skipped;
+    the JSON (bench --export --time-limit on the command line) is written after each."""
+    from gguf_gpu_lab.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["bench", "--export", "--params", "1M", "--time-limit", "2", "--out", str(out),
+                 "--out-dir", str(tmp_path / "work")]) == 0
+    res = json.loads(out.read_text())
+    assert res["time_limit_s"] == 2 and "timed_out_after_s" in res["disk"]
+    assert all("skipped" in res[k] for k in ("export", "tokenizer", "baseline", "tokenizer_reference"))
+    captured = capsys.readouterr()
+    assert "disk: stopped by the time limit" in captured.out and "export: skipped" in captured.out
+    assert "bench --export: the disk's sequential write speed" in captured.err
+    assert main(["bench", "--cpu", "--time-limit", "5"]) == 2
+    assert "--time-limit is for bench --export" in capsys.readouterr().err

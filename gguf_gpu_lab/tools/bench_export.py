@@ -2,13 +2,18 @@
 (the export's own pattern: one thread writing large pieces into preallocated files, then fsync),
 the export's wall time of the same file (a synthetic 8B Q4_K_M to bfloat16 by default), the ratio
 of the two (target at least 0.8), and the export process's peak host memory (target at most the
-budget + 1 GB). Also transformers' ``from_pretrained(gguf_file=...)`` + ``save_pretrained`` on a
-smaller file (it takes minutes on 8B), and ``hf.tokenizer`` on a 262,144-token vocabulary against
-transformers' ``AutoTokenizer.from_pretrained(gguf_file=...)``.
+budget + 1 GB). Also ``hf.tokenizer`` on a 262,144-token vocabulary (target at most 1 s),
+transformers' ``from_pretrained(gguf_file=...)`` + ``save_pretrained`` on a smaller file (it takes
+minutes on 8B; neither side writes a tokenizer there), and transformers'
+``AutoTokenizer.from_pretrained(gguf_file=...)`` against ``hf.tokenizer`` (time and ids).
 
-The export runs in a child process, so that its peak memory (``ru_maxrss``) is its own, after a
-warm-up that imports transformers' model modules and maps the names (what a process's first export
-adds, reported apart): the timed export is what every later one in a process costs.
+Every phase runs in a child process of its own, with what is left of the run's time limit
+(``--time-limit``, default 200 s): a phase that runs out is killed and recorded as stopped, and
+the result (JSON) is written after every phase, so a run stopped anywhere keeps what it measured.
+Each phase's start is said on stderr. The export's child reports its own peak memory
+(``ru_maxrss``), after a warm-up that imports transformers' model modules and maps the names
+(what a process's first export adds, reported apart): the timed export is what every later one
+in a process costs.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 from .bench import bench_model, machine_info, package_version, save_result
 
@@ -73,7 +79,7 @@ def _rss_now() -> int:
     return 0
 
 
-def _child(args: dict) -> dict:
+def _export_phase(args: dict) -> dict:
     """The export in this (child) process: its result, the memory before it and the peak."""
     import resource
 
@@ -87,17 +93,39 @@ def _child(args: dict) -> dict:
     warmup = time.perf_counter() - t0
     before = _rss_now()
     r = hf.export(model, args["out"], dtype=args["dtype"], budget=args["budget"], device=args["device"], progress=False)
+    shutil.rmtree(args["out"])
     return {"wall_s": r.wall_s, "steps_s": r.steps_s, "weight_bytes": r.weight_bytes, "gb_s": r.gb_s,
             "n_tensors": r.n_tensors, "files": list(r.files), "rss_before_bytes": before, "first_call_extra_s": warmup,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def _run_child(args: dict, timeout: float = 3600) -> dict:
+def _disk_phase(args: dict) -> dict:
+    """The disk's sequential write speed for as many bytes as the export writes (its size from
+    the model's shapes)."""
+    from .. import hf_convert
+    from ..model import shared_model
+
+    conv = hf_convert._Conversion(shared_model(args["path"]), args["dtype"])
+    size = 4 if args["dtype"] == "float32" else 2
+    wanted = set(conv.names[g] for g in conv.wanted)
+    nbytes = sum(p.numel() for n, p in conv.hf_model.state_dict().items() if n in wanted) * size
+    del conv
+    return {**disk_write_speed(args["work"], nbytes), "export_bytes_estimate": nbytes}
+
+
+_PHASES = {"disk": _disk_phase, "export": _export_phase,
+           "baseline": lambda a: _baseline(a["work"], a["params"], a["dtype"], a["device"], a["vocab"]),
+           "tokenizer": lambda a: _tokenizer_timing(a["work"], a["vocab"]),
+           "tokenizer_reference": lambda a: _tokenizer_reference(a["work"], a["vocab"])}
+
+
+def _run_phase(name: str, args: dict, timeout: float) -> dict:
+    """One phase in a child process of its own, stopped (killed) after ``timeout`` seconds."""
     env = dict(os.environ, GGUF_LAB_PROGRESS="0")
-    p = subprocess.run([sys.executable, "-m", "gguf_gpu_lab.tools.bench_export", "--child", json.dumps(args)],
+    p = subprocess.run([sys.executable, "-m", "gguf_gpu_lab.tools.bench_export", "--phase", name, json.dumps(args)],
                        capture_output=True, text=True, timeout=timeout, env=env)
     if p.returncode != 0:
-        raise RuntimeError(f"the export's child process failed ({p.returncode}):\n{p.stderr[-4000:]}")
+        raise RuntimeError(f"the {name} phase's child process failed ({p.returncode}):\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -131,7 +159,7 @@ def _baseline(work: str, params: str, dtype: str, device: str, vocab: int | None
     path = os.path.join(work, f"baseline-{params}.gguf")
     synth(path, params, "Q4_K_M", vocab=vocab, weights="small")
     t0 = time.perf_counter()
-    hf.export(path, os.path.join(work, "ours"), dtype=dtype, device=device, progress=False)
+    hf.export(path, os.path.join(work, "ours"), dtype=dtype, device=device, progress=False, tokenizer=False)
     ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = AutoModelForCausalLM.from_pretrained(work, gguf_file=os.path.basename(path), dtype=getattr(torch, dtype))
@@ -149,6 +177,8 @@ def _baseline(work: str, params: str, dtype: str, device: str, vocab: int | None
     same = _same_safetensors(os.path.join(work, "ours"), os.path.join(work, "transformers"))
     res = {"params": params, "file_bytes": os.path.getsize(path), "ours_s": ours, "transformers_s": theirs,
            "save_pretrained_refused": detached,
+           "tokenizer": "written by neither: transformers' from_pretrained + save_pretrained of the model writes "
+                        "none, so our export here runs with tokenizer=False (the tokenizer phases time it)",
            "speedup": theirs / ours, **same,
            "bit_identical": same["same_names"] and same["bit_identical_tensors"] == same["tensors"]}
     for sub in ("ours", "transformers"):
@@ -157,91 +187,179 @@ def _baseline(work: str, params: str, dtype: str, device: str, vocab: int | None
     return res
 
 
-def _tokenizer_timing(work: str, vocab: int, repeat: int = 3) -> dict:
-    from transformers import AutoTokenizer
-
-    from .. import hf
+def _vocab_file(work: str, vocab: int) -> str:
+    """A synthetic file of ``vocab`` tokens (its weights not written), made once in ``work``."""
     from .synth import synth
 
     path = os.path.join(work, f"vocab-{vocab}.gguf")
-    synth(path, "1M", "Q8_0", vocab=vocab, data=False)
+    if not os.path.exists(path):
+        synth(path + ".tmp", "1M", "Q8_0", vocab=vocab, data=False)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def _fingerprint(tok) -> dict:
+    import hashlib
+
+    return {"class": type(tok).__name__, "ids": tok(TEXT)["input_ids"],
+            "backend_sha256": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()}
+
+
+def _tokenizer_timing(work: str, vocab: int, repeat: int = 3) -> dict:
+    """``hf.tokenizer`` on a ``vocab``-token file: the process's first call (imports included) and
+    the median of ``repeat`` more."""
+    from .. import hf
+
+    path = _vocab_file(work, vocab)
     t0 = time.perf_counter()
     ours = hf.tokenizer(path)
     first = time.perf_counter() - t0
-    runs = []
+    runs, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ours = hf.tokenizer(path)
         runs.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"vocab": vocab, "ours_first_s": first, "ours_s": statistics.median(runs), "ours_all_s": runs,
+            "ours_cpu_s": statistics.median(cpu), "target_s": 1.0, **_fingerprint(ours)}
+
+
+def _tokenizer_reference(work: str, vocab: int) -> dict:
+    """transformers' ``AutoTokenizer.from_pretrained(gguf_file=...)`` on a ``vocab``-token file
+    (timed), and whether ``hf.tokenizer`` gives the same ids and backend there."""
+    from transformers import AutoTokenizer
+
+    from .. import hf
+
+    path = _vocab_file(work, vocab)
+    hf.tokenizer(path)  # the imports both share, before the clock
     t0 = time.perf_counter()
     ref = AutoTokenizer.from_pretrained(work, gguf_file=os.path.basename(path))
     theirs = time.perf_counter() - t0
-    os.unlink(path)
-    steady = statistics.median(runs)
-    return {"vocab": vocab, "ours_first_s": first, "ours_s": steady, "ours_all_s": runs, "transformers_s": theirs,
-            "speedup": theirs / steady, "same_ids": ours(TEXT)["input_ids"] == ref(TEXT)["input_ids"],
-            "same_backend": ours.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()}
+    t0 = time.perf_counter()
+    ours = hf.tokenizer(path)
+    mine = time.perf_counter() - t0
+    a, b = _fingerprint(ours), _fingerprint(ref)
+    return {"vocab": vocab, "transformers_s": theirs, "ours_s": mine, "speedup": theirs / mine,
+            "same_ids": a["ids"] == b["ids"], "same_backend": a["backend_sha256"] == b["backend_sha256"],
+            "same_class": a["class"] == b["class"]}
 
 
 def bench_export(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K_M", dtype: str = "bfloat16",
                  device: str = "auto", budget: str = "2GB", work_dir: str = ".", baseline_params: str | None = "1B",
-                 vocab: int | None = None, tokenizer_vocab: int | None = 262144) -> dict:
+                 vocab: int | None = None, tokenizer_vocab: int | None = 262144, time_limit: float = 200.0,
+                 reference_vocab: int | None = None, save: Callable[[dict], object] | None = None) -> dict:
     """The export of ``model_path`` (or a synthetic llama of ``params`` and ``mix``) into a temporary
     folder under ``work_dir``, against that disk's write speed; ``baseline_params`` (None skips it)
-    and ``tokenizer_vocab`` (None skips it) size the comparisons with transformers.
+    and ``tokenizer_vocab`` (None skips it) size the comparisons with transformers
+    (``reference_vocab``, default ``tokenizer_vocab``: the vocabulary transformers' own tokenizer
+    is timed on; its conversion before 5.24 is slow on a large one).
+
+    Each phase (the disk's write speed, our export, our tokenizer, transformers' baseline,
+    transformers' tokenizer) runs in a child process of its own, stopped when the run's
+    ``time_limit`` (seconds from the call) is spent; a phase stopped or failed is recorded as such
+    (``{"timed_out_after_s": ...}``, ``{"error": ...}``, ``{"skipped": ...}``) and the next one
+    still runs if time is left. ``save(res)`` is called after every phase, so partial results survive.
 
     Example:
-        >>> res = bench_export(params="8B")      # doctest: +SKIP
-        >>> print(format_export(res))            # doctest: +SKIP
+        >>> res = bench_export(params="8B", time_limit=200)      # doctest: +SKIP
+        >>> print(format_export(res))                            # doctest: +SKIP
     """
     import torch
 
-    from .. import hf_convert
     from ..export import _device_for, parse_size
-    from ..model import shared_model
 
+    deadline = time.monotonic() + time_limit
     dev, _, _ = _device_for(device)
     budget_bytes = parse_size(budget, "budget")
     os.makedirs(work_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="gguf-lab-bench-export-", dir=work_dir) as work, \
-            bench_model(model_path, params, mix, arch="llama", weights="small",
-                        **({"vocab": vocab} if vocab else {})) as (path, synth_info):
-        info = {"device": str(dev)}
-        if dev.type == "cuda":
-            from .bench_gpu import device_info
+    info = {"device": str(dev)}
+    if dev.type == "cuda":
+        from .bench_gpu import device_info
 
-            info = device_info()
-        res = {"benchmark": "export", "machine": machine_info(), "device": info, "torch": torch.__version__,
-               "transformers": package_version("transformers"), "safetensors": package_version("safetensors"), "dtype": dtype,
-               "budget_bytes": budget_bytes,
-               "model": {"path": os.path.basename(path), "file_bytes": os.path.getsize(path), "synth": synth_info},
-               "targets": {"vs_disk_at_least": 0.8, "peak_rss_at_most_bytes": budget_bytes + 10**9}}
-        conv = hf_convert._Conversion(shared_model(path), dtype)  # the export's size, for the disk's run
-        size = 2 if dtype != "float32" else 4
-        nbytes = sum(p.numel() for n, p in conv.hf_model.state_dict().items()
-                     if n in set(conv.names[g] for g in conv.wanted)) * size
-        del conv
-        _say(f"the disk's sequential write speed: {nbytes / 1e9:.1f} GB into {work}")
-        res["disk"] = disk_write_speed(work, nbytes)
-        _say(f"disk {res['disk']['write_gb_s']:.2f} GB/s; the export, in a child process")
-        res["export"] = _run_child({"path": path, "out": os.path.join(work, "export"), "dtype": dtype,
-                                    "budget": budget_bytes, "device": str(dev)})
-        res["export"]["disk_bytes_estimate"] = nbytes
-        res["ratio_to_disk"] = res["export"]["gb_s"] / res["disk"]["write_gb_s"]
-        res["ratio_to_disk_weights_only"] = (res["export"]["weight_bytes"] / res["export"]["steps_s"]["weights_s"]
-                                             / 1e9 / res["disk"]["write_gb_s"])
-        shutil.rmtree(os.path.join(work, "export"))
-        _say(f"export {res['export']['gb_s']:.2f} GB/s")
-        if baseline_params:
-            _say(f"transformers' from_pretrained(gguf_file=...) + save_pretrained on {baseline_params}")
-            res["baseline"] = _baseline(work, baseline_params, dtype, str(dev), vocab)
+        info = device_info()
+    res = {"benchmark": "export", "machine": machine_info(), "device": info, "torch": torch.__version__,
+           "transformers": package_version("transformers"), "safetensors": package_version("safetensors"),
+           "dtype": dtype, "budget_bytes": budget_bytes, "time_limit_s": time_limit, "phases_s": {},
+           "targets": {"vs_disk_at_least": 0.8, "peak_rss_at_most_bytes": budget_bytes + 10**9,
+                       "tokenizer_at_most_s": 1.0}}
+
+    def phase(name: str, what: str, args: dict) -> dict:
+        left = deadline - time.monotonic()
+        if left < 1:
+            res[name] = {"skipped": f"the run's time limit ({time_limit:g} s) was spent"}
+            _say(f"{what}: skipped, the time limit is spent")
+        else:
+            _say(f"{what} (at most {left:.0f} s)")
+            t0 = time.monotonic()
+            try:
+                res[name] = _run_phase(name, args, left)
+            except subprocess.TimeoutExpired:
+                res[name] = {"timed_out_after_s": left}
+                _say(f"{what}: stopped by the time limit after {left:.0f} s")
+            except RuntimeError as e:
+                res[name] = {"error": str(e)[-4000:]}
+                _say(f"{what}: failed: {str(e)[-300:]}")
+            res["phases_s"][name] = time.monotonic() - t0
+        _derive(res)
+        if save is not None:
+            save(res)
+        return res[name]
+
+    with tempfile.TemporaryDirectory(prefix="gguf-lab-bench-export-", dir=work_dir) as work:
+        if model_path is None:
+            _say(f"a synthetic {params} {mix} llama")
+        with bench_model(model_path, params, mix, arch="llama", weights="small",
+                         **({"vocab": vocab} if vocab else {})) as (path, synth_info):
+            res["model"] = {"path": os.path.basename(path), "file_bytes": os.path.getsize(path), "synth": synth_info}
+            common = {"path": path, "work": work, "dtype": dtype}
+            phase("disk", f"the disk's sequential write speed, as many bytes as the export, into {work}", common)
+            phase("export", "the export, in a child process", {**common, "out": os.path.join(work, "export"),
+                                                              "budget": budget_bytes, "device": str(dev)})
         if tokenizer_vocab:
-            _say(f"the tokenizer of a {tokenizer_vocab:,}-token vocabulary, ours and transformers'")
-            res["tokenizer"] = _tokenizer_timing(work, tokenizer_vocab)
-        res["meets_targets"] = {
-            "vs_disk": res["ratio_to_disk"] >= res["targets"]["vs_disk_at_least"],
-            "peak_rss": res["export"]["peak_rss_bytes"] <= res["targets"]["peak_rss_at_most_bytes"]}
-        return res
+            phase("tokenizer", f"hf.tokenizer on a {tokenizer_vocab:,}-token vocabulary",
+                  {"work": work, "vocab": tokenizer_vocab})
+        if baseline_params:
+            phase("baseline", f"transformers' from_pretrained(gguf_file=...) + save_pretrained on {baseline_params}",
+                  {"work": work, "params": baseline_params, "dtype": dtype, "device": str(dev), "vocab": vocab})
+        if tokenizer_vocab or reference_vocab:
+            n = reference_vocab or tokenizer_vocab
+            phase("tokenizer_reference", f"transformers' AutoTokenizer(gguf_file=) on a {n:,}-token vocabulary",
+                  {"work": work, "vocab": n})
+    return res
+
+
+def _derive(res: dict) -> None:
+    """The ratios and the targets met, from the phases that have finished."""
+    disk, e, tok = res.get("disk", {}), res.get("export", {}), res.get("tokenizer", {})
+    met = {}
+    if "write_gb_s" in disk and "gb_s" in e:
+        res["ratio_to_disk"] = e["gb_s"] / disk["write_gb_s"]
+        res["ratio_to_disk_weights_only"] = e["weight_bytes"] / e["steps_s"]["weights_s"] / 1e9 / disk["write_gb_s"]
+        met["vs_disk"] = res["ratio_to_disk"] >= res["targets"]["vs_disk_at_least"]
+    if "peak_rss_bytes" in e:
+        met["peak_rss"] = e["peak_rss_bytes"] <= res["targets"]["peak_rss_at_most_bytes"]
+    if "ours_s" in tok:
+        met["tokenizer"] = tok["ours_s"] <= res["targets"]["tokenizer_at_most_s"]
+    res["meets_targets"] = met
+
+
+def save_progress(res: dict, out_dir: str, saved: list, out: str | None = None, overwrite: bool = False) -> str:
+    """The result written after a phase: the first time into ``out`` (refused if it exists,
+    unless ``overwrite``) or a new dated file in ``out_dir`` (``save_result``), later over that
+    same file (written beside it and renamed: a run stopped mid-write leaves the previous phase's).
+    ``saved`` holds the paths written so far. Returns the path."""
+    if saved:
+        path = saved[-1]
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=2)
+        os.replace(path + ".tmp", path)
+        return path
+    if out is not None:
+        with open(out, "w" if overwrite else "x") as f:
+            json.dump(res, f, indent=2)
+        return out
+    return save_result(res, out_dir, res["benchmark"])
 
 
 def _say(what: str) -> None:
@@ -249,29 +367,53 @@ def _say(what: str) -> None:
     print(f"bench --export: {what}", file=sys.stderr, flush=True)
 
 
+def _status(part: dict) -> str | None:
+    """What stopped a phase, or None when it finished."""
+    for key, text in (("skipped", "skipped: {}"), ("timed_out_after_s", "stopped by the time limit after {:.0f} s"),
+                      ("error", "failed: {}")):
+        if key in part:
+            return text.format(part[key] if key != "error" else part[key].strip().splitlines()[-1][:200])
+    return None
+
+
 def format_export(res: dict) -> str:
-    d, e, k = res["device"], res["export"], res["disk"]
-    lines = [f"export on {d.get('name', d.get('device'))} ({res['machine']['date']}): {res['model']['path']}, "
-             f"{res['model']['file_bytes'] / 1e9:.2f} GB, to {res['dtype']}; torch {res['torch']}, "
-             f"transformers {res['transformers']}",
-             f"disk, sequential write + fsync   {k['bytes'] / 1e9:.2f} GB in {k['seconds']:.2f} s = {k['write_gb_s']:.2f} GB/s",
-             f"export (child process)          {e['weight_bytes'] / 1e9:.2f} GB in {e['wall_s']:.2f} s = {e['gb_s']:.2f} GB/s"
-             f" = {res['ratio_to_disk']:.2f} of the disk (target >= {res['targets']['vs_disk_at_least']}); "
-             f"weights alone {res['ratio_to_disk_weights_only']:.2f}; a process's first export adds "
-             f"{e['first_call_extra_s']:.1f} s (imports, name map)",
-             "  steps: " + ", ".join(f"{s[:-2]} {v:.2f} s" for s, v in e["steps_s"].items()),
-             f"peak host memory                {e['peak_rss_bytes'] / 1e9:.2f} GB (before the export "
-             f"{e['rss_before_bytes'] / 1e9:.2f} GB; target <= {res['targets']['peak_rss_at_most_bytes'] / 1e9:.2f} GB)"]
-    if "baseline" in res:
-        b = res["baseline"]
-        lines.append(f"{b['params']} file: export {b['ours_s']:.2f} s, transformers from_pretrained + save_pretrained "
-                     f"{b['transformers_s']:.1f} s ({b['speedup']:.0f}x); {b['bit_identical_tensors']} of "
-                     f"{b['tensors']} tensors bit-identical")
-    if "tokenizer" in res:
-        t = res["tokenizer"]
-        lines.append(f"tokenizer, {t['vocab']:,} tokens: hf.tokenizer {t['ours_s']:.2f} s (first {t['ours_first_s']:.2f} s), "
-                     f"AutoTokenizer(gguf_file=) {t['transformers_s']:.1f} s ({t['speedup']:.0f}x); same ids: "
-                     f"{t['same_ids']}")
+    d, m = res["device"], res.get("model", {})
+    lines = [f"export on {d.get('name', d.get('device'))} ({res['machine']['date']}): {m.get('path')}, "
+             f"{m.get('file_bytes', 0) / 1e9:.2f} GB, to {res['dtype']}; torch {res['torch']}, "
+             f"transformers {res['transformers']}; time limit {res['time_limit_s']:g} s"]
+    k, e = res.get("disk", {}), res.get("export", {})
+    lines.append(f"disk, sequential write + fsync   {k['bytes'] / 1e9:.2f} GB in {k['seconds']:.2f} s = "
+                 f"{k['write_gb_s']:.2f} GB/s" if "write_gb_s" in k else f"disk: {_status(k) or 'not run'}")
+    if "gb_s" in e:
+        ratio = (f" = {res['ratio_to_disk']:.2f} of the disk (target >= {res['targets']['vs_disk_at_least']}); "
+                 f"weights alone {res['ratio_to_disk_weights_only']:.2f}" if "ratio_to_disk" in res else "")
+        lines += [f"export (child process)          {e['weight_bytes'] / 1e9:.2f} GB in {e['wall_s']:.2f} s = "
+                  f"{e['gb_s']:.2f} GB/s{ratio}; a process's first export adds {e['first_call_extra_s']:.1f} s "
+                  "(imports, name map)",
+                  "  steps: " + ", ".join(f"{s[:-2]} {v:.2f} s" for s, v in e["steps_s"].items()),
+                  f"peak host memory                {e['peak_rss_bytes'] / 1e9:.2f} GB (before the export "
+                  f"{e['rss_before_bytes'] / 1e9:.2f} GB; target <= {res['targets']['peak_rss_at_most_bytes'] / 1e9:.2f} GB)"]
+    else:
+        lines.append(f"export: {_status(e) or 'not run'}")
+    for key in ("tokenizer", "baseline", "tokenizer_reference"):
+        part = res.get(key)
+        if part is None:
+            continue
+        if _status(part):
+            lines.append(f"{key}: {_status(part)}")
+        elif key == "tokenizer":
+            lines.append(f"tokenizer, {part['vocab']:,} tokens: hf.tokenizer {part['ours_s']:.2f} s (CPU "
+                         f"{part['ours_cpu_s']:.2f} s; the process's first {part['ours_first_s']:.2f} s; target <= "
+                         f"{part['target_s']:g} s)")
+        elif key == "baseline":
+            lines.append(f"{part['params']} file: export {part['ours_s']:.2f} s, transformers from_pretrained + "
+                         f"save_pretrained {part['transformers_s']:.1f} s ({part['speedup']:.0f}x); "
+                         f"{part['bit_identical_tensors']} of {part['tensors']} tensors bit-identical (no tokenizer "
+                         "written by either)")
+        else:
+            lines.append(f"tokenizer, {part['vocab']:,} tokens: AutoTokenizer(gguf_file=) {part['transformers_s']:.1f} s, "
+                         f"hf.tokenizer {part['ours_s']:.2f} s ({part['speedup']:.0f}x); same ids: {part['same_ids']}, "
+                         f"same tokenizer.json: {part['same_backend']}")
     return "\n".join(lines)
 
 
@@ -279,7 +421,7 @@ if __name__ == "__main__":  # python -m gguf_gpu_lab.tools.bench_export [--model
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m gguf_gpu_lab.tools.bench_export")
-    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--phase", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--model")
     p.add_argument("--params", default="8B")
     p.add_argument("--dtype", default="bfloat16")
@@ -288,13 +430,18 @@ if __name__ == "__main__":  # python -m gguf_gpu_lab.tools.bench_export [--model
     p.add_argument("--work-dir", default=".", help="the export and the disk's run write here (then delete)")
     p.add_argument("--baseline-params", default="1B", help="transformers' comparison on this size ('none' skips it)")
     p.add_argument("--tokenizer-vocab", type=int, default=262144, help="0 skips the tokenizer timing")
+    p.add_argument("--reference-vocab", type=int, default=None,
+                   help="transformers' own tokenizer timed on this vocabulary (default: --tokenizer-vocab)")
+    p.add_argument("--time-limit", type=float, default=200.0, help="seconds for the whole run (default 200)")
     p.add_argument("--out-dir", default="benchmarks/results")
     a = p.parse_args()
-    if a.child:
-        print(json.dumps(_child(json.loads(a.child))))
+    if a.phase:
+        print(json.dumps(_PHASES[a.phase[0]](json.loads(a.phase[1]))))
         sys.exit(0)
+    saved = []
     r = bench_export(a.model, a.params, dtype=a.dtype, device=a.device, budget=a.budget, work_dir=a.work_dir,
                      baseline_params=None if a.baseline_params.lower() == "none" else a.baseline_params,
-                     tokenizer_vocab=a.tokenizer_vocab or None)
+                     tokenizer_vocab=a.tokenizer_vocab or None, time_limit=a.time_limit,
+                     reference_vocab=a.reference_vocab, save=lambda res: saved.append(save_progress(res, a.out_dir, saved)))
     print(format_export(r))
-    print(f"saved {save_result(r, a.out_dir, r['benchmark'])}")
+    print(f"saved {saved[-1]}")
