@@ -216,6 +216,10 @@ class Lane:
     def reanchor(self, backend: "Backend") -> None:
         """Time later events on ``backend``'s current clock (a lane kept between loads)."""
 
+    def reset(self) -> None:
+        """Forget an operation's error (a host lane keeps the first until then), once the load it
+        failed has ended: the lane is ready for the next load."""
+
     def threads(self) -> set[threading.Thread]:
         """The threads this lane runs (a host lane's worker; none for a stream)."""
         return set()
@@ -283,6 +287,9 @@ class _HostLane(Lane):
 
     def drain(self):
         self._pool.submit(lambda: None).result()
+
+    def reset(self):
+        self.error = None
 
     def threads(self):
         return set(self._pool._threads)  # ThreadPoolExecutor's own set of its workers

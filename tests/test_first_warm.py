@@ -113,18 +113,36 @@ def test_release_closes_the_lanes_and_frees_the_scratch(small_model, host):
     assert lanes.release() == 0 and not lab_threads()
 
 
-def test_a_failed_load_keeps_no_lanes(small_model, host, monkeypatch):
+def test_a_failed_load_gives_its_lanes_back_clear(small_model, host, monkeypatch):
+    """A lane operation fails (a host lane keeps its error): the load raises it, the set is
+    kept with its error forgotten, and the next load on it is correct."""
     from gguf_gpu_lab import quant
 
-    load(small_model, backend=host, mode="gpu", chunk_mb=0.05)
+    want = load(small_model, backend=host, mode="gpu", chunk_mb=0.05)
     kept = lanes.kept(host)
     monkeypatch.setattr(quant, "dequantize", failing_on(3, quant.dequantize, RuntimeError("injected")))
     with pytest.raises(RuntimeError, match="injected"):
         load(small_model, backend=host, mode="gpu", chunk_mb=0.05)
-    assert lanes.kept(host) is None and kept.lanes == [] and not lab_threads()
+    assert lanes.kept(host) is kept and all(ln.error is None for ln in kept.lanes) and not lab_threads()
     monkeypatch.undo()
-    r = load(small_model, backend=host, mode="gpu", chunk_mb=0.05)  # a fresh set, kept again
-    assert len(r) > 0 and lanes.kept(host) is not None and lanes.kept(host) is not kept
+    r = load(small_model, backend=host, mode="gpu", chunk_mb=0.05)
+    assert lanes.kept(host) is kept
+    for name in want:
+        assert np.array_equal(r[name].numpy(), want[name].numpy())
+
+
+def test_lanes_that_cannot_drain_are_closed(host):
+    class Stuck:
+        def drain(self):
+            raise RuntimeError("device lost")
+
+        def close(self):
+            self.closed = True
+
+    s = lanes.LaneSet(host, [Stuck()], kept=True)
+    lanes._BUSY.add(id(host))
+    lanes.give_back(s, ok=False)
+    assert lanes.kept(host) is None and s.lanes == [] and id(host) not in lanes._BUSY
 
 
 def test_loads_side_by_side_each_have_lanes(small_model, host):

@@ -13,6 +13,8 @@ from gguf_gpu_lab import GGUFLabError, load, open_model, quant, warmup
 from gguf_gpu_lab.device import get_backend
 from gguf_gpu_lab.loader.plan import RAMP_MIN_BYTES, chunk_limits, plan_chunks
 
+from .threads import lab_threads
+
 
 @pytest.fixture
 def fresh_warmup(monkeypatch):
@@ -288,4 +290,4 @@ def test_load_while_a_failing_work_cancels_the_load(small_model):
             load_while(m, {"backend": "host", "chunk_mb": 0.05, "progress": slow}, broken)
         n_chunks = len(plan_chunks(m.tensors, int(0.05 * (1 << 20))))
         assert time.perf_counter() - t0 < 0.05 * n_chunks  # stopped, not run to its end
-    assert not any(t.name.startswith("gguf-lab-") for t in threading.enumerate())
+    assert not lab_threads()

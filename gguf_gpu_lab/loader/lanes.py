@@ -4,8 +4,10 @@ load's first copy does not wait for streams and scratch to be made (1.6 ms on th
 
 One set is kept per backend (a device): a load that needs as many lanes and at most as much
 scratch a lane takes it; one that needs more replaces it; a load running beside another makes
-its own and closes them at its end. Lanes of a load that failed are closed, never kept (a host
-lane keeps its error). ``release()`` closes the kept lanes and frees their scratch;
+its own and closes them at its end. A load that failed or was stopped gives its lanes back too,
+once their work has drained and their errors are forgotten (lanes that cannot drain are closed):
+what a load holds afterwards is what it held before. ``release()`` closes the kept lanes and frees
+their scratch;
 ``warmup`` makes the default set while the user looks at a model.
 """
 
@@ -79,14 +81,23 @@ def lease(backend: Backend, n: int, scratch_bytes: int = 0) -> LaneSet:
 
 
 def give_back(s: LaneSet, ok: bool = True) -> None:
-    """The end of a load's use of ``s`` (its work drained): kept for the next load when it was
-    leased to be kept and the load ended without an error, else closed."""
+    """The end of a load's use of ``s``: kept for the next load when it was leased to be kept,
+    else closed. ``ok``: the load ended without an error; otherwise each lane is drained again
+    and its error forgotten first (a lane that cannot drain closes the set)."""
     key = id(s.backend)
-    if not (s.kept and ok):
+    keep = s.kept
+    if keep and not ok:
+        try:
+            for ln in s.lanes:
+                ln.drain()
+                ln.reset()
+        except BaseException:
+            keep = False
+    if not keep:
         _close(s)
     if s.kept:
         with _LOCK:
-            if ok:
+            if keep:
                 _KEPT[key] = s
             _BUSY.discard(key)
 
