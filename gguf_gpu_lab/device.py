@@ -210,6 +210,20 @@ class Lane:
     def record(self) -> Event: ...
     def close(self) -> None: ...
 
+    def drain(self) -> None:
+        """Wait until the work queued so far has run, keeping the lane open for the next load."""
+
+    def reanchor(self, backend: "Backend") -> None:
+        """Time later events on ``backend``'s current clock (a lane kept between loads)."""
+
+    def reset(self) -> None:
+        """Forget an operation's error (a host lane keeps the first until then), once the load it
+        failed has ended: the lane is ready for the next load."""
+
+    def threads(self) -> set[threading.Thread]:
+        """The threads this lane runs (a host lane's worker; none for a stream)."""
+        return set()
+
 
 # -- host backend -----------------------------------------------------------------------------
 
@@ -270,6 +284,15 @@ class _HostLane(Lane):
 
     def close(self):
         self._pool.shutdown(wait=True)
+
+    def drain(self):
+        self._pool.submit(lambda: None).result()
+
+    def reset(self):
+        self.error = None
+
+    def threads(self):
+        return set(self._pool._threads)  # ThreadPoolExecutor's own set of its workers
 
 
 def _bytes(a: np.ndarray) -> np.ndarray:
@@ -388,6 +411,12 @@ class _CupyLane(Lane):
 
     def close(self):
         self.stream.synchronize()
+
+    def drain(self):
+        self.stream.synchronize()
+
+    def reanchor(self, backend):
+        self._clock = backend._clock or backend.clock()
 
 
 class CupyBackend(Backend):

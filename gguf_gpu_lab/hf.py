@@ -33,7 +33,13 @@ from .loader import LoadResult
 from .loader.background import load_while
 from .model import GGUFModel, shared_model
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "architecture", "config", "config_dict", "weights_map", "to_state_dict",
+# The order of a first call: False (the default) imports torch, transformers and the file's model
+# class first, then starts the load and builds the model while it runs; True starts the load
+# first and imports beside it (the imports, pure Python, then run slower beside the load's threads:
+# on the H200 the first call took 4.6 s more than the imports alone that way; BENCHMARKS.md).
+LOAD_DURING_IMPORTS = False
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "LOAD_DURING_IMPORTS", "architecture", "config", "config_dict", "weights_map", "to_state_dict",
            "from_gguf", "tokenizer", "export"]
 
 
@@ -74,20 +80,44 @@ def to_state_dict(path_or_result, dtype: str = "float16", device="cuda", **load_
     return conv.state_dict(result, backend, index, load_options)
 
 
+def _import_classes(model: GGUFModel) -> None:
+    """Import torch, transformers, its GGUF tables and the file's model class (seconds in a fresh
+    process): the modules the build needs, so that the load then runs beside the build alone."""
+    import importlib
+
+    _deps()
+    importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[config_dict(model)["model_type"]]]  # imports its module
+    except KeyError:  # no causal-LM class: the build says so
+        pass
+
+
 def _build_while_loading(model: GGUFModel, dtype: str, device, attn_implementation, load_options: dict):
-    """Start the load of every tensor of the file on a thread of its own, then import torch and
-    transformers and build the model on the meta device while it runs (a process's first call
-    spends seconds on those imports); the tensors the model does not take are dropped after.
-    A failing build (or an interrupt) cancels the load and frees what it loaded. Returns
-    (conversion, load result, backend, device index)."""
+    """Import torch, transformers and the model's class (``_import_classes``; with
+    ``LOAD_DURING_IMPORTS`` after the load has started, beside it), then start the load of every
+    tensor of the file on a thread of its own and build the model on the meta device while it
+    runs; the tensors the model does not take are dropped after. A failing build (or an
+    interrupt) cancels the load and frees what it loaded. Returns (conversion, load result,
+    backend, device index)."""
     if dtype not in _DTYPES:
         raise GGUFLabError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     architecture(model)  # an unsupported file is refused before any load
+    imports_s = None
+    if not LOAD_DURING_IMPORTS:
+        t0 = time.perf_counter()
+        _import_classes(model)
+        imports_s = time.perf_counter() - t0
     backend, index = _load_target(device)
     conv, result, load_s, wait_s = load_while(  # _device imports torch: is the GPU torch's too?
         model, dict(load_options, dtype=dtype, backend=backend, device=index),
         lambda: (_device(device), _Conversion(model, dtype, attn_implementation))[1])
     conv.steps.update(load_s=load_s, load_wait_s=wait_s)
+    if imports_s is not None:
+        conv.steps["imports_s"] = imports_s
     return conv, conv.wanted_only(result), backend, index
 
 
@@ -99,9 +129,11 @@ def from_gguf(path, dtype: str = "float16", device="cuda", *, attn_implementatio
     The model is built on the meta device and its parameters are the loaded tensors themselves
     (``load_state_dict(assign=True)``): no weight is allocated twice. ``model.gguf_load_result``
     is the ``LoadResult`` (``.profile`` for ``plots.timeline``); ``model.gguf_steps_s`` the seconds
-    of each step (config, meta_model, names, load, load_wait, transform, assign, total). The load
-    starts first, on a thread of its own, and the transformers model is built while it runs
-    (``load_s`` overlaps the steps before it; ``load_wait_s`` is what was left to wait for).
+    of each step (imports, config, meta_model, names, load, load_wait, transform, assign, total).
+    torch, transformers and the model's class are imported first (``imports_s``: seconds in a
+    fresh process, next to nothing after); then the load starts on a thread of its own and the
+    model is built while it runs (``load_s`` overlaps the steps between; ``load_wait_s`` is what
+    was left to wait for). ``hf.LOAD_DURING_IMPORTS = True`` starts the load before the imports.
 
     Args:
         path: a .gguf file (or an open ``GGUFModel``) of a supported architecture

@@ -15,7 +15,8 @@ STAGE_COLORS = {"read": "#4C72B0", "cpu_dequant": "#8172B2", "h2d": "#DD8452", "
                 "d2d": "#C44E52", "pin staging": "#937860", "allocate outputs": "#8C8C8C", "kernels": "#CCB974",
                 # the other host work on a load's critical path (the setup lane)
                 "plan": "#B0B0B0", "device clock": "#64B5CD", "wait for warm-up": "#DA8BC3",
-                "wait for kernels": "#E5D8A0", "progress callback": "#6D6D6D", "lanes and scratch": "#A89F91"}
+                "wait for kernels": "#E5D8A0", "progress callback": "#6D6D6D", "lanes and scratch": "#A89F91",
+                "queue first copy": "#F0B27A"}
 # what a device bar means, by how the device work was timed (the profile's meta["device_timing"])
 DEVICE_TIMING_NOTE = {
     "events": "stream bars: from the stream reaching the work to its end (a copy waiting for the one copy "

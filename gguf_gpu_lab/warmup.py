@@ -2,10 +2,12 @@
 a steady one as the hardware allows.
 
 ``open_model`` (and ``shared_model``) start, on a machine with a GPU, a thread that creates the
-CUDA/HIP context of the device, pins the staging ring a default load of the file leases (kept by
-the backend, ``device.Backend.lease_staging``), and gets ready the dequantization kernels the
-file's types need (``quant.gpu.prepare``: compiled, or read from the disk cache, and loaded); in
-a notebook kernel it also imports the progress bar's widgets. A load waits for (joins) a warm-up
+CUDA/HIP context of the device, makes the plan of a default load of the file (kept by
+``loader.plans``) and pins the staging ring it leases (kept by the backend,
+``device.Backend.lease_staging``), makes the lanes (streams) and their scratch a default load
+leases (kept by ``loader.lanes``), and gets ready the dequantization kernels the file's types
+need (``quant.gpu.prepare``: compiled, or read from the disk cache, and loaded); in a notebook
+kernel it also imports the progress bar's widgets. A load waits for (joins) a warm-up
 in flight rather than race it for the ring and the kernels; a warm-up's error is kept
 (``last()``) and never fails a load, which then does the same work itself.
 
@@ -36,7 +38,7 @@ _BACKEND = "cupy"  # the backend warmed; tests let the host backend play it
 
 @dataclass
 class Warmup:
-    """One warm-up: ``steps`` (seconds of each: context, staging, kernels, widgets), ``error``
+    """One warm-up: ``steps`` (seconds of each: context, staging, lanes, kernels, widgets), ``error``
     (the exception that ended it, if any), ``done()``."""
 
     device: int
@@ -106,8 +108,8 @@ def start(model, warmup=None):
             return model
         w = _CURRENT = Warmup(device, types)
         # the model's tensor table, not the model: a warm-up keeps no file open
-        w.thread = threading.Thread(target=_run, args=(w, list(model.tensors)), name="gguf-lab-warmup",
-                                    daemon=True)
+        w.thread = threading.Thread(target=_run, args=(w, list(model.tensors), model.source.identity, model.path),
+                                    name="gguf-lab-warmup", daemon=True)
         w.thread.start()
     return model
 
@@ -133,7 +135,7 @@ def _timed(w: Warmup, step: str, fn) -> None:
     w.steps[step] = time.perf_counter() - t0
 
 
-def _run(w: Warmup, tensors) -> None:
+def _run(w: Warmup, tensors, identity=None, path=None) -> None:
     try:
         from .device import get_backend, gpu_available
 
@@ -142,7 +144,9 @@ def _run(w: Warmup, tensors) -> None:
             return
         be = get_backend(_BACKEND, w.device)
         _timed(w, "context_s", lambda: be.clock() if be.is_gpu else None)
-        _timed(w, "staging_s", lambda: _pin_ring(be, tensors))
+        chunks: list = []
+        _timed(w, "staging_s", lambda: chunks.extend(_pin_ring(be, tensors, identity, path)))
+        _timed(w, "lanes_s", lambda: _make_lanes(be, chunks))
         _timed(w, "kernels_s", lambda: be.prepare_kernels(kernel_variants(w.types)))
         with _LOCK:
             _WARMED.update((w.device, t) for t in w.types)
@@ -152,20 +156,38 @@ def _run(w: Warmup, tensors) -> None:
         w.error = e
 
 
-def _pin_ring(be, tensors) -> None:
-    """Lease and give back the staging ring of a default load of these tensors (``gpu`` mode,
-    16 MiB chunks, the default readers and streams), which the backend keeps for the load."""
-    from .loader.plan import LoadOptions, plan_chunks
+def _pin_ring(be, tensors, identity=None, path=None) -> list:
+    """Plan a default load of these tensors (``gpu`` mode, every tensor in file order, 16 MiB
+    chunks, the default readers and streams; the plan kept by ``loader.plans`` for the load when
+    the file's ``identity`` is given), lease and give back the staging ring it needs, which the
+    backend keeps for the load; returns the plan's chunks."""
+    from .loader.plan import LoadOptions, plan_chunks, select
+    from .loader.plans import cached_plan
     from .loader.staging import default_readers
 
     opts = LoadOptions()
     readers = default_readers()
-    chunks = plan_chunks(tensors, int(opts.chunk_mb * (1 << 20)), ramp=readers)
+    chosen = select(tensors, None, opts.order, path)  # as load() chooses them
+    chunk_bytes = int(opts.chunk_mb * (1 << 20))
+    chunks = (cached_plan(identity, chosen, chunk_bytes, readers) if identity is not None
+              else plan_chunks(chosen, chunk_bytes, ramp=readers))
     if not chunks:
-        return
+        return []
     n_slots = min(min(readers, len(chunks)) + 2 * opts.streams, len(chunks))  # as Pipeline._ring_size
     bufs, kept = be.lease_staging(n_slots, max(c.nbytes for c in chunks))
     be.return_staging(bufs, kept)
+    return list(chunks)
+
+
+def _make_lanes(be, chunks) -> None:
+    """The lanes of a default load and each one's scratch for its largest chunk, kept by
+    ``loader.lanes`` for the load."""
+    from .loader import lanes
+    from .loader.plan import LoadOptions
+
+    if chunks:
+        opts = LoadOptions()
+        lanes.give_back(lanes.lease(be, opts.streams, max(c.nbytes for c in chunks)))
 
 
 def kernel_variants(types, dtype: str = "float16") -> set:

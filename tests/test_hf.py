@@ -23,6 +23,7 @@ from gguf_gpu_lab import GGUFLabError, hf  # noqa: E402
 from gguf_gpu_lab.tools.synth import synth  # noqa: E402
 
 from .archfiles import VOCAB, arch_file, other_arch_file  # noqa: E402
+from .threads import lab_threads  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -244,11 +245,15 @@ def test_bench_hf_on_the_host(tmp_path):
 
 # -- the first call: the load runs while transformers' model is built --------------------------
 
-def test_the_load_runs_while_the_model_is_built(model_dir, monkeypatch):
-    """The load starts first, on a thread of its own: with a build that takes 0.5 s, the first
-    chunk is in place before the build ends, and from_gguf waits for the load hardly at all."""
+@pytest.mark.parametrize("during_imports", [False, True])
+def test_the_load_runs_while_the_model_is_built(model_dir, monkeypatch, during_imports):
+    """The load runs on a thread of its own while the model is built (after the imports, or with
+    ``LOAD_DURING_IMPORTS`` beside them too): with a build that takes 0.5 s, the first chunk is in
+    place before the build ends, and from_gguf waits for the load hardly at all."""
     import threading
     import time
+
+    monkeypatch.setattr(hf, "LOAD_DURING_IMPORTS", during_imports)
 
     real = hf._Conversion.__init__
     built = {}
@@ -270,9 +275,53 @@ def test_the_load_runs_while_the_model_is_built(model_dir, monkeypatch):
     assert len(r) == len(hf.to_state_dict(_file(model_dir, "llama"), dtype="float32", device="cpu"))
 
 
+def test_the_imports_come_before_the_load_unless_asked(model_dir, monkeypatch):
+    """By default torch, transformers and the model's class are imported before the load starts
+    (imports_s a step of its own); ``LOAD_DURING_IMPORTS = True`` starts the load first."""
+    from gguf_gpu_lab.loader import background
+
+    order = []
+    real_import, real_init = hf._import_classes, background.BackgroundLoad.__init__
+    monkeypatch.setattr(hf, "_import_classes", lambda m: (order.append("imports"), real_import(m))[1])
+    monkeypatch.setattr(background.BackgroundLoad, "__init__",
+                        lambda self, *a: (order.append("load"), real_init(self, *a))[1])
+    path = _file(model_dir, "llama")
+    model = hf.from_gguf(path, dtype="float32", device="cpu")
+    assert order == ["imports", "load"] and model.gguf_steps_s["imports_s"] >= 0
+    order.clear()
+    monkeypatch.setattr(hf, "LOAD_DURING_IMPORTS", True)
+    model = hf.from_gguf(path, dtype="float32", device="cpu")
+    assert order == ["load"] and "imports_s" not in model.gguf_steps_s
+
+
+def test_a_fresh_process_imports_the_model_class_before_the_load(model_dir):
+    """In a fresh process the model's own module (transformers' modeling_llama) is imported by the
+    time the load starts; with LOAD_DURING_IMPORTS it is not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from gguf_gpu_lab import hf\n"
+        "from gguf_gpu_lab.loader import background\n"
+        "hf.LOAD_DURING_IMPORTS = sys.argv[2] == '1'\n"
+        "seen = []\n"
+        "real = background.BackgroundLoad.__init__\n"
+        "def init(self, *a):\n"
+        "    seen.append('transformers.models.llama.modeling_llama' in sys.modules)\n"
+        "    real(self, *a)\n"
+        "background.BackgroundLoad.__init__ = init\n"
+        "hf.from_gguf(sys.argv[1], dtype='float32', device='cpu')\n"
+        "print(seen)\n")
+    path = str(_file(model_dir, "llama"))
+    for flag, want in (("0", "[True]"), ("1", "[False]")):
+        out = subprocess.run([sys.executable, "-c", code, path, flag], capture_output=True, text=True, check=True,
+                             env={**os.environ, "GGUF_LAB_WARMUP": "0"}).stdout
+        assert out.strip().splitlines()[-1] == want, (flag, out)
+
+
 def test_a_failing_build_cancels_the_load_and_frees_it(model_dir, monkeypatch):
     import gc
-    import threading
     import time
     import weakref
 
@@ -297,7 +346,7 @@ def test_a_failing_build_cancels_the_load_and_frees_it(model_dir, monkeypatch):
     gc.collect()
     (error, ref), = results
     assert isinstance(error, lab.LoadCancelled) or (ref is not None and ref() is None)
-    assert not any(t.name.startswith("gguf-lab-") for t in threading.enumerate())
+    assert not lab_threads()
 
 
 def test_from_gguf_refuses_a_wrong_progress_before_any_work(model_dir, monkeypatch):

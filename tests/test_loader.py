@@ -11,9 +11,9 @@ from gguf_gpu_lab import GGUFLabError, LoadCancelled, open_model
 from gguf_gpu_lab.loader import load, plan_chunks, select
 from gguf_gpu_lab.tools.verify import mismatches
 
+from .threads import lab_threads
 
-def _threads():
-    return {t.name for t in threading.enumerate() if t.name.startswith("gguf-lab")}
+_threads = lab_threads
 
 
 def _check(m, r, mode, dtype, names=None):

@@ -112,14 +112,18 @@ def test_first_load_prepares_the_kernels_it_launches(small_model, monkeypatch):
     monkeypatch.setattr(qgpu, "prepare", lambda variants, device_id: (prepared.extend(variants),
                                                                      real(variants, device_id)))
     qgpu._function.cache_clear()
+    qgpu._READY.clear()
     for dtype in ("bfloat16", "float32"):
         r = load(small_model, mode="gpu", dtype=dtype, chunk_mb=0.5, backend="cupy")
         setup = r.profile.df[r.profile.df["lane"] == "setup"]
         stages = set(setup["stage"])  # the setup's host work, each stall a span of its own
-        assert {"pin staging", "allocate outputs", "kernels"} <= stages
+        assert {"pin staging", "allocate outputs", "kernels", "queue first copy"} <= stages
         assert stages <= {"plan", "pin staging", "lanes and scratch", "allocate outputs", "kernels", "wait for kernels",
-                          "device clock", "wait for warm-up"}
+                          "device clock", "wait for warm-up", "queue first copy"}
     assert prepared and qgpu._function.cache_info().currsize == len(set(prepared))
+    n = len(prepared)  # a second load finds every variant ready: no thread, no prepare() call
+    r = load(small_model, mode="gpu", dtype="float32", chunk_mb=0.5, backend="cupy")
+    assert len(prepared) == n and "kernels" not in set(r.profile.df["stage"])
 
 
 def test_cupti_profile_shows_the_copy_engine(small_model):

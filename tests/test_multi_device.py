@@ -3,7 +3,6 @@ placement, the per-device check of free memory, per-device staging rings and cle
 bit-exact with a single-device load, the profile's device lanes, the lazy cache and preload,
 the command line and the load lab."""
 
-import threading
 
 import numpy as np
 import pytest
@@ -13,10 +12,10 @@ from gguf_gpu_lab.device import get_backend
 from gguf_gpu_lab.loader import load, place, resolve_devices
 
 from .faults import failing_on, stopping_at
+from .threads import lab_threads
 
 
-def _threads():
-    return {t.name for t in threading.enumerate() if t.name.startswith("gguf-lab")}
+_threads = lab_threads
 
 
 def _rings_back(devices=(0, 1)) -> bool:

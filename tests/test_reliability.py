@@ -10,10 +10,10 @@ from gguf_gpu_lab import GGUFLabError, LoadCancelled, SourceChangedError, open_m
 from gguf_gpu_lab.loader import load
 
 from .faults import failing_on
+from .threads import lab_threads
 
 
-def _lab_threads():
-    return {t.name for t in threading.enumerate() if t.name.startswith("gguf-lab")}
+_lab_threads = lab_threads
 
 
 def test_error_in_a_lane_operation_is_raised_and_cleaned_up(small_model, monkeypatch):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 
 import numpy as np
@@ -23,12 +22,12 @@ from gguf_gpu_lab.source import LocalFile
 from gguf_gpu_lab.tools.http_server import serve
 
 from .faults import stopping_at
+from .threads import lab_threads
 
 MODES = ["gpu", "raw", "cpu", "sequential"]
 
 
-def _lab_threads():
-    return {t.name for t in threading.enumerate() if t.name.startswith("gguf-lab")}
+_lab_threads = lab_threads
 
 
 def _fds() -> int:

@@ -17,6 +17,7 @@ from .rocm_standin import StandIn
 def _clear_kernel_caches():
     for f in (qgpu._kernel, qgpu._function, qgpu._tables, qgpu._sm_count):
         f.cache_clear()
+    qgpu._READY.clear()  # what prepare() made ready went with the caches
 
 
 def _install(monkeypatch, standin):

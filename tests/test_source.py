@@ -17,13 +17,14 @@ from gguf_gpu_lab import GGUFLabError, SourceChangedError, open_model
 from gguf_gpu_lab.loader import load
 from gguf_gpu_lab.source import LocalFile
 
+from .threads import lab_threads
+
 MODES = ["gpu", "raw", "cpu", "sequential"]
 READS = ["mmap", "preadv"]
 CHANGES = ["replace", "truncate", "append", "rewrite"]
 
 
-def _lab_threads():
-    return {t.name for t in threading.enumerate() if t.name.startswith("gguf-lab")}
+_lab_threads = lab_threads
 
 
 def _fds() -> int:

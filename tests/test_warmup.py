@@ -13,6 +13,8 @@ from gguf_gpu_lab import GGUFLabError, load, open_model, quant, warmup
 from gguf_gpu_lab.device import get_backend
 from gguf_gpu_lab.loader.plan import RAMP_MIN_BYTES, chunk_limits, plan_chunks
 
+from .threads import lab_threads
+
 
 @pytest.fixture
 def fresh_warmup(monkeypatch):
@@ -101,7 +103,7 @@ def test_warmup_pins_the_ring_a_default_load_leases(small_model, host_plays_gpu)
 
 def test_a_load_joins_a_warmup_in_flight(small_model, host_plays_gpu, monkeypatch):
     real = warmup._pin_ring
-    monkeypatch.setattr(warmup, "_pin_ring", lambda be, ts: (time.sleep(0.3), real(be, ts)))
+    monkeypatch.setattr(warmup, "_pin_ring", lambda *a: (time.sleep(0.3), real(*a))[1])
     with open_model(small_model):
         t0 = time.perf_counter()
         assert warmup.join() is True
@@ -110,7 +112,7 @@ def test_a_load_joins_a_warmup_in_flight(small_model, host_plays_gpu, monkeypatc
 
 
 def test_a_failed_warmup_is_kept_and_never_fails_a_load(small_model, host_plays_gpu, monkeypatch):
-    def broken(be, tensors):
+    def broken(*args):
         raise RuntimeError("no pinned memory today")
 
     monkeypatch.setattr(warmup, "_pin_ring", broken)
@@ -202,6 +204,7 @@ def test_warmup_through_cupy_asks_for_context_ring_and_kernels(small_model, fres
     caches = (qgpu._kernel, qgpu._function, qgpu._tables, device.gpu_available)
     for f in caches:
         f.cache_clear()
+    qgpu._READY.clear()
     try:
         with open_model(small_model) as m:
             warmup.join()
@@ -221,6 +224,7 @@ def test_warmup_through_cupy_asks_for_context_ring_and_kernels(small_model, fres
     finally:
         for f in caches:
             f.cache_clear()  # no stand-in kernels left for the real GPU tests
+        qgpu._READY.clear()
 
 
 # -- on a GPU ------------------------------------------------------------------------------------
@@ -286,4 +290,4 @@ def test_load_while_a_failing_work_cancels_the_load(small_model):
             load_while(m, {"backend": "host", "chunk_mb": 0.05, "progress": slow}, broken)
         n_chunks = len(plan_chunks(m.tensors, int(0.05 * (1 << 20))))
         assert time.perf_counter() - t0 < 0.05 * n_chunks  # stopped, not run to its end
-    assert not any(t.name.startswith("gguf-lab-") for t in threading.enumerate())
+    assert not lab_threads()

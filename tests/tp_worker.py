@@ -84,7 +84,10 @@ def check_case(case: dict, world: int) -> dict:
 
 
 def _leftover_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("gguf-lab-")]
+    from gguf_gpu_lab.loader import lanes
+
+    kept = lanes.kept_threads()  # the lanes kept for the next load are not left over
+    return [t.name for t in threading.enumerate() if t.name.startswith("gguf-lab-") and t not in kept]
 
 
 def check_failures(files: dict, rank: int, world: int) -> dict:

@@ -1,10 +1,12 @@
 """Loading tensors onto the device: ``load()`` and what it returns.
 
 The stages, one file each: ``plan`` (options, which tensors in what order, chunks of whole
-blocks), ``placement`` (which device each tensor goes to, in a load over several), ``shard`` (which
-part of a tensor a load wants, over its bytes), ``staging`` (the pinned ring and the reader threads' reads), ``pipeline`` (queueing
-copies and kernels on the streams), ``sequential`` (the one-tensor-at-a-time baseline) and
-``result`` (``DeviceTensor``, ``LoadResult``).
+blocks; ``plans`` keeps the plans of warm loads), ``placement`` (which device each tensor goes to,
+in a load over several), ``shard`` (which part of a tensor a load wants, over its bytes),
+``staging`` (the pinned ring and the reader threads' reads), ``lanes`` (streams and their scratch,
+kept between loads; ``lanes.release()`` frees them), ``pipeline`` (queueing copies and kernels on
+the streams), ``sequential`` (the one-tensor-at-a-time baseline) and ``result``
+(``DeviceTensor``, ``LoadResult``).
 """
 
 from __future__ import annotations

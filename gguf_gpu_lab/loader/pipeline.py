@@ -31,8 +31,10 @@ from ..model import GGUFModel, TensorInfo
 from ..profiler import Span
 from ..progress import LoadBar
 from ..source import ByteSource, stopping
+from . import lanes as kept_lanes
 from .placement import Placement
 from .plan import Chunk, LoadOptions, copied_bytes, plan_chunks, plan_sites
+from .plans import cached_plan
 from .shard import Cut
 from .result import DeviceTensor, alloc_outputs, check_memory
 from .sequential import run_sequential
@@ -65,6 +67,7 @@ class _Site:
     staging: Staging | None = None
     lanes: list = field(default_factory=list)
     scratch: list = field(default_factory=list)
+    laneset: "kept_lanes.LaneSet | None" = None  # lanes and scratch leased for the load
     max_chunk: int = 0
     submitted: int = 0
 
@@ -94,6 +97,7 @@ class Pipeline:
         self._span_lock = threading.Lock()
         self.error: BaseException | None = None  # the first error of any thread: set by fail()
         self.source = model.source  # every read goes through the descriptor the header came from
+        self._start_rest: Callable[[], None] = lambda: None  # starts the readers still waiting
 
     def fail(self, e: BaseException) -> None:
         """Keep the first error of any thread (the one re-raised), and stop the load."""
@@ -153,18 +157,24 @@ class Pipeline:
         if cpu_mode:  # the slot holds dequantized values: plan in quantized bytes of about that size
             chunk_bytes = max(1, int(chunk_bytes / max(out_item / 0.5, 1.0)))
         want_readers = opts.readers or default_readers(len(self.sites))
-        # first chunks ramp up, one a reader: the first copy waits for a small read, not a full one
-        chunks = (plan_chunks(self.tensors, chunk_bytes, self.cuts, ramp=want_readers) if self.placement is None
-                  else plan_sites([s.tensors for s in self.sites], chunk_bytes))
+        # first chunks ramp up, one a reader: the first copy waits for a small read, not a full one;
+        # a load of whole tensors onto one device takes its plan from the cache (plans.py)
+        if self.placement is not None:
+            chunks = plan_sites([s.tensors for s in self.sites], chunk_bytes)
+        elif self.cuts is None:
+            chunks = cached_plan(self.source.identity, self.tensors, chunk_bytes, want_readers)
+        else:
+            chunks = plan_chunks(self.tensors, chunk_bytes, self.cuts, ramp=want_readers)
         self.check_memory(chunks)
         self.span("setup", "plan", -1, "", 0, t_plan, time.perf_counter_ns())
         if not chunks:
             return self._alloc_outputs(), 0
         readers = min(want_readers, len(chunks))
         total = sum(c.nbytes for c in chunks)
-        threads: list[threading.Thread] = []
+        threads: list[threading.Thread] = []  # the reader threads started
         outputs: dict[str, DeviceTensor] = {}
         kernels = None
+        ok = False
         try:
             kernels = self._prepare_kernels(chunks)  # compiles (or loads) while the first reads run
             t0 = time.perf_counter_ns()
@@ -177,18 +187,32 @@ class Pipeline:
             # readers start first; outputs are allocated while they fill the first slots
             feed = _Feed(iter(chunks), threading.Lock(), [s.staging for s in self.sites], self.source, self.mapped,
                          ready_q, cpu_mode)
-            threads = [threading.Thread(target=self._reader, args=(i, feed), name=f"gguf-lab-reader{i}", daemon=True)
-                       for i in range(readers)]
-            for th in threads:
-                th.start()
+            waiting = [threading.Thread(target=self._reader, args=(i, feed), name=f"gguf-lab-reader{i}",
+                                        daemon=True) for i in range(readers)]
+
+            def start_readers(n: int) -> None:
+                while waiting and n > 0:
+                    th = waiting.pop(0)
+                    threads.append(th)
+                    th.start()
+                    n -= 1
+
+            # reader 0 alone reads the first (small) chunk; the others start once its copy is
+            # queued, so that the first read and the queueing of its copy do not share the
+            # interpreter with every other reader (cpu mode, whose first chunk is dequantized
+            # by its reader, starts them all)
+            start_readers(readers if cpu_mode else 1)
+            self._start_rest = lambda: start_readers(len(waiting))
             # the outputs are allocated as their chunks are queued (_outputs_for), under copies
-            # already running: only the lanes and their scratch come before the first copy
+            # already running: only the lanes and their scratch come before the first copy; both
+            # are kept between loads (lanes.py), so a warm load only leases them
             with self.backend.range("lanes and scratch", 1):
                 t0 = time.perf_counter_ns()
                 for site in self.sites:
-                    site.lanes = site.backend.lanes(opts.streams)
-                    if opts.mode == "gpu":  # quantized bytes land here, per lane, before the kernel expands them
-                        site.scratch = [site.backend.empty(site.max_chunk, np.uint8) for _ in site.lanes]
+                    # gpu mode: quantized bytes land in scratch, per lane, before the kernel expands them
+                    site.laneset = kept_lanes.lease(site.backend, opts.streams,
+                                                    site.max_chunk if opts.mode == "gpu" else 0)
+                    site.lanes, site.scratch = site.laneset.lanes, site.laneset.scratch
                 if self.cupti is not None:
                     self.cupti.bind(self.sites[0].lanes)
                 self.span("setup", "lanes and scratch", -1, "", 0, t0, time.perf_counter_ns())
@@ -205,16 +229,18 @@ class Pipeline:
                 self.cancelled.set()
                 raise
             finally:
+                self._start_rest()  # (a load that stopped before its first copy: the rest see the stop)
                 for th in threads:
                     th.join()
                 for site in self.sites:
                     for ln in site.lanes:
-                        ln.close()
+                        ln.drain()
                     site.backend.synchronize()
             if self.error is not None:
                 raise self.error
             if self.cancelled.is_set():
                 raise LoadCancelled(f"{self.model.path}: load cancelled")
+            ok = True
             rest = self._alloc_outputs(skip=outputs)  # tensors no chunk carried (none of their bytes to read)
             return {t.name: outputs.get(t.name) or rest[t.name] for t in self.tensors}, total
         except BaseException as e:
@@ -234,8 +260,9 @@ class Pipeline:
                 if site.staging is not None:
                     site.staging.close()
                 site.staging = None
-                site.scratch.clear()
-                site.lanes = []
+                if site.laneset is not None:  # kept for the next load, or closed after an error
+                    kept_lanes.give_back(site.laneset, ok)
+                site.laneset, site.scratch, site.lanes = None, [], []
 
     def _ring_size(self, chunks: Sequence[Chunk], readers: int) -> tuple[int, int]:
         """(slots, slot bytes) of a device's staging ring: a slot holds one of its chunks' file
@@ -285,14 +312,20 @@ class Pipeline:
             lane = site.lanes[site.submitted % len(site.lanes)]
             if switch:
                 site.backend.make_current()
+            t0 = time.perf_counter_ns()
             with rng(f"queue chunk {c.index}", 2):
                 self._outputs_for(c, outputs)
                 evs = self._enqueue(c, lane, data, outputs, site.scratch)
+            if submitted == 0:  # when the first copy was queued: on the host backend its lane may start it later
+                self.span("setup", "queue first copy", c.index, c.pieces[0].tensor.name, 0, t0,
+                          time.perf_counter_ns())
             # the slot is free again once its copy is done (the kernel reads device scratch)
             site.staging.release(slot_i, dict(evs)["h2d"])
             pending.append((c, lane, evs))
             site.submitted += 1
             submitted += 1
+            if submitted == 1:  # the first copy is queued: the other readers start
+                self._start_rest()
             while pending and pending[0][2][-1][1].done():
                 done_bytes = self._complete(pending.popleft(), done_bytes, total)
         while pending and self.error is None:
@@ -338,7 +371,7 @@ class Pipeline:
         ``.error``."""
         if self.opts.mode != "gpu" or not self.backend.is_gpu:
             return None
-        from ..quant.gpu import kernel_variants
+        from ..quant.gpu import kernel_variants, kernels_ready
 
         pieces: list[list] = [[] for _ in self.sites]
         for c in chunks:
@@ -347,7 +380,10 @@ class Pipeline:
                 pieces[c.site].append((p.tensor.ggml_type, p.out_block * quant.type_spec(p.tensor.ggml_type).block_size,
                                        pos))
                 pos += p.nbytes
-        variants = [kernel_variants(ps, self.opts.dtype) for ps in pieces]
+        variants = [[v for v in kernel_variants(ps, self.opts.dtype) if not kernels_ready(v, site.backend.device)]
+                    for ps, site in zip(pieces, self.sites)]
+        if not any(variants):  # every variant made by an earlier load or the warm-up: no thread
+            return None
 
         def run():
             t0 = time.perf_counter_ns()

@@ -285,19 +285,30 @@ def kernel_variants(pieces, dtype: str) -> set[tuple[int, int, int, int]]:
     return out
 
 
+_READY: set = set()  # (variant, device) pairs that prepare() made ready
+
+
+def kernels_ready(variant, device_id: int) -> bool:
+    """Whether ``prepare`` has made this (type id, output kind, vector store, vector load)
+    variant ready on the device already (a load then starts no thread for it)."""
+    return (tuple(variant), device_id) in _READY
+
+
 def prepare(variants, device_id: int) -> None:
     """Compile (or take from the disk cache) and load these kernels and their lookup tables, so
     that a load's first launches find them ready; the loader runs this while its first reads run.
     Variants compile side by side in threads: on the lent machines the 8B Q4_K_M file's took
-    0.51 s against 1.19 s one after another (BENCHMARKS.md)."""
+    0.51 s against 1.19 s one after another (BENCHMARKS.md). Variants already ready are skipped
+    (no thread pool is made when none is left)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(v):
         type_id, kind, vec, vec_load = v
         _function(type_id, kind, vec, vec_load, device_id)
         _tables(type_id, device_id)
+        _READY.add((tuple(v), device_id))
 
-    variants = sorted(variants)
+    variants = sorted(v for v in variants if not kernels_ready(v, device_id))
     if len(variants) <= 1:
         for v in variants:
             one(v)
