@@ -36,6 +36,31 @@ def _gpu_reason() -> str | None:
 _REASON = _gpu_reason()
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: no error where xdist is not installed
+def pytest_xdist_auto_num_workers(config):
+    """How many processes ``-n auto`` (pytest-xdist, the README's test command) starts: none where
+    a GPU is found (the GPU tests count device memory, pinned memory and threads, and time loads:
+    two processes on one device would see each other), at most 2 under CI=true (CI's machine has
+    2 cores, and more workers than cores only add start-up), none with a single core; elsewhere
+    xdist's own count. PYTEST_XDIST_AUTO_NUM_WORKERS still overrides all of it."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    if _REASON is None:
+        return 0
+    if _cores() < 2:
+        return 0
+    if os.environ.get("CI") == "true":
+        return 2
+    return None
+
+
 @pytest.hookimpl(tryfirst=True)  # marks added before -m selects by them
 def pytest_collection_modifyitems(config, items):
     for item in items:  # a docstring example that uses CuPy is a GPU test

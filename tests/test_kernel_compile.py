@@ -7,6 +7,7 @@ the reason, except under CI=true, where a missing hipcc fails (.ci/run installs 
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,23 @@ def hipcc():
     return _compiler("hipcc", ci_must_have=True)
 
 
+def _clang_behind_hipcc(r: subprocess.CompletedProcess, args: list[str], target: str) -> list[str] | None:
+    """The clang command (without ``args``) that hipcc ran, from the ``hipcc-cmd:`` line that
+    HIPCC_VERBOSE=1 prints: hipcc's own flags (include paths, -O3, the device library path, the
+    -mllvm options) with ``--offload-arch`` moved among them. Debian's hipcc is a Perl script that
+    runs clang twice more (``--version``, ``-print-target-triple``) on every call, about 0.3 s of
+    CPU a compile; the gate's hundreds of compiles call clang directly. None where the line is
+    missing or does not end with ``args`` (another hipcc): the gate then goes through hipcc."""
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("hipcc-cmd:")]
+    if len(lines) != 1:
+        return None
+    cmd = shlex.split(lines[0][len("hipcc-cmd:"):])
+    rest = [a for a in args if a != f"--offload-arch={target}"]
+    if len(cmd) <= len(rest) or cmd[len(cmd) - len(rest):] != rest or f"--offload-arch={target}" not in cmd:
+        return None
+    return cmd[:len(cmd) - len(rest)]
+
+
 @pytest.fixture(scope="module")
 def hip_headers(tmp_path_factory):
     """hipRTC declares HIP's device API without an include; hipcc needs ``hip/hip_runtime.h``.
@@ -75,43 +93,58 @@ def hip_headers(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=AMD_TARGETS, ids=lambda t: f"hipcc-{t}")
 def amd_target(request, hipcc, hip_headers):
-    """(target, extra flags, precompiled header, note). A target the compiler does not know
-    skips; one it knows without a device library (ROCm 5.2 has none for gfx1100) compiles to
-    assembly with ``-nogpulib``, unlinked: every kernel through the gfx1100 back end."""
+    """(target, extra flags, precompiled header, note, the clang command hipcc runs for it, or
+    None). A target the compiler does not know skips; one it knows without a device library (ROCm
+    5.2 has none for gfx1100) compiles to assembly with ``-nogpulib``, unlinked: every kernel
+    through the gfx1100 back end."""
     target = request.param
     contraction = [o for o in kernel_options(*all_variants()[0], hip=True) if not o.startswith("-D")]
     pch = hip_headers / f"{target}.pch"
 
     def build(extra):
-        return _run([hipcc, *HIPCC_BASE, f"--offload-arch={target}", *extra, *contraction, "-c", "-fsyntax-only",
-                     "-Xclang", "-emit-pch", "-Xclang", "-o", "-Xclang", str(pch), str(hip_headers / "hip_rtc.h")],
-                    HIP_ENV)
+        args = [*HIPCC_BASE, f"--offload-arch={target}", *extra, *contraction, "-c", "-fsyntax-only",
+                "-Xclang", "-emit-pch", "-Xclang", "-o", "-Xclang", str(pch), str(hip_headers / "hip_rtc.h")]
+        r = _run([hipcc, *args], {**HIP_ENV, "HIPCC_VERBOSE": "1"})
+        return r, _clang_behind_hipcc(r, args, target)
 
-    r = build([])
+    r, clang = build([])
     if r.returncode and "cannot find ROCm device library" in r.stderr:
         note = f"{target}: this ROCm has no device library for it: compiled to assembly, not linked"
         print(note)
-        r2 = build(["-nogpulib"])
+        r2, clang = build(["-nogpulib"])
         if r2.returncode == 0:
-            return target, ["-nogpulib", "-S"], pch, note
+            return target, ["-nogpulib", "-S"], pch, note, clang
     if r.returncode and re.search(r"invalid target ID|unknown target|not a recognized processor", r.stderr):
         first = r.stderr.strip().splitlines()[0]
         pytest.skip(f"hipcc does not know {target}: {first}")
     assert r.returncode == 0, f"hip_runtime.h does not build for {target}:\n{r.stderr[-3000:]}"
-    return target, [], pch, ""
+    return target, [], pch, "", clang
 
 
 def test_hipcc_compiles_every_variant(amd_target, hipcc, tmp_path):
     """Every variant, as hipRTC would get it, through the target's back end (and, where a device
     library is installed, linked into a code object as hipRTC links it)."""
-    target, extra, pch, note = amd_target
+    target, extra, pch, note, clang = amd_target
+
+    def args(v, out):
+        return [*HIPCC_BASE, *extra, "-include-pch", str(pch), *kernel_options(*v, hip=True), "-c",
+                str(KERNEL_SOURCE), "-o", str(out)]
 
     def cmd(v):
         out = tmp_path / ("k_%d_%d_%d_%d" % v)
-        return [hipcc, *HIPCC_BASE, f"--offload-arch={target}", *extra, "-include-pch", str(pch),
-                *kernel_options(*v, hip=True), "-c", str(KERNEL_SOURCE), "-o", str(out)]
+        if clang is None:
+            return [hipcc, f"--offload-arch={target}", *args(v, out)]
+        return [*clang, *args(v, out)]
 
-    bad = _problems(_compile_all(cmd, all_variants(), HIP_ENV))
+    variants = all_variants()
+    if clang is not None:  # the direct call builds what hipcc builds, byte for byte
+        first = tmp_path / "through-hipcc"
+        r = _run([hipcc, f"--offload-arch={target}", *args(variants[0], first)], HIP_ENV)
+        assert r.returncode == 0, r.stderr[-3000:]
+    bad = _problems(_compile_all(cmd, variants, HIP_ENV))
+    if clang is not None and not bad:
+        assert first.read_bytes() == (tmp_path / ("k_%d_%d_%d_%d" % variants[0])).read_bytes(), \
+            f"{target}: clang called directly ({shlex.join(clang)}) does not build what hipcc builds"
     assert not bad, f"{target}{' (' + note + ')' if note else ''}: {len(bad)} variants\n" + "\n".join(bad[:5])
 
 
@@ -120,7 +153,7 @@ def test_hipcc_code_object_rounds_to_nearest_and_keeps_subnormals(amd_target, hi
     kept subnormals (mode 3) in float32 (MXFP4 scales of 2^-127 and 2^-128, F64 values below
     2^-126) and in float16 (the output conversion, v_cvt_f16_f32). cupy.RawModule would add
     -fcuda-flush-denormals-to-zero, which turns the float32 mode to 0 (flushed)."""
-    target, extra, pch, _ = amd_target
+    target, extra, pch, _, _ = amd_target
     mxfp4 = next(v for v in all_variants() if v[0] == 39 and v[1] == 1)
 
     def modes(*more):

@@ -107,3 +107,40 @@ def test_sdist_holds_what_its_tests_need(tmp_path):
     assert {"tests/__init__.py", "tests/conftest.py", "tests/data/libgguf-grid-rows.npz", "tests/gguf_bytes.py"} <= want
     assert not want - members, sorted(want - members)[:10]
     assert "License-File: LICENSE" in pkg_info and not [m for m in members if m.endswith(".pyc")]
+
+
+@pytest.fixture
+def root_conftest(request):
+    """The repository's conftest.py, as pytest loaded it."""
+    want = ROOT / "conftest.py"
+    mods = [p for p in request.config.pluginmanager.get_plugins()
+            if Path(getattr(p, "__file__", "") or "").resolve() == want]
+    assert len(mods) == 1, mods
+    return mods[0]
+
+
+@pytest.mark.parametrize("gpu, ci, cores, env, want", [
+    (True, "true", 2, "", 0),    # a GPU: the GPU tests in one process
+    (True, None, 16, "", 0),
+    (False, "true", 2, "", 2),   # CI: 2 cores
+    (False, "true", 64, "", 2),  # at most 2 under CI=true
+    (False, "true", 1, "", 0),   # one core: no worker processes
+    (False, None, 16, "", None),  # elsewhere xdist's own count
+    (False, "true", 2, "5", None),  # PYTEST_XDIST_AUTO_NUM_WORKERS: xdist reads it
+])
+def test_how_many_test_processes(root_conftest, monkeypatch, gpu, ci, cores, env, want):
+    monkeypatch.setattr(root_conftest, "_REASON", None if gpu else "no GPU here")
+    monkeypatch.setattr(root_conftest, "_cores", lambda: cores)
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", env)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    assert root_conftest.pytest_xdist_auto_num_workers(None) == want
+
+
+def test_the_test_command_runs_files_whole_in_parallel_processes():
+    """loadfile keeps a file's tests in one process: module fixtures, thread and pinned-memory
+    counts taken before and after within a file, a file's server ports."""
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci.endswith("python -m pytest -n auto --dist loadfile"), ci
