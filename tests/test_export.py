@@ -35,6 +35,7 @@ ARCHS = hf.SUPPORTED_ARCHITECTURES
 INPUT = [[1, 5, 9, 30, 200, 7, 511]]
 TEXTS = ["Hello world, the <tok100> \u00e9t\u00e9 \u4e2d\u6587 test", "  two  spaces\nand a line <s></s> ab!cd~",
          "<pad><eos><bos><unk> \u2581the7 ing9"]
+NO_SPACE = r"model-\d+-of-\d+\.safetensors: writing tensor '(model|lm_head)\..*No space left"
 SMALL_SHARDS = "300KB"  # a 1M-weight model in bfloat16 is about 2 MB: several shards
 
 
@@ -115,6 +116,30 @@ def test_folder_loads_as_from_gguf(model_dir, arch, dtype, shards):
     with open(out / "config.json") as f:
         assert json.load(f)["architectures"] == [type(ref).__name__]
     assert (out / "generation_config.json").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_config_and_tokenizer_files_are_transformers_own(model_dir, tmp_path, arch):
+    """tokenizer.json and tokenizer_config.json are what ``AutoTokenizer.from_pretrained(dir,
+    gguf_file=...).save_pretrained`` writes; config.json is ``AutoConfig.from_pretrained(dir,
+    gguf_file=...)`` saved, with the two keys a saved model adds (``architectures``, ``dtype``)."""
+    from transformers import AutoConfig
+
+    p = _file(model_dir, arch)
+    r = hf.export(p, tmp_path / "out", progress=False, device="cpu")
+    ref = tmp_path / "ref"
+    AutoTokenizer.from_pretrained(str(model_dir), gguf_file=p.name).save_pretrained(ref)
+    AutoConfig.from_pretrained(str(model_dir), gguf_file=p.name).save_pretrained(ref)
+
+    def read(folder, name):
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            return json.load(f)
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert read(r.out_dir, name) == read(ref, name), name
+    ours = read(r.out_dir, "config.json")
+    assert ours.pop("dtype") == "bfloat16" and ours.pop("architectures")[0].endswith("ForCausalLM")
+    assert ours == read(ref, "config.json")
 
 
 def test_budget_bounds_the_host_bytes(model_dir, monkeypatch):
@@ -258,7 +283,7 @@ def test_a_failed_write_from_the_gpu_leaves_nothing(model_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(export_ring, "RING_BUFFER_BYTES", 4096)
     _failing_pwrite(monkeypatch, 40)
-    with pytest.raises(GGUFLabError, match=r"model-\d+-of-\d+\.safetensors: writing tensor '(model|lm_head)\..*No space left"):
+    with pytest.raises(GGUFLabError, match=NO_SPACE):
         hf.export(_file(model_dir, "llama"), tmp_path / "out", max_shard_size=SMALL_SHARDS, budget="100KB",
                   progress=False, device="cuda")
     gc.collect()
@@ -310,7 +335,7 @@ def test_the_ring_writes_the_same_files(model_dir, monkeypatch, buffer_bytes):
 def test_a_failed_write_through_the_ring_leaves_nothing(model_dir, tmp_path, monkeypatch):
     _ring_on_host(monkeypatch, 4096)
     _failing_pwrite(monkeypatch, 30)
-    with pytest.raises(GGUFLabError, match=r"model-\d+-of-\d+\.safetensors: writing tensor '(model|lm_head)\..*No space left"):
+    with pytest.raises(GGUFLabError, match=NO_SPACE):
         hf.export(_file(model_dir, "llama"), tmp_path / "out", max_shard_size=SMALL_SHARDS, budget="100KB",
                   progress=False, device="cpu")
     assert os.listdir(tmp_path) == [] and not _export_threads()
