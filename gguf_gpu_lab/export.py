@@ -4,14 +4,25 @@ tokenizer files, and the weights as safetensors shards (``model.safetensors``, o
 transformers' names and transforms exactly as ``hf.from_gguf`` makes them, for any engine that
 reads such a folder (vLLM, SGLang, TGI, transformers).
 
-Streaming, with bounded host memory: the tensors are dequantized by ``load()`` in batches (on the
-GPU with the ``gpu`` mode, on the host backend without one), transformed by transformers' own
-processors, brought to the host and written at their final offsets (every shard's header is known
-from the shapes before any weight is read) by a writer thread while the next batch expands. The
-host never holds more than ``budget`` bytes of weights (two batches of half of it; a tensor larger
-than half is a batch of its own). Everything is written into a temporary folder beside
-``out_dir`` and moved into place at the end, the index (or the single shard) last: a half-done
-export never looks complete.
+Streaming, with bounded memory: the tensors are dequantized by ``load()`` in batches of at most
+half the ``budget`` and transformed by transformers' own processors; every shard's header is known
+from the shapes before any weight is read, so each tensor is written at its final offset while the
+next batch expands.
+
+- On a GPU (``gpu`` mode) a batch stays on the device; its bytes leave through a small ring of
+  pinned host buffers (``export_ring``: 4 x 64 MiB, less for a budget under 256 MB), copied on a
+  side stream with an event per buffer, a tensor larger than a buffer in pieces, and written by
+  three writer threads that hand each buffer back. The host holds the ring, not the batch; the
+  budget bounds the device's batches instead (two at a time, the one expanding and the one
+  leaving).
+- On the host backend a batch is written by one writer thread while the next expands, at most
+  ``budget`` bytes of weights at once (two batches; a tensor larger than half the budget is a batch
+  of its own). Freed batches go back to the system at once (a fixed glibc mmap threshold, see
+  ``_return_freed_memory``), so the process's peak memory is what the budget says.
+
+Everything is written into a temporary folder beside ``out_dir`` and moved into place at the end,
+the index (or the single shard) last: a half-done export never looks complete, and a failed one
+(a full disk, a failed load) leaves nothing behind, its threads joined.
 
     export("model.gguf", "model-hf")      # then AutoModelForCausalLM.from_pretrained("model-hf")
 """
@@ -129,7 +140,10 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
         overwrite: replace the export's files in a non-empty ``out_dir`` (other files stay;
             shards of an earlier export that this one does not write are removed).
         progress: True (a bar where someone can watch it), False, or ``progress(done, total, name)``.
-        budget: host bytes the weights may take at once (default "2GB"), 1KB to 10TB.
+        budget: bytes the weights may take at once (default "2GB"), 1KB to 10TB: on the host
+            backend, host memory (two batches of half of it); on a GPU, device memory of the
+            batches (two of half of it, beside the load's scratch), while the host holds only the
+            ring of pinned buffers (256 MiB, or the budget when it is smaller, 256 KiB at least).
         device: "auto" (the GPU where CuPy and torch see one, else the host backend), "cuda",
             "cuda:N" or "cpu".
         tokenizer: write the tokenizer files (``hf.tokenizer(path).save_pretrained``).
