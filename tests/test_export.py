@@ -414,16 +414,21 @@ def test_the_host_path_gives_freed_batches_back(tmp_path):
         "        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))\n"
         "kw = dict(budget='64MB', progress=False, tokenizer=False, device='cpu')\n"
         "hf.export(sys.argv[1], sys.argv[3] + '-warm', **kw)\n"
-        "with open('/proc/self/clear_refs', 'w') as f:\n"
-        "    f.write('5')\n"  # VmHWM from here
+        "try:\n"
+        "    with open('/proc/self/clear_refs', 'w') as f:\n"
+        "        f.write('5')\n"  # VmHWM from here
+        "except OSError:\n"
+        "    sys.exit(3)\n"
         "before = status('VmRSS')\n"
         "r = hf.export(sys.argv[2], sys.argv[3], **kw)\n"
         "print(status('VmHWM') - before, r.weight_bytes)\n")
     root = os.path.dirname(os.path.dirname(export_module.__file__))
-    out = subprocess.run([sys.executable, "-c", code, str(tiny), str(big), str(tmp_path / "out")], capture_output=True,
-                         text=True, check=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": root, "GGUF_LAB_WARMUP": "0"}).stdout
-    growth, weights = map(int, out.split()[-2:])
+    run = subprocess.run([sys.executable, "-c", code, str(tiny), str(big), str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": root, "GGUF_LAB_WARMUP": "0"})
+    if run.returncode == 3:
+        pytest.skip("/proc/self/clear_refs cannot be written here: no peak to reset")
+    assert run.returncode == 0, run.stderr
+    growth, weights = map(int, run.stdout.split()[-2:])
     assert weights > 150 * 10**6 and growth <= 64 * 10**6 + 48 * 10**6, (growth, weights)
 
 
