@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file: KB, MB, GB or TB (10^9 bytes a GB), 1KB to 10TB (default 5GB)")
     s.add_argument("--budget", default="2GB",
-                   help="host memory the weights may take at once, 1KB to 10TB (default 2GB)")
+                   help="memory the weights may take at once, 1KB to 10TB (default 2GB): host memory on the host "
+                        "backend; on a GPU, device memory (the host holds a 256 MiB ring of pinned buffers)")
     s.add_argument("--device", default="auto",
                    help="auto (the GPU where there is one, else the host backend), cuda, cuda:N or cpu (default auto)")
     s.add_argument("--overwrite", action="store_true",

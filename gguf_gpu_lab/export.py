@@ -4,20 +4,33 @@ tokenizer files, and the weights as safetensors shards (``model.safetensors``, o
 transformers' names and transforms exactly as ``hf.from_gguf`` makes them, for any engine that
 reads such a folder (vLLM, SGLang, TGI, transformers).
 
-Streaming, with bounded host memory: the tensors are dequantized by ``load()`` in batches (on the
-GPU with the ``gpu`` mode, on the host backend without one), transformed by transformers' own
-processors, brought to the host and written at their final offsets (every shard's header is known
-from the shapes before any weight is read) by a writer thread while the next batch expands. The
-host never holds more than ``budget`` bytes of weights (two batches of half of it; a tensor larger
-than half is a batch of its own). Everything is written into a temporary folder beside
-``out_dir`` and moved into place at the end, the index (or the single shard) last: a half-done
-export never looks complete.
+Streaming, with bounded memory: the tensors are dequantized by ``load()`` in batches of at most
+half the ``budget`` and transformed by transformers' own processors; every shard's header is known
+from the shapes before any weight is read, so each tensor is written at its final offset while the
+next batch expands.
+
+- On a GPU (``gpu`` mode) a batch stays on the device; its bytes leave through a small ring of
+  pinned host buffers (``export_ring``: 4 x 64 MiB, less for a budget under 256 MB), copied on a
+  side stream with an event per buffer, a tensor larger than a buffer in pieces, and written by
+  three writer threads that hand each buffer back. The host holds the ring, not the batch; the
+  budget bounds the device's batches instead (two at a time, the one expanding and the one
+  leaving).
+- On the host backend a batch is written by one writer thread while the next expands, at most
+  ``budget`` bytes of weights at once (two batches; a tensor larger than half the budget is a batch
+  of its own). Freed batches go back to the system at once (a fixed glibc mmap threshold, see
+  ``_return_freed_memory``), so the process's peak memory is what the budget says.
+
+Everything is written into a temporary folder beside ``out_dir`` and moved into place at the end,
+the index (or the single shard) last: a half-done export never looks complete, and a failed one
+(a full disk, a failed load) leaves nothing behind, its threads joined.
 
     export("model.gguf", "model-hf")      # then AutoModelForCausalLM.from_pretrained("model-hf")
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import shutil
@@ -30,11 +43,13 @@ from typing import Callable
 
 from .errors import GGUFLabError
 from .export_layout import INDEX_NAME, ST_DTYPES, WEIGHTS_NAME, Entry, Layout, batches, parse_size, plan_layout
+from .export_ring import RING_BUFFERS, DeviceToHost, Ring, pinned_buffers, ring_buffer_bytes
 from .model import GGUFModel, shared_model
 
 __all__ = ["export", "ExportResult", "plan_layout", "batches", "parse_size", "INDEX_NAME", "WEIGHTS_NAME"]
 
 _SPARE = 16 << 20  # disk room for config and tokenizer files beyond their estimate
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 # -- the writing ----------------------------------------------------------------------------------
@@ -125,7 +140,10 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
         overwrite: replace the export's files in a non-empty ``out_dir`` (other files stay;
             shards of an earlier export that this one does not write are removed).
         progress: True (a bar where someone can watch it), False, or ``progress(done, total, name)``.
-        budget: host bytes the weights may take at once (default "2GB"), 1KB to 10TB.
+        budget: bytes the weights may take at once (default "2GB"), 1KB to 10TB: on the host
+            backend, host memory (two batches of half of it); on a GPU, device memory of the
+            batches (two of half of it, beside the load's scratch), while the host holds only the
+            ring of pinned buffers (256 MiB, or the budget when it is smaller, 256 KiB at least).
         device: "auto" (the GPU where CuPy and torch see one, else the host backend), "cuda",
             "cuda:N" or "cpu".
         tokenizer: write the tokenizer files (``hf.tokenizer(path).save_pretrained``).
@@ -212,50 +230,22 @@ def _write_configs(conv, folder: str) -> None:
 
 def _write_weights(torch, conv, layout: Layout, folder: str, backend: str, index: int, limit: int,
                    progress) -> None:
-    """The shards: headers first, then each batch dequantized (this thread) and written at its
-    offsets (the writer thread), at most ``limit`` bytes of weights on the host at a time."""
+    """The shards: headers first, then the weights by batches of at most ``limit / 2`` bytes, each
+    dequantized and transformed on this thread and written at its offsets while the next batch
+    expands: from a GPU through the ring of pinned buffers (``export_ring``), on the host by a
+    writer thread, at most ``limit`` bytes of weights on the host at a time."""
     fds = {}
     try:
         for file, head in layout.headers.items():
             fds[file] = fd = os.open(os.path.join(folder, file), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.ftruncate(fd, layout.sizes[file])
             _pwrite(fd, head, 0, file, "(header)")
-        budget = _Budget(limit)
-        total = sum(e.nbytes for e in layout.entries)
-        done = [0]
-        failed: list[BaseException] = []
-
-        def write(batch: list[Entry], host: dict, nbytes: int) -> None:
-            try:
-                for e in batch:
-                    t = host.pop(e.name)
-                    _pwrite(fds[e.file], t.reshape(-1).view(torch.uint8).numpy(), e.offset, e.file, e.name)
-                    done[0] += e.nbytes
-                    if progress is not None:
-                        progress(done[0], total, e.name)
-            except BaseException as exc:
-                failed.append(exc)
-                raise
-            finally:
-                budget.give(nbytes)
-
         opts = {"profile": False, "read": "preadv"}  # preadv: the file's pages never count in this process's memory
-        with ThreadPoolExecutor(1, thread_name_prefix="gguf-lab-export") as writer:
-            futures = []
-            for batch in batches(layout.entries, max(1, limit // 2)):
-                nbytes = sum(e.nbytes for e in batch)
-                budget.take(nbytes)
-                if failed:
-                    budget.give(nbytes)
-                    break
-                try:
-                    host = _host_batch(torch, conv, batch, backend, index, opts)
-                except BaseException:
-                    budget.give(nbytes)
-                    raise
-                futures.append(writer.submit(write, batch, host, nbytes))
-            for f in futures:
-                f.result()
+        if backend == "host":
+            _return_freed_memory()
+            _write_on_host(torch, conv, layout, fds, limit, progress, opts)
+        else:
+            _write_from_device(torch, conv, layout, fds, backend, index, limit, progress, opts)
         for fd in fds.values():
             os.fsync(fd)  # the export is on the disk when it returns, as its timing says
     finally:
@@ -263,21 +253,94 @@ def _write_weights(torch, conv, layout: Layout, folder: str, backend: str, index
             os.close(fd)
 
 
-def _host_batch(torch, conv, batch: list[Entry], backend: str, index: int, opts: dict) -> dict:
-    """One batch loaded, transformed and on the host: transformers name -> contiguous CPU tensor."""
+def _write_from_device(torch, conv, layout: Layout, fds: dict, backend: str, index: int, limit: int, progress,
+                       opts: dict) -> None:
+    """Each batch stays on the device; its bytes leave through the ring (``RING_BUFFERS`` pinned
+    buffers of ``ring_buffer_bytes(limit)``) to ``RING_WRITERS`` writer threads. A batch's device
+    memory is freed once its last copy is done, so at most two batches (``limit``) are on the device
+    beside the load's own scratch, and the ring is all the host holds."""
+    total = sum(e.nbytes for e in layout.entries)
+    buffers = pinned_buffers(torch, RING_BUFFERS, ring_buffer_bytes(limit))
+    copier = DeviceToHost(torch, torch.device("cuda", index))
+    with Ring(buffers, copier, _pwrite, progress=progress, total=total) as ring:
+        for batch in batches(layout.entries, max(1, limit // 2)):
+            tensors = _batch(torch, conv, batch, backend, index, opts)
+            ring.begin()
+            for e in batch:
+                ring.put(tensors.pop(e.name).reshape(-1).view(torch.uint8), fds[e.file], e.offset, e.file, e.name)
+
+
+def _write_on_host(torch, conv, layout: Layout, fds: dict, limit: int, progress, opts: dict) -> None:
+    """Each batch loaded on the host backend and handed to one writer thread, at most ``limit``
+    bytes of weights waiting at once (``_Budget``)."""
+    budget = _Budget(limit)
+    total = sum(e.nbytes for e in layout.entries)
+    done = [0]
+    failed: list[BaseException] = []
+
+    def write(batch: list[Entry], host: dict, nbytes: int) -> None:
+        try:
+            for e in batch:
+                t = host.pop(e.name)
+                _pwrite(fds[e.file], t.reshape(-1).view(torch.uint8).numpy(), e.offset, e.file, e.name)
+                done[0] += e.nbytes
+                if progress is not None:
+                    progress(done[0], total, e.name)
+        except BaseException as exc:
+            failed.append(exc)
+            raise
+        finally:
+            budget.give(nbytes)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="gguf-lab-export") as writer:
+        futures = []
+        for batch in batches(layout.entries, max(1, limit // 2)):
+            nbytes = sum(e.nbytes for e in batch)
+            budget.take(nbytes)
+            if failed:
+                budget.give(nbytes)
+                break
+            try:
+                host = _batch(torch, conv, batch, "host", 0, opts)
+            except BaseException:
+                budget.give(nbytes)
+                raise
+            futures.append(writer.submit(write, batch, host, nbytes))
+        for f in futures:
+            f.result()
+
+
+def _batch(torch, conv, batch: list[Entry], backend: str, index: int, opts: dict) -> dict:
+    """One batch loaded and transformed: transformers name -> contiguous tensor, on the device that
+    loaded it (a GPU, or the host)."""
     from .loader import load
 
     names = [e.gguf for e in batch]
     r = load(conv.model, dtype=conv.dtype, tensors=names, backend=backend, device=index, **opts)
     sd = conv.state_dict(r, backend, index, opts, names=names)
-    host = {}
+    out = {}
     for e in batch:
         t = sd.pop(e.name)
         if tuple(t.shape) != e.shape or t.numel() * t.element_size() != e.nbytes:
             raise GGUFLabError(f"{conv.model.path}: tensor {e.gguf!r} came out {tuple(t.shape)} {t.dtype}, the "
                                f"model expects {e.name} {e.shape} ({e.nbytes} bytes)")
-        host[e.name] = t.contiguous().cpu()  # on a GPU, the copy to the host; on the host, the array itself
-    return host
+        out[e.name] = t.contiguous()
+    return out
+
+
+@functools.cache
+def _return_freed_memory() -> bool:
+    """glibc keeps a freed block below its mmap threshold in its arenas, and the threshold rises (up
+    to 32 MiB) each time a larger mmapped block is freed, so the batches' arrays would stay in the
+    process's memory after they are written. A fixed threshold of 1 MiB (which also stops the
+    rise) maps every such array on its own and unmaps it when freed. Process-wide, once, and on
+    glibc only; True when it was set."""
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return False
+        return ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20) == 1
+    except (ValueError, OSError, AttributeError):  # no such confstr name, no libc.so.6, no mallopt
+        return False
 
 
 def _move_into_place(tmp: str, out_dir: str, layout: Layout) -> None:

@@ -24,7 +24,7 @@ import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from gguf_gpu_lab import GGUFLabError, export as export_module, hf  # noqa: E402
+from gguf_gpu_lab import GGUFLabError, export as export_module, export_ring, hf  # noqa: E402
 from gguf_gpu_lab.errors import ModelNotFoundError  # noqa: E402
 from gguf_gpu_lab.hf_tokenizer import generate_merges  # noqa: E402
 from .archfiles import VOCAB, arch_file, other_arch_file  # noqa: E402
@@ -35,6 +35,7 @@ ARCHS = hf.SUPPORTED_ARCHITECTURES
 INPUT = [[1, 5, 9, 30, 200, 7, 511]]
 TEXTS = ["Hello world, the <tok100> \u00e9t\u00e9 \u4e2d\u6587 test", "  two  spaces\nand a line <s></s> ab!cd~",
          "<pad><eos><bos><unk> \u2581the7 ing9"]
+NO_SPACE = r"model-\d+-of-\d+\.safetensors: writing tensor '(model|lm_head)\..*No space left"
 SMALL_SHARDS = "300KB"  # a 1M-weight model in bfloat16 is about 2 MB: several shards
 
 
@@ -117,6 +118,30 @@ def test_folder_loads_as_from_gguf(model_dir, arch, dtype, shards):
     assert (out / "generation_config.json").exists()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_config_and_tokenizer_files_are_transformers_own(model_dir, tmp_path, arch):
+    """tokenizer.json and tokenizer_config.json are what ``AutoTokenizer.from_pretrained(dir,
+    gguf_file=...).save_pretrained`` writes; config.json is ``AutoConfig.from_pretrained(dir,
+    gguf_file=...)`` saved, with the two keys a saved model adds (``architectures``, ``dtype``)."""
+    from transformers import AutoConfig
+
+    p = _file(model_dir, arch)
+    r = hf.export(p, tmp_path / "out", progress=False, device="cpu")
+    ref = tmp_path / "ref"
+    AutoTokenizer.from_pretrained(str(model_dir), gguf_file=p.name).save_pretrained(ref)
+    AutoConfig.from_pretrained(str(model_dir), gguf_file=p.name).save_pretrained(ref)
+
+    def read(folder, name):
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            return json.load(f)
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert read(r.out_dir, name) == read(ref, name), name
+    ours = read(r.out_dir, "config.json")
+    assert ours.pop("dtype") == "bfloat16" and ours.pop("architectures")[0].endswith("ForCausalLM")
+    assert ours == read(ref, "config.json")
+
+
 def test_budget_bounds_the_host_bytes(model_dir, monkeypatch):
     """At most ``budget`` bytes of weights wait on the host at once (a tensor larger than the budget
     alone): counted where the batches take and give their bytes."""
@@ -186,15 +211,7 @@ def test_refusals_write_nothing(model_dir, tmp_path, monkeypatch):
 
 
 def test_a_failed_write_leaves_nothing(model_dir, tmp_path, monkeypatch):
-    real, calls = export_module._pwrite, [0]
-
-    def failing(fd, data, offset, file, name):
-        calls[0] += 1
-        if calls[0] == 8:
-            raise GGUFLabError(f"{file}: writing tensor {name!r}: No space left on device")
-        return real(fd, data, offset, file, name)
-
-    monkeypatch.setattr(export_module, "_pwrite", failing)
+    _failing_pwrite(monkeypatch, 8)
     with pytest.raises(GGUFLabError, match="No space left"):
         hf.export(_file(model_dir, "llama"), tmp_path / "out", max_shard_size=SMALL_SHARDS, budget="100KB",
                   progress=False)
@@ -217,18 +234,202 @@ def test_layout_is_the_safetensors_format():
     assert export_module.parse_size("2GB", "budget") == 2 * 10**9 and export_module.parse_size("1000", "x") == 1000
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
-def test_the_gpu_writes_the_same_files(model_dir, arch):
-    """Dequantized on the GPU (gpu mode), the shards are byte for byte the host backend's."""
-    p = _file(model_dir, arch)
-    kw = {"max_shard_size": SMALL_SHARDS, "budget": "300KB", "progress": False, "tokenizer": False}
-    a = hf.export(p, model_dir / f"{arch}-on-gpu", device="cuda", **kw)
-    b = hf.export(p, model_dir / f"{arch}-on-cpu", device="cpu", **kw)
-    assert a.files == b.files and len(_shard_names(a.out_dir)) > 1
+def _same_files(a, b):
+    assert a.files == b.files
     for name in a.files:
         with open(os.path.join(a.out_dir, name), "rb") as fa, open(os.path.join(b.out_dir, name), "rb") as fb:
             assert fa.read() == fb.read(), name
+
+
+def _failing_pwrite(monkeypatch, at: int):
+    real, calls = export_module._pwrite, [0]
+
+    def failing(fd, data, offset, file, name):
+        calls[0] += 1
+        if calls[0] == at:
+            raise GGUFLabError(f"{file}: writing tensor {name!r}: No space left on device")
+        return real(fd, data, offset, file, name)
+
+    monkeypatch.setattr(export_module, "_pwrite", failing)
+
+
+def _export_threads():
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("gguf-lab-export")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
+def test_the_gpu_writes_the_same_files(model_dir, arch, monkeypatch):
+    """Dequantized on the GPU (gpu mode) and copied out through the ring of pinned buffers, the
+    shards are byte for byte the host backend's: with buffers of 4 KiB (most tensors in pieces,
+    small ones sharing a buffer) and with the default ones."""
+    p = _file(model_dir, arch)
+    kw = {"max_shard_size": SMALL_SHARDS, "budget": "300KB", "progress": False, "tokenizer": False}
+    b = hf.export(p, model_dir / f"{arch}-on-cpu", device="cpu", **kw)
+    a = hf.export(p, model_dir / f"{arch}-on-gpu", device="cuda", **kw)
+    _same_files(a, b)
+    assert len(_shard_names(a.out_dir)) > 1
+    monkeypatch.setattr(export_ring, "RING_BUFFER_BYTES", 4096)
+    assert max(e.nbytes for e in _layout_of(p)) > 4096
+    _same_files(hf.export(p, model_dir / f"{arch}-on-gpu-4k", device="cuda", **kw), b)
+    assert not _export_threads()
+
+
+@pytest.mark.gpu
+def test_a_failed_write_from_the_gpu_leaves_nothing(model_dir, tmp_path, monkeypatch):
+    import gc
+
+    monkeypatch.setattr(export_ring, "RING_BUFFER_BYTES", 4096)
+    _failing_pwrite(monkeypatch, 40)
+    with pytest.raises(GGUFLabError, match=NO_SPACE):
+        hf.export(_file(model_dir, "llama"), tmp_path / "out", max_shard_size=SMALL_SHARDS, budget="100KB",
+                  progress=False, device="cuda")
+    gc.collect()
+    assert os.listdir(tmp_path) == [] and not _export_threads()
+    torch.cuda.synchronize()
+
+
+def _layout_of(p):
+    from gguf_gpu_lab.hf_convert import _Conversion
+    from gguf_gpu_lab.model import shared_model
+
+    conv = _Conversion(shared_model(p), "bfloat16")
+    made = {conv.names[g]: g for g in conv.wanted}
+    return export_module.plan_layout([(n, made[n], tuple(t.shape)) for n, t in conv.hf_model.state_dict().items()
+                                      if n in made], "bfloat16", 10**9).entries
+
+
+# -- the ring, on the host ------------------------------------------------------------------------
+
+def _ring_on_host(monkeypatch, buffer_bytes):
+    """The export's device path with the ring's host copies and plain (unpinned) buffers."""
+    monkeypatch.setattr(export_ring, "RING_BUFFER_BYTES", buffer_bytes)
+    monkeypatch.setattr(export_module, "pinned_buffers",
+                        lambda torch_, n, nbytes: [torch_.empty(nbytes, dtype=torch_.uint8) for _ in range(n)])
+    monkeypatch.setattr(export_module, "DeviceToHost", lambda torch_, device: export_ring.HostCopy())
+
+    def through_the_ring(torch_, conv, layout, fds, limit, progress, opts):
+        export_module._write_from_device(torch_, conv, layout, fds, "host", 0, limit, progress, opts)
+
+    monkeypatch.setattr(export_module, "_write_on_host", through_the_ring)
+
+
+@pytest.mark.parametrize("buffer_bytes", [4096, 1 << 20], ids=["4KiB", "1MiB"])
+def test_the_ring_writes_the_same_files(model_dir, monkeypatch, buffer_bytes):
+    """The device path's ring, with host copies: the same files as the host path, tensors larger
+    than a buffer in pieces and small ones sharing one; progress counts every byte once, in order."""
+    p = _file(model_dir, "gemma3")
+    kw = {"max_shard_size": SMALL_SHARDS, "budget": "300KB", "tokenizer": False, "device": "cpu"}
+    b = hf.export(p, model_dir / f"ring-ref-{buffer_bytes}", progress=False, **kw)
+    _ring_on_host(monkeypatch, buffer_bytes)
+    calls = []
+    a = hf.export(p, model_dir / f"ring-{buffer_bytes}", progress=lambda *c: calls.append(c), **kw)
+    _same_files(a, b)
+    assert calls[-1][0] == calls[-1][1] == sum(e.nbytes for e in _layout_of(p))
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls)
+    assert not _export_threads()
+
+
+def test_a_failed_write_through_the_ring_leaves_nothing(model_dir, tmp_path, monkeypatch):
+    _ring_on_host(monkeypatch, 4096)
+    _failing_pwrite(monkeypatch, 30)
+    with pytest.raises(GGUFLabError, match=NO_SPACE):
+        hf.export(_file(model_dir, "llama"), tmp_path / "out", max_shard_size=SMALL_SHARDS, budget="100KB",
+                  progress=False, device="cpu")
+    assert os.listdir(tmp_path) == [] and not _export_threads()
+
+
+def test_the_ring_pieces_and_offsets(tmp_path):
+    """Tensors of 0 to 2.5 buffers into one file at scattered offsets, three buffers, two writers:
+    every byte lands where it was sent; a failed write is raised with every writer joined and
+    every buffer back; an error on the caller's side writes nothing more."""
+    rng = torch.Generator().manual_seed(0)
+    sizes = [1, 100, 0, 250, 7, 99, 100, 101, 3, 180]
+    srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=rng) for n in sizes]
+    offsets = [sum(sizes[:i]) * 2 + 5 for i in range(len(sizes))]  # gaps between the tensors
+    path = tmp_path / "f.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        def write(fd_, data, offset, file, name):
+            assert fd_ == fd and file == "f.bin"
+            os.pwrite(fd_, data.tobytes(), offset)
+
+        buffers = [torch.empty(100, dtype=torch.uint8) for _ in range(3)]
+        seen = []
+        with export_ring.Ring(buffers, export_ring.HostCopy(), write, writers=2,
+                              progress=lambda *c: seen.append(c), total=sum(sizes)) as ring:
+            ring.begin()
+            for i, (src, off) in enumerate(zip(srcs, offsets)):
+                ring.put(src, fd, off, "f.bin", f"t{i}")
+        data = path.read_bytes()
+        for i, (src, off) in enumerate(zip(srcs, offsets)):
+            assert data[off:off + len(src)] == src.numpy().tobytes(), i
+        assert seen[-1][:2] == (sum(sizes), sum(sizes)) and ring.free.qsize() == 3
+
+        def failing(fd_, data, offset, file, name):
+            if name == "t5":
+                raise GGUFLabError(f"{file}: writing tensor {name!r}: No space left on device")
+
+        with pytest.raises(GGUFLabError, match="f.bin: writing tensor 't5'"):
+            with export_ring.Ring(buffers, export_ring.HostCopy(), failing, writers=2) as ring:
+                for i, (src, off) in enumerate(zip(srcs * 5, offsets * 5)):
+                    ring.put(src, fd, off, "f.bin", f"t{i}")
+        assert not any(t.is_alive() for t in ring.threads) and ring.free.qsize() == 3
+
+        written = []
+        with pytest.raises(KeyError):
+            with export_ring.Ring(buffers, export_ring.HostCopy(), lambda *a: written.append(a[4])) as ring:
+                ring.put(srcs[1], fd, 0, "f.bin", "t1")
+                raise KeyError("the caller's")
+        assert written == [] and not any(t.is_alive() for t in ring.threads) and ring.free.qsize() == 3
+    finally:
+        os.close(fd)
+    assert export_ring.ring_buffer_bytes(2 * 10**9) == 64 << 20 and export_ring.ring_buffer_bytes(1000) == 64 << 10
+
+
+def test_the_host_path_gives_freed_batches_back(tmp_path):
+    """Peak memory of a host export of a 100M-weight file (182 MB in bfloat16) with budget 64MB,
+    in a fresh process after a warm-up export (imports, transformers' model modules): it grows by
+    at most the budget + 48 MB. The 48 MB: half the budget for the batch being built beyond its
+    output (its quantized bytes, the dequantizer's float32 scratch of one tensor, a transform's
+    copy), 16 MB for what glibc keeps of small allocations and the interpreter's own. Without the
+    fixed mmap threshold, glibc keeps freed batches (141 MB here, 185 MB at 300M weights)."""
+    if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+        pytest.skip("the mmap threshold is glibc's")
+    import subprocess
+    import sys
+
+    from gguf_gpu_lab.tools.synth import synth
+
+    big, tiny = tmp_path / "big.gguf", tmp_path / "tiny.gguf"
+    synth(big, "100M", "Q4_K_M", seed=1, vocab=VOCAB, arch="llama", weights="small")
+    synth(tiny, "1M", "Q4_K_M", seed=1, vocab=VOCAB, arch="llama", weights="small")
+    code = (
+        "import sys\n"
+        "from gguf_gpu_lab import hf\n"
+        "def status(key):\n"
+        "    with open('/proc/self/status') as f:\n"
+        "        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))\n"
+        "kw = dict(budget='64MB', progress=False, tokenizer=False, device='cpu')\n"
+        "hf.export(sys.argv[1], sys.argv[3] + '-warm', **kw)\n"
+        "try:\n"
+        "    with open('/proc/self/clear_refs', 'w') as f:\n"
+        "        f.write('5')\n"  # VmHWM from here
+        "except OSError:\n"
+        "    sys.exit(3)\n"
+        "before = status('VmRSS')\n"
+        "r = hf.export(sys.argv[2], sys.argv[3], **kw)\n"
+        "print(status('VmHWM') - before, r.weight_bytes)\n")
+    root = os.path.dirname(os.path.dirname(export_module.__file__))
+    run = subprocess.run([sys.executable, "-c", code, str(tiny), str(big), str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": root, "GGUF_LAB_WARMUP": "0"})
+    if run.returncode == 3:
+        pytest.skip("/proc/self/clear_refs cannot be written here: no peak to reset")
+    assert run.returncode == 0, run.stderr
+    growth, weights = map(int, run.stdout.split()[-2:])
+    assert weights > 150 * 10**6 and growth <= 64 * 10**6 + 48 * 10**6, (growth, weights)
 
 
 # -- the tokenizer --------------------------------------------------------------------------------
