@@ -145,7 +145,7 @@ def cmd_check(path: str, max_problems: int) -> int:
 
 
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types: list[str] | None,
-              model_path: str | None = None, params: str = "8B", open_: bool = False, e2e: bool = False,
+              model_path: str | None = None, params: str | None = None, open_: bool = False, e2e: bool = False,
               hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
               export: bool = False, overwrite: bool = False, tp: bool = False,
               tp_worlds: Sequence[int] = (1, 2, 4), tp_device: str = "auto", first: bool = False,
@@ -164,6 +164,7 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
     if time_limit is not None and not export:
         raise GGUFLabError(f"--time-limit is for bench --export, not bench{' ' + chosen[0] if chosen else ''}")
     size_mb = 256 if size_mb is None else size_mb
+    params = params or ("25M" if tp else "8B")  # --tp: a small model unless --params says otherwise
     if not cpu and not open_ and not export and not tp:  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
 
@@ -178,8 +179,7 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
     if tp:
         from .tools.bench_tp import bench_tp, format_tp
 
-        res = bench_tp(model_path, params="25M" if params == "8B" and model_path is None else params,
-                       worlds=tp_worlds, device=tp_device)
+        res = bench_tp(model_path, params=params, worlds=tp_worlds, device=tp_device)
         print(format_tp(res))
     elif first:
         from .tools.bench_first import bench_first, format_first

@@ -177,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the JSON result to this file (default: a file named by date and time in "
                                  "--out-dir)")
     s.add_argument("--overwrite", action="store_true", help="replace a file at --out (refused by default)")
-    s.add_argument("--model", help="loader, --e2e, --hf, --export and --first benchmarks: this model (default: a synthetic one of --params)")
-    s.add_argument("--params", default="8B", help="loader, --e2e, --hf, --export and --first benchmarks: synthetic model size (default 8B, "
-                                                  "~4.6 GiB Q4_K_M)")
+    s.add_argument("--model", help="loader, --e2e, --hf, --export, --first and --tp benchmarks: this model (default: a synthetic "
+                                  "one of --params)")
+    s.add_argument("--params", default=None, help="loader, --e2e, --hf, --export, --first and --tp benchmarks: synthetic model "
+                                                "size (default 8B, ~4.6 GiB Q4_K_M; 25M for --tp)")
     s.add_argument("--out-dir", default=BENCH_DIR,
                    help=f"folder for the JSON result (default: {BENCH_DIR}/ under the working directory)")
     s.add_argument("--size-mb", type=_whole(1, 65536), default=None,

@@ -115,10 +115,12 @@ def format_cpu(res: dict) -> str:
 
 def save_result(res: dict, out_dir: str, kind: str) -> str:
     """Write a result as ``KIND-YYYY-MM-DDTHHMMSS-HOST.json`` (the run's UTC date and time) in
-    ``out_dir``; never over an existing file: a name taken gets ``-2``, ``-3``... Returns the path."""
+    ``out_dir``, HOST being the machine's ``kind`` where the result names one (the GPUs it ran on,
+    e.g. ``h200x2``), else its host name; never over an existing file: a name taken gets ``-2``,
+    ``-3``... Returns the path."""
     os.makedirs(out_dir, exist_ok=True)
     stamp = res["machine"]["date"][:19].replace(":", "")  # 2026-12-03T184501: a second run that day keeps its own
-    stem = os.path.join(out_dir, f"{kind}-{stamp}-{res['machine']['host']}")
+    stem = os.path.join(out_dir, f"{kind}-{stamp}-{res['machine'].get('kind') or res['machine']['host']}")
     for n in range(1, 1000):
         path = f"{stem}.json" if n == 1 else f"{stem}-{n}.json"
         try:

@@ -1,6 +1,7 @@
 """One rank of a tensor-parallel load, run under torchrun: ``hf.from_gguf(path, tp_plan="auto")``,
-then what this rank read against its shards and the whole tensors, its times, and a few greedy
-tokens (the same on every rank). ``bench --tp`` runs it for worlds 1, 2 and 4.
+then what this rank read against its shards (and the tensors it holds whole, replicated) and the
+whole tensors, its times, the process group's backend (and NCCL's version on the GPUs), and a few
+greedy tokens (the same on every rank). ``bench --tp`` runs it for worlds 1, 2 and 4.
 
     torchrun --nproc-per-node 2 -m gguf_gpu_lab.tools.tp_run model.gguf --device cpu
 """
@@ -30,7 +31,10 @@ def run_rank(path: str, device: str, dtype: str, tokens: int, json_dir: str | No
     dev = next(model.parameters()).device
     ids = torch.tensor([[1, 2, 3, 4]], device=dev)
     out = model.generate(ids, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens) if tokens else ids
-    rep = {"rank": rank, "world": world, "device": str(dev), "read_bytes": r.file_bytes,
+    rep = {"rank": rank, "world": world, "device": str(dev), "backend": dist.get_backend(),
+           "nccl": ".".join(map(str, torch.cuda.nccl.version())) if dev.type == "cuda" else None,
+           "read_bytes": r.file_bytes,
+           "replicated_bytes": sum(dt.info.n_bytes for dt in r.values() if dt.shard is None),
            "wanted_bytes": r.wanted_bytes if r.wanted_bytes is not None else r.file_bytes,
            "whole_bytes": r.whole_bytes if r.whole_bytes is not None else r.file_bytes,
            "load_wall_s": r.wall_s, "from_gguf_s": ready_s, "steps_s": model.gguf_steps_s,
