@@ -14,7 +14,7 @@ from gguf_gpu_lab import GGUFLabError  # noqa: E402
 from gguf_gpu_lab.cli import main  # noqa: E402
 from gguf_gpu_lab.tools.bench import save_result  # noqa: E402
 from gguf_gpu_lab.tools.bench_tp import (NO_GPU_CEILING, bench_tp, format_tp, machine_kind,  # noqa: E402
-                                         summarize, world_summary)
+                                         measure_ceilings, summarize, world_summary)
 
 
 def test_bench_tp_on_the_host(tmp_path, capsys):
@@ -112,3 +112,28 @@ def test_result_files_are_named_by_the_gpus(tmp_path):
     assert save_result(res, str(tmp_path), "tp").endswith("tp-2026-12-08T101112-h200x2.json")
     res["machine"]["kind"] = None  # no GPUs: the host's name, as before
     assert save_result(res, str(tmp_path), "tp").endswith("tp-2026-12-08T101112-vm.json")
+
+
+def test_no_ceiling_on_a_file_too_small_for_it(tmp_path):
+    p = tmp_path / "small.gguf"
+    p.write_bytes(b"\0" * (1 << 20))
+    assert "smaller than 64 MiB" in measure_ceilings(str(p), [1, 2], timeout_s=60)["skipped"]
+
+
+@pytest.mark.gpu
+def test_ceilings_in_a_child_process(tmp_path):
+    """The child process the GPU run starts before its ranks: world 1, and world 2 where there are two GPUs."""
+    import cupy as cp
+
+    from gguf_gpu_lab.loader import default_readers
+    from gguf_gpu_lab.tools.synth import synth
+
+    p = tmp_path / "m.gguf"
+    synth(str(p), "150M", "Q4_K_M")
+    worlds = [1, 2] if cp.cuda.runtime.getDeviceCount() >= 2 else [1]
+    c = measure_ceilings(str(p), worlds, timeout_s=300)
+    assert sorted(c) == [str(w) for w in worlds]
+    for w in worlds:
+        x = c[str(w)]
+        assert x["devices"] == list(range(w)) and x["threads"] == w * default_readers(1) and x["copy_gb_s"] > 0
+        assert set(x["h2d"]["alone_gb_s"]) == {str(d) for d in range(w)} and x["h2d"]["together"]["total_gb_s"] > 0
