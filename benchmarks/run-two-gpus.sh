@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One run on a host with two GPUs (issue 22, and the multi-GPU checks of issue 14), at most about
-# 9 minutes in all (270 + 120 + 15 + 70 + 70 s of limits); each step has its own time limit and the next runs whatever the last one gave. Run from
-# the repository root with PYTHONPATH (or an installed package) giving gguf_gpu_lab, torch,
-# transformers >= 5.24 (the tensor-parallel path) and CuPy; results go to $OUT.
+# 9 minutes in all (270 + 120 + 15 + 70 + 70 s of limits); each step has its own time limit and
+# the next runs whatever the last one gave. Run from the repository root with PYTHONPATH (or an
+# installed package) giving gguf_gpu_lab, torch, transformers >= 5.24 (the tensor-parallel path) and CuPy; results go to $OUT.
 #
 #   1. pytest -m gpu: every GPU test, the two-GPU ones included (loads over both GPUs, the copy
 #      ceiling's child process for worlds 1 and 2), log in $OUT/pytest-gpu-two.log.

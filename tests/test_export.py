@@ -28,6 +28,7 @@ from gguf_gpu_lab import GGUFLabError, export as export_module, export_ring, hf 
 from gguf_gpu_lab.errors import ModelNotFoundError  # noqa: E402
 from gguf_gpu_lab.hf_tokenizer import generate_merges  # noqa: E402
 from .archfiles import VOCAB, arch_file, other_arch_file  # noqa: E402
+from .threads import lab_threads  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -254,9 +255,7 @@ def _failing_pwrite(monkeypatch, at: int):
 
 
 def _export_threads():
-    import threading
-
-    return [t.name for t in threading.enumerate() if t.name.startswith("gguf-lab-export")]
+    return [name for name in lab_threads() if name.startswith("gguf-lab-export")]
 
 
 @pytest.mark.gpu
