@@ -43,10 +43,28 @@ class ConnectionFailed(Exception):
     """The connection broke (a reset, a refused connect, a timeout, a body cut short): worth
     another attempt on a new connection. ``why`` names the error, never the URL."""
 
-    def __init__(self, why: str):
+    def __init__(self, why: str, permanent: bool = False):
         super().__init__(why)
         self.why = why
+        self.permanent = permanent  # another attempt will not cure it (a host name that does not resolve)
         self.before_response = False  # nothing of a response came (a kept connection may have gone stale)
+
+
+_WHY = {ConnectionRefusedError: "connection refused", ConnectionResetError: "connection reset",
+        TimeoutError: "timed out", BrokenPipeError: "connection closed"}
+
+
+def failed(e: BaseException) -> ConnectionFailed:
+    """A ``ConnectionFailed`` for an ``OSError``, its ``why`` in words (never the URL): a host
+    name that does not resolve is ``permanent``."""
+    if isinstance(e, socket.gaierror):
+        return ConnectionFailed(f"host not found ({e.strerror or e})", permanent=True)
+    if isinstance(e, ssl.SSLError):
+        return ConnectionFailed(f"TLS failed ({e.reason or type(e).__name__})")
+    for cls, why in _WHY.items():
+        if isinstance(e, cls):
+            return ConnectionFailed(why)
+    return ConnectionFailed(type(e).__name__)
 
 
 class Stopped(Exception):
@@ -151,7 +169,7 @@ class Connection:
                 return self._exchange(t, headers, stop)
             if isinstance(e, ConnectionFailed):
                 raise
-            raise ConnectionFailed(type(e).__name__) from None
+            raise failed(e) from None
 
     def _response(self, sock, stop) -> Response:
         buf, got, end = self._head, 0, -1
@@ -228,7 +246,7 @@ class Connection:
                 k = None
             except OSError as e:
                 self.close()
-                raise ConnectionFailed(type(e).__name__) from None
+                raise failed(e) from None
             if stop is not None and stop.is_set():
                 self.close()
                 raise Stopped
@@ -248,7 +266,7 @@ class Connection:
         try:
             sock = socket.create_connection((hostname, port), timeout=TIMEOUT_S)
         except OSError as e:
-            raise ConnectionFailed(type(e).__name__) from None
+            raise failed(e) from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request is one small write
             if https:
@@ -263,7 +281,7 @@ class Connection:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(TIMEOUT_S), 0))
         except (OSError, ssl.SSLError) as e:
             sock.close()
-            raise ConnectionFailed(type(e).__name__) from None
+            raise failed(e) from None
         self._sock, self._key, self._tls = sock, t.key, https
         return sock
 

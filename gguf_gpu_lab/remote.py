@@ -58,9 +58,7 @@ def is_url(where) -> bool:
 def redact(url: str) -> str:
     """``url`` without user, password and query string (where tokens and signatures live)."""
     u = urllib.parse.urlsplit(url)
-    host = u.hostname or ""
-    if u.port:
-        host += f":{u.port}"
+    host = u.netloc.rpartition("@")[2]  # as written: a port out of range stays visible (and refused after)
     return urllib.parse.urlunsplit((u.scheme, host, u.path, "", ""))
 
 
@@ -188,13 +186,22 @@ class HTTPSource(RemoteSource):
         self.size = -1
         self._etag: str | None = None
         try:
-            # one byte tells the size (Content-Range), the ETag, and whether ranges are served
-            with self._connection() as c:
-                r = self._get(c, 0, 1, probe=True)
-                self._etag = _norm_etag(r.getheader("ETag"))
-                modified = r.getheader("Last-Modified")
-                self.size = self._total(r)
-                self._count(c.read_body(r, memoryview(bytearray(1))))
+            urllib.parse.urlsplit(url).port  # a malformed URL (a port out of range, say) is refused here, by name
+        except ValueError as e:
+            raise RemoteError(f"{self.name}: not a URL that can be read ({e})") from None
+        failures = 0
+        try:
+            while True:  # one byte tells the size (Content-Range), the ETag, and whether ranges are served
+                try:
+                    with self._connection() as c:
+                        r = self._get(c, 0, 1, probe=True)
+                        self._etag = _norm_etag(r.getheader("ETag"))
+                        modified = r.getheader("Last-Modified")
+                        self.size = self._total(r)
+                        self._count(c.read_body(r, memoryview(bytearray(1))))
+                    break
+                except _Retry as e:
+                    failures = self._after_failure(e, failures, "opening it", None)
         except BaseException:
             self._release()
             raise
@@ -264,6 +271,8 @@ class HTTPSource(RemoteSource):
         except ConnectionFailed as e:
             if direct:
                 self._direct = None
+            if probe and e.permanent:
+                raise RemoteError(f"{self.name}: cannot connect: {e.why}") from None
             raise _Retry(e.why) from None
         code = r.status
         if r.url != url and not direct:  # redirected: go straight there next time
@@ -333,17 +342,22 @@ class HTTPSource(RemoteSource):
                     got = self._body(c, r, view, got, stop)
                 failures = 0
             except _Retry as e:
-                failures += 1
-                if failures >= RETRIES:
-                    raise RemoteError(f"{self.name}: bytes [{offset + got}, {offset + n}) failed {failures} times "
-                                      f"in a row (last: {e.why})") from None
-                if e.wait:
-                    self._sleep(_backoff(failures - 1), stop)
+                failures = self._after_failure(e, failures, f"bytes [{offset + got}, {offset + n})", stop)
             except Stopped:
                 raise LoadCancelled(f"{self.name}: read of bytes [{offset + got}, {offset + n}) stopped "
                                     "(load cancelled)") from None
             if self._closing and self._users == 0:
                 raise GGUFLabError(f"{self.name}: model is closed")
+
+    def _after_failure(self, e: _Retry, failures: int, what: str, stop) -> int:
+        """Failures in a row after ``e``: ``RETRIES`` of them raise ``RemoteError`` naming
+        ``what``; fewer wait the backoff (unless ``e`` says at once)."""
+        failures += 1
+        if failures >= RETRIES:
+            raise RemoteError(f"{self.name}: {what} failed {failures} times in a row (last: {e.why})") from None
+        if e.wait:
+            self._sleep(_backoff(failures - 1), stop)
+        return failures
 
     @staticmethod
     def _sleep(seconds: float, stop) -> None:

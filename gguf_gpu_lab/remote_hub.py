@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 
 from .errors import GGUFLabError, RemoteError, RemoteNotFoundError, SourceChangedError
-from .remote import HTTPSource
+from .remote import HTTPSource, redact
+
+_HTTP_CLIENTS = ("httpx", "httpx2", "requests", "urllib3")  # whichever the installed huggingface_hub uses
+_OFFLINE = "; a file already in the Hugging Face cache opens with HF_HUB_OFFLINE=1"
 
 
 def parse_hf(url: str) -> tuple[str, str, str | None]:
@@ -48,8 +51,13 @@ def hub_source(url: str, token: "str | bool | None" = None) -> HTTPSource:
     except hfe.HfHubHTTPError as e:
         code = getattr(getattr(e, "response", None), "status_code", None)
         raise RemoteError(f"{name}: the Hub answered HTTP {code}{hint if code in (401, 403) else ''}") from None
-    except OSError as e:  # the connection itself
-        raise RemoteError(f"{name}: cannot reach the Hub ({type(e).__name__})") from None
+    except Exception as e:  # the connection itself: an OSError, or the Hub's HTTP client's own error
+        if not isinstance(e, OSError) and type(e).__module__.split(".")[0] not in _HTTP_CLIENTS:
+            raise
+        from huggingface_hub import constants
+
+        raise RemoteError(f"{name}: cannot reach the Hub at {redact(endpoint or constants.ENDPOINT)} "
+                          f"({type(e).__name__}){_OFFLINE}") from None
     if not meta.commit_hash:
         raise RemoteError(f"{name}: the Hub gave no commit for the file (no X-Repo-Commit header)")
     # at the commit, not the branch: a push during the load cannot change the bytes

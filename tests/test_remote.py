@@ -188,6 +188,58 @@ def test_access_errors_one_line_without_token(srv):
     assert "secret" not in redact(url)
 
 
+def test_open_retries_5xx_then_fails_in_one_line(srv, reference):
+    srv.fail_5xx = 2  # transient at open: retried like any range
+    with open_model(srv.url("small.gguf")) as m:
+        _same(load(m, mode="raw", dtype="float32", backend="host"), reference["raw"])
+    assert srv.fail_5xx == 0
+    srv.fail_5xx = 10_000
+    with pytest.raises(RemoteError, match=r"^http://127\.0\.0\.1:\d+/\S*small\.gguf: opening it failed 6 times in a "
+                                          r"row \(last: HTTP 500\)$"):
+        open_model(srv.url("small.gguf"))
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_urls_are_one_line_without_credentials(monkeypatch):
+    threads, fds = _lab_threads(), _fds()
+    port = _closed_port()
+    cases = {f"http://user:secret@127.0.0.1:{port}/x.gguf": f"^http://127\\.0\\.0\\.1:{port}/x\\.gguf: opening it "
+             "failed 6 times in a row \\(last: connection refused\\)$",
+             "http://user:secret@127.0.0.1:99999/x.gguf?sig=secret": r"^http://127\.0\.0\.1:99999/x\.gguf: not a URL "
+             r"that can be read \(Port out of range"}
+    for url, pattern in cases.items():
+        with pytest.raises(RemoteError, match=pattern) as e:
+            open_model(url)
+        assert "secret" not in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(RemoteError, match=rf"^hf://org/repo/x\.gguf: cannot reach the Hub at http://127\.0\.0\.1:{port}"):
+        open_model("hf://org/repo/x.gguf")
+    assert _lab_threads() <= threads and _settled_fds(fds) <= fds
+
+
+def test_a_host_that_does_not_resolve_fails_at_once(monkeypatch):
+    import socket
+
+    calls = []
+
+    def no_such_host(*a, **k):
+        calls.append(a)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_such_host)  # no resolver is asked: the test stays offline
+    with pytest.raises(RemoteError, match=r"^http://nowhere\.invalid/x\.gguf: cannot connect: host not found") as e:
+        open_model("http://tok:secret@nowhere.invalid/x.gguf")
+    assert "secret" not in str(e.value)
+    assert len(calls) == 1  # not retried: another attempt would not cure it
+
+
 @pytest.mark.parametrize("how", ["cancel", "interrupt"])
 def test_cancel_stops_every_connection(srv, how):
     threads, fds = _lab_threads(), _fds()
