@@ -46,6 +46,16 @@ def _between(low: float, high: float):
     return parse
 
 
+def _size(text: str) -> int:
+    """A size such as 5GB (``export_layout.size_bytes``: KB, MB, GB, TB; 1KB to 10TB)."""
+    from .export_layout import size_bytes
+
+    try:
+        return size_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _devices(text: str):
     """An argparse type for --device: an index, indices joined by commas, or "all"."""
     if text == "all":
@@ -195,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir", help="folder to write: new or empty, unless --overwrite")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of every tensor written (default bfloat16)")
-    s.add_argument("--max-shard-size", default="5GB",
+    s.add_argument("--max-shard-size", default="5GB", type=_size,
                    help="largest safetensors file: KB, MB, GB or TB (10^9 bytes a GB), 1KB to 10TB (default 5GB)")
-    s.add_argument("--budget", default="2GB",
+    s.add_argument("--budget", default="2GB", type=_size,
                    help="memory the weights may take at once, 1KB to 10TB (default 2GB): host memory on the host "
                         "backend; on a GPU, device memory (the host holds a 256 MiB ring of pinned buffers)")
     s.add_argument("--device", default="auto",

@@ -45,6 +45,7 @@ from .errors import GGUFLabError
 from .export_layout import INDEX_NAME, ST_DTYPES, WEIGHTS_NAME, Entry, Layout, batches, parse_size, plan_layout
 from .export_ring import RING_BUFFERS, DeviceToHost, Ring, pinned_buffers, ring_buffer_bytes
 from .model import GGUFModel, shared_model
+from .progress import check_progress
 
 __all__ = ["export", "ExportResult", "plan_layout", "batches", "parse_size", "INDEX_NAME", "WEIGHTS_NAME"]
 
@@ -144,6 +145,7 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
             backend, host memory (two batches of half of it); on a GPU, device memory of the
             batches (two of half of it, beside the load's scratch), while the host holds only the
             ring of pinned buffers (256 MiB, or the budget when it is smaller, 256 KiB at least).
+            A tensor larger than the budget is still exported, alone: the bound is then that tensor.
         device: "auto" (the GPU where CuPy and torch see one, else the host backend), "cuda",
             "cuda:N" or "cpu".
         tokenizer: write the tokenizer files (``hf.tokenizer(path).save_pretrained``).
@@ -166,6 +168,7 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
     limit = parse_size(budget, "budget")
     if tokenizer not in (True, False):
         raise GGUFLabError(f"tokenizer must be True or False, got {tokenizer!r}")
+    check_progress(progress)
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_out_dir(out_dir, overwrite)
     model = path if isinstance(path, GGUFModel) else shared_model(path)

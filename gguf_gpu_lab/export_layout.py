@@ -26,22 +26,33 @@ _SIZE_RANGE = (1000, 10**13)  # max_shard_size and budget: 1 kB to 10 TB
 def parse_size(value, what: str) -> int:
     """Bytes from ``"5GB"``, ``"500MB"``, ``"2 GB"``, ``"1000"`` or an int (huggingface_hub's
     units, as ``save_pretrained(max_shard_size=...)`` reads them: KB, MB, GB, TB, 1 GB = 10^9
-    bytes), in ``_SIZE_RANGE``."""
+    bytes), in ``_SIZE_RANGE``; else ``GGUFLabError`` naming ``what`` and the value."""
+    try:
+        return size_bytes(value)
+    except ValueError as e:
+        raise GGUFLabError(f"{what} {e}") from None
+
+
+def size_bytes(value) -> int:
+    """``parse_size`` without a name: ``ValueError`` saying what is wrong with ``value``."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, str):
         from huggingface_hub.serialization._base import parse_size_to_int
 
         try:
-            n = parse_size_to_int(value.replace(" ", ""))
-        except ValueError as e:
-            raise GGUFLabError(f"{what}: cannot read {value!r} ({e})") from None
+            n = parse_size_to_int(value.replace(" ", "").upper())
+        except ValueError:
+            n = None
+        if n is None or not value.strip()[:1].isdigit():
+            raise ValueError(f"must be a size such as '5GB' (units KB, MB, GB, TB) or a number of bytes, "
+                             f"got {value!r}") from None
     elif isinstance(value, int) and not isinstance(value, bool):
         n = value
     else:
-        raise GGUFLabError(f"{what} must be a size such as '5GB' or a number of bytes, got {value!r}")
+        raise ValueError(f"must be a size such as '5GB' or a number of bytes, got {value!r}")
     if not _SIZE_RANGE[0] <= n <= _SIZE_RANGE[1]:
-        raise GGUFLabError(f"{what} must be from 1KB to 10TB, got {value!r} ({n} bytes)")
+        raise ValueError(f"must be from 1KB to 10TB, got {value!r} ({n} bytes)")
     return n
 
 

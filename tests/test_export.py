@@ -195,11 +195,14 @@ def test_refusals_write_nothing(model_dir, tmp_path, monkeypatch):
     p = _file(model_dir, "llama")
     out = tmp_path / "out"
     cases = [({"dtype": "int8"}, "dtype must be one of"), ({"max_shard_size": "0"}, "max_shard_size must be from"),
-             ({"max_shard_size": "lots"}, "max_shard_size: cannot read"), ({"budget": 10**15}, "budget must be from"),
+             ({"max_shard_size": "lots"}, r"max_shard_size must be a size such as '5GB' \(units KB, MB, GB, TB\) "
+                                          r"or a number of bytes, got 'lots'"),
+             ({"max_shard_size": "5GiB"}, "max_shard_size must be a size"), ({"max_shard_size": "nan"}, "must be a size"),
+             ({"budget": 10**15}, "budget must be from"), ({"progress": "yes"}, "progress must be None or False"),
              ({"max_shard_size": 1.5}, "max_shard_size must be a size"), ({"device": "tpu"}, "device must be")]
     for kwargs, message in cases:
         with pytest.raises(GGUFLabError, match=message):
-            hf.export(p, out, progress=False, **kwargs)
+            hf.export(p, out, **{"progress": False, **kwargs})
     with pytest.raises(GGUFLabError, match="architecture 'bert' is not supported"):
         hf.export(other_arch_file(tmp_path / "bert.gguf", "bert"), out, progress=False)
     with pytest.raises(ModelNotFoundError):
@@ -532,6 +535,12 @@ def test_cli_export(model_dir, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export", str(p), str(out), "--overwrite", "--device", "cpu", "--budget", "1MB"]) == 0
     assert _shard_names(out) == ["model.safetensors"]
+    capsys.readouterr()
+    for flag, value in [("--max-shard-size", "abc"), ("--budget", "0")]:  # argparse names the flag, in one line
+        with pytest.raises(SystemExit) as e:
+            main(["export", str(p), str(out), flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"error: argument {flag}: must be" in err and err.count("\n") == 1
 
 
 def test_bench_export_on_the_host(tmp_path):
