@@ -89,6 +89,14 @@ def test_bench_cpu_small(tmp_path, capsys):
     (row,) = res["results"]
     assert row["type"] == "Q4_0" and row["mismatches"] == 0 and row["ours_1t_mw_s"] > 0
     assert res["machine"]["numpy"] == np.__version__
+    capsys.readouterr()
+    # types gguf-py does not dequantize: checked against their values, its columns empty
+    assert main(["bench", "--cpu", "--out-dir", str(tmp_path / "ints"), "--size-mb", "1", "--types", "I8", "F64"]) == 0
+    out = capsys.readouterr().out
+    assert "\nI8 " in out and "\nF64 " in out and "NO" not in out
+    res = json.loads(next((tmp_path / "ints").glob("cpu-dequant-*.json")).read_text())
+    assert [(r["type"], r["mismatches"], r["gguf_py_1t_mw_s"], r["speedup_1t"]) for r in res["results"]] == [
+        ("I8", 0, None, None), ("F64", 0, None, None)]
 
 
 def test_load_benchmark_results_format():
