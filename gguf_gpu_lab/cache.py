@@ -327,6 +327,8 @@ def preload(model, order, background: bool, dtype: str, mode: str, tensors, back
 
     progress = load_options.pop("progress", None)
     check_progress(progress)  # before any work
+    if isinstance(batch_mb, bool) or not isinstance(batch_mb, (int, float)) or not 0 < batch_mb <= 1 << 20:
+        raise GGUFLabError(f"batch_mb must be more than 0 and at most {1 << 20} (MB a batch), got {batch_mb!r}")
 
     model.source  # noqa: B018  (a closed model raises here)
     if several_devices(device, placement):

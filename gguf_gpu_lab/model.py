@@ -301,7 +301,8 @@ class GGUFModel:
                 tensors=None, backend="auto", device=0, placement=None, batch_mb: float = 512, **load_options):
         """Load tensors into the cache, in the background by default. Returns a handle with
         ``progress``, ``wait()`` and ``cancel()``; ``tensor()`` calls jump the queue. With several
-        devices each tensor goes to its placed device (see ``tensor``).
+        devices each tensor goes to its placed device (see ``tensor``). ``batch_mb``: about how
+        much each batch loads (more than 0, at most 1048576 MB).
 
         Example:
             >>> h = model.preload(order="layer")

@@ -22,6 +22,8 @@ def open_source(where: "str | os.PathLike | ByteSource", **remote) -> ByteSource
     ``cache`` and ``token``, see ``open_remote``), or a source, as it is."""
     if isinstance(where, ByteSource):
         return where
+    if not isinstance(where, (str, os.PathLike)):
+        raise GGUFLabError(f"a model is opened from a path, a URL or a ByteSource, got {where!r}")
     if is_url(where):
         return open_remote(where, **remote)
     if remote:

@@ -63,6 +63,10 @@ def test_orders_and_filters(small_model):
         assert set(r) == {"output.weight", "blk.0.attn_k.weight"}
         with pytest.raises(KeyError, match="nope"):
             load(m, tensors=["nope"], backend="host")
+        assert set(load(m, tensors="output.weight", backend="host")) == {"output.weight"}  # one name, not letters
+        for bad in (5, b"output.weight", [b"output.weight"]):
+            with pytest.raises(GGUFLabError, match="tensors must be"):
+                load(m, tensors=bad, backend="host")
 
 
 def test_layer_order_of_other_stacks(no_block_model):

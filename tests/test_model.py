@@ -30,6 +30,12 @@ def test_open_model_attributes(small_model):
     assert m.closed
 
 
+@pytest.mark.parametrize("what", [123, None, b"model.gguf", ["model.gguf"]])
+def test_open_what_is_not_a_path(what):
+    with pytest.raises(GGUFLabError, match=r"a model is opened from a path, a URL or a ByteSource, got "):
+        lab.open_model(what)
+
+
 def test_tensor_table_and_summary(small_model):
     with lab.open_model(small_model) as m:
         df = m.tensors_df()

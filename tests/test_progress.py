@@ -99,6 +99,14 @@ def test_progress_of_another_kind_is_refused_before_any_work(tmp_path, bad):
         load(missing, backend="host", progress=bad)
 
 
+@pytest.mark.parametrize("bad", [True, "stop", 1])
+def test_cancel_of_another_kind_is_refused_before_any_work(tmp_path, bad):
+    from gguf_gpu_lab import GGUFLabError
+
+    with pytest.raises(GGUFLabError, match=r"cancel must be a threading\.Event \(or None\), got "):
+        load(tmp_path / "not-there.gguf", backend="host", cancel=bad)
+
+
 @pytest.mark.parametrize("off", [None, False])
 def test_no_progress(small_model, monkeypatch, capsys, off):
     monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")  # a bar would be drawn, were one asked for
@@ -185,6 +193,9 @@ def test_preload_draws_one_bar_for_all_its_batches(small_model, monkeypatch):
         total = sum(t.n_bytes for t in m.tensors)
         with pytest.raises(GGUFLabError, match="progress must be"):
             m.preload(backend="host", progress="yes")
+        for bad in (0, -5, float("nan"), "1", True):
+            with pytest.raises(GGUFLabError, match="batch_mb must be more than 0"):
+                m.preload(backend="host", batch_mb=bad)
         m.preload(backend="host", progress=True, batch_mb=0.5).wait()
         assert m.cache_info()["entries"] == len(m)
     assert made == [("preload", total)]  # one bar, made by the caller, batches counted on from each other

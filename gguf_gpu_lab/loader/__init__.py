@@ -78,7 +78,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             ``SourceChangedError``, never other bytes.
         staging_mb: total pinned staging; default two chunks a stream.
         order: "file", "largest", "layer" or a key function of ``TensorInfo``.
-        tensors: names to load, or a predicate of ``TensorInfo``; default all.
+        tensors: a name or names to load, or a predicate of ``TensorInfo``; default all.
         device: the device index (one device), or a list of indices or ``"all"``: a load over
             several devices, each tensor on the device ``placement`` gives it, one staging ring
             and set of streams per device, the reader threads shared (``result.placement``).
@@ -121,6 +121,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         ((256, 128), (slice(0, 256, None), slice(128, 256, None)))
     """
     check_progress(progress)  # before any work: a wrong kind would otherwise fail mid-load
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise GGUFLabError(f"cancel must be a threading.Event (or None), got {cancel!r}")
     opts = LoadOptions(mode, dtype, streams, chunk_mb, readers, read, staging_mb, order, profile).check()
     several = several_devices(device, placement)
     if several and shard is not None:

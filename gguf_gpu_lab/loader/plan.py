@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -96,13 +96,20 @@ class Chunk:
 
 
 def select(tensors: Sequence[TensorInfo], names=None, order="file", path=None) -> list[TensorInfo]:
-    """The tensors to load, in load order. ``names``: a list of names or a predicate; ``path``:
+    """The tensors to load, in load order. ``names``: a name, a list of names or a predicate; ``path``:
     the file, named by the error for a name it does not have."""
     if names is None:
         chosen = list(tensors)
     elif callable(names):
         chosen = [t for t in tensors if names(t)]
     else:
+        if isinstance(names, str):  # one name, not its letters
+            names = [names]
+        elif isinstance(names, bytes) or not isinstance(names, Iterable):
+            raise GGUFLabError(f"tensors must be a name, a list of names or a predicate, got {names!r}")
+        names = list(names)
+        if not all(isinstance(n, str) for n in names):
+            raise GGUFLabError(f"tensors must be names (str), got {next(n for n in names if not isinstance(n, str))!r}")
         by_name = {t.name: t for t in tensors}
         missing = [n for n in names if n not in by_name]
         if missing:
