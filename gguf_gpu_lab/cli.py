@@ -144,6 +144,9 @@ def cmd_check(path: str, max_problems: int) -> int:
     return 0
 
 
+_HOST_BENCHES = ("--cpu", "--open", "--export", "--tp")  # the benchmarks that run without a GPU
+
+
 def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types: list[str] | None,
               model_path: str | None = None, params: str | None = None, open_: bool = False, e2e: bool = False,
               hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
@@ -165,13 +168,13 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
         raise GGUFLabError(f"--time-limit is for bench --export, not bench{' ' + chosen[0] if chosen else ''}")
     size_mb = 256 if size_mb is None else size_mb
     params = params or ("25M" if tp else "8B")  # --tp: a small model unless --params says otherwise
-    if not cpu and not open_ and not export and not tp:  # before the loader benchmark writes its model (4.6 GiB for 8B)
+    if not (cpu or open_ or export or tp):  # before the loader benchmark writes its model (4.6 GiB for 8B)
         from .device import _cupy_or_reason
 
         reason = _cupy_or_reason()[1]
         if reason is not None:
             raise GGUFLabError(f"bench{' ' + chosen[0] if chosen else ''} needs a GPU: {reason}; "
-                               "bench --cpu and bench --open run without one")
+                               f"bench {', '.join(_HOST_BENCHES[:-1])} and {_HOST_BENCHES[-1]} run without one")
     if out is not None:
         check_new(out, overwrite, "--out file")
     else:

@@ -34,6 +34,19 @@ from .model import GGUFModel
 _QKV_HEADS = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads", "v_proj": "num_key_value_heads"}
 
 
+def check_heads(model: GGUFModel, world: int) -> None:
+    """A ``ShardError`` now, before any rank starts, where a world of ``world`` ranks does not
+    divide the attention heads (or key/value heads) of the file's config (``plan_shards`` checks
+    every tensor again on the ranks)."""
+    from .hf import config_dict
+
+    cfg = config_dict(model)
+    for key in dict.fromkeys(_QKV_HEADS.values()):
+        heads = cfg.get(key)
+        if isinstance(heads, int) and heads % world:
+            raise ShardError(f"{model.path}: {key} = {heads}, which a world of {world} ranks does not divide")
+
+
 class TensorParallelError(GGUFLabError, RuntimeError):
     """A tensor-parallel load failed on some rank, or the ranks disagree: the message names them."""
 

@@ -51,6 +51,17 @@ def test_bench_tp_checks_its_arguments():
         bench_tp(worlds=(1,), timeout_s=0)
 
 
+def test_a_world_that_cannot_split_the_heads_is_refused_before_any_launch(monkeypatch):
+    import gguf_gpu_lab.tools.bench_tp as bt
+    from gguf_gpu_lab.loader import ShardError
+
+    monkeypatch.setattr(bt, "run_world", lambda *a, **k: pytest.fail("a rank was launched"))
+    monkeypatch.setattr(bt, "measure_ceilings", lambda *a, **k: pytest.fail("the ceilings were measured"))
+    with pytest.raises(ShardError, match=r"synthetic-25M-Q4_K_M\.gguf: num_attention_heads = 4, which a world of 3 "
+                                         r"ranks does not divide"):
+        bench_tp(worlds=(1, 3), device="cpu")
+
+
 def test_format_tp_names_what_was_left_out():
     res = {"model": "m.gguf", "file_bytes": 2e6, "device": "cuda", "machine": {"card": "H200", "cpu": "x", "date": "d"},
            "peak": {"page_cache_gb_s_1_thread": 5.0}, "skipped_worlds": [4], "tokens": [1, 2],

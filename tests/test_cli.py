@@ -145,7 +145,7 @@ def test_bench_without_a_gpu_stops_before_any_work(tmp_path, monkeypatch, capsys
     assert main(["bench", *flags]) == 2
     err = capsys.readouterr().err
     assert err == (f"gguf-gpu-lab: error: {what} needs a GPU: CuPy is not importable (ModuleNotFoundError); "
-                   "bench --cpu and bench --open run without one\n")
+                   "bench --cpu, --open, --export and --tp run without one\n")
     assert not list(tmp_path.iterdir())  # no results folder, no model
 
 
