@@ -72,7 +72,7 @@ def test_config_sizes(params, lo, hi):
 def test_bad_arguments(tmp_path):
     with pytest.raises(GGUFLabError, match="cannot read 'lots'"):
         parse_params("lots")
-    with pytest.raises(GGUFLabError, match="below the smallest"):
+    with pytest.raises(GGUFLabError, match=r"^params \(--params\): '10K' is below the smallest"):
         parse_params("10K")
     with pytest.raises(GGUFLabError, match="unknown mix 'Q9'"):
         synth(tmp_path / "x.gguf", "4M", "Q9")
@@ -170,7 +170,7 @@ def test_threads_write_the_same_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("kw,line", [
-    ({"params": "99999T"}, "--params: '99999T' is above the largest model synth writes (2T parameters)"),
+    ({"params": "99999T"}, "params (--params): '99999T' is above the largest model synth writes (2T parameters)"),
     ({"seed": -1}, "seed must be a whole number from 0 to 4294967295, got -1"),
     ({"seed": 2**32}, "seed must be a whole number from 0 to 4294967295, got 4294967296"),
     ({"threads": 0}, "threads must be a whole number from 1 to 256, got 0"),

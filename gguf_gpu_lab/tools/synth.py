@@ -58,12 +58,12 @@ def parse_params(text: str | int) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBGT]?)\s*", str(text).upper())
         if not m:
-            raise GGUFLabError(f"--params: cannot read {text!r}; use a count such as 25M, 1B or 7B")
+            raise GGUFLabError(f"params (--params): cannot read {text!r}; use a count such as 25M, 1B or 7B")
         n = int(float(m.group(1)) * _SUFFIX.get(m.group(2), 1))
     if n < 1_000_000:
-        raise GGUFLabError(f"--params: {text!r} is below the smallest model (1M parameters)")
+        raise GGUFLabError(f"params (--params): {text!r} is below the smallest model (1M parameters)")
     if n > MAX_PARAMS:
-        raise GGUFLabError(f"--params: {text!r} is above the largest model synth writes (2T parameters)")
+        raise GGUFLabError(f"params (--params): {text!r} is above the largest model synth writes (2T parameters)")
     return n
 
 
@@ -124,7 +124,7 @@ class TensorPlan:
 
 def _plan(cfg: LlamaConfig, mix: str, arch: str = "llama") -> list[TensorPlan]:
     if mix not in MIXES:
-        raise GGUFLabError(f"--mix: unknown mix {mix!r}; choose one of {', '.join(MIXES)}")
+        raise GGUFLabError(f"mix (--mix): unknown mix {mix!r}; choose one of {', '.join(MIXES)}")
     shapes = synth_archs.tensor_shapes(arch, cfg)
     plans: list[TensorPlan] = []
     if mix == "all-types":
@@ -155,8 +155,8 @@ def _with_heads(cfg: LlamaConfig, heads: int | None, kv_heads: int | None) -> Ll
         if not (isinstance(n, (int, np.integer)) and n >= 1):
             raise GGUFLabError(f"{what} must be a whole number of at least 1, got {n!r}")
     if cfg.n_embd % heads or heads % kv_heads:
-        raise GGUFLabError(f"--heads {heads}, --kv-heads {kv_heads}: the width {cfg.n_embd} must divide by the heads, "
-                           "and the heads by the key/value heads")
+        raise GGUFLabError(f"heads={heads}, kv_heads={kv_heads} (--heads, --kv-heads): the width {cfg.n_embd} must "
+                           "divide by the heads, and the heads by the key/value heads")
     return dataclasses.replace(cfg, n_head=int(heads), n_head_kv=int(kv_heads))
 
 
@@ -347,14 +347,14 @@ def synth(
     """
     t0 = time.perf_counter()
     if weights not in WEIGHTS:
-        raise GGUFLabError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        raise GGUFLabError(f"weights (--weights) must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     for name, value, low, high in (("seed", seed, 0, 2**32 - 1), ("threads", threads, 1, 256)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
             raise GGUFLabError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
     cfg = _with_heads(llama_config(params), heads, kv_heads)
     if vocab is not None:
         if not (isinstance(vocab, (int, np.integer)) and 1 <= vocab <= 1 << 24):
-            raise GGUFLabError(f"--vocab must be a whole number from 1 to {1 << 24}, got {vocab!r}")
+            raise GGUFLabError(f"vocab (--vocab) must be a whole number from 1 to {1 << 24}, got {vocab!r}")
         cfg = dataclasses.replace(cfg, vocab=int(vocab))
     plans = _plan(cfg, mix, synth_archs.check_arch(arch))
     tokens = synth_archs.tokens(arch, cfg.vocab, _tokens(cfg.vocab))

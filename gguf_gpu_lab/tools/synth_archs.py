@@ -45,7 +45,7 @@ class LlamaConfig:
 
 def check_arch(arch: str) -> str:
     if arch not in ARCHS:
-        raise GGUFLabError(f"--arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise GGUFLabError(f"arch (--arch): unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     return arch
 
 
@@ -159,7 +159,7 @@ def byte_level_tokens(n: int) -> list[str]:
     """``n`` distinct byte-level BPE tokens: single letters, then pairs of them (each pair a merge)."""
     k = len(_ALPHABET)
     if n > k + k * k:
-        raise GGUFLabError(f"--vocab: a synthetic byte-level vocabulary holds at most {k + k * k} tokens, got {n}")
+        raise GGUFLabError(f"vocab (--vocab): a synthetic byte-level vocabulary holds at most {k + k * k} tokens, got {n}")
     return _ALPHABET[:n] + [_ALPHABET[i % k] + _ALPHABET[i // k] for i in range(max(0, n - k))]
 
 
