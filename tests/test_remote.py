@@ -452,3 +452,13 @@ def test_bench_remote_command_line(capsys, tmp_path):
         assert main(["bench", "--remote", "--out-dir", str(tmp_path)]) == 2
         assert "bench --remote needs a GPU" in capsys.readouterr().err
         assert not list(tmp_path.iterdir())
+
+
+def test_http_server_command_refuses_bad_input(tmp_path, capsys):
+    from gguf_gpu_lab.tools.http_server import main as server_main
+
+    for argv, message in [([str(tmp_path), "--port", "-1"], "--port must be from 0 to 65535, got -1"),
+                          ([str(tmp_path / "nope")], "nope: not a folder")]:
+        with pytest.raises(SystemExit) as e:
+            server_main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

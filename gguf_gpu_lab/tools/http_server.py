@@ -248,8 +248,15 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.rate_gbps is not None and not 0.001 <= a.rate_gbps <= 1000:
         ap.error("--rate-gbps must be between 0.001 and 1000")
+    if not 0 <= a.port <= 65535:
+        ap.error(f"--port must be from 0 to 65535, got {a.port}")
+    if not os.path.isdir(a.folder):
+        ap.error(f"{a.folder}: not a folder")
     files = {n: os.path.join(a.folder, n) for n in os.listdir(a.folder)}
-    srv = Server(files, a.port, rate=a.rate_gbps * 1e9 if a.rate_gbps else None)
+    try:
+        srv = Server(files, a.port, rate=a.rate_gbps * 1e9 if a.rate_gbps else None)
+    except OSError as e:
+        ap.error(f"cannot listen on 127.0.0.1:{a.port}: {e.strerror or e}")
     print(srv.endpoint, flush=True)
     try:
         srv.serve_forever()
