@@ -138,7 +138,8 @@ def cmd_check(path: str, max_problems: int) -> int:
     for p in problems:
         print(p)
     if problems:
-        print(f"{path}: {len(problems)} problem(s) found")
+        more = " (stopped there: --max-problems)" if len(problems) >= max_problems else ""
+        print(f"{path}: {len(problems)} problem(s) found{more}")
         return 1
     print(f"{path}: ok, no NaN or Inf in float tensors or block scales")
     return 0

@@ -57,7 +57,13 @@ def test_check_exit_code_on_problem(tmp_path, capsys):
         f.write(np.array([np.nan], np.float16).tobytes())
     capsys.readouterr()
     assert main(["check", str(p)]) == 1
-    assert "blk.0.attn_q.weight (Q8_0): block 1 scale@0 is nan" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "blk.0.attn_q.weight (Q8_0): block 1 scale@0 is nan" in out and out.endswith("1 problem(s) found\n")
+    with open(p, "r+b") as f:
+        f.seek(off + 34)  # the third block's scale too: two problems, the scan stopped at one
+        f.write(np.array([np.inf], np.float16).tobytes())
+    assert main(["check", str(p), "--max-problems", "1"]) == 1
+    assert capsys.readouterr().out.endswith("1 problem(s) found (stopped there: --max-problems)\n")
 
 
 @pytest.mark.parametrize("args,needle", [
