@@ -34,17 +34,14 @@ from .model import GGUFModel
 _QKV_HEADS = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads", "v_proj": "num_key_value_heads"}
 
 
-def check_heads(model: GGUFModel, world: int) -> None:
+def check_heads(config: dict, world: int, path: str) -> None:
     """A ``ShardError`` now, before any rank starts, where a world of ``world`` ranks does not
-    divide the attention heads (or key/value heads) of the file's config (``plan_shards`` checks
-    every tensor again on the ranks)."""
-    from .hf import config_dict
-
-    cfg = config_dict(model)
+    divide the attention heads (or key/value heads) of ``config`` (``hf.config_dict`` of the file
+    at ``path``; ``plan_shards`` checks every tensor again on the ranks)."""
     for key in dict.fromkeys(_QKV_HEADS.values()):
-        heads = cfg.get(key)
+        heads = config.get(key)
         if isinstance(heads, int) and heads % world:
-            raise ShardError(f"{model.path}: {key} = {heads}, which a world of {world} ranks does not divide")
+            raise ShardError(f"{path}: {key} = {heads}, which a world of {world} ranks does not divide")
 
 
 class TensorParallelError(GGUFLabError, RuntimeError):
@@ -201,7 +198,7 @@ def from_gguf_tp(path, dtype: str, device, attn_implementation, device_mesh, tim
     t0 = time.perf_counter()
     dev = torch.device(device)
     dist = init_distributed(dev.type, timeout_s)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     if dev.type == "cuda":
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -215,12 +215,14 @@ def bench_tp(model_path: str | None = None, params: str = "25M", mix: str = "Q4_
         raise GGUFLabError(f"bench --tp: no world fits the {gpus} GPUs here: {list(worlds)}")
     # trained-model sized weights: float16 logits stay finite and the greedy tokens mean something
     with bench_model(model_path, params, mix, weights="small") as (path, synth_info):
+        from ..hf import config_dict
         from ..hf_tp import check_heads
         from ..model import open_model
 
         with open_model(path, warmup=False) as m:
-            for w in runs:  # a world that cannot split the heads is refused before any launch
-                check_heads(m, w)
+            cfg = config_dict(m)
+        for w in runs:  # a world that cannot split the heads is refused before any launch
+            check_heads(cfg, w, path)
         peak = page_cache_gb_s(path)
         ceils = measure_ceilings(path, runs, timeout_s) if device == "cuda" else {"skipped": NO_GPU_CEILING}
         rows, tokens = [], {}
