@@ -25,6 +25,9 @@ DEVICE_TIMING_NOTE = {
 }
 
 
+LEGEND_COLUMNS = 5  # a timeline's legend wraps after this many stages
+
+
 def _ipympl() -> bool:
     import matplotlib
 
@@ -93,20 +96,24 @@ def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None
     ax.set_xlim(0, t_end_ms)
     ax.set_xlabel("ms since the start of the load")
     from matplotlib.patches import Patch
+    from matplotlib.transforms import offset_copy
 
     present = [s for s in STAGE_COLORS if s in set(df["stage"])]
     # a stage seen only on the setup lane is named so: its "kernels" (getting the kernels ready) is
     # not the "kernels" lane of a CUPTI timeline, whose bars are dequant spans
     setup_only = set(df.loc[df["lane"] == "setup", "stage"]) - set(df.loc[df["lane"] != "setup", "stage"])
-    ax.legend(handles=[Patch(color=STAGE_COLORS[s], label=f"setup: {s}" if s in setup_only else s) for s in present],
-              loc="upper right", ncols=len(present), fontsize="small", framealpha=0.9)
     meta = profile.meta
+    note = DEVICE_TIMING_NOTE.get(meta.get("device_timing", "")) if meta.get("backend") != "host" else None
+    # under the axes, in rows of at most LEGEND_COLUMNS, with what a device bar means as its title:
+    # the bars keep the figure's whole width
+    leg = ax.legend(handles=[Patch(color=STAGE_COLORS[s], label=f"setup: {s}" if s in setup_only else s) for s in present],
+                    loc="upper left", bbox_to_anchor=(0, 0), ncols=min(len(present), LEGEND_COLUMNS), fontsize="small",
+                    frameon=False, bbox_transform=offset_copy(ax.transAxes, fig=fig, y=-34, units="points"),
+                    title=note, title_fontsize="x-small", alignment="left")
+    if note:
+        leg.get_title().set_color("#555555")
     ax.set_title(title or f"{meta.get('mode', '')} load on {meta.get('backend', '')}: "
                  f"{len(df)} spans, {profile.wall_s * 1e3:.1f} ms")
-    note = DEVICE_TIMING_NOTE.get(meta.get("device_timing", ""))
-    if note and meta.get("backend") != "host":
-        ax.annotate(note, (0, 0), xycoords="figure fraction", xytext=(6, 4), textcoords="offset points",
-                    fontsize="x-small", color="#555555")
     return fig
 
 

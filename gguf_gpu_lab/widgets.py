@@ -216,7 +216,8 @@ class LoadLab:
         self.pane.draw()
         self.compare_table.value = compare(self.runs).to_html(float_format="%.3f")
         for v in self.runs.values():  # keep the profiles, drop the device arrays of older runs
-            v.tensors.clear()
+            if v is not r:
+                v.tensors.clear()
         return r
 
     def on_sweep(self, _button=None, streams=(1, 2, 4, 8), chunks=(4.0, 16.0, 64.0)):
