@@ -145,8 +145,10 @@ def throughput(profile, ax=None, *, bins: int = 60, stages=("read", "h2d", "dequ
 
 
 def stage_bandwidth(profile, peaks: Mapping[str, float] | None = None, ax=None):
-    """GB/s per stage while busy, beside the measured peaks (dashed) where given."""
+    """GB/s per stage while busy, beside the measured peaks (dashed) where given: the stages that
+    move bytes (the setup work has no bandwidth)."""
     st = profile.stage_summary()
+    st = st[st["bytes"] > 0].reset_index(drop=True)
     fig, ax = _axes(ax, (6, 3.2))
     x = np.arange(len(st))
     ax.bar(x, st["gb_s"], color=[STAGE_COLORS.get(s, "#999999") for s in st["stage"]])

@@ -124,8 +124,8 @@ class Profile:
 
     # -- summaries --------------------------------------------------------------------------
     def stage_summary(self, by_device: bool = False):
-        """Per stage: spans, bytes, busy time (union over lanes) and GB/s of file bytes while busy;
-        ``by_device``: per device and stage (device -1: host work such as reads), so a load over
+        """Per stage: spans, bytes, busy time (union over lanes) and GB/s of file bytes while busy
+        (NaN for a stage that moves no bytes: the setup work); ``by_device``: per device and stage (device -1: host work such as reads), so a load over
         several devices shows each device's copy and dequantization bandwidth."""
         import pandas as pd
 
@@ -134,7 +134,8 @@ class Profile:
         for key, g in self.df.groupby(keys if by_device else "stage", sort=by_device):
             busy = union_us(g["start_us"].tolist(), g["end_us"].tolist())
             rows.append({**dict(zip(keys, key if by_device else (key,))), "spans": len(g), "bytes": int(g["bytes"].sum()),
-                         "busy_us": busy, "gb_s": g["bytes"].sum() / busy / 1e3 if busy else float("nan")})
+                         "busy_us": busy, "gb_s": g["bytes"].sum() / busy / 1e3 if busy and g["bytes"].sum() else
+                         float("nan")})
         return pd.DataFrame(rows, columns=[*keys, "spans", "bytes", "busy_us", "gb_s"])
 
     def device_summary(self):
@@ -195,7 +196,8 @@ class Profile:
         return pd.DataFrame(gaps, columns=["start_us", "end_us"]).assign(dur_us=lambda d: d.end_us - d.start_us)
 
     def bound_by(self) -> str | None:
-        """The stage with the most busy time: the one that bounds the run."""
+        """The stage that moves bytes (read, copy, dequantize) with the most busy time: the one
+        that bounds the run."""
         return _bound_by(self.stage_summary())
 
     def summary(self, peaks: Mapping[str, float] | None = None) -> dict[str, Any]:
@@ -268,6 +270,10 @@ def merge_spans(starts: np.ndarray, ends: np.ndarray, min_gap: float) -> tuple[n
 
 
 def _bound_by(stages) -> str | None:
+    """The stage with the most busy time among those that move bytes (read, copy, dequantize);
+    a setup stage only where no stage moved any."""
+    moving = stages[stages["bytes"] > 0]
+    stages = moving if len(moving) else stages
     return None if stages.empty else str(stages.loc[stages["busy_us"].idxmax(), "stage"])
 
 
@@ -293,6 +299,7 @@ def compare(runs: Mapping[str, Any]):
         s = prof.summary()
         row = {"run": label, "wall_s": s["wall_s"], "gb_s": s["gb_s"], "overlap": s["overlap"], "bound_by": s["bound_by"]}
         for r in s["stages"].itertuples(index=False):
-            row[f"{r.stage}_gb_s"] = r.gb_s
+            if r.bytes:  # the stages that move bytes; setup work has no bandwidth
+                row[f"{r.stage}_gb_s"] = r.gb_s
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")

@@ -229,3 +229,20 @@ def test_timeline_legend_colours_match_the_lanes():
     on_lane = {to_hex(c.get_facecolor()[0]) for c in fig.axes[0].collections
                if abs(c.get_paths()[0].vertices[:, 1].mean() - y) < 0.5}
     assert on_lane == {legend["dequant"]}  # the kernels lane in the colour its legend entry names
+
+
+def test_setup_stages_have_no_bandwidth_and_bound_nothing():
+    ms = 1_000_000
+    spans = [Span("reader 0", "read", -1, "a", 4_000_000, 0, 2 * ms), Span("stream 0", "h2d", 0, "a", 4_000_000, 2 * ms, 3 * ms),
+             Span("setup", "pin staging", -1, "", 0, 0, 5 * ms),  # the longest span, moving no bytes
+             Span("setup", "queue first copy", -1, "", 0, 0, ms)]
+    p = Profile.from_spans(spans, 0, 0.006, meta={"backend": "host"})
+    st = p.stage_summary().set_index("stage")
+    assert st.loc["read", "gb_s"] == pytest.approx(2.0) and st.loc["h2d", "gb_s"] == pytest.approx(4.0)
+    assert np.isnan(st.loc["pin staging", "gb_s"]) and np.isnan(st.loc["queue first copy", "gb_s"])
+    assert p.bound_by() == "read" and p.summary()["bound_by"] == "read"
+    assert sorted(c for c in compare({"one": p}).columns if c.endswith("_gb_s")) == ["h2d_gb_s", "read_gb_s"]
+    fig = plots.stage_bandwidth(p)
+    assert sorted(t.get_text() for t in fig.axes[0].get_xticklabels()) == ["h2d", "read"]
+    only_setup = Profile.from_spans(spans[2:], 0, 0.006, meta={"backend": "host"})
+    assert only_setup.bound_by() == "pin staging"  # nothing moved bytes: the longest stage still
