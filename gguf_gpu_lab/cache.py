@@ -225,8 +225,21 @@ class PreloadHandle:
             raise self.error
         return self.done()
 
+    @property
+    def cancelled(self) -> bool:
+        """True once ``cancel()`` was called: ``wait()`` then returns True with the tensors left
+        unloaded (``progress`` says how many were)."""
+        return self._cancel.is_set()
+
+    def __repr__(self) -> str:
+        p = self.progress
+        state = ("failed" if self.error is not None else "cancelled" if self.cancelled else
+                 "running" if self._thread.is_alive() else "done")
+        return (f"<PreloadHandle {state}: {p.tensors_done} of {p.tensors_total} tensors, "
+                f"{p.bytes_done / 2**20:.1f} of {p.bytes_total / 2**20:.1f} MiB>")
+
     def cancel(self) -> None:
-        """Stop after the tensors in flight; what was loaded stays cached."""
+        """Stop after the tensors in flight; what was loaded stays cached (``cancelled`` is True)."""
         self._cancel.set()
         with self._lock:
             self._queue.clear()
@@ -328,7 +341,7 @@ def preload(model, order, background: bool, dtype: str, mode: str, tensors, back
     progress = load_options.pop("progress", None)
     check_progress(progress)  # before any work
     if isinstance(batch_mb, bool) or not isinstance(batch_mb, (int, float)) or not 0 < batch_mb <= 1 << 20:
-        raise GGUFLabError(f"batch_mb must be more than 0 and at most {1 << 20} (MB a batch), got {batch_mb!r}")
+        raise GGUFLabError(f"batch_mb must be more than 0 and at most {1 << 20} (MiB a batch), got {batch_mb!r}")
 
     model.source  # noqa: B018  (a closed model raises here)
     if several_devices(device, placement):

@@ -302,7 +302,7 @@ class GGUFModel:
         """Load tensors into the cache, in the background by default. Returns a handle with
         ``progress``, ``wait()`` and ``cancel()``; ``tensor()`` calls jump the queue. With several
         devices each tensor goes to its placed device (see ``tensor``). ``batch_mb``: about how
-        much each batch loads (more than 0, at most 1048576 MB).
+        much each batch loads (MiB: more than 0, at most 1048576).
 
         Example:
             >>> h = model.preload(order="layer")
@@ -319,6 +319,10 @@ class GGUFModel:
         return _device_cache().evict(self, name)
 
     def cache_info(self) -> dict[str, Any]:
+        """The lazy cache's state: ``entries`` (tensors cached), ``bytes`` (their size),
+        ``budget`` (``cache_budget``, bytes; None: no limit), ``hits`` and ``misses`` of
+        ``tensor()``, ``loads`` (loads run for it), ``evictions`` (tensors dropped to stay within
+        the budget) and ``in_flight`` (tensors being loaded now)."""
         return _device_cache().info(self)
 
     def check(self, *, max_problems: int = 100) -> list[Problem]:

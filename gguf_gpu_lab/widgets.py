@@ -166,7 +166,10 @@ class LoadLab:
         self.dtype = w.Dropdown(options=["float16", "float32", "bfloat16"], value="float16", description="dtype")
         self.streams = w.IntSlider(value=4, min=1, max=8, description="streams")
         self.chunk_mb = w.FloatLogSlider(value=16, base=2, min=-2, max=7, description="chunk MiB")
-        self.readers = w.IntSlider(value=4, min=1, max=16, description="readers")
+        from .loader.staging import default_readers
+
+        readers = default_readers()  # load()'s own default: the lab's first run is lab.load(path)'s
+        self.readers = w.IntSlider(value=readers, min=1, max=max(16, readers), description="readers")
         self.order = w.Dropdown(options=["file", "largest", "layer"], value="file", description="order")
         self.run_button = w.Button(description="run", button_style="primary")
         self.sweep_button = w.Button(description="sweep streams × chunk")

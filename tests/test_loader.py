@@ -219,11 +219,13 @@ def test_preload_cancel_and_foreground(small_model):
     with open_model(small_model) as m:
         h = m.preload(backend="host", batch_mb=0.05)
         h.cancel()
-        assert h.done()
+        assert h.done() and h.cancelled and repr(h).startswith("<PreloadHandle cancelled: ")
         loaded = m.cache_info()["loads"]
         assert loaded < len(m.tensors)
         h2 = m.preload(backend="host", background=False)
-        assert h2.done() and m.cache_info()["loads"] == len(m.tensors)
+        assert h2.done() and m.cache_info()["loads"] == len(m.tensors) and not h2.cancelled
+        n = len(m.tensors) - loaded
+        assert repr(h2).startswith(f"<PreloadHandle done: {n} of {n} tensors, ")
     assert not _threads()
 
 
@@ -382,3 +384,12 @@ def test_h2d_spans_count_the_bytes_copied(small_model, mode, dtype):
     assert h2d == (r.out_bytes if mode in ("cpu", "sequential") else r.file_bytes)
     if mode in ("cpu", "sequential") and dtype == "float32":
         assert h2d > 3 * r.file_bytes
+
+
+def test_profile_records_the_readers_that_read(small_model):
+    from gguf_gpu_lab.loader.staging import default_readers
+    from gguf_gpu_lab.widgets import LoadLab
+
+    assert load(small_model, backend="host", chunk_mb=0.25).profile.meta["readers"] == default_readers()
+    assert load(small_model, backend="host", readers=3, chunk_mb=0.25).profile.meta["readers"] == 3
+    assert LoadLab(str(small_model), backend="host").readers.value == default_readers()  # its first run is load()'s

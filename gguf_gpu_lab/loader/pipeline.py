@@ -169,7 +169,7 @@ class Pipeline:
         self.span("setup", "plan", -1, "", 0, t_plan, time.perf_counter_ns())
         if not chunks:
             return self._alloc_outputs(), 0
-        readers = min(want_readers, len(chunks))
+        readers = self.readers_used = min(want_readers, len(chunks))
         total = sum(c.nbytes for c in chunks)
         threads: list[threading.Thread] = []  # the reader threads started
         outputs: dict[str, DeviceTensor] = {}
