@@ -50,6 +50,7 @@ class _FigurePane:
 class ModelExplorer:
     """Filterable tensor table; for the chosen tensor: statistics, a histogram, a heatmap of a
     slice, and the difference between CPU and GPU dequantization (where a GPU is present).
+    ``model``: an open ``GGUFModel``, or a path or URL (as ``LoadLab`` takes).
 
     Example:
         >>> explorer = ModelExplorer(model)          # in a notebook, show explorer.ui
@@ -59,14 +60,16 @@ class ModelExplorer:
     """
 
     def __init__(self, model, *, max_rows: int = 30, heatmap: int = 64):
+        from .model import GGUFModel, shared_model
+
         w = _widgets()
-        self.model = model
+        self.model = model if isinstance(model, GGUFModel) else shared_model(model)  # an open model, or a path
         self.max_rows = max_rows
         self.heatmap = heatmap
-        types = ["all"] + sorted({t.type_name for t in model.tensors})
+        types = ["all"] + sorted({t.type_name for t in self.model.tensors})
         self.filter = w.Text(placeholder="name contains…", description="filter")
         self.type = w.Dropdown(options=types, value="all", description="type")
-        self.choice = w.Select(options=[t.name for t in model.tensors], rows=8, description="tensor",
+        self.choice = w.Select(options=[t.name for t in self.model.tensors], rows=8, description="tensor",
                                layout=w.Layout(width="420px"))
         self.table = w.HTML()
         self.stats = w.HTML()
@@ -97,7 +100,10 @@ class ModelExplorer:
 
     def _on_choice(self, change=None):
         name = self.choice.value
-        if not name:
+        if not name:  # a filter that matches nothing: no tensor's figures left standing
+            self.stats.value = "<i>no tensor matches the filter</i>"
+            self.pane.fig.clear()
+            self.pane.draw()
             return
         t = self.model.info(name)
         x = self.model.dequantize(name)
@@ -245,8 +251,9 @@ class LoadLab:
         ax.set_yticks(range(len(streams)), [str(s) for s in streams])
         ax.set_xlabel("chunk MiB")
         ax.set_ylabel("streams")
-        for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize="small")
+        for (i, j), v in np.ndenumerate(grid):  # dark text on viridis' light end, light on its dark end
+            light = im.norm(v) > 0.6 if np.isfinite(v) else False
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="black" if light else "white", fontsize="small")
         fig.colorbar(im, ax=ax, label="GB/s")
         ax.set_title(f"{base['mode']} mode: GB/s")
         self.sweep_pane.draw()

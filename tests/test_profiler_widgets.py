@@ -147,6 +147,9 @@ def test_model_explorer_logic(small_model):
         ex.choice.value = ex.choice.options[-1]
         assert ex.choice.value in ex.stats.value and "std" in ex.stats.value and "no GPU here" in ex.stats.value
         assert ex.pane.fig.axes and ex.pane.widget.value[:4] == PNG
+        ex.filter.value = "no such tensor"  # nothing matches: the last tensor's stats and figure go
+        assert ex.choice.value is None and "no tensor matches" in ex.stats.value and not ex.pane.fig.axes
+    assert ModelExplorer(str(small_model)).choice.value == "token_embd.weight"  # a path opens the model
 
 
 def test_model_explorer_without_decoder_blocks(no_block_model, capsys):
