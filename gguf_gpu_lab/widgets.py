@@ -152,6 +152,7 @@ class LoadLab:
     Example:
         >>> load_lab = LoadLab("model.gguf")         # in a notebook, show load_lab.ui
         >>> load_lab.streams.value = 2               # what moving the slider does
+        >>> load_lab.readers.value = 4               # (default: load()'s own, two fewer than the cores)
         >>> r = load_lab.on_run()                    # what pressing "run" does
         >>> r.options.streams, list(load_lab.runs)
         (2, ['#1 gpu s2 c16 r4'])
