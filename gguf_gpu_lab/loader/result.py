@@ -147,7 +147,7 @@ class LoadResult(Mapping[str, DeviceTensor]):
     def __repr__(self):
         on = f", devices={list(self.place.devices)}" if self.place is not None else ""
         return (f"<LoadResult {len(self.tensors)} tensors, {self.file_bytes / 1e9:.3f} GB in {self.wall_s:.3f} s "
-                f"({self.gb_s:.1f} GB/s), mode={self.options.mode}, backend={self.backend}{on}>")
+                f"({self.gb_s:.3g} GB/s), mode={self.options.mode}, backend={self.backend}{on}>")
 
 
 def alloc_outputs(backend: Backend, tensors: Sequence[TensorInfo], mode: str, dtype: str,
