@@ -357,6 +357,7 @@ def preload(model, order, background: bool, dtype: str, mode: str, tensors, back
     names = [t.name for t in select(model.tensors, tensors, order)]
     names = [n for n in names if key_of(n) not in cache]
     sizes = {t.name: t.n_bytes for t in model.tensors}
+    _warn_over_budget(model, names, mode, dtype, cache.budget)
 
     def run_batch(batch, cancel):
         keys = {n: key_of(n) for n in batch}
@@ -402,6 +403,22 @@ def evict(model, name: str | None = None) -> int:
     if st is None:
         return 0
     return st.tensors.evict(None if name is None else (lambda k: k[0] == name))
+
+
+def _warn_over_budget(model, names: list[str], mode: str, dtype: str, budget: int | None) -> None:
+    """A preload larger than the cache's budget evicts what it loaded first: say so, once, before."""
+    if budget is None or not names:
+        return
+    import warnings
+
+    from .loader.plan import output_bytes
+
+    infos = {t.name: t for t in model.tensors}
+    need = sum(output_bytes(infos[n], mode, dtype) for n in names)
+    if need > budget:
+        warnings.warn(f"{model.path}: this preload makes {need / 2**20:.1f} MiB of tensors, more than the cache's budget "
+                      f"({budget / 2**20:.1f} MiB, cache_budget): the first ones loaded will be evicted",
+                      stacklevel=4)
 
 
 def info(model) -> dict[str, Any]:

@@ -393,3 +393,18 @@ def test_profile_records_the_readers_that_read(small_model):
     assert load(small_model, backend="host", chunk_mb=0.25).profile.meta["readers"] == default_readers()
     assert load(small_model, backend="host", readers=3, chunk_mb=0.25).profile.meta["readers"] == 3
     assert LoadLab(str(small_model), backend="host").readers.value == default_readers()  # its first run is load()'s
+
+
+def test_a_preload_over_the_cache_budget_says_so(small_model):
+    with open_model(small_model, warmup=False) as m:
+        m.cache_budget = 1 << 20
+        with pytest.warns(UserWarning, match=r"this preload makes .* MiB of tensors, more than the cache's budget "
+                                             r"\(1\.0 MiB, cache_budget\)"):
+            m.preload(backend="host", background=False)
+        assert m.cache_info()["evictions"] > 0
+        m.cache_budget = None
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # within the budget (none): nothing to say
+            m.preload(backend="host", background=False)
