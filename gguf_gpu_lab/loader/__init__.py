@@ -176,7 +176,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             wanted, whole = sum(c.wanted_bytes for c in cuts.values()), sum(t.n_bytes for t in chosen)
         prof = Profile.from_spans(ld.spans, origin_ns=clock_host0, wall_s=wall, deferred=ld._device_spans, meta={
             "mode": opts.mode, "streams": opts.streams, "chunk_mb": opts.chunk_mb,
-            "readers": getattr(ld, "readers_used", None) or opts.readers,  # the threads that read (default: chosen)
+            "readers": ld.readers_used or opts.readers,  # the threads that read (default: chosen)
             "backend": be.name, "file_bytes": nbytes, "out_bytes": out_bytes, "devices": list(devices),
             "device_timing": "cupti" if ld.cupti is not None else "events",
             **({"wanted_bytes": wanted, "whole_bytes": whole} if cuts is not None else {})}) if profile else None

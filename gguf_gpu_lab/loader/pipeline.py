@@ -93,6 +93,7 @@ class Pipeline:
         self.spans: list[Span] = []
         self.device_events: list = []  # (lane name, chunk, [(stage, event)]): spans once read
         self.cupti = None  # a cupti_trace.Recorder when the device work is timed by CUPTI
+        self.readers_used: int | None = None  # the reader threads this load ran (set by run())
         self.event_timing = bool(opts.profile) and opts.profile != "cupti"
         self._span_lock = threading.Lock()
         self.error: BaseException | None = None  # the first error of any thread: set by fail()
