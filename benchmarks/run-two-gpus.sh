@@ -23,14 +23,7 @@ PY=${PYTHON:-python3}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gguf-lab-two-gpus-XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-step() {  # step NAME SECONDS COMMAND...: run under a time limit (the whole process group), log, record
-    local name=$1 limit=$2
-    shift 2
-    local t0=$SECONDS
-    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "$name rc=$rc seconds=$((SECONDS - t0)) limit=$limit" | tee -a "$OUT/steps.txt"
-}
+. "$(dirname "$0")/steps.sh"  # step NAME SECONDS COMMAND...
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'nccl', torch.cuda.nccl.version())"
