@@ -413,8 +413,7 @@ def _warn_over_budget(model, names: list[str], mode: str, dtype: str, budget: in
 
     from .loader.plan import output_bytes
 
-    infos = {t.name: t for t in model.tensors}
-    need = sum(output_bytes(infos[n], mode, dtype) for n in names)
+    need = sum(output_bytes(model.info(n), mode, dtype) for n in names)
     if need > budget:
         warnings.warn(f"{model.path}: this preload makes {need / 2**20:.1f} MiB of tensors, more than the cache's budget "
                       f"({budget / 2**20:.1f} MiB, cache_budget): the first ones loaded will be evicted",

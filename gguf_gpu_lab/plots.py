@@ -9,7 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .profiler import merge_spans  # noqa: F401  (also part of this module's API)
+from .profiler import merge_spans, moving  # noqa: F401  (merge_spans is also part of this module's API)
 
 STAGE_COLORS = {"read": "#4C72B0", "cpu_dequant": "#8172B2", "h2d": "#DD8452", "dequant": "#55A868",
                 "d2d": "#C44E52", "pin staging": "#937860", "allocate outputs": "#8C8C8C", "kernels": "#CCB974",
@@ -147,8 +147,7 @@ def throughput(profile, ax=None, *, bins: int = 60, stages=("read", "h2d", "dequ
 def stage_bandwidth(profile, peaks: Mapping[str, float] | None = None, ax=None):
     """GB/s per stage while busy, beside the measured peaks (dashed) where given: the stages that
     move bytes (the setup work has no bandwidth)."""
-    st = profile.stage_summary()
-    st = st[st["bytes"] > 0].reset_index(drop=True)
+    st = moving(profile.stage_summary())
     fig, ax = _axes(ax, (6, 3.2))
     x = np.arange(len(st))
     ax.bar(x, st["gb_s"], color=[STAGE_COLORS.get(s, "#999999") for s in st["stage"]])

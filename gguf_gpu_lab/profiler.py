@@ -125,7 +125,8 @@ class Profile:
     # -- summaries --------------------------------------------------------------------------
     def stage_summary(self, by_device: bool = False):
         """Per stage: spans, bytes, busy time (union over lanes) and GB/s of file bytes while busy
-        (NaN for a stage that moves no bytes: the setup work); ``by_device``: per device and stage (device -1: host work such as reads), so a load over
+        (NaN for a stage that moves no bytes: the setup work, see ``moving``); ``by_device``: per
+        device and stage (device -1: host work such as reads), so a load over
         several devices shows each device's copy and dequantization bandwidth."""
         import pandas as pd
 
@@ -269,11 +270,17 @@ def merge_spans(starts: np.ndarray, ends: np.ndarray, min_gap: float) -> tuple[n
     return np.asarray(out_s), np.asarray(out_e)
 
 
+def moving(stages):
+    """The rows of a ``stage_summary`` table whose stages move bytes (read, copy, dequantize): the
+    ones with a bandwidth; the setup work moves none."""
+    return stages[stages["bytes"] > 0].reset_index(drop=True)
+
+
 def _bound_by(stages) -> str | None:
     """The stage with the most busy time among those that move bytes (read, copy, dequantize);
     a setup stage only where no stage moved any."""
-    moving = stages[stages["bytes"] > 0]
-    stages = moving if len(moving) else stages
+    moved = moving(stages)
+    stages = moved if len(moved) else stages
     return None if stages.empty else str(stages.loc[stages["busy_us"].idxmax(), "stage"])
 
 
@@ -298,8 +305,7 @@ def compare(runs: Mapping[str, Any]):
             raise ValueError(f"run {label!r} has no profile (it was loaded with profile=False)")
         s = prof.summary()
         row = {"run": label, "wall_s": s["wall_s"], "gb_s": s["gb_s"], "overlap": s["overlap"], "bound_by": s["bound_by"]}
-        for r in s["stages"].itertuples(index=False):
-            if r.bytes:  # the stages that move bytes; setup work has no bandwidth
-                row[f"{r.stage}_gb_s"] = r.gb_s
+        for r in moving(s["stages"]).itertuples(index=False):  # setup work has no bandwidth
+            row[f"{r.stage}_gb_s"] = r.gb_s
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")

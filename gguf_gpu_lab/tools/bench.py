@@ -17,7 +17,7 @@ from gguf import quants as gq
 
 from .. import quant
 from ..errors import GGUFLabError
-from .verify import mismatches, reference
+from .verify import gguf_py_dequantizes, mismatches, reference
 
 DEFAULT_CPU_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")
 
@@ -77,8 +77,7 @@ def bench_cpu(types: Sequence[str] | None = None, weights: int = 64 << 20, repea
         # rows of 4096 weights, as in a model: gguf-py's cost depends on the row count
         row = 4096 if n % 4096 == 0 else spec.block_size
         blocks = random_blocks(spec.ggml_type, n_blocks, rng).reshape(n // row, -1)
-        # gguf-py dequantizes neither the integer types nor F64: checked against the values, not timed
-        timed_ref = spec.kind != "int" and spec.ggml_type.name != "F64"
+        timed_ref = gguf_py_dequantizes(spec.ggml_type)  # else: checked against the values, not timed
         ref = reference(blocks, spec.ggml_type)  # the integer types keep their own dtype, as ours do
         ours = quant.dequantize(blocks, spec.ggml_type, threads=threads)
         bad = mismatches(ours, ref).size

@@ -8,12 +8,20 @@ from gguf import quants as gq
 from .. import quant
 
 
+def gguf_py_dequantizes(ggml_type) -> bool:
+    """Whether gguf-py's ``dequantize`` takes the type: not the integer types, not F64 (for
+    those ``reference`` reads the values themselves)."""
+    spec = quant.type_spec(ggml_type)
+    return spec.kind != "int" and spec.ggml_type.name != "F64"
+
+
 def reference(raw: np.ndarray, ggml_type) -> np.ndarray:
-    """gguf-py's float32 dequantization of raw bytes, flattened."""
+    """gguf-py's float32 dequantization of raw bytes, flattened (the integer types: their values,
+    in their own dtype; F64: its values as float32)."""
     spec = quant.type_spec(ggml_type)
     if spec.kind == "int":
         return np.asarray(raw).view(spec.storage_dtype).reshape(-1)
-    if spec.ggml_type.name == "F64":
+    if not gguf_py_dequantizes(spec.ggml_type):  # F64
         with np.errstate(over="ignore"):
             return np.asarray(raw).view(np.float64).astype(np.float32).reshape(-1)
     blocks = np.ascontiguousarray(raw).reshape(-1, spec.type_size)
