@@ -90,3 +90,8 @@ class RemoteError(GGUFLabError):
 
 class RemoteNotFoundError(RemoteError, ModelNotFoundError):
     """A remote file that does not exist (HTTP 404; also a ``ModelNotFoundError``)."""
+
+
+class RemoteWarning(UserWarning):
+    """A remote file can be read, with less protection than usual: its server gives no version
+    (neither an ETag nor a Last-Modified date), so it is neither cached nor shared."""

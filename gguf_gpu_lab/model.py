@@ -377,16 +377,16 @@ def _shared_key(path: str) -> tuple:
         raise ModelNotFoundError(f"{path}: cannot open: no such file") from None
     except OSError as e:
         raise GGUFLabError(f"{path}: cannot open: {e.strerror or e}") from None
-    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def shared_model(path: str | os.PathLike, **remote) -> GGUFModel:
     """An open model for ``path`` shared by the calls that take a path (``load(path)``, a
     dashboard's clicks): parsed once per process, by one thread while others wait for it, and
-    parsed again when the file at the path changes (its inode, size or modification time: a
-    model already handed out keeps reading the file it opened). A URL is keyed by the URL and
-    the identity of what it serves (ETag or commit, and size: one request asks), with
-    ``remote`` (``cache``, ``token``) as for ``open_model``. The last few files are kept open;
+    parsed again when the file at the path changes (its inode, size, modification or
+    status-change time: a model already handed out keeps reading the file it opened). A URL is keyed by the URL and
+    the identity of what it serves (ETag or commit, and size: one request asks) and the cache
+    it is written to, with ``remote`` (``cache``, ``token``) as for ``open_model``. The last few files are kept open;
     never close one.
 
     Example:
@@ -397,7 +397,9 @@ def shared_model(path: str | os.PathLike, **remote) -> GGUFModel:
     src = None
     if is_url(path):
         src = open_source(path, **remote)
-        key = ("url", src.name, src.identity)
+        cache = remote.get("cache")  # a load with cache= gets a model that writes the cache
+        key = ("url", src.name, src.identity,
+               None if cache is None else cache if cache == "hf" else os.path.realpath(os.fspath(cache)))
     else:
         if remote:
             open_source(path, **remote)  # the error: cache= and token= are for URLs
@@ -427,9 +429,8 @@ def shared_model(path: str | os.PathLike, **remote) -> GGUFModel:
     with _SHARED_LOCK:
         del _PARSING[key]
         if src is None:  # keyed by what was opened: a file replaced between the stat and the open is the newer one
-            dev, ino, size, mtime = m.source.identity
-            _SHARED[(key[0], dev, ino, size, mtime)] = m
-        else:
+            _SHARED[(key[0], *m.source.identity)] = m
+        elif src.validated:  # a URL whose server gives no version is opened again each time
             _SHARED[key] = m
         while len(_SHARED) > _SHARED_MAX:  # dropped, not closed: a load may still be using it
             _SHARED.popitem(last=False)

@@ -36,10 +36,12 @@ import re
 import threading
 import time
 import urllib.parse
+import warnings
 
 import numpy as np
 
-from .errors import GGUFFormatError, GGUFLabError, LoadCancelled, RemoteError, RemoteNotFoundError, SourceChangedError
+from .errors import (GGUFFormatError, GGUFLabError, LoadCancelled, RemoteError, RemoteNotFoundError, RemoteWarning,
+                     SourceChangedError)
 from .http_conn import Connection, ConnectionFailed, Stopped
 from .source import ByteSource, current_stop
 
@@ -184,7 +186,7 @@ class HTTPSource(RemoteSource):
         self._direct: tuple[str, dict, float] | None = None
         self.resolves = 0  # requests made to ``url`` itself that were redirected (for tests and benchmarks)
         self.size = -1
-        self._etag: str | None = None
+        self._validator: tuple[str, str] | None = None  # ("ETag", tag) or ("Last-Modified", date)
         try:
             urllib.parse.urlsplit(url).port  # a malformed URL (a port out of range, say) is refused here, by name
         except ValueError as e:
@@ -195,8 +197,8 @@ class HTTPSource(RemoteSource):
                 try:
                     with self._connection() as c:
                         r = self._get(c, 0, 1, probe=True)
-                        self._etag = _norm_etag(r.getheader("ETag"))
-                        modified = r.getheader("Last-Modified")
+                        etag, modified = _norm_etag(r.getheader("ETag")), r.getheader("Last-Modified")
+                        self._validator = ("ETag", etag) if etag else ("Last-Modified", modified) if modified else None
                         self.size = self._total(r)
                         self._count(c.read_body(r, memoryview(bytearray(1))))
                     break
@@ -205,7 +207,12 @@ class HTTPSource(RemoteSource):
         except BaseException:
             self._release()
             raise
-        self.identity = identity or ("http", self.name, self._etag or modified, self.size)
+        self.identity = identity or ("http", self.name, self._validator and self._validator[1], self.size)
+        self.validated = identity is not None or self._validator is not None
+        if not self.validated:
+            warnings.warn(f"{self.name}: the server sends neither an ETag nor a Last-Modified date, so a change "
+                          "to the file at its old size cannot be seen while it is read; it will not be cached "
+                          "(cache=) or shared between loads", RemoteWarning, stacklevel=2)
 
     @contextlib.contextmanager
     def use(self):
@@ -315,9 +322,11 @@ class HTTPSource(RemoteSource):
             if total != self.size:
                 raise SourceChangedError(self.name, f"its size went from {self.size} to {total} bytes")
             raise RemoteError(f"{self.name}: asked for bytes [{offset}, {offset + n}), got {cr!r}")
-        etag = r.getheader("ETag")
-        if self._etag is not None and etag is not None and _norm_etag(etag) != self._etag:
-            raise SourceChangedError(self.name, f"its ETag went from {self._etag!r} to {_norm_etag(etag)!r}")
+        if self._validator is not None:  # the validator of the first answer, in every answer that has one
+            header, was = self._validator
+            now = r.getheader(header)
+            if now is not None and (_norm_etag(now) if header == "ETag" else now) != was:
+                raise SourceChangedError(self.name, f"its {header} went from {was!r} to {now!r}")
         if r.chunked:
             raise RemoteError(f"{self.name}: the server sent bytes [{offset}, {offset + n}) in chunked encoding, "
                               "which ranged reads do not take")

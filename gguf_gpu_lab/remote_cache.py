@@ -37,8 +37,13 @@ SAVE_EVERY_S = 0.5  # the part file's record is written at most this often (and 
 
 def cached(src: RemoteSource, cache) -> ByteSource:
     """``src`` read through the cache ``cache``: a ``LocalFile`` when the finished copy is there
-    and of the same file, else a ``CachingSource`` that fills it."""
+    and of the same file, else a ``CachingSource`` that fills it. A source whose identity says
+    no version (``validated`` False) is refused: its copy could not be told from a changed file."""
     try:
+        if not src.validated:
+            raise GGUFLabError(f"{src.name}: cannot be cached: its server gives no version of the file (neither "
+                               "an ETag nor a Last-Modified date), so a cached copy could not be told from a "
+                               "changed file; load it without cache=")
         if cache == "hf":
             final, done_hook = _hf_paths(src)
             hit = os.path.isfile(final)

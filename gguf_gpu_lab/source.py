@@ -5,7 +5,7 @@ readers, the lazy cache) reads them through the model's source and never asks wh
 source owns what it reads through and says what it is:
 
 - ``size``: the bytes it had when it was opened; ``identity``: what those bytes are (a local
-  file's device, inode, size and modification time; a remote file's ETag or commit);
+  file's device, inode, size, modification time and status-change time; a remote file's ETag or commit);
 - ``read_into(offset, dst)``: exactly ``dst.nbytes`` bytes, positional and thread-safe;
   ``read_ranges(ranges, dst)``: several ranges one after another (a remote source asks for a
   run of adjacent ones in one request);
@@ -17,7 +17,8 @@ source owns what it reads through and says what it is:
 ``LocalFile`` reads through one descriptor and the mapping of that same descriptor, so a file
 replaced on disk after it was opened (``os.replace``, as downloaders do) is never read: the model
 keeps reading the inode its header came from. A file changed in place (truncated, rewritten,
-appended to) shows in ``check()``, which the loader calls before a load, once per chunk read from
+appended to, even with its old modification time put back: the status-change time moves)
+shows in ``check()``, which the loader calls before a load, once per chunk read from
 the mapping, and after the last read.
 
 ``stopping(stop)``: the reads a thread makes inside look at ``stop`` (an object with
@@ -64,6 +65,9 @@ class ByteSource:
     name: str  # shown in errors: a path, or a URL without its credentials
     size: int
     identity: tuple
+    # whether ``identity`` names one version of the bytes (False: a server that gives no ETag or
+    # date, where a change at the old size cannot be seen; such a source is not cached or shared)
+    validated: bool = True
 
     def __init__(self) -> None:
         self._users = 0
@@ -188,7 +192,10 @@ class LocalFile(ByteSource):
         self._mapping = mapping
         self._u8 = np.frombuffer(mapping, np.uint8)  # the whole file, zero-copy
         self.size = st.st_size
-        self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        # ctime as well as mtime: a rewrite that puts the old modification time back (cp -p,
+        # rsync -t, tar) still moves the status-change time, which no program can set
+        self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        self._links = st.st_nlink  # a link made or removed (os.replace over it) moves the ctime too
 
     @property
     def mappable(self) -> bool:
@@ -202,9 +209,9 @@ class LocalFile(ByteSource):
             st = os.fstat(self._fd)
         except OSError as e:  # closed under us
             raise GGUFLabError(f"{self.name}: model is closed ({e.strerror or e})") from None
-        if st.st_size != self.size or st.st_mtime_ns != self.identity[3]:
-            raise SourceChangedError(self.name, _describe_change(self.size, self.identity[3], st.st_size,
-                                                                 st.st_mtime_ns))
+        _, _, size, mtime, ctime = self.identity
+        if st.st_size != size or st.st_mtime_ns != mtime or (st.st_ctime_ns != ctime and st.st_nlink == self._links):
+            raise SourceChangedError(self.name, _describe_change(self.identity, st))
 
     def view(self, offset: int, n: int) -> np.ndarray | None:
         self._bounds(offset, n)
@@ -235,12 +242,16 @@ class LocalFile(ByteSource):
         self._fd = -1
 
 
-def _describe_change(size0: int, mtime0: int, size1: int, mtime1: int) -> str:
+def _describe_change(identity: tuple, st: os.stat_result) -> str:
+    _, _, size0, mtime0, ctime0 = identity
     parts = []
-    if size1 != size0:
-        parts.append(f"its size went from {size0} to {size1} bytes")
-    if mtime1 != mtime0:
-        parts.append(f"it was modified at {_when(mtime1)} (opened as of {_when(mtime0)})")
+    if st.st_size != size0:
+        parts.append(f"its size went from {size0} to {st.st_size} bytes")
+    if st.st_mtime_ns != mtime0:
+        parts.append(f"it was modified at {_when(st.st_mtime_ns)} (opened as of {_when(mtime0)})")
+    elif st.st_ctime_ns != ctime0:
+        parts.append(f"its status changed at {_when(st.st_ctime_ns)} with its modification time kept "
+                     f"(rewritten and the time put back, or its permissions changed)")
     return "; ".join(parts)
 
 

@@ -74,6 +74,20 @@ def test_a_changed_file_is_planned_again(small_model, tmp_path):
         assert plans.cached_count() == 2 and len(r) == len(m)
 
 
+def test_a_plan_is_keyed_by_the_tensors_themselves(small_model):
+    """Two headers with one identity (a server that gives no version, a file rewritten with its
+    old times) and the same names, whose tensors lie elsewhere: each gets its own plan."""
+    import dataclasses
+
+    plans.clear()
+    with open_model(small_model, warmup=False) as m:
+        moved = [dataclasses.replace(t, offset=t.offset + 32) for t in m.tensors]
+        a = plans.cached_plan(("same",), m.tensors, 1 << 20, 0)
+        b = plans.cached_plan(("same",), moved, 1 << 20, 0)
+        assert plans.cached_count() == 2
+        assert [p.file_offset + 32 for c in a for p in c.pieces] == [p.file_offset for c in b for p in c.pieces]
+
+
 # -- lanes kept between loads ------------------------------------------------------------------
 
 def test_a_second_load_reuses_the_lanes_and_scratch(small_model, host):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gguf_gpu_lab import GGUFLabError, LoadCancelled, SourceChangedError, open_model
-from gguf_gpu_lab.errors import RemoteError, RemoteNotFoundError
+from gguf_gpu_lab.errors import RemoteError, RemoteNotFoundError, RemoteWarning
 from gguf_gpu_lab.header import Header, NeedMore, read_header
 from gguf_gpu_lab.loader import load
 from gguf_gpu_lab.model import shared_model
@@ -292,6 +292,62 @@ def test_shared_model_keys_urls_by_identity(srv):
     a = shared_model(url)
     assert shared_model(url) is a
     assert shared_model("hf://org/repo/small.gguf") is not a
+
+
+def test_a_server_without_a_version_is_read_but_not_cached_or_shared(srv, tmp_path, reference):
+    """No ETag and no Last-Modified: a change at the old size cannot be seen, so the file is
+    read (with a RemoteWarning saying so), never cached nor shared between loads."""
+    srv.validator = "none"
+    url = srv.url("small.gguf")
+    with pytest.warns(RemoteWarning, match="neither an ETag nor a Last-Modified"):
+        with open_model(url) as m:
+            _same(load(m, mode="gpu", dtype="float32", backend="host"), reference["gpu"])
+    dest = tmp_path / "copy.gguf"
+    with pytest.warns(RemoteWarning), pytest.raises(GGUFLabError, match="cannot be cached.*without cache="):
+        open_model(url, cache=dest)
+    assert not os.listdir(tmp_path)  # not even a part file
+    with pytest.warns(RemoteWarning):
+        assert shared_model(url) is not shared_model(url)  # opened again: its header may be another
+
+
+def test_last_modified_tells_a_change(srv, files, tmp_path):
+    """A server that gives Last-Modified and no ETag: a file rewritten at its old size between
+    open and load is a SourceChangedError, and a finished cache of the old file is not used."""
+    srv.validator = "last-modified"
+    path = files["small.gguf"]
+    data = open(path, "rb").read()
+    st = os.stat(path)
+    url = srv.url("small.gguf")
+    dest = tmp_path / "copy.gguf"
+    load(url, mode="raw", backend="host", cache=dest)
+    assert dest.read_bytes() == data
+    m = open_model(url)
+    try:
+        with open(path, "r+b") as f:  # same size, other bytes, a later date (HTTP dates are in seconds)
+            f.seek(m.data_offset)
+            f.write(b"\x55" * 4096)
+        os.utime(path, (st.st_atime + 10, st.st_mtime + 10))
+        with pytest.raises(SourceChangedError, match="Last-Modified"):
+            load(m, mode="raw", backend="host")
+        with open_model(url, cache=dest) as again:  # the old copy is not this file
+            assert not isinstance(again.source, LocalFile)
+            first = again.info(again.tensors[0].name)
+            assert bytes(again.raw(first.name))[:16] == b"\x55" * 16
+    finally:
+        m.close()
+        with open(path, "wb") as f:
+            f.write(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_shared_model_keys_urls_by_cache(srv, tmp_path, reference):
+    """A load with cache= after one without gets a model that fills the cache."""
+    url = srv.url("small.gguf")
+    plain = shared_model(url)
+    dest = tmp_path / "copy.gguf"
+    assert shared_model(url, cache=dest) is not plain
+    _same(load(url, mode="gpu", dtype="float32", backend="host", cache=dest), reference["gpu"])
+    assert dest.read_bytes() == open(srv.files["small.gguf"], "rb").read()
 
 
 def test_fsspec_memory_store(small_model, reference):

@@ -21,7 +21,7 @@ from .threads import lab_threads
 
 MODES = ["gpu", "raw", "cpu", "sequential"]
 READS = ["mmap", "preadv"]
-CHANGES = ["replace", "truncate", "append", "rewrite"]
+CHANGES = ["replace", "truncate", "append", "rewrite", "rewrite-old-time"]
 
 
 _lab_threads = lab_threads
@@ -54,10 +54,13 @@ def _change(path: str, how: str, model) -> None:
     elif how == "append":
         with open(path, "ab") as f:
             f.write(b"\x01" * 4096)
-    elif how == "rewrite":  # in place, same size: other tensor bytes
+    elif how in ("rewrite", "rewrite-old-time"):  # in place, same size: other tensor bytes
+        st = os.stat(path)
         with open(path, "r+b") as f:
             f.seek(model.data_offset)
             f.write(b"\x55" * (os.path.getsize(path) - model.data_offset))
+        if how == "rewrite-old-time":  # and the old modification time put back, as cp -p and rsync -t do
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     else:  # pragma: no cover
         raise ValueError(how)
 
@@ -147,6 +150,43 @@ def test_shared_model_reparses_a_replaced_file_and_old_models_keep_their_bytes(s
     _same(load(old, mode="gpu", dtype="float32", backend="host"), reference["gpu"])  # the file it opened
     zeros = load(path, mode="raw", backend="host")  # a path: the file there now
     assert all(not t.numpy().any() for t in zeros.tensors.values())
+
+
+def _two_tensor_file(path, first, second) -> None:
+    """A file of two 64x64 tensors, 1.0 and 2.0, of the dtypes ``first`` and ``second``: float32
+    then float16, and the other way round, give files of one size whose tensors start at other
+    offsets with other types."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("a.weight", np.full((64, 64), 1.0, first))
+    w.add_tensor("b.weight", np.full((64, 64), 2.0, second))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_file_rewritten_with_its_old_time_is_parsed_again(tmp_path):
+    """Another file of the same size, names and order written over a loaded one in place, with
+    its modification time put back: a load by path parses the new header (the status-change
+    time moved) and never reads the new bytes with the old types or plan."""
+    v1, v2, path = tmp_path / "v1.gguf", tmp_path / "v2.gguf", tmp_path / "m.gguf"
+    _two_tensor_file(v1, np.float32, np.float16)
+    _two_tensor_file(v2, np.float16, np.float32)
+    assert os.path.getsize(v1) == os.path.getsize(v2)
+    shutil.copyfile(v1, path)
+    st = os.stat(path)
+    first = load(path, backend="host", dtype="float32")
+    assert first["a.weight"].numpy().min() == 1.0 and first["b.weight"].numpy().min() == 2.0
+    with open(path, "r+b") as f:
+        f.write(v2.read_bytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for again in (load(path, backend="host", dtype="float32"),
+                  load(open_model(path, warmup=False), backend="host", dtype="float32")):
+        for name, value in (("a.weight", 1.0), ("b.weight", 2.0)):
+            t = again[name].numpy()
+            assert t.min() == value and t.max() == value, name
 
 
 def test_shared_model_from_eight_threads_parses_once(small_model, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """A small cache of load plans, so that a warm load does not plan again: the chunks of a
-single-device load of whole tensors, kept per (file identity, tensors in order, chunk bytes,
-ramp), the most recent ``MAX_PLANS``. A plan is a tuple of frozen ``Chunk``s and is never
+single-device load of whole tensors, kept per (file identity, tensors in order with their types,
+shapes and offsets, chunk bytes, ramp), the most recent ``MAX_PLANS``. A plan is a tuple of frozen ``Chunk``s and is never
 changed after it is made; a file changed in place has another identity, hence another key.
 ``warmup`` makes the default plan of a file while the user looks at it."""
 
@@ -19,9 +19,11 @@ _LOCK = threading.Lock()
 
 
 def plan_key(identity, tensors: Sequence[TensorInfo], chunk_bytes: int, ramp: int) -> tuple:
-    """What a plan depends on: the file (its source's identity), which tensors in which order,
-    the chunk size and the ramp."""
-    return (identity, tuple(t.name for t in tensors), chunk_bytes, ramp)
+    """What a plan depends on: the file (its source's identity), which tensors in which order
+    (each whole ``TensorInfo``: name, type, shape and offset, as the header just parsed says; a
+    file rewritten with its old identity, or a server that gives none, never gets another
+    header's plan), the chunk size and the ramp."""
+    return (identity, tuple(tensors), chunk_bytes, ramp)
 
 
 def cached_plan(identity, tensors: Sequence[TensorInfo], chunk_bytes: int, ramp: int) -> tuple[Chunk, ...]:

@@ -13,14 +13,17 @@ reset after that many body bytes, ``resets`` times), ``fail_5xx`` (the next N re
 token the hub layout requires), ``rate`` (bytes per second over all connections), ``redirect``
 (the Hub's layout answers 302 to ``http://localhost:PORT/cdn/NAME?Expires=T``, another host
 name, as the Hub sends downloads to its CDN; ``cdn_expires_s`` sets T, an expired or
-``cdn_deny`` times refused CDN URL answers 403). ``served`` counts body bytes sent. ``python -m gguf_gpu_lab.tools.http_server DIR`` serves a folder (the
-benchmark runs the server in its own process, so that its threads do not share the client's GIL).
+``cdn_deny`` times refused CDN URL answers 403), ``validator`` (what tells the file's version:
+``"etag"``, the default, ``"last-modified"`` or ``"none"``, as some static servers and proxies
+send). ``served`` counts body bytes sent. ``python -m gguf_gpu_lab.tools.http_server DIR``
+serves a folder (the benchmark runs the server in its own process, so that its threads do not share the client's GIL).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import email.utils
 import hashlib
 import os
 import socket
@@ -51,6 +54,7 @@ class Server(ThreadingHTTPServer):
         self.deny: set[str] = set()
         self.token: str | None = None
         self.redirect = False
+        self.validator = "etag"  # what says the file's version: "etag", "last-modified" or "none"
         self.cdn_expires_s = 3600.0
         self.cdn_deny = 0
         self.served = 0
@@ -186,7 +190,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(206 if rng and not srv.ignore_range else 200)
         for k, v in extra.items():
             self.send_header(k, v)
-        self.send_header("ETag", f'"{etag_of(path)}"')
+        if srv.validator == "etag":
+            self.send_header("ETag", f'"{etag_of(path)}"')
+        elif srv.validator == "last-modified":
+            self.send_header("Last-Modified", email.utils.formatdate(os.stat(path).st_mtime, usegmt=True))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(end - start))
         if rng and not srv.ignore_range:
