@@ -328,6 +328,10 @@ def tensor(model, name: str, dtype: str, mode: str, backend, device, placement=N
                           profile=False)[name])
 
 
+# what preload passes on to each batch's load: how it reads, never what it makes
+PRELOAD_LOAD_OPTIONS = frozenset({"streams", "chunk_mb", "readers", "staging_mb", "read", "progress"})
+
+
 def preload(model, order, background: bool, dtype: str, mode: str, tensors, backend, device, batch_mb: float,
             load_options: dict, placement=None) -> "PreloadHandle":
     """``GGUFModel.preload``: tensors into the model's cache in batches of about ``batch_mb``;
@@ -338,6 +342,10 @@ def preload(model, order, background: bool, dtype: str, mode: str, tensors, back
     from .loader import load, select, several_devices
     from .progress import LoadBar, check_progress, reporter
 
+    other = sorted(set(load_options) - PRELOAD_LOAD_OPTIONS)
+    if other:  # shard= would cache a part under the whole tensor's name; the rest are preload's own
+        raise GGUFLabError(f"preload takes the load options {', '.join(sorted(PRELOAD_LOAD_OPTIONS))}, not "
+                           f"{', '.join(other)} (it caches whole tensors: load(..., shard=...) loads parts)")
     progress = load_options.pop("progress", None)
     check_progress(progress)  # before any work
     if isinstance(batch_mb, bool) or not isinstance(batch_mb, (int, float)) or not 0 < batch_mb <= 1 << 20:

@@ -30,9 +30,11 @@ the index (or the single shard) last: a half-done export never looks complete, a
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -41,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import GGUFLabError
+from .errors import GGUFLabError, OutputExistsError
 from .export_layout import INDEX_NAME, ST_DTYPES, WEIGHTS_NAME, Entry, Layout, batches, parse_size, plan_layout
 from .export_ring import RING_BUFFERS, DeviceToHost, Ring, pinned_buffers, ring_buffer_bytes
 from .model import GGUFModel, shared_model
@@ -139,7 +141,9 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
         max_shard_size: largest shard, "5GB" (default; KB, MB, GB, TB: 1 GB = 10^9 bytes) or bytes,
             1KB to 10TB.
         overwrite: replace the export's files in a non-empty ``out_dir`` (other files stay;
-            shards of an earlier export that this one does not write are removed).
+            shards of an earlier export, ``model-NNNNN-of-NNNNN.safetensors`` or named by its
+            index, that this one does not write are removed). Without it, a folder filled while
+            the export ran is an ``OutputExistsError`` at the end, and nothing of it is touched.
         progress: True (a bar where someone can watch it), False, or ``progress(done, total, name)``.
         budget: bytes the weights may take at once (default "2GB"), 1KB to 10TB: on the host
             backend, host memory (two batches of half of it); on a GPU, device memory of the
@@ -181,7 +185,8 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     _check_space(parent, layout.total_bytes + 4 * model.data_offset + _SPARE)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:12]}")
+    _remove_dead_partials(out_dir)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     os.mkdir(tmp)  # (not mkdtemp: its 0700 would become the finished folder's mode)
     bar = None
     if progress is True:
@@ -211,7 +216,7 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
             with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
                 f.write(json.dumps(layout.index, indent=2, sort_keys=True) + "\n")
         files = tuple(sorted(os.listdir(tmp)))
-        _move_into_place(tmp, out_dir, layout)
+        _move_into_place(tmp, out_dir, layout, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
         raise
@@ -346,15 +351,61 @@ def _return_freed_memory() -> bool:
         return False
 
 
-def _move_into_place(tmp: str, out_dir: str, layout: Layout) -> None:
-    """The finished folder in place: renamed when ``out_dir`` is new or empty; otherwise (overwrite)
-    the old index goes first (the folder stops looking complete), then the new files, stale shards
-    of an earlier export are removed, and the index (or the single shard) comes last."""
-    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.rename(tmp, out_dir)
-        return
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # huggingface_hub's shard names
+
+
+def _remove_dead_partials(out_dir: str) -> None:
+    """Remove what exports into ``out_dir`` that were killed (SIGKILL, a crash) left beside it:
+    ``.NAME.partial-PID-*`` folders whose process is gone."""
+    parent, prefix = os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial-"
+    for name in os.listdir(parent):
+        pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _old_shards(out_dir: str) -> set[str]:
+    """The shards an earlier export put in ``out_dir``: those its index names, and any with
+    huggingface_hub's shard names; a user's other ``model-*.safetensors`` files are not among them."""
+    names = {n for n in os.listdir(out_dir) if _SHARD_RE.fullmatch(n)}
+    try:
+        with open(os.path.join(out_dir, INDEX_NAME), encoding="utf-8") as f:
+            listed = json.load(f).get("weight_map", {}).values()
+        names |= {n for n in listed if isinstance(n, str) and os.path.basename(n) == n
+                  and os.path.isfile(os.path.join(out_dir, n))}
+    except (OSError, ValueError, AttributeError):
+        pass
+    return names
+
+
+def _move_into_place(tmp: str, out_dir: str, layout: Layout, overwrite: bool) -> None:
+    """The finished folder in place. Without ``overwrite``, one rename, which fails if ``out_dir``
+    holds anything by now (a folder filled, or another export finished, while this one ran): an
+    error, nothing of theirs touched. With it, in a non-empty ``out_dir``: the old index goes first
+    (the folder stops looking complete), then the new files, the shards of an earlier export that
+    this one does not write are removed, and the index (or the single shard) comes last."""
+    if not overwrite or not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        try:
+            os.rename(tmp, out_dir)  # over a missing or empty folder only, at once
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if not overwrite:
+                raise OutputExistsError(f"{out_dir}: the folder was filled while the export ran "
+                                        f"({e.strerror}); nothing was written there; export again into a new "
+                                        "or empty folder, or pass overwrite=True (--overwrite)") from None
+    stale = _old_shards(out_dir) - set(layout.sizes)
     for old in (INDEX_NAME, WEIGHTS_NAME):
         if os.path.isfile(os.path.join(out_dir, old)):
             os.remove(os.path.join(out_dir, old))
@@ -362,8 +413,7 @@ def _move_into_place(tmp: str, out_dir: str, layout: Layout) -> None:
     for name in os.listdir(tmp):
         if name != last:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    for name in os.listdir(out_dir):
-        if name.startswith("model-") and name.endswith(".safetensors") and name not in layout.sizes:
-            os.remove(os.path.join(out_dir, name))
+    for name in stale:
+        os.remove(os.path.join(out_dir, name))
     os.replace(os.path.join(tmp, last), os.path.join(out_dir, last))
     os.rmdir(tmp)

@@ -154,8 +154,9 @@ class GGUFModel:
 
     def metadata_value(self, key: str) -> Any:
         """One metadata value in full: a string array as a list of str (decoded now, not at
-        open), a numeric array as a read-only NumPy view of the file (no copy), a nested array
-        as nested lists.
+        open), a numeric array as a read-only NumPy array (a copy, which the file cannot change later), a
+        nested array as nested lists. A file changed in place since it was opened is a
+        ``SourceChangedError``, as for tensors: never the new bytes read with the old header.
 
         Example:
             >>> model.metadata_value("tokenizer.ggml.tokens")[:2]
@@ -163,14 +164,22 @@ class GGUFModel:
             >>> model.metadata_value("tokenizer.ggml.scores").dtype
             dtype('float32')
         """
-        self.source  # noqa: B018  (raises once closed)
         try:
             f = self._header.fields[key]
         except KeyError:  # a GGUFLabError, and a KeyError as a mapping's would be
             raise not_found(MetadataNotFoundError, self.path, "metadata key", key, self._header.fields) from None
+        src = self.source
+        live = src.mappable  # the header is the file's mapping (a remote header is a copy in memory)
+        if live:
+            src.check()
         if f.is_array and f.element_type in _NUMERIC:
-            return f.numpy()
-        return f.value()
+            value = f.numpy().copy()  # a 262,144-token vocabulary's scores: 1 MB, 0.1 ms
+            value.flags.writeable = False
+        else:
+            value = f.value()
+        if live:
+            src.check()  # and not while it was decoded
+        return value
 
     @property
     def architecture(self) -> str | None:
@@ -302,7 +311,9 @@ class GGUFModel:
         """Load tensors into the cache, in the background by default. Returns a handle with
         ``progress``, ``wait()`` and ``cancel()``; ``tensor()`` calls jump the queue. With several
         devices each tensor goes to its placed device (see ``tensor``). ``batch_mb``: about how
-        much each batch loads (MiB: more than 0, at most 1048576).
+        much each batch loads (MiB: more than 0, at most 1048576). ``load_options``: how each
+        batch is read (``streams``, ``chunk_mb``, ``readers``, ``staging_mb``, ``read``) and
+        ``progress``; it caches whole tensors, so ``shard=`` is refused.
 
         Example:
             >>> h = model.preload(order="layer")

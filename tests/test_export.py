@@ -10,6 +10,8 @@ Needs the hf extra (torch, transformers, accelerate, safetensors): skipped witho
 import json
 import os
 import random
+import subprocess
+import sys
 from collections import namedtuple
 
 import pytest
@@ -174,21 +176,58 @@ def test_refuses_a_non_empty_folder_and_overwrites_when_asked(model_dir):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "model-00007-of-00009.safetensors").write_text("stale")
-    with pytest.raises(GGUFLabError, match="exists and holds 2 entries.*overwrite"):
+    (out / "model-lora-adapter.safetensors").write_text("mine too")  # not a shard name: never removed
+    with pytest.raises(GGUFLabError, match="exists and holds 3 entries.*overwrite"):
         hf.export(p, out, progress=False)
-    assert sorted(os.listdir(out)) == ["model-00007-of-00009.safetensors", "notes.txt"]
+    assert sorted(os.listdir(out)) == ["model-00007-of-00009.safetensors", "model-lora-adapter.safetensors",
+                                       "notes.txt"]
     r = hf.export(p, out, max_shard_size=SMALL_SHARDS, overwrite=True, progress=False, tokenizer=False)
     names = set(os.listdir(out))
-    assert "notes.txt" in names and "model-00007-of-00009.safetensors" not in names
-    assert names == set(r.files) | {"notes.txt"}
+    mine = {"notes.txt", "model-lora-adapter.safetensors"}
+    assert mine <= names and "model-00007-of-00009.safetensors" not in names
+    assert names == set(r.files) | mine
+    assert (out / "model-lora-adapter.safetensors").read_text() == "mine too"
     r = hf.export(p, out, overwrite=True, progress=False, tokenizer=False)  # now one shard: the old ones go
-    assert _shard_names(out) == ["model.safetensors"] and export_module.INDEX_NAME not in os.listdir(out)
+    assert _shard_names(out) == ["model-lora-adapter.safetensors", "model.safetensors"]
+    assert export_module.INDEX_NAME not in os.listdir(out)
     empty = model_dir / "empty"
     empty.mkdir()
     hf.export(p, empty, progress=False, tokenizer=False)
     assert (empty / "model.safetensors").exists()
     with pytest.raises(GGUFLabError, match="not a folder"):
         hf.export(p, p, progress=False)
+
+
+def test_a_folder_filled_during_the_export_is_left_alone(model_dir, tmp_path):
+    """The folder was empty (or missing) when the export began and holds a file of someone else's
+    by its end (another export, a user): an OutputExistsError, their file untouched, nothing of
+    this export left behind."""
+    from gguf_gpu_lab import OutputExistsError
+
+    p = _file(model_dir, "llama")
+    out = tmp_path / "out"
+
+    def fill(done, total, name):
+        if not out.exists():
+            out.mkdir()
+            (out / "config.json").write_text("theirs")
+    with pytest.raises(OutputExistsError, match="filled while the export ran"):
+        hf.export(p, out, progress=fill, tokenizer=False)
+    assert os.listdir(out) == ["config.json"] and (out / "config.json").read_text() == "theirs"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_what_a_killed_export_left_is_removed_by_the_next(model_dir, tmp_path):
+    p = _file(model_dir, "llama")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has ended
+    left = tmp_path / f".out.partial-{dead}-0123456789ab"
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".out.partial-{os.getpid()}-0123456789ab"  # this process's: an export still running
+    live.mkdir()
+    hf.export(p, tmp_path / "out", progress=False, tokenizer=False)
+    assert sorted(os.listdir(tmp_path)) == [live.name, "out"]
 
 
 def test_refusals_write_nothing(model_dir, tmp_path, monkeypatch):

@@ -395,6 +395,17 @@ def test_profile_records_the_readers_that_read(small_model):
     assert LoadLab(str(small_model), backend="host").readers.value == default_readers()  # its first run is load()'s
 
 
+def test_preload_refuses_what_would_cache_other_than_whole_tensors(small_model):
+    with open_model(small_model, warmup=False) as m:
+        name = m.tensors[0].name
+        for options in ({"shard": {name: (0, 1, 2)}}, {"profile": True}, {"cache": "x"}):
+            with pytest.raises(GGUFLabError, match=f"preload takes the load options .*not {next(iter(options))} "):
+                m.preload(backend="host", background=False, **options)
+        assert m.cache_info()["entries"] == 0
+        m.preload(backend="host", background=False, tensors=[name], chunk_mb=1, readers=2, read="preadv")
+        assert m.tensor(name, backend="host").array.shape == m.info(name).np_shape
+
+
 def test_a_preload_over_the_cache_budget_says_so(small_model):
     with open_model(small_model, warmup=False) as m:
         m.cache_budget = 1 << 20

@@ -189,6 +189,32 @@ def test_a_file_rewritten_with_its_old_time_is_parsed_again(tmp_path):
             assert t.min() == value and t.max() == value, name
 
 
+@pytest.mark.parametrize("how", ["rewrite", "rewrite-old-time", "truncate"])
+def test_metadata_of_a_file_changed_in_place_is_an_error(small_model, tmp_path, how):
+    """metadata_value decodes from the file's mapping: after a change in place it raises, never
+    the new bytes read with the old header; what it gave before stays as it was."""
+    path = _copy(small_model, tmp_path / "m.gguf")
+    with open_model(path) as m:
+        tokens, scores = m.metadata_value("tokenizer.ggml.tokens"), m.metadata_value("tokenizer.ggml.scores")
+        kept = scores.copy()
+        with open(path, "r+b") as f:  # the header itself: the tokens' bytes
+            data = f.read(m.data_offset)
+            at = data.index(tokens[-1].encode())
+        st = os.stat(path)
+        if how == "truncate":
+            os.truncate(path, m.data_offset + 100)
+        else:
+            with open(path, "r+b") as f:
+                f.seek(at)
+                f.write(b"X" * len(tokens[-1].encode()))
+            if how == "rewrite-old-time":
+                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores"):
+            with pytest.raises(SourceChangedError, match="changed after it was opened"):
+                m.metadata_value(key)
+        assert np.array_equal(scores, kept)
+
+
 def test_shared_model_from_eight_threads_parses_once(small_model, tmp_path, monkeypatch):
     path = _copy(small_model, tmp_path / "m.gguf")
     parses = []

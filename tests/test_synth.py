@@ -2,6 +2,8 @@ import hashlib
 
 import gguf
 import numpy as np
+import os
+
 import pytest
 
 import gguf_gpu_lab as lab
@@ -85,7 +87,26 @@ def test_interrupted_synth_leaves_no_file(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         synth(tmp_path / "x.gguf", "4M", "Q4_0", progress=boom)
-    assert not (tmp_path / "x.gguf").exists()
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_interrupted_overwrite_keeps_the_old_file(tmp_path, threads):
+    """synth --overwrite writes beside the old file and renames at the end: stopped midway,
+    the old file is there as it was, and nothing else is."""
+    old = synth(tmp_path / "x.gguf", "4M", "Q8_0", seed=1)
+    before = open(old.path, "rb").read()
+
+    def boom(done, total, name):
+        if done > total // 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synth(tmp_path / "x.gguf", "4M", "Q4_0", seed=2, overwrite=True, progress=boom, threads=threads)
+    assert os.listdir(tmp_path) == ["x.gguf"] and open(old.path, "rb").read() == before
+    new = synth(tmp_path / "x.gguf", "4M", "Q4_0", seed=2, overwrite=True)
+    assert os.listdir(tmp_path) == ["x.gguf"] and new.file_size == os.path.getsize(new.path)
+    assert open(new.path, "rb").read() != before
 
 
 @pytest.mark.parametrize("params,mix,vocab", [("4M", "Q4_0", None), ("4M", "all-types", 3000), ("25M", "Q4_K_M", None)])

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -271,12 +272,19 @@ def _write_parallel(fd: int, plans: list[TensorPlan], offsets: list[int], seed: 
 _OVERWRITE_HINT = "overwrite=True, or --overwrite,"
 
 
+def _drop(*paths) -> None:
+    for p in paths:
+        if p is not None:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
 def _check_space(path: str, need: int, overwrite: bool) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(folder).free
-    if overwrite and os.path.isfile(path):  # an old file there is replaced
-        free += os.path.getsize(path)
-    if need > free:
+    if need > free:  # the old file, if any, stays until the new one is complete
         raise GGUFLabError(f"{path}: the model needs {need / 1e9:.2f} GB ({need} bytes), {folder} has "
                            f"{free / 1e9:.2f} GB free ({free} bytes)")
 
@@ -362,7 +370,15 @@ def synth(
     check_new(path, overwrite, "model", _OVERWRITE_HINT)
     _check_space(path, file_bytes(plans, tokens), overwrite)  # before writing: a 1T model would fill the disk first
     create_new(path, overwrite, "model", _OVERWRITE_HINT)  # claimed: a file appearing since is not replaced
-    w = GGUFWriter(path, synth_archs.gguf_arch(arch))
+    # written beside it and renamed into place when complete: an interrupted run leaves the old
+    # file (overwrite) or nothing
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    try:
+        w = GGUFWriter(tmp, synth_archs.gguf_arch(arch))
+    except BaseException:
+        _drop(path if not overwrite else None)
+        raise
     # transformers reads a llama file as Mistral only when its name is exactly "mistral"
     w.add_name("mistral" if arch == "mistral" else f"synthetic {arch} {params} {mix}")
     w.add_string("general.source", "gguf-gpu-lab synth")
@@ -396,14 +412,12 @@ def synth(
             done += data.nbytes
             if progress is not None:
                 progress(done, total, p.name)
+        w.close()
+        os.replace(tmp, path)
     except BaseException:
         w.close()
-        try:
-            os.unlink(path)  # never leave a half-written model behind
-        except OSError:
-            pass
+        _drop(tmp, path if not overwrite else None)  # never leave a half-written model behind
         raise
-    w.close()
     size = os.path.getsize(path)
     return SynthResult(path, cfg, mix, len(plans), sum(int(np.prod(p.np_shape)) for p in plans), size,
                        time.perf_counter() - t0)
