@@ -322,7 +322,7 @@ def tensor(model, name: str, dtype: str, mode: str, backend, device, placement=N
         device, backend = pl.where[name], get_backend(backend, 0).name
     device = single_device(device)
     be = get_backend(backend, device)
-    key = (name, mode, dtype, device)
+    key = (name, mode, dtype, be.name, device)  # the host's device 0 is not the GPU's
     return st.tensors.get_or_load(
         key, lambda: load(model, mode=mode, dtype=dtype, tensors=[name], backend=be, device=device,
                           profile=False)[name])
@@ -361,7 +361,8 @@ def preload(model, order, background: bool, dtype: str, mode: str, tensors, back
         target = {"backend": get_backend(backend, device), "device": device}
     st = _state(model)
     cache = st.tensors
-    key_of = lambda n: (n, mode, dtype, device if on is None else on[n])  # noqa: E731
+    be_name = target["backend"] if isinstance(target["backend"], str) else target["backend"].name
+    key_of = lambda n: (n, mode, dtype, be_name, device if on is None else on[n])  # noqa: E731
     names = [t.name for t in select(model.tensors, tensors, order)]
     names = [n for n in names if key_of(n) not in cache]
     sizes = {t.name: t.n_bytes for t in model.tensors}

@@ -57,6 +57,9 @@ def test_lazy_tensor_and_cache_on_gpu(small_model):
         b = m.tensor("output.weight", backend="cupy")
         assert a is b and m.cache_info()["loads"] == 1
         assert np.array_equal(a.numpy().reshape(-1), m.dequantize("output.weight", "float16").reshape(-1))
+        h = m.tensor("output.weight", backend="host")  # the host's device 0 is another cache entry
+        assert h is not a and isinstance(h.array, np.ndarray) and not isinstance(a.array, np.ndarray)
+        assert m.tensor("output.weight", backend="cupy") is a and m.cache_info()["loads"] == 2
 
 
 def test_out_of_memory_raises_and_cleans_up(small_model):
