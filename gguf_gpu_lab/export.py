@@ -29,6 +29,7 @@ the index (or the single shard) last: a half-done export never looks complete, a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -38,7 +39,6 @@ import re
 import shutil
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -47,6 +47,7 @@ from .errors import GGUFLabError, OutputExistsError
 from .export_layout import INDEX_NAME, ST_DTYPES, WEIGHTS_NAME, Entry, Layout, batches, parse_size, plan_layout
 from .export_ring import RING_BUFFERS, DeviceToHost, Ring, pinned_buffers, ring_buffer_bytes
 from .model import GGUFModel, shared_model
+from .outputs import partial_path, warn_partials_left
 from .progress import check_progress
 
 __all__ = ["export", "ExportResult", "plan_layout", "batches", "parse_size", "INDEX_NAME", "WEIGHTS_NAME"]
@@ -141,8 +142,8 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
         max_shard_size: largest shard, "5GB" (default; KB, MB, GB, TB: 1 GB = 10^9 bytes) or bytes,
             1KB to 10TB.
         overwrite: replace the export's files in a non-empty ``out_dir`` (other files stay;
-            shards of an earlier export, ``model-NNNNN-of-NNNNN.safetensors`` or named by its
-            index, that this one does not write are removed). Without it, a folder filled while
+            shards of an earlier export, ``model-NNNNN-of-NNNNN.safetensors``, that this one
+            does not write are removed). Without it, a folder filled while
             the export ran is an ``OutputExistsError`` at the end, and nothing of it is touched.
         progress: True (a bar where someone can watch it), False, or ``progress(done, total, name)``.
         budget: bytes the weights may take at once (default "2GB"), 1KB to 10TB: on the host
@@ -185,8 +186,8 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     _check_space(parent, layout.total_bytes + 4 * model.data_offset + _SPARE)
-    _remove_dead_partials(out_dir)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    warn_partials_left(out_dir, "export")
+    tmp = partial_path(out_dir)
     os.mkdir(tmp)  # (not mkdtemp: its 0700 would become the finished folder's mode)
     bar = None
     if progress is True:
@@ -354,38 +355,10 @@ def _return_freed_memory() -> bool:
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # huggingface_hub's shard names
 
 
-def _remove_dead_partials(out_dir: str) -> None:
-    """Remove what exports into ``out_dir`` that were killed (SIGKILL, a crash) left beside it:
-    ``.NAME.partial-PID-*`` folders whose process is gone."""
-    parent, prefix = os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial-"
-    for name in os.listdir(parent):
-        pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _old_shards(out_dir: str) -> set[str]:
-    """The shards an earlier export put in ``out_dir``: those its index names, and any with
-    huggingface_hub's shard names; a user's other ``model-*.safetensors`` files are not among them."""
-    names = {n for n in os.listdir(out_dir) if _SHARD_RE.fullmatch(n)}
-    try:
-        with open(os.path.join(out_dir, INDEX_NAME), encoding="utf-8") as f:
-            listed = json.load(f).get("weight_map", {}).values()
-        names |= {n for n in listed if isinstance(n, str) and os.path.basename(n) == n
-                  and os.path.isfile(os.path.join(out_dir, n))}
-    except (OSError, ValueError, AttributeError):
-        pass
-    return names
+    """The shards of an earlier export in ``out_dir``: files with huggingface_hub's shard names
+    (``model-00001-of-00003.safetensors``); a user's other files are never among them."""
+    return {n for n in os.listdir(out_dir) if _SHARD_RE.fullmatch(n)}
 
 
 def _move_into_place(tmp: str, out_dir: str, layout: Layout, overwrite: bool) -> None:
@@ -399,6 +372,9 @@ def _move_into_place(tmp: str, out_dir: str, layout: Layout, overwrite: bool) ->
             os.rename(tmp, out_dir)  # over a missing or empty folder only, at once
             return
         except OSError as e:
+            if e.errno == errno.ENOTDIR:
+                raise OutputExistsError(f"{out_dir}: a file (not a folder) appeared there while the export ran; "
+                                        "nothing was written there") from None
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             if not overwrite:
@@ -414,6 +390,7 @@ def _move_into_place(tmp: str, out_dir: str, layout: Layout, overwrite: bool) ->
         if name != last:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     for name in stale:
-        os.remove(os.path.join(out_dir, name))
+        with contextlib.suppress(FileNotFoundError):  # gone already: nothing to remove
+            os.remove(os.path.join(out_dir, name))
     os.replace(os.path.join(tmp, last), os.path.join(out_dir, last))
     os.rmdir(tmp)

@@ -75,6 +75,7 @@ class GGUFModel:
         source = open_source(path)
         try:
             self._header = read_header(source)
+            source.keep_header(min(self._header.data_offset, source.size))
         except BaseException:
             source.close()
             raise
@@ -408,6 +409,8 @@ def shared_model(path: str | os.PathLike, **remote) -> GGUFModel:
     src = None
     if is_url(path):
         src = open_source(path, **remote)
+        if not src.validated:  # a server that gives no version: each call opens its own model
+            return _opened(GGUFModel(src))
         cache = remote.get("cache")  # a load with cache= gets a model that writes the cache
         key = ("url", src.name, src.identity,
                None if cache is None else cache if cache == "hf" else os.path.realpath(os.fspath(cache)))
@@ -441,7 +444,7 @@ def shared_model(path: str | os.PathLike, **remote) -> GGUFModel:
         del _PARSING[key]
         if src is None:  # keyed by what was opened: a file replaced between the stat and the open is the newer one
             _SHARED[(key[0], *m.source.identity)] = m
-        elif src.validated:  # a URL whose server gives no version is opened again each time
+        else:
             _SHARED[key] = m
         while len(_SHARED) > _SHARED_MAX:  # dropped, not closed: a load may still be using it
             _SHARED.popitem(last=False)

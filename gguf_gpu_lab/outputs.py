@@ -9,14 +9,18 @@ file of the same name unless ``overwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import uuid
+import warnings
 from typing import Iterable
 
 from .errors import GGUFLabError, OutputExistsError
 
-__all__ = ["MANIFEST", "OutputExistsError", "check_new", "create_new", "claim_folder", "record_folder"]
+__all__ = ["MANIFEST", "OutputExistsError", "check_new", "create_new", "claim_folder", "record_folder",
+           "partial_path", "warn_partials_left"]
 
 MANIFEST = ".gguf-gpu-lab-outputs.json"  # in a folder of outputs: the names the toolkit wrote there
 
@@ -97,3 +101,30 @@ def record_folder(folder: str, names: Iterable[str]) -> None:
     with open(tmp, "w") as f:
         json.dump({"written_by": "gguf-gpu-lab", "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}, f)
     os.replace(tmp, os.path.join(folder, MANIFEST))
+
+
+def partial_path(final: str) -> str:
+    """Where an output that is renamed into place when complete (a model, an export's folder) is
+    written meanwhile: a hidden name beside ``final``, unique to this writer."""
+    final = os.path.abspath(final)
+    return os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial-{uuid.uuid4().hex[:12]}")
+
+
+def warn_partials_left(final: str, what: str) -> None:
+    """Warn of the partial outputs (``partial_path``) beside ``final`` that a writer killed
+    outright (SIGKILL, a crash) left. Never removed: one may be a writer still running, in
+    another process, container or machine."""
+    final = os.path.abspath(final)
+    parent, prefix = os.path.dirname(final), f".{os.path.basename(final)}.partial-"
+    left = [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(prefix)]
+    if not left:
+        return
+    size = 0
+    for p in left:
+        for d, _, names in os.walk(p) if os.path.isdir(p) else [(parent, None, [os.path.basename(p)])]:
+            for n in names:
+                with contextlib.suppress(OSError):
+                    size += os.lstat(os.path.join(d, n)).st_blocks * 512  # what it takes on disk (a sparse file: less)
+    more = f" and {len(left) - 1} more" if len(left) > 1 else ""
+    warnings.warn(f"{left[0]}{more}: left by an unfinished {what} of {final} ({size / 1e9:.2f} GB on disk); "
+                  f"remove it if no {what} of that path is running", stacklevel=3)

@@ -17,8 +17,10 @@ source owns what it reads through and says what it is:
 ``LocalFile`` reads through one descriptor and the mapping of that same descriptor, so a file
 replaced on disk after it was opened (``os.replace``, as downloaders do) is never read: the model
 keeps reading the inode its header came from. A file changed in place (truncated, rewritten,
-appended to, even with its old modification time put back: the status-change time moves)
-shows in ``check()``, which the loader calls before a load, once per chunk read from
+appended to) shows in ``check()``, by its size or modification time; one rewritten with its old
+modification time put back (``cp -p``), by its status-change time and a header that is not the
+one parsed (the CRC-32 kept at open: a rename, chmod or link moves that time too, and is not a
+change). ``check()`` is what the loader calls before a load, once per chunk read from
 the mapping, and after the last read.
 
 ``stopping(stop)``: the reads a thread makes inside look at ``stop`` (an object with
@@ -34,6 +36,7 @@ import os
 import stat
 import threading
 import time
+import zlib
 
 import numpy as np
 
@@ -93,6 +96,10 @@ class ByteSource:
 
     def check(self) -> None:
         """Raise ``SourceChangedError`` when the bytes may have changed since the source was opened."""
+
+    def keep_header(self, n: int) -> None:
+        """The model parsed its header from the first ``n`` bytes (a source that can check them
+        later keeps a fingerprint)."""
 
     def header(self, want: int = 0):
         """A buffer the header parser reads: the whole file (a local one), or a prefix of at
@@ -192,10 +199,11 @@ class LocalFile(ByteSource):
         self._mapping = mapping
         self._u8 = np.frombuffer(mapping, np.uint8)  # the whole file, zero-copy
         self.size = st.st_size
-        # ctime as well as mtime: a rewrite that puts the old modification time back (cp -p,
-        # rsync -t, tar) still moves the status-change time, which no program can set
+        # the status-change time too: a path whose file was rewritten with its old modification
+        # time put back (cp -p) is parsed again, and check() looks at such a file's header
         self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        self._links = st.st_nlink  # a link made or removed (os.replace over it) moves the ctime too
+        self._ctime_seen = st.st_ctime_ns
+        self._kept: tuple[int, int] | None = None  # (bytes, CRC-32) of the parsed header
 
     @property
     def mappable(self) -> bool:
@@ -209,9 +217,28 @@ class LocalFile(ByteSource):
             st = os.fstat(self._fd)
         except OSError as e:  # closed under us
             raise GGUFLabError(f"{self.name}: model is closed ({e.strerror or e})") from None
-        _, _, size, mtime, ctime = self.identity
-        if st.st_size != size or st.st_mtime_ns != mtime or (st.st_ctime_ns != ctime and st.st_nlink == self._links):
+        _, _, size, mtime, _ = self.identity
+        if st.st_size != size or st.st_mtime_ns != mtime:
             raise SourceChangedError(self.name, _describe_change(self.identity, st))
+        if st.st_ctime_ns != self._ctime_seen:
+            # the status changed with size and time kept: a rename, chmod, link, xattr, or a rewrite
+            # with the old time put back. The header is what the model was parsed from: if it is
+            # not the same, neither are the tensors' places and types
+            kept = self._kept
+            if kept is not None and self._crc(kept[0]) not in (kept[1], None):
+                raise SourceChangedError(self.name, "its header was rewritten in place and its modification time "
+                                                    "put back")
+            self._ctime_seen = st.st_ctime_ns
+
+    def keep_header(self, n: int) -> None:
+        """Remember the first ``n`` bytes (the header the model parsed) by their CRC-32 (about
+        0.2 ms a MB), which ``check()`` compares when only the file's status-change time moved."""
+        self._kept = (n, self._crc(n))
+
+    def _crc(self, n: int) -> int | None:
+        # (a function of its own: no frame of a raised error keeps a view of the mapping alive)
+        u8 = self._u8
+        return None if u8 is None else zlib.crc32(u8[:n])
 
     def view(self, offset: int, n: int) -> np.ndarray | None:
         self._bounds(offset, n)
@@ -243,15 +270,12 @@ class LocalFile(ByteSource):
 
 
 def _describe_change(identity: tuple, st: os.stat_result) -> str:
-    _, _, size0, mtime0, ctime0 = identity
+    _, _, size0, mtime0, _ = identity
     parts = []
     if st.st_size != size0:
         parts.append(f"its size went from {size0} to {st.st_size} bytes")
     if st.st_mtime_ns != mtime0:
         parts.append(f"it was modified at {_when(st.st_mtime_ns)} (opened as of {_when(mtime0)})")
-    elif st.st_ctime_ns != ctime0:
-        parts.append(f"its status changed at {_when(st.st_ctime_ns)} with its modification time kept "
-                     f"(rewritten and the time put back, or its permissions changed)")
     return "; ".join(parts)
 
 

@@ -10,8 +10,6 @@ Needs the hf extra (torch, transformers, accelerate, safetensors): skipped witho
 import json
 import os
 import random
-import subprocess
-import sys
 from collections import namedtuple
 
 import pytest
@@ -217,17 +215,43 @@ def test_a_folder_filled_during_the_export_is_left_alone(model_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_what_a_killed_export_left_is_removed_by_the_next(model_dir, tmp_path):
+def test_what_a_killed_export_left_is_named_by_the_next(model_dir, tmp_path):
     p = _file(model_dir, "llama")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()  # a process that has ended
-    left = tmp_path / f".out.partial-{dead}-0123456789ab"
+    left = tmp_path / ".out.partial-0123456789ab"
     left.mkdir()
-    (left / "model.safetensors").write_bytes(b"half")
-    live = tmp_path / f".out.partial-{os.getpid()}-0123456789ab"  # this process's: an export still running
-    live.mkdir()
-    hf.export(p, tmp_path / "out", progress=False, tokenizer=False)
-    assert sorted(os.listdir(tmp_path)) == [live.name, "out"]
+    (left / "model.safetensors").write_bytes(b"h" * 5000)
+    with pytest.warns(UserWarning, match=r"out.partial-0123456789ab: left by an unfinished export of .*out "
+                                         r"\(0.00 GB on disk\); remove it if no export"):
+        hf.export(p, tmp_path / "out", progress=False, tokenizer=False)
+    assert sorted(os.listdir(tmp_path)) == [left.name, "out"]  # named, never removed
+
+
+def test_an_index_never_makes_the_export_remove_a_file(model_dir, tmp_path):
+    """An index in the folder that lists other files (the user's): --overwrite removes only
+    shard-named files."""
+    p = _file(model_dir, "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    (out / "adapter_model.safetensors").write_text("mine")
+    (out / export_module.INDEX_NAME).write_text(json.dumps(
+        {"weight_map": {"a": "README.md", "b": "adapter_model.safetensors"}}))
+    hf.export(p, out, overwrite=True, progress=False, tokenizer=False)
+    assert {"README.md", "adapter_model.safetensors"} <= set(os.listdir(out))
+
+
+def test_a_file_at_out_dir_appearing_during_the_export(model_dir, tmp_path):
+    from gguf_gpu_lab import OutputExistsError
+
+    p = _file(model_dir, "llama")
+    out = tmp_path / "out"
+
+    def fill(done, total, name):
+        if not out.exists():
+            out.write_text("theirs")
+    with pytest.raises(OutputExistsError, match="a file .not a folder. appeared there"):
+        hf.export(p, out, progress=fill, tokenizer=False)
+    assert out.read_text() == "theirs" and sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_refusals_write_nothing(model_dir, tmp_path, monkeypatch):

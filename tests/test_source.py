@@ -59,10 +59,20 @@ def _change(path: str, how: str, model) -> None:
         with open(path, "r+b") as f:
             f.seek(model.data_offset)
             f.write(b"\x55" * (os.path.getsize(path) - model.data_offset))
-        if how == "rewrite-old-time":  # and the old modification time put back, as cp -p and rsync -t do
+        if how == "rewrite-old-time":  # another file of the same size (another header: its name) written
+            _rename_model_in_place(path)  # over it, and the old modification time put back, as cp -p does
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     else:  # pragma: no cover
         raise ValueError(how)
+
+
+def _rename_model_in_place(path: str) -> None:
+    """One letter of the header's ``general.name`` changed, in place."""
+    with open(path, "r+b") as f:
+        head = f.read(1 << 20)
+        at = head.index(b"synthetic")
+        f.seek(at)
+        f.write(b"S")
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +197,49 @@ def test_a_file_rewritten_with_its_old_time_is_parsed_again(tmp_path):
         for name, value in (("a.weight", 1.0), ("b.weight", 2.0)):
             t = again[name].numpy()
             assert t.min() == value and t.max() == value, name
+
+
+def _chmod(path):
+    os.chmod(path, 0o444)
+
+
+def _move(path):
+    os.rename(path, path + ".moved")
+
+
+def _link_and_unlink(path):
+    os.link(path, path + ".backup")
+    os.unlink(path + ".backup")
+
+
+def _access_time(path):
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns + 10**9, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("act", [_chmod, _move, _link_and_unlink, _access_time])
+def test_a_status_change_that_leaves_the_bytes_is_no_error(small_model, tmp_path, reference, act):
+    """A rename, chmod, link or access time moves the file's status-change time, as a rewrite
+    with its old modification time put back does: the header is the one parsed, so the model
+    reads on."""
+    path = _copy(small_model, tmp_path / "m.gguf")
+    with open_model(path) as m:
+        act(path)
+        _same(load(m, mode="gpu", dtype="float32", backend="host"), reference["gpu"])
+        assert len(m.metadata_value("tokenizer.ggml.tokens")) > 0
+
+
+def test_a_rewritten_header_is_seen_whatever_the_link_count(small_model, tmp_path):
+    """A link made (the link count moves), then the header rewritten in place with its old
+    modification time put back: still a SourceChangedError."""
+    path = _copy(small_model, tmp_path / "m.gguf")
+    with open_model(path) as m:
+        st = os.stat(path)
+        os.link(path, tmp_path / "backup.gguf")
+        _rename_model_in_place(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with pytest.raises(SourceChangedError, match="header was rewritten in place"):
+            load(m, mode="raw", backend="host")
 
 
 @pytest.mark.parametrize("how", ["rewrite", "rewrite-old-time", "truncate"])

@@ -1,8 +1,8 @@
 import hashlib
+import os
 
 import gguf
 import numpy as np
-import os
 
 import pytest
 
@@ -107,6 +107,42 @@ def test_an_interrupted_overwrite_keeps_the_old_file(tmp_path, threads):
     new = synth(tmp_path / "x.gguf", "4M", "Q4_0", seed=2, overwrite=True)
     assert os.listdir(tmp_path) == ["x.gguf"] and new.file_size == os.path.getsize(new.path)
     assert open(new.path, "rb").read() != before
+
+
+def test_an_interrupt_before_any_byte_is_written_leaves_nothing(tmp_path, monkeypatch):
+    from gguf_gpu_lab.tools import synth_archs as archs
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(archs, "add_metadata", boom)
+    with pytest.raises(KeyboardInterrupt):
+        synth(tmp_path / "x.gguf", "4M", "Q4_0")
+    assert not os.listdir(tmp_path)
+
+
+def test_overwrite_keeps_the_mode_and_writes_through_a_link(tmp_path):
+    real = tmp_path / "store" / "x.gguf"
+    real.parent.mkdir()
+    synth(real, "4M", "Q8_0", seed=1)
+    os.chmod(real, 0o600)
+    link = tmp_path / "x.gguf"
+    link.symlink_to(real)
+    synth(link, "4M", "Q4_0", seed=2, overwrite=True)
+    assert link.is_symlink() and os.stat(real).st_mode & 0o777 == 0o600
+    with lab.open_model(link) as m:
+        assert m.metadata["general.seed"] == 2
+    os.chmod(real, 0o400)
+    if not os.access(real, os.W_OK):  # (root writes anything)
+        with pytest.raises(GGUFLabError, match="read-only; it is not replaced"):
+            synth(link, "4M", "Q4_0", overwrite=True)
+
+
+def test_what_a_killed_synth_left_is_named(tmp_path):
+    left = tmp_path / ".x.gguf.partial-0123456789ab"
+    left.write_bytes(b"\1" * 8192)
+    with pytest.warns(UserWarning, match=r"x.gguf.partial-0123456789ab: left by an unfinished synth of .*x.gguf"):
+        synth(tmp_path / "x.gguf", "4M", "Q4_0")
+    assert sorted(os.listdir(tmp_path)) == [left.name, "x.gguf"]
 
 
 @pytest.mark.parametrize("params,mix,vocab", [("4M", "Q4_0", None), ("4M", "all-types", 3000), ("25M", "Q4_K_M", None)])

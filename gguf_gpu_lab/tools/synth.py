@@ -8,13 +8,14 @@ deterministic for a given seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import re
 import shutil
+import stat
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,7 +27,7 @@ from .. import quant
 from . import synth_archs
 from .synth_archs import LlamaConfig
 from ..errors import GGUFLabError
-from ..outputs import check_new, create_new
+from ..outputs import check_new, create_new, partial_path, warn_partials_left
 
 # fp16 bit patterns 0x1400..0x2400: positive values from ~0.00098 to ~0.0156.
 _SCALE_LO, _SCALE_HI = 0x1400, 0x2400
@@ -281,7 +282,19 @@ def _drop(*paths) -> None:
                 pass
 
 
-def _check_space(path: str, need: int, overwrite: bool) -> None:
+def _target(path: str) -> str:
+    """The file ``synth --overwrite`` replaces: through a symbolic link, the file it points to
+    (as writing to the path would), refused where that file is read-only or its folder missing."""
+    target = os.path.realpath(path)
+    if not os.path.isdir(os.path.dirname(target)):
+        raise GGUFLabError(f"{path}: the folder of {target} does not exist")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise GGUFLabError(f"{path}: {'the file it links to is' if target != os.path.abspath(path) else 'it is'} "
+                           "read-only; it is not replaced")
+    return target
+
+
+def _check_space(path: str, need: int) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(folder).free
     if need > free:  # the old file, if any, stays until the new one is complete
@@ -368,34 +381,31 @@ def synth(
     tokens = synth_archs.tokens(arch, cfg.vocab, _tokens(cfg.vocab))
     path = os.fspath(path)
     check_new(path, overwrite, "model", _OVERWRITE_HINT)
-    _check_space(path, file_bytes(plans, tokens), overwrite)  # before writing: a 1T model would fill the disk first
+    target = _target(path) if overwrite else path
+    _check_space(target, file_bytes(plans, tokens))  # before writing: a 1T model would fill the disk first
     create_new(path, overwrite, "model", _OVERWRITE_HINT)  # claimed: a file appearing since is not replaced
+    warn_partials_left(target, "synth")
     # written beside it and renamed into place when complete: an interrupted run leaves the old
     # file (overwrite) or nothing
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".{os.path.basename(path)}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    tmp, w = partial_path(target), None
     try:
         w = GGUFWriter(tmp, synth_archs.gguf_arch(arch))
-    except BaseException:
-        _drop(path if not overwrite else None)
-        raise
-    # transformers reads a llama file as Mistral only when its name is exactly "mistral"
-    w.add_name("mistral" if arch == "mistral" else f"synthetic {arch} {params} {mix}")
-    w.add_string("general.source", "gguf-gpu-lab synth")
-    w.add_uint32("general.seed", int(seed))
-    synth_archs.add_metadata(w, arch, cfg, tokens)
-    total = 0
-    for p in plans:
-        spec = quant.type_spec(p.ggml_type)
-        n_elem = int(np.prod(p.np_shape))
-        nbytes = spec.n_bytes(n_elem)
-        total += nbytes
-        if spec.storage_dtype is not None:
-            w.add_tensor_info(p.name, p.np_shape, spec.storage_dtype, nbytes)
-        else:
-            byte_shape = (*p.np_shape[:-1], p.np_shape[-1] // spec.block_size * spec.type_size)
-            w.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=p.ggml_type)
-    try:
+        # transformers reads a llama file as Mistral only when its name is exactly "mistral"
+        w.add_name("mistral" if arch == "mistral" else f"synthetic {arch} {params} {mix}")
+        w.add_string("general.source", "gguf-gpu-lab synth")
+        w.add_uint32("general.seed", int(seed))
+        synth_archs.add_metadata(w, arch, cfg, tokens)
+        total = 0
+        for p in plans:
+            spec = quant.type_spec(p.ggml_type)
+            n_elem = int(np.prod(p.np_shape))
+            nbytes = spec.n_bytes(n_elem)
+            total += nbytes
+            if spec.storage_dtype is not None:
+                w.add_tensor_info(p.name, p.np_shape, spec.storage_dtype, nbytes)
+            else:
+                byte_shape = (*p.np_shape[:-1], p.np_shape[-1] // spec.block_size * spec.type_size)
+                w.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=p.ggml_type)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -413,9 +423,13 @@ def synth(
             if progress is not None:
                 progress(done, total, p.name)
         w.close()
-        os.replace(tmp, path)
+        if os.path.exists(target):  # the old file's permissions stay with its path
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        os.replace(tmp, target)
     except BaseException:
-        w.close()
+        if w is not None:
+            with contextlib.suppress(Exception):  # (a close that fails too must not hide the first error)
+                w.close()
         _drop(tmp, path if not overwrite else None)  # never leave a half-written model behind
         raise
     size = os.path.getsize(path)
