@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
-from .errors import LoadCancelled
+from .errors import LoadCancelled, warn
 
 
 class TensorCache:
@@ -418,15 +418,12 @@ def _warn_over_budget(model, names: list[str], mode: str, dtype: str, budget: in
     """A preload larger than the cache's budget evicts what it loaded first: say so, once, before."""
     if budget is None or not names:
         return
-    import warnings
-
     from .loader.plan import output_bytes
 
     need = sum(output_bytes(model.info(n), mode, dtype) for n in names)
     if need > budget:
-        warnings.warn(f"{model.path}: this preload makes {need / 2**20:.1f} MiB of tensors, more than the cache's budget "
-                      f"({budget / 2**20:.1f} MiB, cache_budget): the first ones loaded will be evicted",
-                      stacklevel=4)
+        warn(f"{model.path}: this preload makes {need / 2**20:.1f} MiB of tensors, more than the cache's budget "
+             f"({budget / 2**20:.1f} MiB, cache_budget): the first ones loaded will be evicted")
 
 
 def info(model) -> dict[str, Any]:

@@ -95,3 +95,17 @@ class RemoteNotFoundError(RemoteError, ModelNotFoundError):
 class RemoteWarning(UserWarning):
     """A remote file can be read, with less protection than usual: its server gives no version
     (neither an ETag nor a Last-Modified date), so it is neither cached nor shared."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the caller's own line: the first frame outside this
+    package (a notebook cell, a script), however deep in the toolkit the warning is raised."""
+    import os
+    import sys
+    import warnings
+
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 2, sys._getframe(1)  # 1: this function; 2: its caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)

@@ -14,10 +14,9 @@ import json
 import os
 import time
 import uuid
-import warnings
 from typing import Iterable
 
-from .errors import GGUFLabError, OutputExistsError
+from .errors import GGUFLabError, OutputExistsError, warn
 
 __all__ = ["MANIFEST", "OutputExistsError", "check_new", "create_new", "claim_folder", "record_folder",
            "partial_path", "warn_partials_left"]
@@ -126,5 +125,5 @@ def warn_partials_left(final: str, what: str) -> None:
                 with contextlib.suppress(OSError):
                     size += os.lstat(os.path.join(d, n)).st_blocks * 512  # what it takes on disk (a sparse file: less)
     more = f" and {len(left) - 1} more" if len(left) > 1 else ""
-    warnings.warn(f"{left[0]}{more}: left by an unfinished {what} of {final} ({size / 1e9:.2f} GB on disk); "
-                  f"remove it if no {what} of that path is running", stacklevel=3)
+    warn(f"{left[0]}{more}: left by an unfinished {what} of {final} ({size / 1e9:.2f} GB on disk); "
+         f"remove it if no {what} of that path is running")

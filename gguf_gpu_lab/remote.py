@@ -36,12 +36,11 @@ import re
 import threading
 import time
 import urllib.parse
-import warnings
 
 import numpy as np
 
 from .errors import (GGUFFormatError, GGUFLabError, LoadCancelled, RemoteError, RemoteNotFoundError, RemoteWarning,
-                     SourceChangedError)
+                     SourceChangedError, warn)
 from .http_conn import Connection, ConnectionFailed, Stopped
 from .source import ByteSource, current_stop
 
@@ -210,9 +209,9 @@ class HTTPSource(RemoteSource):
         self.identity = identity or ("http", self.name, self._validator and self._validator[1], self.size)
         self.validated = identity is not None or self._validator is not None
         if not self.validated:
-            warnings.warn(f"{self.name}: the server sends neither an ETag nor a Last-Modified date, so a change "
-                          "to the file at its old size cannot be seen while it is read; it will not be cached "
-                          "(cache=) or shared between loads", RemoteWarning, stacklevel=2)
+            warn(f"{self.name}: the server sends neither an ETag nor a Last-Modified date, so a change "
+                 "to the file at its old size cannot be seen while it is read; it will not be cached "
+                 "(cache=) or shared between loads", RemoteWarning)
 
     @contextlib.contextmanager
     def use(self):

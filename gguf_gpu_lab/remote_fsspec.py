@@ -5,10 +5,9 @@ thread-safe)."""
 from __future__ import annotations
 
 import time
-import warnings
 
 from .errors import (GGUFFormatError, GGUFLabError, RemoteError, RemoteNotFoundError, RemoteWarning,
-                     SourceChangedError)
+                     SourceChangedError, warn)
 from .remote import RETRIES, RemoteSource, _backoff, redact
 
 
@@ -33,9 +32,9 @@ class FsspecSource(RemoteSource):
         self.size = self.identity[-1]
         self.validated = self.identity[2] is not None
         if not self.validated:
-            warnings.warn(f"{self.name}: the store gives no ETag, generation or modification time, so a change "
-                          "to the file at its old size cannot be seen while it is read; it will not be cached "
-                          "(cache=) or shared between loads", RemoteWarning, stacklevel=2)
+            warn(f"{self.name}: the store gives no ETag, generation or modification time, so a change "
+                 "to the file at its old size cannot be seen while it is read; it will not be cached "
+                 "(cache=) or shared between loads", RemoteWarning)
         if self.size == 0:
             raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.name)
 

@@ -410,8 +410,9 @@ def test_a_preload_over_the_cache_budget_says_so(small_model):
     with open_model(small_model, warmup=False) as m:
         m.cache_budget = 1 << 20
         with pytest.warns(UserWarning, match=r"this preload makes .* MiB of tensors, more than the cache's budget "
-                                             r"\(1\.0 MiB, cache_budget\)"):
+                                             r"\(1\.0 MiB, cache_budget\)") as said:
             m.preload(backend="host", background=False)
+        assert said[0].filename == __file__
         assert m.cache_info()["evictions"] > 0
         m.cache_budget = None
         import warnings

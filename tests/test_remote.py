@@ -299,9 +299,10 @@ def test_a_server_without_a_version_is_read_but_not_cached_or_shared(srv, tmp_pa
     read (with a RemoteWarning saying so), never cached nor shared between loads."""
     srv.validator = "none"
     url = srv.url("small.gguf")
-    with pytest.warns(RemoteWarning, match="neither an ETag nor a Last-Modified"):
+    with pytest.warns(RemoteWarning, match="neither an ETag nor a Last-Modified") as said:
         with open_model(url) as m:
             _same(load(m, mode="gpu", dtype="float32", backend="host"), reference["gpu"])
+    assert said[0].filename == __file__  # the user's line, not the toolkit's
     dest = tmp_path / "copy.gguf"
     with pytest.warns(RemoteWarning), pytest.raises(GGUFLabError, match="cannot be cached.*without cache="):
         open_model(url, cache=dest)
