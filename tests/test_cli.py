@@ -336,6 +336,14 @@ def test_synth_refuses_an_existing_path_unless_overwrite(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_warning_is_one_line(tmp_path, capsys):
+    (tmp_path / ".m.gguf.partial-0123456789ab").mkdir()  # what a killed synth of m.gguf would leave
+    assert main(["synth", str(tmp_path / "m.gguf"), "--params", "1M", "--mix", "Q8_0"]) == 0
+    err = capsys.readouterr().err
+    assert err == (f"gguf-gpu-lab: warning: {tmp_path}/.m.gguf.partial-0123456789ab: left by an unfinished synth of "
+                   f"{tmp_path}/m.gguf (0.00 GB on disk); remove it if no synth of that path is running\n")
+
+
 def test_dequant_out_is_the_file_named_and_checked_before_the_work(tmp_path, small_model, monkeypatch, capsys):
     import gguf_gpu_lab.model
 
