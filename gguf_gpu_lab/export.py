@@ -175,6 +175,8 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
         raise GGUFLabError(f"tokenizer must be True or False, got {tokenizer!r}")
     check_progress(progress)
     out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.islink(out_dir):  # a link to a folder: the export goes into that folder
+        out_dir = os.path.realpath(out_dir)
     _check_out_dir(out_dir, overwrite)
     model = path if isinstance(path, GGUFModel) else shared_model(path)
     dev, backend, index = _device_for(device)

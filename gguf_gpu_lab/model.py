@@ -69,7 +69,8 @@ class GGUFModel:
 
     Every byte is read through the model's ``source``, the descriptor and mapping its header was
     parsed from: a file replaced on disk afterwards is never read, and one changed in place is an
-    error (``SourceChangedError``), never different bytes."""
+    error (``SourceChangedError``), never different bytes (the one exception, other tensor bytes
+    under the same header written with the old modification time put back, is in ``source``)."""
 
     def __init__(self, path: "str | os.PathLike | ByteSource"):
         source = open_source(path)

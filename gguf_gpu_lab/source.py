@@ -20,7 +20,7 @@ keeps reading the inode its header came from. A file changed in place (truncated
 appended to) shows in ``check()``, by its size or modification time; one rewritten with its old
 modification time put back (``cp -p``), by its status-change time and a header that is not the
 one parsed (the CRC-32 kept at open: a rename, chmod or link moves that time too, and is not a
-change). ``check()`` is what the loader calls before a load, once per chunk read from
+change; other tensor bytes under the same header, with the time put back, are not seen). ``check()`` is what the loader calls before a load, once per chunk read from
 the mapping, and after the last read.
 
 ``stopping(stop)``: the reads a thread makes inside look at ``stop`` (an object with
@@ -232,8 +232,15 @@ class LocalFile(ByteSource):
 
     def keep_header(self, n: int) -> None:
         """Remember the first ``n`` bytes (the header the model parsed) by their CRC-32 (about
-        0.2 ms a MB), which ``check()`` compares when only the file's status-change time moved."""
-        self._kept = (n, self._crc(n))
+        0.2 ms a MB), which ``check()`` compares when only the file's status-change time moved.
+        A file whose status changed since it was opened (during the parse) is an error: the CRC
+        would be of bytes other than the ones parsed."""
+        crc = self._crc(n)
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != self.identity[2:]:
+            raise SourceChangedError(self.name, _describe_change(self.identity, st) or "its status changed while "
+                                                "its header was read")
+        self._kept = (n, crc)
 
     def _crc(self, n: int) -> int | None:
         # (a function of its own: no frame of a raised error keeps a view of the mapping alive)

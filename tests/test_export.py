@@ -240,6 +240,14 @@ def test_an_index_never_makes_the_export_remove_a_file(model_dir, tmp_path):
     assert {"README.md", "adapter_model.safetensors"} <= set(os.listdir(out))
 
 
+def test_a_link_to_an_empty_folder_takes_the_export(model_dir, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "out").symlink_to(real)
+    hf.export(_file(model_dir, "llama"), tmp_path / "out", progress=False, tokenizer=False)
+    assert (tmp_path / "out").is_symlink() and (real / "model.safetensors").exists()
+
+
 def test_a_file_at_out_dir_appearing_during_the_export(model_dir, tmp_path):
     from gguf_gpu_lab import OutputExistsError
 

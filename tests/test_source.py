@@ -242,6 +242,27 @@ def test_a_rewritten_header_is_seen_whatever_the_link_count(small_model, tmp_pat
             load(m, mode="raw", backend="host")
 
 
+def test_a_header_rewritten_while_it_is_parsed_is_an_error(small_model, tmp_path, monkeypatch):
+    """The header changes (old modification time put back) between the parse and the CRC that
+    check() compares later: the open fails, rather than keep a CRC of bytes it did not parse."""
+    import gguf_gpu_lab.model as model_mod
+
+    path = _copy(small_model, tmp_path / "m.gguf")
+    real = model_mod.read_header
+
+    def parse_then_change(source):
+        h = real(source)
+        st = os.stat(path)
+        _rename_model_in_place(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return h
+    monkeypatch.setattr(model_mod, "read_header", parse_then_change)
+    fds = _fds()
+    with pytest.raises(SourceChangedError, match="status changed while its header was read"):
+        open_model(path, warmup=False)
+    assert _fds() <= fds
+
+
 @pytest.mark.parametrize("how", ["rewrite", "rewrite-old-time", "truncate"])
 def test_metadata_of_a_file_changed_in_place_is_an_error(small_model, tmp_path, how):
     """metadata_value decodes from the file's mapping: after a change in place it raises, never

@@ -1,5 +1,6 @@
 import hashlib
 import os
+import warnings
 
 import gguf
 import numpy as np
@@ -143,6 +144,12 @@ def test_what_a_killed_synth_left_is_named(tmp_path):
     with pytest.warns(UserWarning, match=r"x.gguf.partial-0123456789ab: left by an unfinished synth of .*x.gguf"):
         synth(tmp_path / "x.gguf", "4M", "Q4_0")
     assert sorted(os.listdir(tmp_path)) == [left.name, "x.gguf"]
+    (tmp_path / ".y.gguf.partial-1").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (pytest -W error): the warning raises, before the path is claimed
+        with pytest.raises(UserWarning):
+            synth(tmp_path / "y.gguf", "4M", "Q4_0")
+    assert "y.gguf" not in os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("params,mix,vocab", [("4M", "Q4_0", None), ("4M", "all-types", 3000), ("25M", "Q4_K_M", None)])

@@ -383,8 +383,8 @@ def synth(
     check_new(path, overwrite, "model", _OVERWRITE_HINT)
     target = _target(path) if overwrite else path
     _check_space(target, file_bytes(plans, tokens))  # before writing: a 1T model would fill the disk first
-    create_new(path, overwrite, "model", _OVERWRITE_HINT)  # claimed: a file appearing since is not replaced
     warn_partials_left(target, "synth")
+    create_new(path, overwrite, "model", _OVERWRITE_HINT)  # claimed: a file appearing since is not replaced
     # written beside it and renamed into place when complete: an interrupted run leaves the old
     # file (overwrite) or nothing
     tmp, w = partial_path(target), None
@@ -423,8 +423,11 @@ def synth(
             if progress is not None:
                 progress(done, total, p.name)
         w.close()
-        if os.path.exists(target):  # the old file's permissions stay with its path
-            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        if os.path.exists(target):  # the old file's owner and permissions stay with its path
+            old = os.stat(target)
+            with contextlib.suppress(OSError):  # (only root gives a file to another user)
+                os.chown(tmp, old.st_uid, old.st_gid)
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))
         os.replace(tmp, target)
     except BaseException:
         if w is not None:
