@@ -309,6 +309,14 @@ def test_a_server_without_a_version_is_read_but_not_cached_or_shared(srv, tmp_pa
     assert not os.listdir(tmp_path)  # not even a part file
     with pytest.warns(RemoteWarning):
         assert shared_model(url) is not shared_model(url)  # opened again: its header may be another
+        from gguf_gpu_lab.model import GGUFModel
+
+        closed = []
+        real_close = GGUFModel.close
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(GGUFModel, "close", lambda self: closed.append(self) or real_close(self))
+            _same(load(url, mode="raw", dtype="float32", backend="host"), reference["raw"])
+        assert len(closed) == 1 and closed[0].closed  # the load's own model, closed after it
 
 
 def test_last_modified_tells_a_change(srv, files, tmp_path):

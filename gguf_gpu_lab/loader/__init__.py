@@ -141,6 +141,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     # a path is parsed once per process (and again only if the file changes): reloads reuse it
     model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(
         path_or_model, **({} if cache is None else {"cache": cache}))
+    # a URL whose server gives no version is opened for this load alone (never shared): closed after it
+    own = model is not path_or_model and not model.source.validated
     try:
         chosen = select(model.tensors, tensors, order, model.path)
         cuts = resolve_cuts(chosen, shard, model.path)
@@ -185,6 +187,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     finally:
         if bar is not None:
             bar.close()
+        if own:
+            model.close()
 
 
 def _join_warmup(ld: Pipeline) -> None:
