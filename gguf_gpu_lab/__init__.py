@@ -74,6 +74,6 @@ __all__ = [
     "open_model", "load", "check", "GGUFModel", "TensorInfo", "LoadResult", "DeviceTensor", "Problem",
     "dequantize", "type_spec", "GGUFLabError", "GGUFFormatError", "ModelNotFoundError", "TensorNotFoundError",
     "MetadataNotFoundError", "OutputExistsError", "SourceChangedError", "RemoteError", "RemoteNotFoundError",
-    "RemoteWarning", "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "Shard", "ShardError",
-    "__version__",
+    "RemoteWarning", "UnsupportedTypeError", "DeviceMemoryError", "LoadCancelled", "BackendError", "Shard",
+    "ShardError", "__version__",
 ]

@@ -355,13 +355,15 @@ def preload(model, order, background: bool, dtype: str, mode: str, tensors, back
     if several_devices(device, placement):
         pl = model_placement(model, device, placement, backend, mode, dtype)
         on = pl.where
-        target = {"backend": get_backend(backend, 0).name, "device": list(pl.devices)}
+        be_name = get_backend(backend, 0).name
+        target = {"backend": be_name, "device": list(pl.devices)}
     else:
         on = None
-        target = {"backend": get_backend(backend, device), "device": device}
+        be = get_backend(backend, device)
+        be_name = be.name
+        target = {"backend": be, "device": device}
     st = _state(model)
     cache = st.tensors
-    be_name = target["backend"] if isinstance(target["backend"], str) else target["backend"].name
     key_of = lambda n: (n, mode, dtype, be_name, device if on is None else on[n])  # noqa: E731
     names = [t.name for t in select(model.tensors, tensors, order)]
     names = [n for n in names if key_of(n) not in cache]

@@ -156,8 +156,8 @@ class GGUFModel:
 
     def metadata_value(self, key: str) -> Any:
         """One metadata value in full: a string array as a list of str (decoded now, not at
-        open), a numeric array as a read-only NumPy array (a copy, which the file cannot change later), a
-        nested array as nested lists. A file changed in place since it was opened is a
+        open), a numeric array as a read-only NumPy array (a copy, which the file cannot change
+        later), a nested array as nested lists. A file changed in place since it was opened is a
         ``SourceChangedError``, as for tensors: never the new bytes read with the old header.
 
         Example:
@@ -397,10 +397,11 @@ def shared_model(path: str | os.PathLike, **remote) -> GGUFModel:
     """An open model for ``path`` shared by the calls that take a path (``load(path)``, a
     dashboard's clicks): parsed once per process, by one thread while others wait for it, and
     parsed again when the file at the path changes (its inode, size, modification or
-    status-change time: a model already handed out keeps reading the file it opened). A URL is keyed by the URL and
-    the identity of what it serves (ETag or commit, and size: one request asks) and the cache
-    it is written to, with ``remote`` (``cache``, ``token``) as for ``open_model``. The last few files are kept open;
-    never close one.
+    status-change time: a model already handed out keeps reading the file it opened). A URL is
+    keyed by the URL, the identity of what it serves (ETag or commit, and size: one request
+    asks) and the cache it is written to, with ``remote`` (``cache``, ``token``) as for
+    ``open_model``; a URL whose server gives no version is opened anew each call. The last few
+    files are kept open; never close one.
 
     Example:
         >>> shared_model("model.gguf") is shared_model("model.gguf")

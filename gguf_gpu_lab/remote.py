@@ -74,6 +74,13 @@ class RemoteSource(ByteSource):
         self._count_lock = threading.Lock()
         self.bytes_fetched = 0  # every byte received, header included (for tests and benchmarks)
 
+    def _unversioned(self, gives: str) -> None:
+        """The source's identity names no version (``gives``: what its server or store lacks):
+        not ``validated``, and a ``RemoteWarning`` says so at the user's line."""
+        self.validated = False
+        warn(f"{self.name}: the {gives}, so a change to the file at its old size cannot be seen while it is read; "
+             "it will not be cached (cache=) or shared between loads", RemoteWarning)
+
     def header(self, want: int = 0):
         """A prefix of at least ``want`` bytes (1 MiB at first), grown by the missing range only."""
         with self._prefix_lock:
@@ -207,11 +214,8 @@ class HTTPSource(RemoteSource):
             self._release()
             raise
         self.identity = identity or ("http", self.name, self._validator and self._validator[1], self.size)
-        self.validated = identity is not None or self._validator is not None
-        if not self.validated:
-            warn(f"{self.name}: the server sends neither an ETag nor a Last-Modified date, so a change "
-                 "to the file at its old size cannot be seen while it is read; it will not be cached "
-                 "(cache=) or shared between loads", RemoteWarning)
+        if identity is None and self._validator is None:
+            self._unversioned("server sends neither an ETag nor a Last-Modified date")
 
     @contextlib.contextmanager
     def use(self):

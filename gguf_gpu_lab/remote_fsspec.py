@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import time
 
-from .errors import (GGUFFormatError, GGUFLabError, RemoteError, RemoteNotFoundError, RemoteWarning,
-                     SourceChangedError, warn)
+from .errors import GGUFFormatError, GGUFLabError, RemoteError, RemoteNotFoundError, SourceChangedError
 from .remote import RETRIES, RemoteSource, _backoff, redact
 
 
@@ -30,11 +29,8 @@ class FsspecSource(RemoteSource):
             raise GGUFLabError(f"{self.name}: no fsspec backend for this URL ({e})") from None
         self.identity = self._stat()
         self.size = self.identity[-1]
-        self.validated = self.identity[2] is not None
-        if not self.validated:
-            warn(f"{self.name}: the store gives no ETag, generation or modification time, so a change "
-                 "to the file at its old size cannot be seen while it is read; it will not be cached "
-                 "(cache=) or shared between loads", RemoteWarning)
+        if self.identity[2] is None:
+            self._unversioned("store gives no ETag, generation or modification time")
         if self.size == 0:
             raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.name)
 

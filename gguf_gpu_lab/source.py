@@ -5,7 +5,8 @@ readers, the lazy cache) reads them through the model's source and never asks wh
 source owns what it reads through and says what it is:
 
 - ``size``: the bytes it had when it was opened; ``identity``: what those bytes are (a local
-  file's device, inode, size, modification time and status-change time; a remote file's ETag or commit);
+  file's device, inode, size, modification time and status-change time; a remote file's ETag
+  or commit);
 - ``read_into(offset, dst)``: exactly ``dst.nbytes`` bytes, positional and thread-safe;
   ``read_ranges(ranges, dst)``: several ranges one after another (a remote source asks for a
   run of adjacent ones in one request);
@@ -20,8 +21,9 @@ keeps reading the inode its header came from. A file changed in place (truncated
 appended to) shows in ``check()``, by its size or modification time; one rewritten with its old
 modification time put back (``cp -p``), by its status-change time and a header that is not the
 one parsed (the CRC-32 kept at open: a rename, chmod or link moves that time too, and is not a
-change; other tensor bytes under the same header, with the time put back, are not seen). ``check()`` is what the loader calls before a load, once per chunk read from
-the mapping, and after the last read.
+change; other tensor bytes under the same header, with the time put back, are not seen).
+``check()`` is what the loader calls before a load, once per chunk read from the mapping, and
+after the last read.
 
 ``stopping(stop)``: the reads a thread makes inside look at ``stop`` (an object with
 ``is_set()``, a load's stop flag) while they wait, and a remote one gives up within about 0.1 s

@@ -1,7 +1,8 @@
 """A small cache of load plans, so that a warm load does not plan again: the chunks of a
 single-device load of whole tensors, kept per (file identity, tensors in order with their types,
-shapes and offsets, chunk bytes, ramp), the most recent ``MAX_PLANS``. A plan is a tuple of frozen ``Chunk``s and is never
-changed after it is made; a file changed in place has another identity, hence another key.
+shapes and offsets, chunk bytes, ramp), the most recent ``MAX_PLANS``. A plan is a tuple of
+frozen ``Chunk``s and is never changed after it is made; a file changed in place has another
+identity, hence another key.
 ``warmup`` makes the default plan of a file while the user looks at it."""
 
 from __future__ import annotations

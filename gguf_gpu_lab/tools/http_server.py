@@ -16,7 +16,8 @@ name, as the Hub sends downloads to its CDN; ``cdn_expires_s`` sets T, an expire
 ``cdn_deny`` times refused CDN URL answers 403), ``validator`` (what tells the file's version:
 ``"etag"``, the default, ``"last-modified"`` or ``"none"``, as some static servers and proxies
 send). ``served`` counts body bytes sent. ``python -m gguf_gpu_lab.tools.http_server DIR``
-serves a folder (the benchmark runs the server in its own process, so that its threads do not share the client's GIL).
+serves a folder (the benchmark runs the server in its own process, so that its threads do not
+share the client's GIL).
 """
 
 from __future__ import annotations
