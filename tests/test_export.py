@@ -624,6 +624,10 @@ def test_bench_export_on_the_host(tmp_path):
                        tokenizer_vocab=2000, time_limit=600, save=lambda r: saved.append(json.loads(json.dumps(r))))
     assert [len(s["phases_s"]) for s in saved] == [1, 2, 3, 4, 5] and saved[-1] == json.loads(json.dumps(res))
     assert res["export"]["wall_s"] > 0 and res["disk"]["write_gb_s"] > 0 and res["ratio_to_disk"] > 0
+    from gguf_gpu_lab.export_ring import RING_WRITERS
+
+    by = res["disk"]["by_writers"]  # one thread and the export's writers; the faster is the disk's speed
+    assert set(by) == {"1", str(RING_WRITERS)} and res["disk"]["write_gb_s"] == max(by.values())
     assert res["export"]["peak_rss_bytes"] > res["export"]["rss_before_bytes"] > 0
     assert res["baseline"]["transformers_s"] > 0 and res["baseline"]["bit_identical"]
     assert "written by neither" in res["baseline"]["tokenizer"]

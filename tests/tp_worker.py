@@ -35,7 +35,8 @@ def check_case(case: dict, world: int) -> dict:
     tp = hf.from_gguf(case["gguf"], dtype="float32", device=DEVICE, tp_plan="auto")
     load_s = time.perf_counter() - t0
     one = hf.from_gguf(case["gguf"], dtype="float32", device=DEVICE)
-    ref = AutoModelForCausalLM.from_pretrained(case["saved"], tp_plan="auto", dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(case["saved"], tp_plan="auto", dtype=torch.float32,
+                                               use_kernels=False)  # no Hub kernels: no network in tests
     a, b, c = (dict(m.named_parameters(remove_duplicate=False)) for m in (tp, ref, one))
     out = {"case": case["name"], "load_s": load_s, "problems": []}
     bad = out["problems"]

@@ -176,7 +176,7 @@ for mod in (gguf, gguf.quants, mgp):
 path = sys.argv[1]
 t0 = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                             dtype=torch.float16, device_map="cuda")
+                                             dtype=torch.float16, device_map="cuda", use_kernels=False)
 torch.cuda.synchronize()
 t1 = time.perf_counter()
 n = sum(p.numel() for p in model.parameters())

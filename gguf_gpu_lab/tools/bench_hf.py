@@ -120,7 +120,8 @@ def bench_hf(model_path: str | None = None, params: str = "8B", mix: str = "Q4_K
             t0 = time.perf_counter()
             ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(model_path)),
                                                        gguf_file=os.path.basename(model_path),
-                                                       dtype=getattr(torch, dtype), device_map=str(dev))
+                                                       dtype=getattr(torch, dtype), device_map=str(dev),
+                                                       use_kernels=False)
             _sync(dev)
             res["transformers_s"] = time.perf_counter() - t0
             res["speedup_vs_transformers"] = res["transformers_s"] / res["from_gguf_s"]
