@@ -11,7 +11,10 @@
 #   first   bench --first: a bar's cost in Jupyter kernels, the first load after open, a warm
 #           load's first copy (target 5 ms), from_gguf's first call against the import alone.
 #   export  the 8B export to bfloat16 against the disk's write speed, peak host memory and
-#           transformers' own path (--work-dir /tmp: the export and the disk run write there).
+#           transformers' own path on a 1B file (--work-dir /tmp: the export and the disk run write there).
+#   export8b  the same with transformers' from_pretrained + save_pretrained on the 8B file itself
+#           (about 8 minutes of limit). Both export steps want transformers >= 5.24 (the hf extra's
+#           floor) on PYTHONPATH: older ones fall back to their own slow GGUF tokenizer.
 #
 # Each step's exit status and seconds are in $OUT/steps.txt; its output in $OUT/<step>.log.
 
@@ -31,6 +34,8 @@ for s in ${STEPS:-pytest remote first}; do
         first) step first 240 "$PY" -m gguf_gpu_lab bench --first --out-dir "$OUT" ;;
         export) step export 250 "$PY" -m gguf_gpu_lab.tools.bench_export --time-limit 240 --reference-vocab 32000 \
             --out-dir "$OUT" --work-dir /tmp ;;
-        *) echo "unknown step $s (pytest, remote, first, export)" >&2; exit 2 ;;
+        export8b) step export8b 580 "$PY" -m gguf_gpu_lab.tools.bench_export --time-limit 570 --baseline-params 8B \
+            --reference-vocab 32000 --out-dir "$OUT" --work-dir /tmp ;;
+        *) echo "unknown step $s (pytest, remote, first, export, export8b)" >&2; exit 2 ;;
     esac
 done
