@@ -301,8 +301,15 @@ def tokenizer(path):
     full = os.path.abspath(model.path)
     folder, name = os.path.dirname(full), os.path.basename(full)
     if not _has_gguf_tokenizer_module():  # an older transformers: its own (slower) path, the same result
+        import transformers
         from transformers import AutoTokenizer
 
+        from .errors import warn
+
+        warn(f"transformers {transformers.__version__} has no GGUF tokenizer module to hand this project's "
+             "parse to (5.24 and later have one; the hf extra asks for them): hf.tokenizer uses "
+             "AutoTokenizer's own GGUF path, which reads the header with gguf-py (tens of seconds on a "
+             "vocabulary of 262,144 tokens)")
         with _tokens_as_a_set():
             return AutoTokenizer.from_pretrained(folder, gguf_file=name)
     parsed = gguf_tokenizer(model)

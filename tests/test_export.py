@@ -540,7 +540,10 @@ def test_tokenizer_with_an_older_transformers(model_dir, monkeypatch):
     monkeypatch.setattr(hf_tokenizer, "_has_gguf_tokenizer_module", lambda: False)
     monkeypatch.setattr(hf_tokenizer, "gguf_tokenizer", lambda model: pytest.fail("our reading was used"))
     p = _file(model_dir, "gemma3")
-    assert hf.tokenizer(p)(TEXTS[0])["input_ids"] == AutoTokenizer.from_pretrained(
+    with pytest.warns(UserWarning, match="no GGUF tokenizer module .*tens of seconds") as seen:
+        tok = hf.tokenizer(p)
+    assert seen[0].filename == __file__  # the user's own line, not the toolkit's
+    assert tok(TEXTS[0])["input_ids"] == AutoTokenizer.from_pretrained(
         str(model_dir), gguf_file=p.name)(TEXTS[0])["input_ids"]
 
 
@@ -561,7 +564,9 @@ def test_older_transformers_get_the_tokens_with_a_set_behind_in(model_dir, monke
     monkeypatch.setattr(tig, "convert_gguf_tokenizer", watching)
     monkeypatch.setattr(hf_tokenizer, "_has_gguf_tokenizer_module", lambda: False)
     p = _file(model_dir, "llama")
-    assert hf.tokenizer(p)(TEXTS[1])["input_ids"] == AutoTokenizer.from_pretrained(
+    with pytest.warns(UserWarning, match="no GGUF tokenizer module"):
+        tok = hf.tokenizer(p)
+    assert tok(TEXTS[1])["input_ids"] == AutoTokenizer.from_pretrained(
         str(model_dir), gguf_file=p.name)(TEXTS[1])["input_ids"]
     assert seen == [hf_tokenizer._Tokens, list] and tig.convert_gguf_tokenizer is watching
 
