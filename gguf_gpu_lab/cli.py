@@ -153,8 +153,9 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
               model_path: str | None = None, params: str | None = None, open_: bool = False, e2e: bool = False,
               hf: bool = False, multi_gpu: bool = False, out: str | None = None, big_params: str | None = "70B",
               export: bool = False, overwrite: bool = False, tp: bool = False,
-              tp_worlds: Sequence[int] = (1, 2, 4), tp_device: str = "auto", first: bool = False,
-              remote: bool = False, connections: int = 16, rate_gbps: float = 1.0, time_limit: float | None = None) -> int:
+              tp_worlds: Sequence[int] | None = None, tp_device: str | None = None, first: bool = False,
+              remote: bool = False, connections: int | None = None, rate_gbps: float | None = None,
+              time_limit: float | None = None) -> int:
     from .tools import bench
 
     chosen = [flag for flag, on in (("--cpu", cpu), ("--dequant", dequant), ("--open", open_), ("--e2e", e2e),
@@ -166,8 +167,14 @@ def cmd_bench(cpu: bool, dequant: bool, out_dir: str, size_mb: int | None, types
     for flag, value in (("--size-mb", size_mb), ("--types", types)):
         if value is not None and not (cpu or dequant):
             raise GGUFLabError(f"{flag} is for bench --cpu and bench --dequant, not bench{' ' + chosen[0] if chosen else ''}")
-    if time_limit is not None and not export:
-        raise GGUFLabError(f"--time-limit is for bench --export, not bench{' ' + chosen[0] if chosen else ''}")
+    for flag, value, bench_flag, on in (("--time-limit", time_limit, "--export", export),
+                                        ("--tp-worlds", tp_worlds, "--tp", tp), ("--tp-device", tp_device, "--tp", tp),
+                                        ("--connections", connections, "--remote", remote),
+                                        ("--rate-gbps", rate_gbps, "--remote", remote)):
+        if value is not None and not on:
+            raise GGUFLabError(f"{flag} is for bench {bench_flag}, not bench{' ' + chosen[0] if chosen else ''}")
+    tp_worlds, tp_device = tuple(tp_worlds or (1, 2, 4)), tp_device or "auto"
+    connections, rate_gbps = connections or 16, 1.0 if rate_gbps is None else rate_gbps
     size_mb = 256 if size_mb is None else size_mb
     params = params or ("25M" if tp else "8B")  # --tp: a small model unless --params says otherwise
     if not (cpu or open_ or export or tp):  # before the loader benchmark writes its model (4.6 GiB for 8B)
@@ -259,6 +266,8 @@ def cmd_load(path: str, mode: str, dtype: str, streams: int, chunk_mb: float, re
     from .model import open_model
     from .plots import write_profile
 
+    if overwrite and not profile_dir:
+        raise GGUFLabError("--overwrite is for the files of --profile DIR; without --profile, load writes nothing")
     if profile_dir:
         _writable_dir(profile_dir, "--profile")
         claim_folder(profile_dir, PROFILE_FILES, overwrite)
@@ -371,7 +380,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return cmd_bench(args.cpu, args.dequant, args.out_dir, args.size_mb, args.types, args.model, args.params,
                              args.open_, args.e2e, args.hf, args.multi_gpu, args.out,
                              None if args.big_params.lower() == "none" else args.big_params, args.export,
-                             args.overwrite, args.tp, tuple(args.tp_worlds), args.tp_device, args.first, args.remote,
+                             args.overwrite, args.tp, args.tp_worlds, args.tp_device, args.first, args.remote,
                              args.connections, args.rate_gbps, args.time_limit)
         if args.command == "export":
             return cmd_export(args.path, args.out_dir, args.dtype, args.max_shard_size, args.overwrite, args.budget,

@@ -18,6 +18,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, with arguments no parser took named with the command's own help."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            prog = f"{self.prog} {ns.command}" if getattr(ns, "command", None) else self.prog
+            self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
+        return ns
+
 
 def _whole(low: int, high: int | None = None):
     """An argparse type: a whole number from ``low`` (to ``high``); argparse names the flag."""
@@ -78,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="show a model's metadata and bytes by tensor type (--tensors: every tensor)")
     s.add_argument("path", help="GGUF model file")
-    s.add_argument("--json", action="store_true", help="machine-readable output (metadata values in full)")
+    s.add_argument("--json", action="store_true", help="machine-readable output (strings whole; arrays as their type, length and first items)")
     s.add_argument("--tensors", action="store_true", help="also list every tensor: type, shape, bytes, offset, layer")
 
     s = sub.add_parser("synth", help="write a synthetic model (llama-shaped, or --arch)")
@@ -164,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-parallel hf.from_gguf under torchrun for worlds 1, 2, 4: per-rank bytes read and load "
                         "time (host backend with gloo, or the GPUs with NCCL where there are two or more; needs the hf "
                         "extra; default model: a synthetic 25M Q4_K_M llama)")
-    s.add_argument("--tp-worlds", type=_whole(1, 64), nargs="+", default=[1, 2, 4],
+    s.add_argument("--tp-worlds", type=_whole(1, 64), nargs="+", default=None,
                    help="--tp: the world sizes (default 1 2 4)")
-    s.add_argument("--tp-device", choices=["auto", "cuda", "cpu"], default="auto",
+    s.add_argument("--tp-device", choices=["auto", "cuda", "cpu"], default=None,
                    help="--tp: 'cuda' (NCCL), 'cpu' (gloo) or 'auto' (the GPUs where there are two or more)")
     s.add_argument("--first", action="store_true",
                    help="the first minute in Jupyter kernels (nbclient): a bar's cost on the big and a ~20 MB file, the "
@@ -175,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--remote", action="store_true",
                    help="load over HTTP from a local server against its raw ranged transfer of the same bytes with "
                         "the same connections, unthrottled and at --rate-gbps, and against the local load")
-    s.add_argument("--connections", type=_whole(1, 256), default=16,
+    s.add_argument("--connections", type=_whole(1, 256), default=None,
                    help="--remote: connections (reader threads), 1-256 (default 16)")
-    s.add_argument("--rate-gbps", type=_between(0.001, 1000), default=1.0,
+    s.add_argument("--rate-gbps", type=_between(0.001, 1000), default=None,
                    help="--remote: the throttled server's GB/s, 0.001-1000 (default 1)")
     s.add_argument("--time-limit", type=_between(1, 86400), default=None,
                    help="--export: seconds for the whole run, 1-86400 (default 200); each phase runs in a child "

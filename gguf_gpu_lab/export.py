@@ -127,7 +127,10 @@ def _device_for(device: str):
         import torch
 
         device = "cuda" if torch.cuda.is_available() and _cupy_or_reason()[1] is None else "cpu"
-    return hf._device(device)
+    try:
+        return hf._device(device)
+    except GGUFLabError as e:  # the export takes "auto" too
+        raise GGUFLabError(str(e).replace("device must be ", "device must be 'auto', ", 1)) from None
 
 
 def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwrite: bool = False,

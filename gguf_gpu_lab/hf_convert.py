@@ -202,7 +202,11 @@ class _Conversion:
         self.model, self.dtype, self.torch_dtype = model, dtype, getattr(torch, dtype)
         self.arch, self.updated = architecture(model)
         self.config_dict = config_dict(model)
-        self.config = CONFIG_MAPPING[self.config_dict["model_type"]].from_dict(self.config_dict)
+        try:
+            self.config = CONFIG_MAPPING[self.config_dict["model_type"]].from_dict(self.config_dict)
+        except Exception as e:  # heads that do not divide the width, say (huggingface_hub's validation errors)
+            raise GGUFLabError(f"{model.path}: transformers refuses the file's config: "
+                               f"{' '.join(str(e).split()) or type(e).__name__}") from None
         t1 = time.perf_counter()
         kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         with torch.device("meta"):
@@ -215,8 +219,15 @@ class _Conversion:
         self.wanted = [t.name for t in model.tensors if t.name in self.names]
 
     def _process(self, name: str, t):
-        r = self.processor.process(weights=t, name=name, tensor_key_mapping=self.names,
-                                   parsed_parameters={"tensors": {}})
+        try:
+            r = self.processor.process(weights=t, name=name, tensor_key_mapping=self.names,
+                                       parsed_parameters={"tensors": {}})
+        except (RuntimeError, ValueError, IndexError) as e:  # a shape the config's heads do not fit, say
+            c = self.config_dict
+            heads = {k: c[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim") if k in c}
+            raise GGUFLabError(f"{self.model.path}: transformers' {type(self.processor).__name__} cannot transform "
+                               f"tensor {name!r} of shape {tuple(t.shape)} with the file's {heads}: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if r.name != name:
             raise GGUFLabError(f"{self.model.path}: transformers' {type(self.processor).__name__} renames or consumes "
                                f"tensor {name!r}; gguf_gpu_lab.hf does not handle that")

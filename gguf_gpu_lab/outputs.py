@@ -10,6 +10,7 @@ file of the same name unless ``overwrite``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
@@ -19,7 +20,7 @@ from typing import Iterable
 from .errors import GGUFLabError, OutputExistsError, warn
 
 __all__ = ["MANIFEST", "OutputExistsError", "check_new", "create_new", "claim_folder", "record_folder",
-           "partial_path", "warn_partials_left"]
+           "partial_path", "place_new", "warn_partials_left"]
 
 MANIFEST = ".gguf-gpu-lab-outputs.json"  # in a folder of outputs: the names the toolkit wrote there
 
@@ -107,6 +108,28 @@ def partial_path(final: str) -> str:
     written meanwhile: a hidden name beside ``final``, unique to this writer."""
     final = os.path.abspath(final)
     return os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial-{uuid.uuid4().hex[:12]}")
+
+
+def place_new(tmp: str, final: str, what: str = "output") -> None:
+    """Move the complete file ``tmp`` to ``final`` where nothing is: a hard link made in one step
+    (which fails if a file appeared at ``final`` meanwhile; then ``OutputExistsError``, that file
+    untouched, ``tmp`` left to the caller), then ``tmp`` unlinked. Where the filesystem makes no
+    hard links, a check and a rename. Nothing stands at ``final`` before: a run killed outright
+    leaves only ``tmp`` (named by ``warn_partials_left`` to the next run), never an empty file."""
+    appeared = OutputExistsError(f"{final}: a file appeared there while the {what} was written; it was not replaced")
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise appeared from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS,
+                           errno.EACCES):
+            raise
+        if os.path.lexists(final):
+            raise appeared from None
+        os.rename(tmp, final)
+        return
+    os.unlink(tmp)
 
 
 def warn_partials_left(final: str, what: str) -> None:

@@ -229,6 +229,7 @@ def test_bfloat16_npy_loads_in_numpy(tmp_path, small_model, capsys):
     (["check", "/nonexistent.gguf", "--max-problems", "0"], "argument --max-problems: must be from 1 to 1000000000, got 0"),
     (["bench", "--cpu", "--size-mb", "0"], "argument --size-mb: must be from 1 to 65536, got 0"),
     (["inspect"], "the following arguments are required: path"),
+    (["load", "/nonexistent.gguf", "--bogus"], "unrecognized arguments: --bogus (see gguf-gpu-lab load --help)"),
 ])
 def test_bad_numbers_are_refused_up_front_by_their_flag(tmp_path, monkeypatch, capsys, args, needle):
     monkeypatch.chdir(tmp_path)  # were a check missing, what the command writes stays here
@@ -248,6 +249,20 @@ def test_bench_open_refuses_options_it_does_not_use(tmp_path, monkeypatch, capsy
     assert main(["bench", "--open", "--size-mb", "5", "--out-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("gguf-gpu-lab: error: --size-mb is for bench --cpu and bench --dequant, "
                                        "not bench --open\n")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "--cpu", "--tp-worlds", "2"], "--tp-worlds is for bench --tp, not bench --cpu"),
+    (["bench", "--open", "--tp-device", "cpu"], "--tp-device is for bench --tp, not bench --open"),
+    (["bench", "--cpu", "--connections", "4"], "--connections is for bench --remote, not bench --cpu"),
+    (["bench", "--export", "--rate-gbps", "2"], "--rate-gbps is for bench --remote, not bench --export"),
+    (["load", "/nonexistent.gguf", "--overwrite"], "--overwrite is for the files of --profile DIR"),
+])
+def test_options_of_another_command_are_refused_not_ignored(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith(f"gguf-gpu-lab: error: {message}")
+    assert not list(tmp_path.iterdir())
 
 
 def test_profile_folder_is_checked_before_loading(tmp_path, small_model, capsys):

@@ -270,7 +270,8 @@ def test_refusals_write_nothing(model_dir, tmp_path, monkeypatch):
                                           r"or a number of bytes, got 'lots'"),
              ({"max_shard_size": "5GiB"}, "max_shard_size must be a size"), ({"max_shard_size": "nan"}, "must be a size"),
              ({"budget": 10**15}, "budget must be from"), ({"progress": "yes"}, "progress must be None or False"),
-             ({"max_shard_size": 1.5}, "max_shard_size must be a size"), ({"device": "tpu"}, "device must be")]
+             ({"max_shard_size": 1.5}, "max_shard_size must be a size"),
+             ({"device": "tpu"}, "device must be 'auto', 'cuda', 'cuda:N' or 'cpu', got 'tpu'")]
     for kwargs, message in cases:
         with pytest.raises(GGUFLabError, match=message):
             hf.export(p, out, **{"progress": False, **kwargs})

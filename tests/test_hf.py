@@ -174,6 +174,24 @@ def test_unsupported_architecture_is_named(tmp_path, arch):
         hf.to_state_dict(p, device="cpu")
 
 
+def test_heads_the_weights_do_not_fit_are_one_error(tmp_path, monkeypatch):
+    """A llama file whose heads are of one dimension (rotary embeddings turn pairs): transformers'
+    permutation of q/k fails; the error names the file, the tensor, its shape and the heads. Heads
+    that do not divide the width: transformers refuses the config; one line too."""
+    import dataclasses
+
+    from gguf_gpu_lab.tools import synth as synth_module
+
+    monkeypatch.setattr(synth_module, "_with_heads", lambda cfg, h, kv: dataclasses.replace(cfg, n_head=h, n_head_kv=h))
+    p = synth(tmp_path / "h.gguf", "4M", "Q8_0", heads=256).path  # a width of 256
+    with pytest.raises(GGUFLabError, match=r"h.gguf: transformers' \w+ cannot transform tensor 'blk.0.attn_q.weight' "
+                                           r"of shape \(256, 256\) with the file's \{'num_attention_heads': 256"):
+        hf.from_gguf(p, device="cpu")
+    p = synth(tmp_path / "w.gguf", "4M", "Q8_0", heads=512).path  # more heads than the width
+    with pytest.raises(GGUFLabError, match=r"w.gguf: transformers refuses the file's config: .*not a multiple"):
+        hf.from_gguf(p, device="cpu")
+
+
 def test_bad_arguments(model_dir):
     p = _file(model_dir, "llama")
     with pytest.raises(GGUFLabError, match="device must be"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gguf_gpu_lab as lab
-from gguf_gpu_lab import GGUFLabError, quant
+from gguf_gpu_lab import GGUFLabError, OutputExistsError, quant
 from gguf_gpu_lab.tools import synth_archs
 from gguf_gpu_lab.tools.synth import MIXES, llama_config, parse_params, synth
 
@@ -150,6 +150,45 @@ def test_what_a_killed_synth_left_is_named(tmp_path):
         with pytest.raises(UserWarning):
             synth(tmp_path / "y.gguf", "4M", "Q4_0")
     assert "y.gguf" not in os.listdir(tmp_path)
+
+
+def test_a_synth_killed_outright_leaves_only_its_partial(tmp_path):
+    """SIGKILL mid-write: nothing at the model's path (no empty file that the next run would refuse
+    as existing), the partial beside it, named by the next run, which writes the model."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; from gguf_gpu_lab.tools.synth import synth\n"
+            "synth(sys.argv[1], '25M', 'Q8_0', threads=1, progress=lambda d, t, n: __import__('time').sleep(0.05))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "x.gguf")])
+    try:
+        deadline = time.monotonic() + 60
+        while not any(n.startswith(".x.gguf.partial-") for n in os.listdir(tmp_path)):
+            assert proc.poll() is None and time.monotonic() < deadline, "synth ended before it wrote"
+            time.sleep(0.01)
+        time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = os.listdir(tmp_path)
+    assert len(left) == 1 and left[0].startswith(".x.gguf.partial-")
+    with pytest.warns(UserWarning, match="left by an unfinished synth"):
+        r = synth(tmp_path / "x.gguf", "4M", "Q4_0")
+    assert r.file_size == os.path.getsize(tmp_path / "x.gguf") > 0
+
+
+def test_a_file_appearing_during_a_synth_is_not_replaced(tmp_path):
+    target = tmp_path / "x.gguf"
+
+    def appear(done, total, name):
+        if not target.exists():
+            target.write_bytes(b"theirs")
+
+    with pytest.raises(OutputExistsError, match="appeared there while the model was written; it was not replaced"):
+        synth(target, "4M", "Q4_0", threads=1, progress=appear)
+    assert target.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["x.gguf"]
 
 
 @pytest.mark.parametrize("params,mix,vocab", [("4M", "Q4_0", None), ("4M", "all-types", 3000), ("25M", "Q4_K_M", None)])

@@ -27,7 +27,7 @@ from .. import quant
 from . import synth_archs
 from .synth_archs import LlamaConfig
 from ..errors import GGUFLabError
-from ..outputs import check_new, create_new, partial_path, warn_partials_left
+from ..outputs import check_new, partial_path, place_new, warn_partials_left
 
 # fp16 bit patterns 0x1400..0x2400: positive values from ~0.00098 to ~0.0156.
 _SCALE_LO, _SCALE_HI = 0x1400, 0x2400
@@ -159,6 +159,9 @@ def _with_heads(cfg: LlamaConfig, heads: int | None, kv_heads: int | None) -> Ll
     if cfg.n_embd % heads or heads % kv_heads:
         raise GGUFLabError(f"heads={heads}, kv_heads={kv_heads} (--heads, --kv-heads): the width {cfg.n_embd} must "
                            "divide by the heads, and the heads by the key/value heads")
+    if (cfg.n_embd // heads) % 2:
+        raise GGUFLabError(f"heads={heads} (--heads): a head of {cfg.n_embd // heads} dimension(s) (the width "
+                           f"{cfg.n_embd} by the heads); rotary embeddings turn pairs, so it must be even")
     return dataclasses.replace(cfg, n_head=int(heads), n_head_kv=int(kv_heads))
 
 
@@ -384,9 +387,8 @@ def synth(
     target = _target(path) if overwrite else path
     _check_space(target, file_bytes(plans, tokens))  # before writing: a 1T model would fill the disk first
     warn_partials_left(target, "synth")
-    create_new(path, overwrite, "model", _OVERWRITE_HINT)  # claimed: a file appearing since is not replaced
-    # written beside it and renamed into place when complete: an interrupted run leaves the old
-    # file (overwrite) or nothing
+    # written beside it and moved into place when complete: an interrupted run leaves the old file
+    # (overwrite) or nothing; without overwrite, a file appearing meanwhile is not replaced (place_new)
     tmp, w = partial_path(target), None
     try:
         w = GGUFWriter(tmp, synth_archs.gguf_arch(arch))
@@ -428,12 +430,15 @@ def synth(
             with contextlib.suppress(OSError):  # (only root gives a file to another user)
                 os.chown(tmp, old.st_uid, old.st_gid)
             os.chmod(tmp, stat.S_IMODE(old.st_mode))
-        os.replace(tmp, target)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            place_new(tmp, path, "model")
     except BaseException:
         if w is not None:
             with contextlib.suppress(Exception):  # (a close that fails too must not hide the first error)
                 w.close()
-        _drop(tmp, path if not overwrite else None)  # never leave a half-written model behind
+        _drop(tmp)  # never leave a half-written model behind
         raise
     size = os.path.getsize(path)
     return SynthResult(path, cfg, mix, len(plans), sum(int(np.prod(p.np_shape)) for p in plans), size,
