@@ -93,7 +93,12 @@ def cmd_synth(out: str, params: str, mix: str, seed: int, vocab: int | None = No
                   weights=weights, overwrite=overwrite)
     finally:
         bar.close()
-    print(f"wrote {r.path}: {r.n_tensors} tensors, {r.n_params / 1e6:.1f} M weights, "
+    from .tools.synth import parse_params
+
+    asked = parse_params(params)
+    note = (f" (the smallest llama shape synth writes; --params {params} asked for {asked / 1e6:g} M)"
+            if r.n_params > 1.5 * asked else "")
+    print(f"wrote {r.path}: {r.n_tensors} tensors, {r.n_params / 1e6:.1f} M weights{note}, "
           f"{r.file_size / 1e6:.1f} MB in {r.seconds:.2f} s ({r.mb_per_s:.0f} MB/s)")
     return 0
 

@@ -24,7 +24,10 @@ def test_help(cmd):
 def test_synth_inspect_dequant_check(tmp_path, capsys):
     p = str(tmp_path / "m.gguf")
     assert main(["synth", p, "--params", "4M", "--mix", "Q4_0", "--seed", "3"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote" in out and "smallest" not in out
+    assert main(["synth", str(tmp_path / "s.gguf"), "--params", "1M"]) == 0  # below the smallest shape: said
+    assert "3.8 M weights (the smallest llama shape synth writes; --params 1M asked for 1 M)" in capsys.readouterr().out
     assert main(["inspect", p, "--tensors"]) == 0
     out = capsys.readouterr().out
     assert "general.architecture = llama" in out and "blk.0.attn_q.weight" in out
