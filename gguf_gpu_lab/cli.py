@@ -60,7 +60,8 @@ def cmd_inspect(path: str, as_json: bool, tensors: bool) -> int:
             doc["by_type"] = {t: {k: int(v) for k, v in r.items()} for t, r in s["by_type"].iterrows()}
             doc["metadata"] = m.metadata
             if tensors:
-                doc["tensors"] = m.tensors_df().astype({"layer": "object"}).to_dict(orient="records")
+                doc["tensors"] = (m.tensors_df().astype({"layer": "object"}).rename(columns={"shape": "ggml_shape"})
+                                  .to_dict(orient="records"))  # named as in the text listing
             print(json.dumps(doc, indent=2, default=_json_default))
             return 0
         print(f"{m.path}: GGUF v{m.version}, {s['architecture']}, {s['n_tensors']} tensors, "

@@ -34,6 +34,8 @@ def test_synth_inspect_dequant_check(tmp_path, capsys):
     assert main(["inspect", p, "--json", "--tensors"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["architecture"] == "llama" and doc["by_type"]["Q4_0"]["count"] > 0 and len(doc["tensors"]) == doc["n_tensors"]
+    first = doc["tensors"][0]  # the shapes named as in the text listing
+    assert "shape" not in first and first["ggml_shape"] == list(reversed(first["np_shape"]))
     npy = str(tmp_path / "w.npy")
     assert main(["dequant", p, "blk.0.attn_k.weight", "--verify", "--out", npy, "--dtype", "float16"]) == 0
     assert "bit-exact with gguf-py" in capsys.readouterr().out
