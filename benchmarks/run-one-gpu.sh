@@ -34,7 +34,7 @@ for s in ${STEPS:-pytest remote first}; do
         first) step first 240 "$PY" -m gguf_gpu_lab bench --first --out-dir "$OUT" ;;
         export) step export 250 "$PY" -m gguf_gpu_lab.tools.bench_export --time-limit 240 --reference-vocab 32000 \
             --out-dir "$OUT" --work-dir /tmp ;;
-        export8b) step export8b 580 "$PY" -m gguf_gpu_lab.tools.bench_export --time-limit 570 --baseline-params 8B \
+        export8b) step export8b 580 "$PY" -m gguf_gpu_lab.tools.bench_export --time-limit 570 --baseline-params same \
             --reference-vocab 32000 --out-dir "$OUT" --work-dir /tmp ;;
         *) echo "unknown step $s (pytest, remote, first, export, export8b)" >&2; exit 2 ;;
     esac

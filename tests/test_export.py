@@ -644,6 +644,19 @@ def test_bench_export_on_the_host(tmp_path):
     assert "export" in format_export(res) and os.listdir(tmp_path) == []
 
 
+def test_bench_export_baseline_on_its_own_file(tmp_path):
+    """``baseline_params="same"``: transformers' path on the benchmark's own file, before the
+    tokenizer phases, the file left as it was (the benchmark removes it with its folder)."""
+    from gguf_gpu_lab.tools.bench_export import bench_export, format_export
+
+    res = bench_export(params="1M", device="cpu", work_dir=str(tmp_path), baseline_params="same", vocab=VOCAB,
+                       tokenizer_vocab=None, time_limit=600)
+    b = res["baseline"]
+    assert list(res["phases_s"]) == ["disk", "export", "baseline"]
+    assert b["file"] == res["model"]["path"] and b["file_bytes"] == res["model"]["file_bytes"] and b["bit_identical"]
+    assert f"{b['file']}: export" in format_export(res) and os.listdir(tmp_path) == []
+
+
 def test_bench_export_keeps_what_it_measured_when_time_runs_out(tmp_path, capsys):
     """A phase still running at the time limit is killed and recorded; the later ones are skipped;
     the JSON (bench --export --time-limit on the command line) is written after each."""

@@ -133,7 +133,7 @@ def _disk_phase(args: dict) -> dict:
 
 
 _PHASES = {"disk": _disk_phase, "export": _export_phase,
-           "baseline": lambda a: _baseline(a["work"], a["params"], a["dtype"], a["device"], a["vocab"]),
+           "baseline": lambda a: _baseline(a["work"], a["params"], a["dtype"], a["device"], a["vocab"], a.get("path")),
            "tokenizer": lambda a: _tokenizer_timing(a["work"], a["vocab"]),
            "tokenizer_reference": lambda a: _tokenizer_reference(a["work"], a["vocab"])}
 
@@ -153,36 +153,45 @@ def _same_safetensors(a: str, b: str) -> dict:
     import torch
     from safetensors import safe_open
 
-    def tensors(folder):
+    def where(folder):  # tensor name -> its shard (one tensor at a time in memory: 8B is 16 GB a side)
         out = {}
         for name in sorted(os.listdir(folder)):
             if name.endswith(".safetensors"):
                 with safe_open(os.path.join(folder, name), framework="pt") as f:
-                    out.update({k: f.get_tensor(k) for k in f.keys()})
+                    out.update(dict.fromkeys(f.keys(), os.path.join(folder, name)))
         return out
 
-    ta, tb = tensors(a), tensors(b)
-    same = sum(1 for k in tb if k in ta and ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape
-               and torch.equal(ta[k].contiguous().view(-1).view(torch.uint8), tb[k].contiguous().view(-1).view(torch.uint8)))
-    return {"tensors": len(tb), "bit_identical_tensors": same, "same_names": ta.keys() == tb.keys()}
+    wa, wb = where(a), where(b)
+    same = 0
+    for k in wb:
+        if k in wa:
+            with safe_open(wa[k], framework="pt") as fa, safe_open(wb[k], framework="pt") as fb:
+                x, y = fa.get_tensor(k), fb.get_tensor(k)
+            same += (x.dtype == y.dtype and x.shape == y.shape
+                     and torch.equal(x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8)))
+    return {"tensors": len(wb), "bit_identical_tensors": same, "same_names": wa.keys() == wb.keys()}
 
 
-def _baseline(work: str, params: str, dtype: str, device: str, vocab: int | None) -> dict:
-    """Ours and transformers' ``from_pretrained(gguf_file=...)`` + ``save_pretrained`` on a smaller file."""
+def _baseline(work: str, params: str, dtype: str, device: str, vocab: int | None, path: str | None = None) -> dict:
+    """Ours and transformers' ``from_pretrained(gguf_file=...)`` + ``save_pretrained`` on ``path``
+    (the benchmark's own file), or on a synthetic file of ``params`` made here (a smaller one:
+    transformers takes minutes on 8B)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from .. import hf
     from .synth import synth
 
-    path = os.path.join(work, f"baseline-{params}.gguf")
-    synth(path, params, "Q4_K_M", vocab=vocab, weights="small")
+    own = path is None
+    if own:
+        path = os.path.join(work, f"baseline-{params}.gguf")
+        synth(path, params, "Q4_K_M", vocab=vocab, weights="small")
     t0 = time.perf_counter()
     hf.export(path, os.path.join(work, "ours"), dtype=dtype, device=device, progress=False, tokenizer=False)
     ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ref = AutoModelForCausalLM.from_pretrained(work, gguf_file=os.path.basename(path), dtype=getattr(torch, dtype),
-                                               use_kernels=False)
+    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path),
+                                               dtype=getattr(torch, dtype), use_kernels=False)
     detached = None
     try:
         ref.save_pretrained(os.path.join(work, "transformers"))
@@ -195,7 +204,8 @@ def _baseline(work: str, params: str, dtype: str, device: str, vocab: int | None
     theirs = time.perf_counter() - t0
     del ref
     same = _same_safetensors(os.path.join(work, "ours"), os.path.join(work, "transformers"))
-    res = {"params": params, "file_bytes": os.path.getsize(path), "ours_s": ours, "transformers_s": theirs,
+    res = {"params": params, "file": os.path.basename(path), "file_bytes": os.path.getsize(path),
+           "ours_s": ours, "transformers_s": theirs,
            "save_pretrained_refused": detached,
            "tokenizer": "written by neither: transformers' from_pretrained + save_pretrained of the model writes "
                         "none, so our export here runs with tokenizer=False (the tokenizer phases time it)",
@@ -203,7 +213,8 @@ def _baseline(work: str, params: str, dtype: str, device: str, vocab: int | None
            "bit_identical": same["same_names"] and same["bit_identical_tensors"] == same["tensors"]}
     for sub in ("ours", "transformers"):
         shutil.rmtree(os.path.join(work, sub))
-    os.unlink(path)
+    if own:
+        os.unlink(path)
     return res
 
 
@@ -336,10 +347,14 @@ def bench_export(model_path: str | None = None, params: str = "8B", mix: str = "
             phase("disk", f"the disk's sequential write speed, as many bytes as the export, into {work}", common)
             phase("export", "the export, in a child process", {**common, "out": os.path.join(work, "export"),
                                                               "budget": budget_bytes, "device": str(dev)})
+            same = baseline_params is not None and baseline_params.lower() == "same"
+            if same:  # on the benchmark's own file, while it is there
+                phase("baseline", f"transformers' from_pretrained(gguf_file=...) + save_pretrained on {res['model']['path']}",
+                      {**common, "params": params, "device": str(dev), "vocab": vocab})
         if tokenizer_vocab:
             phase("tokenizer", f"hf.tokenizer on a {tokenizer_vocab:,}-token vocabulary",
                   {"work": work, "vocab": tokenizer_vocab})
-        if baseline_params:
+        if baseline_params and not same:
             phase("baseline", f"transformers' from_pretrained(gguf_file=...) + save_pretrained on {baseline_params}",
                   {"work": work, "params": baseline_params, "dtype": dtype, "device": str(dev), "vocab": vocab})
         if tokenizer_vocab or reference_vocab:
@@ -428,7 +443,8 @@ def format_export(res: dict) -> str:
                          f"{part['ours_cpu_s']:.2f} s; the process's first {part['ours_first_s']:.2f} s; target <= "
                          f"{part['target_s']:g} s)")
         elif key == "baseline":
-            lines.append(f"{part['params']} file: export {part['ours_s']:.2f} s, transformers from_pretrained + "
+            lines.append(f"{part.get('file', part['params'] + ' file')}: export {part['ours_s']:.2f} s, "
+                         f"transformers from_pretrained + "
                          f"save_pretrained {part['transformers_s']:.1f} s ({part['speedup']:.0f}x); "
                          f"{part['bit_identical_tensors']} of {part['tensors']} tensors bit-identical (no tokenizer "
                          "written by either)")
@@ -450,7 +466,9 @@ if __name__ == "__main__":  # python -m gguf_gpu_lab.tools.bench_export [--model
     p.add_argument("--device", default="auto")
     p.add_argument("--budget", default="2GB")
     p.add_argument("--work-dir", default=".", help="the export and the disk's run write here (then delete)")
-    p.add_argument("--baseline-params", default="1B", help="transformers' comparison on this size ('none' skips it)")
+    p.add_argument("--baseline-params", default="1B",
+                   help="transformers' comparison on a synthetic file of this size ('same': the benchmark's own file; "
+                        "'none' skips it)")
     p.add_argument("--tokenizer-vocab", type=int, default=262144, help="0 skips the tokenizer timing")
     p.add_argument("--reference-vocab", type=int, default=None,
                    help="transformers' own tokenizer timed on this vocabulary (default: --tokenizer-vocab)")
