@@ -657,6 +657,18 @@ def test_bench_export_baseline_on_its_own_file(tmp_path):
     assert f"{b['file']}: export" in format_export(res) and os.listdir(tmp_path) == []
 
 
+def test_a_stopped_phase_says_where_it_was(tmp_path):
+    """A phase killed at its time limit has written every thread's stack a second before."""
+    import subprocess
+
+    from gguf_gpu_lab.tools.bench_export import _run_phase
+
+    with pytest.raises(subprocess.TimeoutExpired) as e:
+        _run_phase("tokenizer", {"work": str(tmp_path), "vocab": 262144}, 6.0)
+    err = e.value.stderr.decode() if isinstance(e.value.stderr, bytes) else e.value.stderr
+    assert "most recent call first" in err and "bench_export.py" in err
+
+
 def test_bench_export_keeps_what_it_measured_when_time_runs_out(tmp_path, capsys):
     """A phase still running at the time limit is killed and recorded; the later ones are skipped;
     the JSON (bench --export --time-limit on the command line) is written after each."""
@@ -666,7 +678,7 @@ def test_bench_export_keeps_what_it_measured_when_time_runs_out(tmp_path, capsys
     assert main(["bench", "--export", "--params", "1M", "--time-limit", "2", "--out", str(out),
                  "--out-dir", str(tmp_path / "work")]) == 0
     res = json.loads(out.read_text())
-    assert res["time_limit_s"] == 2 and "timed_out_after_s" in res["disk"]
+    assert res["time_limit_s"] == 2 and "timed_out_after_s" in res["disk"] and "stacks" in res["disk"]
     assert all("skipped" in res[k] for k in ("export", "tokenizer", "baseline", "tokenizer_reference"))
     captured = capsys.readouterr()
     assert "disk: stopped by the time limit" in captured.out and "export: skipped" in captured.out

@@ -139,8 +139,11 @@ _PHASES = {"disk": _disk_phase, "export": _export_phase,
 
 
 def _run_phase(name: str, args: dict, timeout: float) -> dict:
-    """One phase in a child process of its own, stopped (killed) after ``timeout`` seconds."""
+    """One phase in a child process of its own, stopped (killed) after ``timeout`` seconds; a
+    second before that, the child writes every thread's stack to its stderr (``faulthandler``),
+    which the ``TimeoutExpired`` carries: where a stopped phase was."""
     env = dict(os.environ, GGUF_LAB_PROGRESS="0")
+    args = {**args, "_stacks_after_s": max(0.5, timeout - 1.0)}
     p = subprocess.run([sys.executable, "-m", "gguf_gpu_lab.tools.bench_export", "--phase", name, json.dumps(args)],
                        capture_output=True, text=True, timeout=timeout, env=env)
     if p.returncode != 0:
@@ -325,8 +328,9 @@ def bench_export(model_path: str | None = None, params: str = "8B", mix: str = "
             t0 = time.monotonic()
             try:
                 res[name] = _run_phase(name, args, left)
-            except subprocess.TimeoutExpired:
-                res[name] = {"timed_out_after_s": left}
+            except subprocess.TimeoutExpired as e:
+                err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+                res[name] = {"timed_out_after_s": left, "stacks": err[-6000:]}
                 _say(f"{what}: stopped by the time limit after {left:.0f} s")
             except RuntimeError as e:
                 res[name] = {"error": str(e)[-4000:]}
@@ -476,7 +480,12 @@ if __name__ == "__main__":  # python -m gguf_gpu_lab.tools.bench_export [--model
     p.add_argument("--out-dir", default="benchmarks/results")
     a = p.parse_args()
     if a.phase:
-        print(json.dumps(_PHASES[a.phase[0]](json.loads(a.phase[1]))))
+        phase_args = json.loads(a.phase[1])
+        if phase_args.get("_stacks_after_s"):
+            import faulthandler
+
+            faulthandler.dump_traceback_later(phase_args["_stacks_after_s"], exit=False)
+        print(json.dumps(_PHASES[a.phase[0]](phase_args)))
         sys.exit(0)
     saved = []
     r = bench_export(a.model, a.params, dtype=a.dtype, device=a.device, budget=a.budget, work_dir=a.work_dir,
