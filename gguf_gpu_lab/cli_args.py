@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="show a model's metadata and bytes by tensor type (--tensors: every tensor)")
     s.add_argument("path", help="GGUF model file")
-    s.add_argument("--json", action="store_true", help="machine-readable output (strings whole; arrays as their type, length and first items)")
+    s.add_argument("--json", action="store_true",
+                   help="machine-readable output (strings whole; arrays as their type, length and first items)")
     s.add_argument("--tensors", action="store_true", help="also list every tensor: type, shape, bytes, offset, layer")
 
     s = sub.add_parser("synth", help="write a synthetic model (llama-shaped, or --arch)")
