@@ -47,6 +47,9 @@ from .source import ByteSource, current_stop
 HEADER_STEP = 1 << 20  # the first header fetch, and how far past the parser's need each later one goes
 EXPIRY_MARGIN_S = 60.0  # a redirected URL signed until T is used until T minus this, then resolved again
 RETRIES = 6  # attempts in a row without progress before a range fails
+# A Last-Modified date tells versions apart only when the server's Date is at least this much later
+# (RFC 9110, 8.8.2.2): dates have whole seconds, so two writes within one second share one date.
+STRONG_DATE_S = 60
 BACKOFF_S = (0.05, 2.0)  # first wait after a failure, and the most any wait grows to
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -143,14 +146,27 @@ def _norm_etag(etag: str | None) -> str | None:
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
+def _strong_date(modified: str, date: str | None) -> bool:
+    """Whether a Last-Modified date can tell versions apart: the response's Date (when the server
+    answered) at least ``STRONG_DATE_S`` later (RFC 9110, 8.8.2.2); False when either is unreadable."""
+    import email.utils
+
+    try:
+        return (email.utils.parsedate_to_datetime(date) - email.utils.parsedate_to_datetime(modified)).total_seconds() \
+            >= STRONG_DATE_S
+    except (TypeError, ValueError, IndexError):
+        return False
+
+
 class _Retry(Exception):
     """A failure worth another attempt (a reset, a timeout, a 5xx); ``why`` says which;
     ``wait``: after the usual backoff (False: at once, as after a redirect that expired)."""
 
-    def __init__(self, why: str, wait: bool = True):
+    def __init__(self, why: str, wait: bool = True, got: int | None = None):
         super().__init__(why)
         self.why = why
         self.wait = wait
+        self.got = got  # a broken body: how far the view was filled (the retry resumes there)
 
 
 def url_expiry(url: str) -> float:
@@ -205,6 +221,7 @@ class HTTPSource(RemoteSource):
                         r = self._get(c, 0, 1, probe=True)
                         etag, modified = _norm_etag(r.getheader("ETag")), r.getheader("Last-Modified")
                         self._validator = ("ETag", etag) if etag else ("Last-Modified", modified) if modified else None
+                        weak_date = not etag and modified and not _strong_date(modified, r.getheader("Date"))
                         self.size = self._total(r)
                         self._count(c.read_body(r, memoryview(bytearray(1))))
                     break
@@ -216,6 +233,9 @@ class HTTPSource(RemoteSource):
         self.identity = identity or ("http", self.name, self._validator and self._validator[1], self.size)
         if identity is None and self._validator is None:
             self._unversioned("server sends neither an ETag nor a Last-Modified date")
+        elif identity is None and weak_date:
+            self._unversioned(f"server sends no ETag, and its Last-Modified date ({self._validator[1]}) is not "
+                              f"{STRONG_DATE_S} s before its Date: two versions written within that second share it")
 
     @contextlib.contextmanager
     def use(self):
@@ -354,6 +374,8 @@ class HTTPSource(RemoteSource):
                     got = self._body(c, r, view, got, stop)
                 failures = 0
             except _Retry as e:
+                if e.got is not None and e.got > got:  # bytes came before it broke: resume after them,
+                    got, failures = e.got, 0            # and count failures in a row from here
                 failures = self._after_failure(e, failures, f"bytes [{offset + got}, {offset + n})", stop)
             except Stopped:
                 raise LoadCancelled(f"{self.name}: read of bytes [{offset + got}, {offset + n}) stopped "
@@ -390,7 +412,7 @@ class HTTPSource(RemoteSource):
         self._count(k)
         got += k
         if got < end:
-            raise _Retry(f"the response ended after {got} of {end} bytes")
+            raise _Retry(f"the response ended after {got} of {end} bytes", got=got)
         return got
 
     def _release(self) -> None:

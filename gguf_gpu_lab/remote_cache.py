@@ -17,12 +17,14 @@ cache, while the first fills it, reads the remote file without the cache.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -112,9 +114,16 @@ def _hf_paths(src: RemoteSource):
             os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
         rev = src.revision or "main"  # huggingface_hub's default revision
         if rev != src.commit:  # a branch or tag: which commit it named when read
-            os.makedirs(os.path.dirname(os.path.join(storage, "refs", rev)), exist_ok=True)
-            with open(os.path.join(storage, "refs", rev), "w") as f:
-                f.write(src.commit)
+            ref = os.path.join(storage, "refs", rev)
+            os.makedirs(os.path.dirname(ref), exist_ok=True)
+            try:  # whole or not at all: an empty ref (a full disk) would send huggingface_hub nowhere
+                with open(ref + ".tmp", "w") as f:
+                    f.write(src.commit)
+                os.replace(ref + ".tmp", ref)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(ref + ".tmp")
+                raise
 
     if os.path.isfile(blob) and not os.path.lexists(link):
         done(src.name)
@@ -153,6 +162,25 @@ def _missing(done: list[list[int]], a: int, b: int) -> list[tuple[int, int]]:
     return gaps
 
 
+_LIVE: "weakref.WeakSet[CachingSource]" = weakref.WeakSet()  # the part files open in this process
+
+
+@atexit.register
+def _save_all() -> None:
+    """At exit, the record of every part file still open (a shared model is not closed at exit):
+    the next process resumes from everything written, not from the last periodic save."""
+    for src in list(_LIVE):
+        if not src._state.acquire(timeout=1.0):  # a reader thread holds it at exit: never hang the exit
+            continue
+        try:
+            if not src._finished and src._done and src._fd >= 0:
+                src._save()
+        except Exception:
+            pass
+        finally:
+            src._state.release()
+
+
 class _Busy(Exception):
     """The part file is locked by another source (of this process or another)."""
 
@@ -188,6 +216,7 @@ class CachingSource(RemoteSource):
         self._saved = time.monotonic()
         self._finished = False
         self._state = threading.Lock()
+        _LIVE.add(self)
 
     @contextlib.contextmanager
     def use(self):
@@ -215,17 +244,39 @@ class CachingSource(RemoteSource):
                 break
             piece = view[a - offset:b - offset]
             self.remote.read_into(a, np.frombuffer(piece, np.uint8))
-            os.pwrite(self._fd, piece, a)
+            self._write(piece, a)
             self._mark(a, b)
             pos = b
+
+    def _write(self, piece: memoryview, at: int) -> None:
+        """All of ``piece`` into the part file at ``at``, or an error naming the file: a short
+        write (a full disk) is never taken for a whole one, so no range is recorded that the
+        file does not hold."""
+        done = 0
+        try:
+            while done < len(piece):
+                k = os.pwrite(self._fd, piece[done:], at + done)
+                if k <= 0:
+                    raise OSError(28, "No space left on device")
+                done += k
+        except OSError as e:
+            raise GGUFLabError(f"{self.part}: caching {self.name}: writing bytes [{at}, {at + len(piece)}) failed "
+                               f"after {done}: {e.strerror or e}; the part file keeps what was written before, "
+                               "and the next open resumes from there") from None
 
     def _mark(self, a: int, b: int) -> None:
         with self._state:
             self._done = _merge(self._done, a, b)
             complete = self._done == [[0, self.size]]
             if complete and not self._finished:
+                try:
+                    os.fsync(self._fd)  # a write the disk could not keep fails here, before the name says done
+                except OSError as e:
+                    self._done = []  # what the part file holds is not known: the next open starts again
+                    self._remove(self._rec_path)
+                    raise GGUFLabError(f"{self.part}: caching {self.name}: the disk did not keep the bytes "
+                                       f"({e.strerror or e}); the cache starts again at the next open") from None
                 self._finished = True
-                os.fsync(self._fd)
                 os.replace(self.part, self.final)  # the descriptor follows the inode: reads go on
                 self._done_hook(self.name)
                 self._remove(self._rec_path)
@@ -233,12 +284,16 @@ class CachingSource(RemoteSource):
                 self._save()
 
     def _save(self) -> None:
-        """The ranges on disk, for a later open to resume from (after the bytes were written)."""
+        """The ranges on disk, for a later open to resume from (after the bytes were written). A
+        record that cannot be written (a full disk) leaves the last one, which names fewer ranges."""
         self._saved = time.monotonic()
         tmp = self._rec_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"name": self.name, "identity": list(self.identity), "done": self._done}, f)
-        os.replace(tmp, self._rec_path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"name": self.name, "identity": list(self.identity), "done": self._done}, f)
+            os.replace(tmp, self._rec_path)
+        except OSError:
+            self._remove(tmp)
 
     @staticmethod
     def _remove(path: str) -> None:

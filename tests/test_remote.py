@@ -319,6 +319,88 @@ def test_a_server_without_a_version_is_read_but_not_cached_or_shared(srv, tmp_pa
         assert len(closed) == 1 and closed[0].closed  # the load's own model, closed after it
 
 
+def test_a_last_modified_date_of_this_minute_is_no_version(srv, files, tmp_path):
+    """A file written less than a minute before the server's Date: another write in the same
+    second keeps the date, so the date tells no version: warned, never cached, never shared."""
+    srv.validator = "last-modified"
+    path = files["small.gguf"]
+    st = os.stat(path)
+    os.utime(path, (st.st_atime, time.time() - 5))
+    try:
+        with pytest.warns(RemoteWarning, match=r"Last-Modified date \(.*\) is not 60 s before its Date"):
+            m = open_model(srv.url("small.gguf"))
+        with m:
+            assert not m.source.validated
+        with pytest.warns(RemoteWarning), pytest.raises(GGUFLabError, match="cannot be cached"):
+            open_model(srv.url("small.gguf"), cache=tmp_path / "c.gguf")
+        assert not list(tmp_path.iterdir())
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_broken_response_resumes_where_it_broke(srv, reference):
+    """Each retry asks for the rest of the range, not all of it again; failures count in a row
+    without progress, so a server that resets every answer after some bytes still gets there."""
+    m = open_model(srv.url("small.gguf"))
+    try:
+        srv.requests.clear()
+        srv.reset_after, srv.resets = 100_000, 12  # more resets in a row than RETRIES, each after progress
+        _same(load(m, mode="raw", dtype="float32", backend="host", readers=1, chunk_mb=2), reference["raw"])
+        assert srv.resets == 0
+        starts = [int(h.split("=")[1].split("-")[0]) for _, _, h in srv.requests if h]
+        assert len(starts) > 12 and len(set(starts)) == len(starts), starts[:8]  # never the same byte twice
+    finally:
+        srv.reset_after, srv.resets = None, 0
+        m.close()
+
+
+def test_a_full_disk_never_leaves_a_copy_that_looks_complete(srv, files, tmp_path, monkeypatch):
+    """A short write and then ENOSPC while caching: one error naming the part file, no range
+    recorded that the file does not hold; the next load resumes and the copy is the file's bytes."""
+    import errno
+
+    real, calls = os.pwrite, {"n": 0}
+
+    def full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            return real(fd, memoryview(data)[:len(data) // 2], offset)  # a short write
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    dest = tmp_path / "c.gguf"
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(GGUFLabError, match=r"c.gguf.gguf-lab-part: caching .* failed after \d+: No space left"):
+        load(srv.url("small.gguf"), mode="raw", backend="host", cache=dest, readers=1, chunk_mb=1)
+    monkeypatch.setattr(os, "pwrite", real)
+    assert calls["n"] >= 3 and not dest.exists()
+    load(srv.url("small.gguf"), mode="raw", backend="host", cache=dest)
+    assert dest.read_bytes() == open(files["small.gguf"], "rb").read()
+
+
+def test_a_process_that_ends_keeps_what_it_cached(srv, tmp_path):
+    """A process that loads part of a file through the cache and exits (the shared model never
+    closed, the last periodic record older than the last bytes): the next open resumes from all of it."""
+    import subprocess
+    import sys
+
+    dest = tmp_path / "c.gguf"
+    code = ("import gguf_gpu_lab as lab, gguf_gpu_lab.remote_cache as rc\n"
+            "rc.SAVE_EVERY_S = 1e9\n"  # no periodic record: what the next process finds is the exit's
+            f"lab.load({srv.url('small.gguf')!r}, mode='raw', backend='host', cache={str(dest)!r}, "
+            "tensors=lambda t: t.name.startswith('blk.0'))")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert not dest.exists() and (tmp_path / "c.gguf.gguf-lab-part.json").exists()
+    with open_model(srv.url("small.gguf"), cache=dest) as m:
+        read = np.zeros(m.source.size, bool)  # what the first process read: the first header fetch, blk.0
+        read[:HEADER_STEP] = True
+        for t in m.tensors:
+            if t.name.startswith("blk.0"):
+                read[t.offset:t.offset + t.n_bytes] = True  # (offsets in the file)
+        assert m.source.cached_bytes >= int(read.sum()) > HEADER_STEP
+
+
 def test_last_modified_tells_a_change(srv, files, tmp_path):
     """A server that gives Last-Modified and no ETag: a file rewritten at its old size between
     open and load is a SourceChangedError, and a finished cache of the old file is not used."""
@@ -326,6 +408,7 @@ def test_last_modified_tells_a_change(srv, files, tmp_path):
     path = files["small.gguf"]
     data = open(path, "rb").read()
     st = os.stat(path)
+    os.utime(path, (st.st_atime - 600, st.st_mtime - 600))  # a date minutes old: a version (RFC 9110, 8.8.2.2)
     url = srv.url("small.gguf")
     dest = tmp_path / "copy.gguf"
     load(url, mode="raw", backend="host", cache=dest)
@@ -335,7 +418,7 @@ def test_last_modified_tells_a_change(srv, files, tmp_path):
         with open(path, "r+b") as f:  # same size, other bytes, a later date (HTTP dates are in seconds)
             f.seek(m.data_offset)
             f.write(b"\x55" * 4096)
-        os.utime(path, (st.st_atime + 10, st.st_mtime + 10))
+        os.utime(path, (st.st_atime - 590, st.st_mtime - 590))
         with pytest.raises(SourceChangedError, match="Last-Modified"):
             load(m, mode="raw", backend="host")
         with open_model(url, cache=dest) as again:  # the old copy is not this file
