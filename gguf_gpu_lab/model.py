@@ -414,8 +414,12 @@ def shared_model(path: str | os.PathLike, **remote) -> GGUFModel:
         if not src.validated:  # a server that gives no version: each call opens its own model
             return _opened(GGUFModel(src))
         cache = remote.get("cache")  # a load with cache= gets a model that writes the cache
-        key = ("url", src.name, src.identity,
-               None if cache is None else cache if cache == "hf" else os.path.realpath(os.fspath(cache)))
+        if cache == "hf":  # where huggingface_hub's cache is now: another one is another cache
+            from huggingface_hub import constants
+
+            cache = ("hf", os.path.realpath(constants.HF_HUB_CACHE))
+        key = ("url", src.name, src.identity, None if cache is None else
+               cache if isinstance(cache, tuple) else os.path.realpath(os.fspath(cache)))
     else:
         if remote:
             open_source(path, **remote)  # the error: cache= and token= are for URLs

@@ -13,7 +13,7 @@ from .errors import GGUFLabError
 from .remote import HTTPSource, is_url
 from .remote_cache import cached
 from .remote_fsspec import FsspecSource
-from .remote_hub import hub_source
+from .remote_hub import hub_offline, hub_source, offline_file
 from .source import ByteSource, LocalFile
 
 
@@ -42,6 +42,8 @@ def open_remote(url: str, *, cache=None, token=None) -> ByteSource:
     if scheme in ("http", "https"):
         src = HTTPSource(url)
     elif scheme == "hf":
+        if hub_offline():  # as huggingface_hub does: the cached copy, whatever cache= says, or an error
+            return LocalFile(offline_file(url))
         src = hub_source(url, token)
     else:
         src = FsspecSource(url)

@@ -61,7 +61,11 @@ def is_url(where) -> bool:
 
 def redact(url: str) -> str:
     """``url`` without user, password and query string (where tokens and signatures live)."""
-    u = urllib.parse.urlsplit(url)
+    try:
+        u = urllib.parse.urlsplit(url)
+    except ValueError:  # a malformed URL ("[::1" with no "]"): cut by hand, never shown with its secrets
+        m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/?#]*)([^?#]*)", url)
+        return m.group(1) + m.group(2).rpartition("@")[2] + m.group(3) if m else "(a URL that cannot be read)"
     host = u.netloc.rpartition("@")[2]  # as written: a port out of range stays visible (and refused after)
     return urllib.parse.urlunsplit((u.scheme, host, u.path, "", ""))
 

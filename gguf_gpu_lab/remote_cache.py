@@ -69,6 +69,10 @@ def cached(src: RemoteSource, cache) -> ByteSource:
 
 
 def _path_for(src: RemoteSource, cache: str) -> str:
+    """The cached file's path: ``cache`` itself, or in it when it is a folder (one written with a
+    trailing slash is made)."""
+    if cache.endswith(("/", os.sep)):
+        os.makedirs(cache, exist_ok=True)
     if os.path.isdir(cache):
         cache = os.path.join(cache, os.path.basename(src.name.split("@", 1)[0]) or "model.gguf")
     return cache

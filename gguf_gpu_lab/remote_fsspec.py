@@ -27,6 +27,8 @@ class FsspecSource(RemoteSource):
             self.fs, self.fpath = fsspec.core.url_to_fs(url)
         except (ImportError, ValueError) as e:
             raise GGUFLabError(f"{self.name}: no fsspec backend for this URL ({e})") from None
+        except OSError as e:  # a backend that connects when made (ftp, sftp): refused, unreachable
+            raise RemoteError(f"{self.name}: cannot reach the store ({e.strerror or type(e).__name__})") from None
         self.identity = self._stat()
         self.size = self.identity[-1]
         if self.identity[2] is None:
@@ -41,6 +43,8 @@ class FsspecSource(RemoteSource):
             raise RemoteNotFoundError(f"{self.name}: not found") from None
         except PermissionError:
             raise RemoteError(f"{self.name}: access denied") from None
+        except OSError as e:
+            raise RemoteError(f"{self.name}: cannot reach the store ({e.strerror or type(e).__name__})") from None
         tag = next((info[k] for k in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created")
                     if info.get(k) is not None), None)
         return ("fsspec", self.name, str(tag) if tag is not None else None, int(info["size"]))

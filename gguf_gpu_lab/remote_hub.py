@@ -25,6 +25,29 @@ def parse_hf(url: str) -> tuple[str, str, str | None]:
     return "/".join(parts[:2]), "/".join(parts[2:]), rev
 
 
+def hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE``), read now."""
+    try:
+        from huggingface_hub import is_offline_mode
+    except ImportError:  # an older huggingface_hub
+        return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return is_offline_mode()
+
+
+def offline_file(url: str) -> str:
+    """The Hugging Face cache's copy of ``hf://ORG/REPO/FILE.gguf[@REVISION]`` (its snapshot
+    path, as ``hf_hub_download(..., local_files_only=True)`` finds it), for offline mode; a
+    ``RemoteError`` when the cache has none."""
+    from huggingface_hub import constants, hf_hub_download
+
+    repo, filename, rev = parse_hf(url)
+    try:
+        return hf_hub_download(repo, filename, revision=rev, local_files_only=True)
+    except Exception:  # huggingface_hub's LocalEntryNotFoundError, or whatever it raises there
+        raise RemoteError(f"{url}: HF_HUB_OFFLINE is set and the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                          f"has no copy of {filename} at {rev or 'main'}") from None
+
+
 def hub_source(url: str, token: "str | bool | None" = None) -> HTTPSource:
     """The source of ``hf://ORG/REPO/FILE.gguf[@REVISION]``: resolved to a commit through
     ``huggingface_hub`` (its token unless ``token`` is given, its ``HF_ENDPOINT``), then read in

@@ -213,7 +213,11 @@ def test_unreachable_urls_are_one_line_without_credentials(monkeypatch):
     cases = {f"http://user:secret@127.0.0.1:{port}/x.gguf": f"^http://127\\.0\\.0\\.1:{port}/x\\.gguf: opening it "
              "failed 6 times in a row \\(last: connection refused\\)$",
              "http://user:secret@127.0.0.1:99999/x.gguf?sig=secret": r"^http://127\.0\.0\.1:99999/x\.gguf: not a URL "
-             r"that can be read \(Port out of range"}
+             r"that can be read \(Port out of range",
+             "http://user:secret@[::1/x.gguf?sig=secret": r"^http://\[::1/x\.gguf: not a URL that can be read "
+             r"\(Invalid IPv6 URL\)$",
+             f"ftp://user:secret@127.0.0.1:{port}/x.gguf": rf"^ftp://127\.0\.0\.1:{port}/x\.gguf: cannot reach the "
+             r"store \(Connection refused\)$"}
     for url, pattern in cases.items():
         with pytest.raises(RemoteError, match=pattern) as e:
             open_model(url)
@@ -276,6 +280,13 @@ def test_cache_path_then_local_and_resume(srv, tmp_path, reference):
     assert other.read_bytes() == b"not a cache"
 
 
+def test_a_cache_folder_named_with_a_slash_is_made(srv, tmp_path, reference):
+    dest = tmp_path / "new" / "dir"
+    _same(load(srv.url("small.gguf"), mode="raw", dtype="float32", backend="host", cache=f"{dest}/"),
+          reference["raw"])
+    assert sorted(os.listdir(dest)) == ["small.gguf", "small.gguf.gguf-lab.json"]
+
+
 def test_cache_hf_layout(srv, tmp_path, monkeypatch, reference):
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -285,6 +296,26 @@ def test_cache_hf_layout(srv, tmp_path, monkeypatch, reference):
     assert isinstance(found, str) and open(found, "rb").read() == open(srv.files["small.gguf"], "rb").read()
     with open_model("hf://org/repo/small.gguf", cache="hf") as m:
         assert isinstance(m.source, LocalFile)
+
+
+def test_offline_mode_opens_the_cached_copy(srv, tmp_path, monkeypatch, reference):
+    """HF_HUB_OFFLINE (as huggingface_hub reads it): the Hugging Face cache's copy, found as
+    hf_hub_download(local_files_only=True) finds it, with no request; one line where it has none."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    load("hf://org/repo/small.gguf", mode="raw", backend="host", cache="hf")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing there: a request would fail
+    srv.requests.clear()
+    for url in ("hf://org/repo/small.gguf", "hf://org/repo/small.gguf@main"):
+        with open_model(url) as m:
+            assert isinstance(m.source, LocalFile) and "snapshots" in m.path
+            _same(load(m, mode="cpu", dtype="float32", backend="host"), reference["cpu"])
+    assert srv.requests == []
+    with pytest.raises(RemoteError, match=r"^hf://org/repo/other\.gguf: HF_HUB_OFFLINE is set and the Hugging Face "
+                                          r"cache \(.*hub\) has no copy of other\.gguf at main$"):
+        open_model("hf://org/repo/other.gguf", cache="hf")
 
 
 def test_shared_model_keys_urls_by_identity(srv):
