@@ -332,6 +332,11 @@ class HTTPSource(RemoteSource):
             raise RemoteError(f"{self.name}: access denied (HTTP {code}){self._hint}")
         if code == 416 and probe:  # an empty file has no byte 0
             raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.name)
+        if code == 416:  # bytes inside the size it had at open are past its end now: it changed
+            m = re.fullmatch(r"bytes \*/(\d+)", (r.getheader("Content-Range") or "").strip())
+            now = f"{m.group(1)} bytes" if m else "fewer bytes than asked for"
+            raise SourceChangedError(self.name, f"its size went from {self.size} to {now} (HTTP 416 for bytes "
+                                                f"[{offset}, {offset + n}))")
         raise RemoteError(f"{self.name}: HTTP {code} for bytes [{offset}, {offset + n})")
 
     def _total(self, r) -> int:
@@ -353,6 +358,7 @@ class HTTPSource(RemoteSource):
             header, was = self._validator
             now = r.getheader(header)
             if now is not None and (_norm_etag(now) if header == "ETag" else now) != was:
+                now = _norm_etag(now) if header == "ETag" else now  # both as the first answer's was kept
                 raise SourceChangedError(self.name, f"its {header} went from {was!r} to {now!r}")
         if r.chunked:
             raise RemoteError(f"{self.name}: the server sent bytes [{offset}, {offset + n}) in chunked encoding, "

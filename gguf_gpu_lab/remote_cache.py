@@ -47,14 +47,15 @@ def cached(src: RemoteSource, cache) -> ByteSource:
                                "an ETag nor a Last-Modified date), so a cached copy could not be told from a "
                                "changed file; load it without cache=")
         if cache == "hf":
-            final, done_hook = _hf_paths(src)
+            final, done_hook, shown = _hf_paths(src)
             hit = os.path.isfile(final)
         else:
             final = _path_for(src, os.fspath(cache))
             done_hook = _recorder(final, src.identity)
             hit = os.path.isfile(final) and _is_copy_of(final, src)
+            shown = final
         if hit:
-            local = LocalFile(final)
+            local = LocalFile(shown)  # for the Hub, its snapshot path (FILE's name), the blob behind it
             if local.size == src.size:
                 src.close()
                 return local
@@ -101,7 +102,8 @@ def _recorder(final: str, identity: tuple):
 
 
 def _hf_paths(src: RemoteSource):
-    """The blob path of an ``hf://`` source in the Hugging Face cache, and what links it in when done."""
+    """The blob path of an ``hf://`` source in the Hugging Face cache, what links it in when done
+    (the snapshot's link, the revision's ref), and the path to show (the link, where it is)."""
     if not hasattr(src, "commit"):
         raise GGUFLabError(f"{src.name}: cache='hf' is for hf:// URLs; pass a path to cache other URLs")
     from huggingface_hub import constants
@@ -111,14 +113,14 @@ def _hf_paths(src: RemoteSource):
     etag = (src.etag or src.commit).strip('"')
     blob = os.path.join(storage, "blobs", etag)
     link = os.path.join(storage, "snapshots", src.commit, src.filename)
+    rev = src.revision or "main"  # huggingface_hub's default revision
+    ref = os.path.join(storage, "refs", rev)
 
     def done(name: str) -> None:
         os.makedirs(os.path.dirname(link), exist_ok=True)
         if not os.path.lexists(link):
             os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
-        rev = src.revision or "main"  # huggingface_hub's default revision
         if rev != src.commit:  # a branch or tag: which commit it named when read
-            ref = os.path.join(storage, "refs", rev)
             os.makedirs(os.path.dirname(ref), exist_ok=True)
             try:  # whole or not at all: an empty ref (a full disk) would send huggingface_hub nowhere
                 with open(ref + ".tmp", "w") as f:
@@ -129,9 +131,17 @@ def _hf_paths(src: RemoteSource):
                     os.unlink(ref + ".tmp")
                 raise
 
-    if os.path.isfile(blob) and not os.path.lexists(link):
-        done(src.name)
-    return blob, done
+    if os.path.isfile(blob) and (not os.path.lexists(link) or (rev != src.commit and _read(ref) != src.commit)):
+        done(src.name)  # the blob is there, its link or its revision's ref not (yet): as hf_hub_download leaves them
+    return blob, done, link if os.path.exists(link) else blob
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _merge(done: list[list[int]], a: int, b: int) -> list[list[int]]:

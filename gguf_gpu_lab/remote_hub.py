@@ -19,6 +19,8 @@ def parse_hf(url: str) -> tuple[str, str, str | None]:
     rev = None
     if "@" in rest:
         rest, rev = rest.rsplit("@", 1)
+        if not rev:
+            raise GGUFLabError(f"{url}: an empty revision after '@'; name a branch, tag or commit, or leave out the '@'")
     parts = rest.split("/")
     if len(parts) < 3 or not all(parts):
         raise GGUFLabError(f"{url}: an hf:// URL names ORG/REPO/FILE.gguf (optionally @REVISION)")

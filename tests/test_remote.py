@@ -19,7 +19,7 @@ from gguf_gpu_lab.loader import load
 from gguf_gpu_lab.model import shared_model
 from gguf_gpu_lab.remote import HEADER_STEP, fetch_lanes, redact
 from gguf_gpu_lab.source import LocalFile
-from gguf_gpu_lab.tools.http_server import serve
+from gguf_gpu_lab.tools.http_server import COMMIT, serve
 
 from .faults import stopping_at
 from .threads import lab_threads
@@ -168,6 +168,36 @@ def test_file_changed_mid_load(srv, files):
         m.close()
 
 
+def test_a_file_that_shrank_is_a_change_not_an_http_error(srv, files):
+    """A tensor past the new end of a file that shrank on the server: HTTP 416 is read as the
+    change it is (SourceChangedError naming both sizes); both ETags are shown alike."""
+    path = files["small.gguf"]
+    data = open(path, "rb").read()
+    m = open_model(srv.url("small.gguf"))
+    try:
+        with open(path, "r+b") as f:
+            f.truncate(len(data) // 2)
+        last = max(m.tensors, key=lambda t: t.offset).name
+        with pytest.raises(SourceChangedError, match=rf"its size went from {len(data)} to {len(data) // 2} bytes "
+                                                      r"\(HTTP 416 for bytes"):
+            m.raw(last)
+    finally:
+        with open(path, "wb") as f:
+            f.write(data)
+        m.close()
+    m = open_model(srv.url("small.gguf"))
+    try:
+        with open(path, "r+b") as f:
+            f.seek(m.data_offset)
+            f.write(b"\x55" * 64)
+        with pytest.raises(SourceChangedError, match=r"its ETag went from '[0-9a-f]+' to '[0-9a-f]+'"):
+            m.raw(m.tensors[0].name)
+    finally:
+        with open(path, "wb") as f:
+            f.write(data)
+        m.close()
+
+
 def test_access_errors_one_line_without_token(srv):
     srv.deny.add("org/gated")
     with pytest.raises(RemoteError, match=r"^hf://org/gated/small\.gguf: the repository org/gated is gated") as e:
@@ -184,6 +214,14 @@ def test_access_errors_one_line_without_token(srv):
     with open_model("hf://org/repo/small.gguf", token="hf_secret_token_123") as m:
         assert "secret" not in repr(m) + m.path + str(m.source.identity)
         m.raw("output.weight")
+    r = load("hf://org/repo/small.gguf", mode="raw", backend="host", token="hf_secret_token_123")  # as open_model
+    assert "secret" not in repr(r) + r.profile.df.to_csv() + str(r.profile.chrome_trace())
+    with pytest.raises(GGUFLabError, match="token= is for URLs"):
+        load(files_path := srv.files["small.gguf"], token="hf_secret_token_123")
+    assert os.path.exists(files_path)
+    srv.token = None
+    with pytest.raises(GGUFLabError, match=r"^hf://org/repo/small\.gguf@: an empty revision after '@'"):
+        open_model("hf://org/repo/small.gguf@")
     url = srv.url("small.gguf").replace("http://", "http://user:hf_secret_token_123@") + "?sig=hf_secret_token_123"
     assert "secret" not in redact(url)
 
@@ -295,7 +333,11 @@ def test_cache_hf_layout(srv, tmp_path, monkeypatch, reference):
     found = try_to_load_from_cache("org/repo", "small.gguf", cache_dir=str(tmp_path / "hub"), revision="main")
     assert isinstance(found, str) and open(found, "rb").read() == open(srv.files["small.gguf"], "rb").read()
     with open_model("hf://org/repo/small.gguf", cache="hf") as m:
-        assert isinstance(m.source, LocalFile)
+        assert isinstance(m.source, LocalFile) and m.path.endswith(os.path.join("snapshots", COMMIT, "small.gguf"))
+    # the blob is there already: another revision's ref is written (hf_hub_download finds it offline)
+    load("hf://org/repo/small.gguf@v2", mode="raw", backend="host", cache="hf")
+    found = try_to_load_from_cache("org/repo", "small.gguf", cache_dir=str(tmp_path / "hub"), revision="v2")
+    assert isinstance(found, str) and os.path.samefile(found, m.path)
 
 
 def test_offline_mode_opens_the_cached_copy(srv, tmp_path, monkeypatch, reference):

@@ -57,7 +57,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
          device: "int | Sequence[int] | str" = 0, placement=None,
          progress: "bool | Callable[[int, int, str], object] | None" = None, profile: bool | str = True,
          backend: str | Backend = "auto", cancel: threading.Event | None = None, read: str = "mmap",
-         shard=None, cache=None) -> LoadResult:
+         shard=None, cache=None, token=None) -> LoadResult:
     """Load tensors of a GGUF model onto the device.
 
     Args:
@@ -108,6 +108,8 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
             (``ShardError``) before anything is read.
         cache: for a URL, a path (or ``"hf"``, the Hugging Face cache) that the bytes are written
             to as they stream, so that the next open is local (see ``remote_cache``).
+        token: for an ``hf://`` URL, the Hub token (default: ``huggingface_hub``'s own), as
+            ``open_model(url, token=...)`` takes it.
 
     Example:
         >>> r = load("model.gguf", mode="gpu", dtype="float16")   # without a GPU, on the host backend
@@ -140,7 +142,7 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
     bar = None
     # a path is parsed once per process (and again only if the file changes): reloads reuse it
     model = path_or_model if isinstance(path_or_model, GGUFModel) else shared_model(
-        path_or_model, **({} if cache is None else {"cache": cache}))
+        path_or_model, **{k: v for k, v in (("cache", cache), ("token", token)) if v is not None})
     # a URL whose server gives no version is opened for this load alone (never shared): closed after it
     own = model is not path_or_model and not model.source.validated
     try:
