@@ -309,7 +309,8 @@ class HTTPSource(RemoteSource):
                 raise RemoteError(f"{self.name}: cannot connect: {e.why}") from None
             raise _Retry(e.why) from None
         code = r.status
-        if r.url != url and not direct:  # redirected: go straight there next time
+        redirected = r.url != url
+        if redirected and not direct:  # redirected: go straight there next time
             self.resolves += 1
             same_host = urllib.parse.urlsplit(r.url).hostname == urllib.parse.urlsplit(url).hostname
             hdrs = headers if same_host else {k: v for k, v in headers.items() if k.lower() != "authorization"}
@@ -317,8 +318,8 @@ class HTTPSource(RemoteSource):
         if code == 206:
             return r
         c.close()  # the body is not read: the connection cannot serve another request
-        if direct and code < 500 and code != 429:  # the redirect's target expired or was withdrawn
-            self._direct = None
+        if (direct or redirected) and code < 500 and code != 429:  # the redirect's target expired or refused:
+            self._direct = None                                     # ask the URL itself again
             raise _Retry(f"the redirected URL answered HTTP {code}", wait=False)
         if code >= 500 or code == 429:
             raise _Retry(f"HTTP {code}")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gguf_gpu_lab import LoadCancelled, open_model
+from gguf_gpu_lab.errors import RemoteError
 from gguf_gpu_lab.device import get_backend
 from gguf_gpu_lab.loader import load, plan_chunks
 from gguf_gpu_lab.remote import url_expiry
@@ -101,6 +102,14 @@ def test_hub_redirect_resolved_once(files, reference, monkeypatch):
             srv.cdn_deny = 1  # the CDN refuses once (an expired signature): resolved again, then on
             _same(load(m, mode="gpu", dtype="float32", backend="host", readers=1, chunk_mb=0.25), reference)
             assert _gets(srv, "/resolve/") == 2 and srv.cdn_deny == 0
+            srv.cdn_deny = 3  # refused again right after the Hub's redirect, three times: still a retry, not "gated"
+            _same(load(m, mode="gpu", dtype="float32", backend="host", readers=1, chunk_mb=0.25), reference)
+            assert srv.cdn_deny == 0
+            srv.cdn_deny = 100  # refused for good: one line saying so, without the gated-repository hint
+            with pytest.raises(RemoteError, match=r"failed 6 times in a row \(last: the redirected URL answered "
+                                                  r"HTTP 403\)$"):
+                m.raw("output.weight")
+            srv.cdn_deny = 0
 
 
 def test_redirect_reused_until_it_is_about_to_expire(files, monkeypatch):
