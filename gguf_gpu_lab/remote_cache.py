@@ -81,7 +81,8 @@ def _path_for(src: RemoteSource, cache: str) -> str:
 
 def _is_copy_of(final: str, src: RemoteSource) -> bool:
     """Whether ``final`` is this cache's finished copy of ``src`` (False: of an older version,
-    which is replaced); a file this cache did not write is an error, never replaced."""
+    which is replaced); a file this cache did not write, or its copy of another URL, is an
+    error, never replaced."""
     try:
         with open(final + RECORD) as f:
             rec = json.load(f)
@@ -90,7 +91,10 @@ def _is_copy_of(final: str, src: RemoteSource) -> bool:
                            f"{RECORD} beside it); remove it or cache {src.name} elsewhere") from None
     except (OSError, ValueError) as e:
         raise GGUFLabError(f"{final}{RECORD}: unreadable cache record ({e})") from None
-    return rec.get("name") == src.name and tuple(rec.get("identity", ())) == tuple(src.identity)
+    if rec.get("name") != src.name:  # another URL's copy (the same file name): not this one's to replace
+        raise GGUFLabError(f"{final}: holds the cached copy of {rec.get('name')}, not of {src.name}; "
+                           "cache it under another path (cache='FOLDER/NAME.gguf')")
+    return tuple(rec.get("identity", ())) == tuple(src.identity)
 
 
 def _recorder(final: str, identity: tuple):

@@ -318,6 +318,18 @@ def test_cache_path_then_local_and_resume(srv, tmp_path, reference):
     assert other.read_bytes() == b"not a cache"
 
 
+def test_two_urls_of_one_name_do_not_replace_each_others_copy(srv, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", srv.endpoint)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    load(srv.url("small.gguf"), mode="raw", backend="host", cache=folder)
+    before = sorted(os.listdir(folder)), (folder / "small.gguf").read_bytes()
+    with pytest.raises(GGUFLabError, match=r"small\.gguf: holds the cached copy of http://.*small\.gguf, not of "
+                                          r"hf://org/repo/small\.gguf; cache it under another path"):
+        open_model("hf://org/repo/small.gguf", cache=folder)
+    assert (sorted(os.listdir(folder)), (folder / "small.gguf").read_bytes()) == before
+
+
 def test_a_cache_folder_named_with_a_slash_is_made(srv, tmp_path, reference):
     dest = tmp_path / "new" / "dir"
     _same(load(srv.url("small.gguf"), mode="raw", dtype="float32", backend="host", cache=f"{dest}/"),
