@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto",
                    help="auto (the GPU where there is one, else the host backend), cuda, cuda:N or cpu (default auto)")
     s.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty folder, replacing the export's files there (others stay)")
+                   help="write into a non-empty folder, replacing the model files there (an earlier export's "
+                        "shards, config, tokenizer and chat template); others stay")
 
     s = sub.add_parser("fuzz", help="fuzz the parser and CPU load path with mutated GGUF files (exit 1 on a failure)")
     s.add_argument("--cases", type=_whole(1, 10**7), default=10000, help="how many mutated files (default 10000)")

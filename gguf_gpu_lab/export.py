@@ -214,7 +214,11 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
         with ThreadPoolExecutor(1, thread_name_prefix="gguf-lab-export-tokenizer") as side:
             pending = side.submit(save_tokenizer) if tokenizer else None
             t1 = time.perf_counter()
-            _write_weights(torch, conv, layout, tmp, backend, index, limit, progress or None)
+            def tokenizer_failed() -> None:  # between batches: a tokenizer error ends the export now
+                if pending is not None and pending.done() and pending.exception() is not None:
+                    pending.result()
+
+            _write_weights(torch, conv, layout, tmp, backend, index, limit, progress or None, tokenizer_failed)
             steps["weights_s"] = time.perf_counter() - t1
             if pending is not None:
                 pending.result()
@@ -243,11 +247,12 @@ def _write_configs(conv, folder: str) -> None:
 
 
 def _write_weights(torch, conv, layout: Layout, folder: str, backend: str, index: int, limit: int,
-                   progress) -> None:
+                   progress, check=lambda: None) -> None:
     """The shards: headers first, then the weights by batches of at most ``limit / 2`` bytes, each
     dequantized and transformed on this thread and written at its offsets while the next batch
     expands: from a GPU through the ring of pinned buffers (``export_ring``), on the host by a
-    writer thread, at most ``limit`` bytes of weights on the host at a time."""
+    writer thread, at most ``limit`` bytes of weights on the host at a time. ``check()`` runs
+    before each batch: what fails beside the weights (the tokenizer) ends the export there."""
     fds = {}
     try:
         for file, head in layout.headers.items():
@@ -257,9 +262,9 @@ def _write_weights(torch, conv, layout: Layout, folder: str, backend: str, index
         opts = {"profile": False, "read": "preadv"}  # preadv: the file's pages never count in this process's memory
         if backend == "host":
             _return_freed_memory()
-            _write_on_host(torch, conv, layout, fds, limit, progress, opts)
+            _write_on_host(torch, conv, layout, fds, limit, progress, opts, check)
         else:
-            _write_from_device(torch, conv, layout, fds, backend, index, limit, progress, opts)
+            _write_from_device(torch, conv, layout, fds, backend, index, limit, progress, opts, check)
         for fd in fds.values():
             os.fsync(fd)  # the export is on the disk when it returns, as its timing says
     finally:
@@ -268,7 +273,7 @@ def _write_weights(torch, conv, layout: Layout, folder: str, backend: str, index
 
 
 def _write_from_device(torch, conv, layout: Layout, fds: dict, backend: str, index: int, limit: int, progress,
-                       opts: dict) -> None:
+                       opts: dict, check=lambda: None) -> None:
     """Each batch stays on the device; its bytes leave through the ring (``RING_BUFFERS`` pinned
     buffers of ``ring_buffer_bytes(limit)``) to ``RING_WRITERS`` writer threads. A batch's device
     memory is freed once its last copy is done, so at most two batches (``limit``) are on the device
@@ -278,13 +283,15 @@ def _write_from_device(torch, conv, layout: Layout, fds: dict, backend: str, ind
     copier = DeviceToHost(torch, torch.device("cuda", index))
     with Ring(buffers, copier, _pwrite, progress=progress, total=total) as ring:
         for batch in batches(layout.entries, max(1, limit // 2)):
+            check()
             tensors = _batch(torch, conv, batch, backend, index, opts)
             ring.begin()
             for e in batch:
                 ring.put(tensors.pop(e.name).reshape(-1).view(torch.uint8), fds[e.file], e.offset, e.file, e.name)
 
 
-def _write_on_host(torch, conv, layout: Layout, fds: dict, limit: int, progress, opts: dict) -> None:
+def _write_on_host(torch, conv, layout: Layout, fds: dict, limit: int, progress, opts: dict,
+                   check=lambda: None) -> None:
     """Each batch loaded on the host backend and handed to one writer thread, at most ``limit``
     bytes of weights waiting at once (``_Budget``)."""
     budget = _Budget(limit)
@@ -309,6 +316,7 @@ def _write_on_host(torch, conv, layout: Layout, fds: dict, limit: int, progress,
     with ThreadPoolExecutor(1, thread_name_prefix="gguf-lab-export") as writer:
         futures = []
         for batch in batches(layout.entries, max(1, limit // 2)):
+            check()
             nbytes = sum(e.nbytes for e in batch)
             budget.take(nbytes)
             if failed:
@@ -360,18 +368,27 @@ def _return_freed_memory() -> bool:
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # huggingface_hub's shard names
 
 
-def _old_shards(out_dir: str) -> set[str]:
-    """The shards of an earlier export in ``out_dir``: files with huggingface_hub's shard names
-    (``model-00001-of-00003.safetensors``); a user's other files are never among them."""
-    return {n for n in os.listdir(out_dir) if _SHARD_RE.fullmatch(n)}
+# the files that make a Hugging Face model folder's model (besides its shards): what an export
+# writes, or an earlier one (or transformers' save_pretrained) may have left for another model
+MODEL_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                         "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                         "tokenizer.model", "vocab.json", "merges.txt", WEIGHTS_NAME, INDEX_NAME})
+
+
+def _old_model_files(out_dir: str) -> set[str]:
+    """The files of an earlier export (or model) in ``out_dir``: huggingface_hub's shard names
+    (``model-00001-of-00003.safetensors``) and ``MODEL_FILES``; a user's other files (a README,
+    an adapter) are never among them."""
+    return {n for n in os.listdir(out_dir) if _SHARD_RE.fullmatch(n) or n in MODEL_FILES}
 
 
 def _move_into_place(tmp: str, out_dir: str, layout: Layout, overwrite: bool) -> None:
     """The finished folder in place. Without ``overwrite``, one rename, which fails if ``out_dir``
     holds anything by now (a folder filled, or another export finished, while this one ran): an
     error, nothing of theirs touched. With it, in a non-empty ``out_dir``: the old index goes first
-    (the folder stops looking complete), then the new files, the shards of an earlier export that
-    this one does not write are removed, and the index (or the single shard) comes last."""
+    (the folder stops looking complete), then the new files, the model files of an earlier export
+    that this one does not write (shards, a chat template, ...: ``MODEL_FILES``) are removed, and
+    the index (or the single shard) comes last."""
     if not overwrite or not os.path.isdir(out_dir) or not os.listdir(out_dir):
         try:
             os.rename(tmp, out_dir)  # over a missing or empty folder only, at once
@@ -386,7 +403,7 @@ def _move_into_place(tmp: str, out_dir: str, layout: Layout, overwrite: bool) ->
                 raise OutputExistsError(f"{out_dir}: the folder was filled while the export ran "
                                         f"({e.strerror}); nothing was written there; export again into a new "
                                         "or empty folder, or pass overwrite=True (--overwrite)") from None
-    stale = _old_shards(out_dir) - set(layout.sizes)
+    stale = _old_model_files(out_dir) - set(os.listdir(tmp))
     for old in (INDEX_NAME, WEIGHTS_NAME):
         if os.path.isfile(os.path.join(out_dir, old)):
             os.remove(os.path.join(out_dir, old))

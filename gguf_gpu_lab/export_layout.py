@@ -102,9 +102,9 @@ def safetensors_header(items: list[tuple[str, tuple[int, ...], int]], st_dtype: 
 def plan_layout(tensors: list[tuple[str, str, tuple[int, ...]]], dtype: str, max_shard_size: int,
                 total_parameters: int | None = None) -> Layout:
     """Shards and offsets for ``tensors`` ((transformers name, GGUF name, shape), in the model's
-    state-dict order), split as transformers' ``save_pretrained`` splits them (huggingface_hub's
-    ``split_state_dict_into_shards_factory``: in order, a new shard when the next tensor would pass
-    ``max_shard_size``, a larger tensor alone)."""
+    state-dict order), split by huggingface_hub's ``split_state_dict_into_shards_factory`` (in that
+    order, a new shard when the next tensor would pass ``max_shard_size``, a larger tensor alone;
+    transformers 5.25's ``save_pretrained`` sorts the names first, so its shards group differently)."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
     size = _ITEMSIZE[dtype]

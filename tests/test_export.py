@@ -188,12 +188,45 @@ def test_refuses_a_non_empty_folder_and_overwrites_when_asked(model_dir):
     r = hf.export(p, out, overwrite=True, progress=False, tokenizer=False)  # now one shard: the old ones go
     assert _shard_names(out) == ["model-lora-adapter.safetensors", "model.safetensors"]
     assert export_module.INDEX_NAME not in os.listdir(out)
+    # another model's chat template and tokenizer, left by an earlier export: not this model's, removed
+    for name in ("chat_template.jinja", "tokenizer.json", "special_tokens_map.json"):
+        (out / name).write_text("another model's")
+    r = hf.export(p, out, overwrite=True, progress=False, tokenizer=False)
+    assert set(os.listdir(out)) == set(r.files) | mine and "chat_template.jinja" not in r.files
     empty = model_dir / "empty"
     empty.mkdir()
     hf.export(p, empty, progress=False, tokenizer=False)
     assert (empty / "model.safetensors").exists()
     with pytest.raises(GGUFLabError, match="not a folder"):
         hf.export(p, p, progress=False)
+
+
+def test_a_tokenizer_that_fails_ends_the_export_before_the_weights_do(model_dir, tmp_path, monkeypatch):
+    """The tokenizer is built beside the weights; its error ends the export at the next batch,
+    not after every weight is written, and nothing is left."""
+    import threading
+
+    from gguf_gpu_lab import hf_tokenizer
+
+    failed = threading.Event()
+
+    def broken(model):
+        failed.set()
+        raise GGUFLabError(f"{model.path}: tokenizer.ggml.eos_token_id is 999999, outside the vocabulary")
+
+    monkeypatch.setattr(hf_tokenizer, "tokenizer", broken)
+    written = []
+
+    def progress(done, total, name):
+        failed.wait(10)  # the tokenizer has failed before the first batch is done
+        written.append(done)
+        return True
+
+    r = hf.export(_file(model_dir, "llama"), tmp_path / "whole", budget="1MB", progress=False, tokenizer=False)
+    with pytest.raises(GGUFLabError, match="eos_token_id is 999999"):
+        hf.export(_file(model_dir, "llama"), tmp_path / "out", budget="1MB", progress=progress)
+    assert r.weight_bytes > 3 * 2**20 and (not written or written[-1] <= 2**20)  # a batch or two at most, of all of it
+    assert os.listdir(tmp_path) == ["whole"]
 
 
 def test_a_folder_filled_during_the_export_is_left_alone(model_dir, tmp_path):
@@ -384,8 +417,8 @@ def _ring_on_host(monkeypatch, buffer_bytes):
                         lambda torch_, n, nbytes: [torch_.empty(nbytes, dtype=torch_.uint8) for _ in range(n)])
     monkeypatch.setattr(export_module, "DeviceToHost", lambda torch_, device: export_ring.HostCopy())
 
-    def through_the_ring(torch_, conv, layout, fds, limit, progress, opts):
-        export_module._write_from_device(torch_, conv, layout, fds, "host", 0, limit, progress, opts)
+    def through_the_ring(torch_, conv, layout, fds, limit, progress, opts, check):
+        export_module._write_from_device(torch_, conv, layout, fds, "host", 0, limit, progress, opts, check)
 
     monkeypatch.setattr(export_module, "_write_on_host", through_the_ring)
 
@@ -664,7 +697,7 @@ def test_a_stopped_phase_says_where_it_was(tmp_path):
     from gguf_gpu_lab.tools.bench_export import _run_phase
 
     with pytest.raises(subprocess.TimeoutExpired) as e:
-        _run_phase("tokenizer", {"work": str(tmp_path), "vocab": 262144}, 6.0)
+        _run_phase("tokenizer", {"work": str(tmp_path), "vocab": 1_000_000}, 8.0)  # about 15 s of work
     err = e.value.stderr.decode() if isinstance(e.value.stderr, bytes) else e.value.stderr
     assert "most recent call first" in err and "bench_export.py" in err
 
