@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Sequence
 
@@ -358,13 +360,27 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"gguf-gpu-lab: warning: {message}", file=sys.stderr if file is None else file)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, a job scheduler), raised as an interrupt: what an interrupted
+    command cleans up (a partial export or model, a load's threads) is cleaned up the same way."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
+    term = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        term = signal.signal(signal.SIGTERM, _terminate)  # (a handler someone else set is left alone)
     try:
         return _main(argv)
     finally:
         warnings.showwarning = shown
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -405,7 +421,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except OSError as e:
         print(f"gguf-gpu-lab: error: {_os_error(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, _Terminated):
+            print("gguf-gpu-lab: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("gguf-gpu-lab: interrupted", file=sys.stderr)
         return 130
     raise AssertionError(args.command)  # pragma: no cover

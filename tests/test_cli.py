@@ -456,3 +456,30 @@ def test_inspect_and_dequant_name_the_order_of_their_shapes(small_model, capsys)
     assert str(t.shape) in row and str(t.np_shape) in row
     assert main(["dequant", str(small_model), "blk.0.ffn_down.weight"]) == 0
     assert f"NumPy shape {t.np_shape} (GGUF order {t.shape})" in capsys.readouterr().out
+
+
+def test_sigterm_cleans_up_as_an_interrupt_does(tmp_path):
+    """SIGTERM (docker stop, a scheduler) mid-export: 'terminated', status 143, and no partial
+    folder left (SIGKILL leaves one, which the next export names)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gguf_gpu_lab.tools.synth import synth
+
+    p = synth(tmp_path / "m.gguf", "25M", "Q4_K_M", weights="small").path
+    proc = subprocess.Popen([sys.executable, "-m", "gguf_gpu_lab", "export", p, str(tmp_path / "out"), "--device",
+                             "cpu", "--budget", "64KB"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(n.startswith(".out.partial-") for n in os.listdir(tmp_path)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "gguf-gpu-lab: terminated" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
