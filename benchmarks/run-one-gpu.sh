@@ -17,6 +17,8 @@
 #           floor) on PYTHONPATH: older ones fall back to their own slow GGUF tokenizer.
 #
 # Each step's exit status and seconds are in $OUT/steps.txt; its output in $OUT/<step>.log.
+# On a host without the test and notebook packages (or with transformers older than 5.24):
+#   . benchmarks/wheels-env.sh WHEELS [HF_WHEELS]; OUT=$OUT bash benchmarks/run-one-gpu.sh
 
 set -u
 : "${OUT:?set OUT to the folder for the results}"
