@@ -145,8 +145,8 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
         max_shard_size: largest shard, "5GB" (default; KB, MB, GB, TB: 1 GB = 10^9 bytes) or bytes,
             1KB to 10TB.
         overwrite: replace the export's files in a non-empty ``out_dir`` (other files stay;
-            shards of an earlier export, ``model-NNNNN-of-NNNNN.safetensors``, that this one
-            does not write are removed). Without it, a folder filled while
+            the model files of an earlier export that this one does not write, its
+            ``model-NNNNN-of-NNNNN.safetensors`` and ``MODEL_FILES``, are removed). Without it, a folder filled while
             the export ran is an ``OutputExistsError`` at the end, and nothing of it is touched.
         progress: True (a bar where someone can watch it), False, or ``progress(done, total, name)``.
         budget: bytes the weights may take at once (default "2GB"), 1KB to 10TB: on the host
@@ -215,7 +215,7 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
             pending = side.submit(save_tokenizer) if tokenizer else None
             t1 = time.perf_counter()
             def tokenizer_failed() -> None:  # between batches: a tokenizer error ends the export now
-                if pending is not None and pending.done() and pending.exception() is not None:
+                if pending is not None and pending.done():
                     pending.result()
 
             _write_weights(torch, conv, layout, tmp, backend, index, limit, progress or None, tokenizer_failed)

@@ -417,9 +417,10 @@ def shared_model(path: str | os.PathLike, **remote) -> GGUFModel:
         if cache == "hf":  # where huggingface_hub's cache is now: another one is another cache
             from huggingface_hub import constants
 
-            cache = ("hf", os.path.realpath(constants.HF_HUB_CACHE))
-        key = ("url", src.name, src.identity, None if cache is None else
-               cache if isinstance(cache, tuple) else os.path.realpath(os.fspath(cache)))
+            where = ("hf", os.path.realpath(constants.HF_HUB_CACHE))
+        else:
+            where = None if cache is None else os.path.realpath(os.fspath(cache))
+        key = ("url", src.name, src.identity, where)
     else:
         if remote:
             open_source(path, **remote)  # the error: cache= and token= are for URLs

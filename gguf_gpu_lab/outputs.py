@@ -19,7 +19,7 @@ from typing import Iterable
 
 from .errors import GGUFLabError, OutputExistsError, warn
 
-__all__ = ["MANIFEST", "OutputExistsError", "check_new", "create_new", "claim_folder", "record_folder",
+__all__ = ["MANIFEST", "OutputExistsError", "check_new", "claim_folder", "record_folder",
            "partial_path", "place_new", "warn_partials_left"]
 
 MANIFEST = ".gguf-gpu-lab-outputs.json"  # in a folder of outputs: the names the toolkit wrote there
@@ -43,19 +43,6 @@ def check_new(path: str | os.PathLike, overwrite: bool = False, what: str = "out
         raise GGUFLabError(f"{path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise GGUFLabError(f"{path}: cannot write into the folder {folder}")
-    return path
-
-
-def create_new(path: str | os.PathLike, overwrite: bool = False, what: str = "output",
-               hint: str = "--overwrite") -> str:
-    """``check_new``, then the file created (empty) in the same step when ``overwrite`` is False,
-    so that a file appearing between the check and the write is not replaced either."""
-    path = check_new(path, overwrite, what, hint)
-    if not overwrite:
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            raise OutputExistsError(f"{path}: exists; the {what} would replace it ({hint} allows that)") from None
     return path
 
 

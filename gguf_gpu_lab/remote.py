@@ -358,9 +358,10 @@ class HTTPSource(RemoteSource):
         if self._validator is not None:  # the validator of the first answer, in every answer that has one
             header, was = self._validator
             now = r.getheader(header)
-            if now is not None and (_norm_etag(now) if header == "ETag" else now) != was:
-                now = _norm_etag(now) if header == "ETag" else now  # both as the first answer's was kept
-                raise SourceChangedError(self.name, f"its {header} went from {was!r} to {now!r}")
+            if now is not None:
+                now = _norm_etag(now) if header == "ETag" else now  # as the first answer's was kept
+                if now != was:
+                    raise SourceChangedError(self.name, f"its {header} went from {was!r} to {now!r}")
         if r.chunked:
             raise RemoteError(f"{self.name}: the server sent bytes [{offset}, {offset + n}) in chunked encoding, "
                               "which ranged reads do not take")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -144,8 +145,12 @@ def _run_phase(name: str, args: dict, timeout: float) -> dict:
     which the ``TimeoutExpired`` carries: where a stopped phase was."""
     env = dict(os.environ, GGUF_LAB_PROGRESS="0")
     args = {**args, "_stacks_after_s": max(0.5, timeout - 1.0)}
-    p = subprocess.run([sys.executable, "-m", "gguf_gpu_lab.tools.bench_export", "--phase", name, json.dumps(args)],
-                       capture_output=True, text=True, timeout=timeout, env=env)
+    cmd = [sys.executable, "-m", "gguf_gpu_lab.tools.bench_export", "--phase", name, json.dumps(args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode != 0 and re.search(r"^Timeout \([\d:.]+\)!$", p.stderr, re.M):
+        # the stacks were written at the limit and the child died of it (dumping other threads'
+        # frames can crash an interpreter): stopped by the time limit, as if killed a second later
+        raise subprocess.TimeoutExpired(cmd, timeout, stderr=p.stderr)
     if p.returncode != 0:
         raise RuntimeError(f"the {name} phase's child process failed ({p.returncode}):\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])

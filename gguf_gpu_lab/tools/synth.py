@@ -276,15 +276,6 @@ def _write_parallel(fd: int, plans: list[TensorPlan], offsets: list[int], seed: 
 _OVERWRITE_HINT = "overwrite=True, or --overwrite,"
 
 
-def _drop(*paths) -> None:
-    for p in paths:
-        if p is not None:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-
-
 def _target(path: str) -> str:
     """The file ``synth --overwrite`` replaces: through a symbolic link, the file it points to
     (as writing to the path would), refused where that file is read-only or its folder missing."""
@@ -425,12 +416,12 @@ def synth(
             if progress is not None:
                 progress(done, total, p.name)
         w.close()
-        if os.path.exists(target):  # the old file's owner and permissions stay with its path
-            old = os.stat(target)
-            with contextlib.suppress(OSError):  # (only root gives a file to another user)
-                os.chown(tmp, old.st_uid, old.st_gid)
-            os.chmod(tmp, stat.S_IMODE(old.st_mode))
         if overwrite:
+            if os.path.exists(target):  # the old file's owner and permissions stay with its path
+                old = os.stat(target)
+                with contextlib.suppress(OSError):  # (only root gives a file to another user)
+                    os.chown(tmp, old.st_uid, old.st_gid)
+                os.chmod(tmp, stat.S_IMODE(old.st_mode))
             os.replace(tmp, target)
         else:
             place_new(tmp, path, "model")
@@ -438,7 +429,8 @@ def synth(
         if w is not None:
             with contextlib.suppress(Exception):  # (a close that fails too must not hide the first error)
                 w.close()
-        _drop(tmp)  # never leave a half-written model behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # never leave a half-written model behind
         raise
     size = os.path.getsize(path)
     return SynthResult(path, cfg, mix, len(plans), sum(int(np.prod(p.np_shape)) for p in plans), size,
