@@ -187,6 +187,24 @@ def _as_torch(dt: DeviceTensor):
     return dt.to_torch()
 
 
+STOP_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
+def stop_ids(model: GGUFModel, eos, vocab: int | None) -> list[int]:
+    """The tokens generation ends at: ``eos`` (an id, a list or None, as the config has it), then
+    the file's end-of-turn and end-of-message tokens (``STOP_KEYS``), where llama.cpp also stops and
+    an instruct model ends its answer; each once, ids outside ``vocab`` left out. transformers' own
+    GGUF loading reads only the eos id, so a chat model served from its folder would run past the
+    end of its turn."""
+    ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    for key in STOP_KEYS:
+        v = model.metadata.get(key)
+        if (isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (vocab is None or v < vocab)
+                and v not in ids):
+            ids.append(v)
+    return ids
+
+
 class _Conversion:
     """What turning one file into transformers' tensors needs: config, meta model, processor, names."""
 
@@ -211,6 +229,11 @@ class _Conversion:
         kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         with torch.device("meta"):
             self.hf_model = AutoModelForCausalLM.from_config(self.config, dtype=self.torch_dtype, **kw)
+        gen = getattr(self.hf_model, "generation_config", None)
+        if gen is not None:
+            stop = stop_ids(model, gen.eos_token_id, self.config_dict.get("vocab_size"))
+            if stop:
+                gen.eos_token_id = stop[0] if len(stop) == 1 else stop
         t2 = time.perf_counter()
         self.processor = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=self.config_dict)
         self.names = weights_map(self.hf_model, self.processor, self.arch)

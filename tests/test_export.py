@@ -143,6 +143,28 @@ def test_config_and_tokenizer_files_are_transformers_own(model_dir, tmp_path, ar
     assert ours == read(ref, "config.json")
 
 
+def test_generation_stops_at_the_files_end_of_turn_tokens(model_dir, tmp_path):
+    """generation_config.json lists the file's end-of-turn and end-of-message tokens after its eos
+    (llama.cpp stops at them; transformers' GGUF config has the eos alone), each once, ids past the
+    vocabulary left out; a file without them keeps transformers' single eos. The model
+    ``hf.from_gguf`` builds generates with the same stops."""
+    from gguf_gpu_lab import open_model
+
+    def gen(out):
+        with open(out / "generation_config.json", encoding="utf-8") as f:
+            return json.load(f)["eos_token_id"]
+
+    p = _file(model_dir, "gemma2")
+    hf.export(p, tmp_path / "plain", progress=False, device="cpu")
+    assert gen(tmp_path / "plain") == 1
+    m = open_model(p)
+    m.metadata.update({"tokenizer.ggml.eot_token_id": 107, "tokenizer.ggml.eom_token_id": VOCAB + 5})
+    hf.export(m, tmp_path / "chat", progress=False, device="cpu")
+    assert gen(tmp_path / "chat") == [1, 107]
+    m.metadata.update({"tokenizer.ggml.eot_token_id": 1, "tokenizer.ggml.eom_token_id": 108})
+    assert hf.from_gguf(m, device="cpu", progress=False).generation_config.eos_token_id == [1, 108]
+
+
 def test_budget_bounds_the_host_bytes(model_dir, monkeypatch):
     """At most ``budget`` bytes of weights wait on the host at once (a tensor larger than the budget
     alone): counted where the batches take and give their bytes."""
