@@ -238,12 +238,48 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
 
 
 def _write_configs(conv, folder: str) -> None:
-    """config.json and generation_config.json as ``save_pretrained`` writes them."""
+    """config.json and generation_config.json as ``save_pretrained`` writes them, config.json with
+    the keys transformers 4 reads beside the ones 5 writes (``v4_config_keys``)."""
     hf_model = conv.hf_model
     hf_model.config.architectures = [type(hf_model).__name__]
     hf_model.config.save_pretrained(folder)
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    extra = {k: v for k, v in v4_config_keys(config).items() if k not in config}
+    if extra:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps({**config, **extra}, indent=2, sort_keys=True) + "\n")
     if hf_model.can_generate() and getattr(hf_model, "generation_config", None) is not None:
         hf_model.generation_config.save_pretrained(folder)
+
+
+def v4_config_keys(config: dict) -> dict:
+    """The keys transformers 4 reads where 5 writes others: ``torch_dtype`` for ``dtype``, and from
+    ``rope_parameters`` the top-level ``rope_theta``, ``partial_rotary_factor`` and (a rope type
+    other than the default) ``rope_scaling``; of a model with a rope per attention type (gemma3),
+    the full attention's as those and the sliding attention's base as ``rope_local_base_freq``.
+    Without them transformers 4 (the engines that pin it) reads the default base, 10,000: a qwen
+    model's 1,000,000 or llama 3's 500,000 silently lost, and every answer wrong. Transformers 5
+    reads ``rope_parameters`` first and gives the same model either way."""
+    out = {}
+    if "dtype" in config:
+        out["torch_dtype"] = config["dtype"]
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return out
+    full, local = rope, None
+    if isinstance(rope.get("full_attention"), dict):
+        full, local = rope["full_attention"], rope.get("sliding_attention")
+    if "rope_theta" in full:
+        out["rope_theta"] = full["rope_theta"]
+    if "partial_rotary_factor" in full:
+        out["partial_rotary_factor"] = full["partial_rotary_factor"]
+    if full.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in full.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if isinstance(local, dict) and "rope_theta" in local:
+        out["rope_local_base_freq"] = local["rope_theta"]
+    return out
 
 
 def _write_weights(torch, conv, layout: Layout, folder: str, backend: str, index: int, limit: int,

@@ -139,8 +139,34 @@ def test_config_and_tokenizer_files_are_transformers_own(model_dir, tmp_path, ar
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert read(r.out_dir, name) == read(ref, name), name
     ours = read(r.out_dir, "config.json")
+    v4 = export_module.v4_config_keys(read(ref, "config.json") | {"dtype": "bfloat16"})
+    assert v4["torch_dtype"] == "bfloat16" and v4["rope_theta"] >= 1e4
+    assert {k: ours.pop(k) for k in v4} == v4
     assert ours.pop("dtype") == "bfloat16" and ours.pop("architectures")[0].endswith("ForCausalLM")
     assert ours == read(ref, "config.json")
+
+
+def test_v4_config_keys():
+    """What transformers 4 reads, from transformers 5's rope_parameters: a flat one, one per
+    attention type, a scaled one; nothing where the config has none."""
+    v4 = export_module.v4_config_keys
+    assert v4({}) == {}
+    assert v4({"dtype": "float16", "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}) == {
+        "torch_dtype": "float16", "rope_theta": 5e5}
+    assert v4({"rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+                                   "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}}) == {
+        "rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rope_local_base_freq": 1e4}
+    assert v4({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0,
+                                   "partial_rotary_factor": 0.5}}) == {
+        "rope_theta": 1e4, "partial_rotary_factor": 0.5, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    # transformers 5 reads the same rope from a config with them as without
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    for cls, c in ((LlamaConfig, {"rope_parameters": {"rope_theta": 5e5, "rope_type": "linear", "factor": 8.0}}),
+                   (Gemma3TextConfig, {"rope_parameters": {
+                       "full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+                       "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}})):
+        assert cls.from_dict({**c, **v4(c)}).rope_parameters == cls.from_dict(c).rope_parameters == c["rope_parameters"]
 
 
 def test_generation_stops_at_the_files_end_of_turn_tokens(model_dir, tmp_path):
