@@ -205,6 +205,7 @@ def export(path, out_dir, dtype: str = "bfloat16", max_shard_size="5GB", overwri
         from .hf_tokenizer import tokenizer as hf_tokenizer
 
         hf_tokenizer(model).save_pretrained(tmp)
+        _name_tokenizer_class_for_v4(tmp)
         steps["tokenizer_s"] = time.perf_counter() - t
 
     try:
@@ -252,6 +253,20 @@ def _write_configs(conv, folder: str) -> None:
             f.write(json.dumps({**config, **extra}, indent=2, sort_keys=True) + "\n")
     if hf_model.can_generate() and getattr(hf_model, "generation_config", None) is not None:
         hf_model.generation_config.save_pretrained(folder)
+
+
+def _name_tokenizer_class_for_v4(folder: str) -> None:
+    """tokenizer_config.json names ``PreTrainedTokenizerFast`` where transformers 5 wrote
+    ``TokenizersBackend`` (its generic tokenizer, a class transformers 4 does not have and refuses
+    to load): transformers 5 has the old name for the same class, so both read the folder, with
+    the same ids."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def v4_config_keys(config: dict) -> dict:
