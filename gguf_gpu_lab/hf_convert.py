@@ -89,7 +89,31 @@ def config_dict(model: GGUFModel) -> dict[str, Any]:
     if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in model.metadata:
         tokens = model.metadata["tokenizer.ggml.tokens"]
         cfg["vocab_size"] = tokens["length"] if isinstance(tokens, dict) else len(tokens)
+    cfg.update(llama_cpp_config(model))
     return cfg
+
+
+# block counts llama.cpp takes for the 27B models, whose query scale is not the head size
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def llama_cpp_config(model: GGUFModel) -> dict[str, Any]:
+    """Where this project's config departs from transformers' GGUF config, to be the model llama.cpp
+    runs: Gemma 2 and 3 scale queries by ``query_pre_attn_scalar ** -0.5``, a value no GGUF key holds,
+    which transformers leaves at its default, 256. llama.cpp takes the width over the heads for the
+    27B models (144 and 168, as their own configs say) and the head size (``key_length``) otherwise:
+    so does this. With 256 a 27B model's attention scores come out 0.75 and 0.81 times what they are."""
+    arch, _ = architecture(model)
+    if arch not in _GEMMA_27B_LAYERS:
+        return {}
+    meta = model.metadata
+    width, heads = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.attention.head_count")
+    if not (isinstance(width, int) and isinstance(heads, int) and heads > 0):
+        return {}  # transformers' config refuses such a file with its own message
+    if meta.get(f"{arch}.block_count") == _GEMMA_27B_LAYERS[arch]:
+        return {"query_pre_attn_scalar": width // heads}
+    head = meta.get(f"{arch}.attention.key_length", width // heads)
+    return {"query_pre_attn_scalar": head} if isinstance(head, int) and head > 0 else {}
 
 
 def config(path_or_model):

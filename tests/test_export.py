@@ -24,7 +24,7 @@ import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from gguf_gpu_lab import GGUFLabError, export as export_module, export_ring, hf  # noqa: E402
+from gguf_gpu_lab import GGUFLabError, export as export_module, export_ring, hf, hf_convert, open_model  # noqa: E402
 from gguf_gpu_lab.errors import ModelNotFoundError  # noqa: E402
 from gguf_gpu_lab.hf_tokenizer import generate_merges  # noqa: E402
 from .archfiles import VOCAB, arch_file, other_arch_file  # noqa: E402
@@ -130,7 +130,8 @@ def test_config_and_tokenizer_files_are_transformers_own(model_dir, tmp_path, ar
     r = hf.export(p, tmp_path / "out", progress=False, device="cpu")
     ref = tmp_path / "ref"
     AutoTokenizer.from_pretrained(str(model_dir), gguf_file=p.name).save_pretrained(ref)
-    AutoConfig.from_pretrained(str(model_dir), gguf_file=p.name).save_pretrained(ref)
+    AutoConfig.from_pretrained(str(model_dir), gguf_file=p.name,  # with where hf follows llama.cpp
+                               **hf_convert.llama_cpp_config(open_model(p))).save_pretrained(ref)
 
     def read(folder, name):
         with open(os.path.join(folder, name), encoding="utf-8") as f:
@@ -177,8 +178,6 @@ def test_generation_stops_at_the_files_end_of_turn_tokens(model_dir, tmp_path):
     (llama.cpp stops at them; transformers' GGUF config has the eos alone), each once, ids past the
     vocabulary left out; a file without them keeps transformers' single eos. The model
     ``hf.from_gguf`` builds generates with the same stops."""
-    from gguf_gpu_lab import open_model
-
     def gen(out):
         with open(out / "generation_config.json", encoding="utf-8") as f:
             return json.load(f)["eos_token_id"]

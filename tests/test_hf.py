@@ -19,7 +19,7 @@ import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import gguf_gpu_lab as lab  # noqa: E402
-from gguf_gpu_lab import GGUFLabError, hf  # noqa: E402
+from gguf_gpu_lab import GGUFLabError, hf, hf_convert  # noqa: E402
 from gguf_gpu_lab.tools.synth import synth  # noqa: E402
 
 from .archfiles import VOCAB, arch_file, other_arch_file  # noqa: E402
@@ -53,8 +53,15 @@ def _reference(d, arch, mix, dtype, device_map=None):
     if key not in _REFERENCES:
         p = _file(d, "llama" if arch == "mistral" else arch, mix)
         _REFERENCES[key] = AutoModelForCausalLM.from_pretrained(
-            str(d), gguf_file=p.name, dtype=getattr(torch, dtype), device_map=device_map, use_kernels=False)
+            str(d), gguf_file=p.name, dtype=getattr(torch, dtype), device_map=device_map, use_kernels=False,
+            **_departures(p))
     return _REFERENCES[key]
+
+
+def _departures(p):
+    """The config values where ``hf`` follows llama.cpp rather than transformers' GGUF config
+    (``hf_convert.llama_cpp_config``), given to transformers' own load so it builds the same model."""
+    return hf_convert.llama_cpp_config(lab.open_model(p))
 
 
 def _bits(t):
@@ -108,11 +115,29 @@ def test_same_model_as_transformers(model_dir, arch, mix, dtype):
 def test_config_is_transformers_own(model_dir, arch):
     p = _file(model_dir, arch)
     ours = hf.config(p).to_dict()
-    ref = AutoConfig.from_pretrained(str(model_dir), gguf_file=p.name).to_dict()
+    ref = AutoConfig.from_pretrained(str(model_dir), gguf_file=p.name, **_departures(p)).to_dict()
     for d in (ours, ref):
         for k in ("_name_or_path", "dtype", "transformers_version"):
             d.pop(k, None)
     assert ours == ref
+
+
+@pytest.mark.parametrize("arch,layers,width,heads,head,scalar", [
+    ("gemma2", 46, 4608, 32, 128, 144), ("gemma3", 62, 5376, 32, 128, 168),   # the 27B models
+    ("gemma2", 42, 3584, 16, 256, 256), ("gemma3", 34, 2560, 8, 256, 256),    # 9B, 4B: the head size
+    ("gemma2", 2, 256, 4, 64, 64)])
+def test_gemma_query_scale_is_llama_cpps(model_dir, arch, layers, width, heads, head, scalar):
+    """Gemma's query scale (no GGUF key holds it) as llama.cpp takes it, and as the models' own
+    configs say; transformers' GGUF config leaves its default, 256. The model built uses it."""
+    p = _file(model_dir, arch)
+    assert AutoConfig.from_pretrained(str(model_dir), gguf_file=p.name).query_pre_attn_scalar == 256
+    m = lab.open_model(p)
+    m.metadata.update({f"{arch}.block_count": layers, f"{arch}.embedding_length": width,
+                       f"{arch}.attention.head_count": heads, f"{arch}.attention.key_length": head})
+    assert hf.config(m).query_pre_attn_scalar == scalar
+    if layers == 2:
+        assert hf.from_gguf(m, device="cpu").config.query_pre_attn_scalar == 64
+    assert hf_convert.llama_cpp_config(lab.open_model(_file(model_dir, "llama"))) == {}
 
 
 def test_transformers_cannot_load_the_mistral_file(model_dir):
@@ -213,7 +238,8 @@ REAL = os.environ.get("GGUF_LAB_REAL_MODEL")  # e.g. the Gemma 3 270M Q4_K_M tha
 def test_real_file(dtype):
     d, name = os.path.split(os.path.abspath(REAL))
     ours = hf.from_gguf(REAL, dtype=dtype, device="cpu")
-    ref = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=getattr(torch, dtype), use_kernels=False)
+    ref = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=getattr(torch, dtype), use_kernels=False,
+                                               **_departures(REAL))
     _assert_same_weights(ours, ref)
     tok = hf.tokenizer(REAL)
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
