@@ -175,14 +175,18 @@ class ByteSource:
         self.close()
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
 class LocalFile(ByteSource):
     """A local file: one descriptor, and a read-only mapping of that descriptor."""
 
     def __init__(self, path: str | os.PathLike):
         super().__init__()
         self.name = self.path = os.fspath(path)
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:  # (non-blocking: opening a FIFO would otherwise wait for a writer, forever)
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             raise ModelNotFoundError(f"{self.path}: cannot open: no such file") from None
         except OSError as e:
@@ -190,10 +194,15 @@ class LocalFile(ByteSource):
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise GGUFLabError(f"{self.path}: cannot open: not a regular file")
+                kind = next((what for test, what in _KINDS if test(st.st_mode)), "something")
+                raise GGUFLabError(f"{self.path}: cannot open: {kind}, not a regular file")
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(fd, True)
             if st.st_size == 0:  # an empty file cannot be mapped
                 raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.path)
-            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            # the size just seen, not the file's size at mmap time: a file still growing (a
+            # download) is then the prefix its identity describes, and check() sees it grow
+            mapping = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
         except BaseException:
             os.close(fd)
             raise

@@ -493,6 +493,40 @@ def test_local_file_errors_name_the_file(tmp_path):
         LocalFile(tmp_path / "empty.gguf")
 
 
+def test_a_fifo_is_refused_at_once(tmp_path):
+    """Opening a FIFO blocks until a writer comes: the open does not wait, and says what it is."""
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    done = []
+    t = threading.Thread(target=lambda: done.append(pytest.raises(GGUFLabError, lab.open_model, fifo)), daemon=True)
+    t.start()
+    t.join(10)
+    assert done and "a FIFO, not a regular file" in str(done[0].value) and "pipe.gguf" in str(done[0].value)
+
+
+def test_a_growing_file_is_the_prefix_its_identity_describes(small_model, tmp_path, monkeypatch):
+    """A file that grows between the stat and the mapping (a download still running) maps the
+    size the identity records, so the parse sees that prefix and the next check sees the growth:
+    a SourceChangedError, never a bare ValueError from a mapping longer than the identity."""
+    import gguf_gpu_lab.source as source
+
+    p = tmp_path / "grow.gguf"
+    shutil.copy(small_model, p)
+    real = source.mmap.mmap
+
+    def grow_then_map(fd, length, **kw):
+        with open(p, "ab") as f:
+            f.write(b"\0" * 4096)
+        return real(fd, length, **kw)
+
+    monkeypatch.setattr(source.mmap, "mmap", grow_then_map)
+    src = LocalFile(p)
+    assert len(src.header()) == src.size == os.path.getsize(small_model)
+    with pytest.raises(lab.SourceChangedError, match="grow.gguf"):
+        src.check()
+    src.close()
+
+
 @pytest.mark.parametrize("mode", ["cpu", "sequential", "gpu"])
 def test_preadv_survives_a_truncation_at_any_moment(small_model, tmp_path, mode):
     """read="preadv" never touches the mapping, in any mode: a truncation racing the readers
