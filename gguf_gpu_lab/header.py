@@ -64,16 +64,17 @@ class Field:
     def is_array(self) -> bool:
         return self.type == VT.ARRAY
 
-    def value(self) -> Any:
+    def value(self, errors: str = "strict") -> Any:
         """The whole value as Python data: a number, a bool, a str, or a list (nested for
-        arrays of arrays)."""
+        arrays of arrays). ``errors`` as ``bytes.decode``'s for strings in arrays: "strict" (a
+        string that is not UTF-8 is a ``GGUFFormatError`` naming its index) or "replace" (for display)."""
         if not self.is_array:
             return self.scalar
-        return self._header._array_value(self, self.length)
+        return self._header._array_value(self, self.length, errors=errors)
 
-    def head(self, n: int) -> list:
-        """The first ``n`` elements of an array, decoded."""
-        return self._header._array_value(self, min(n, self.length))
+    def head(self, n: int, errors: str = "strict") -> list:
+        """The first ``n`` elements of an array, decoded (``errors`` as for ``value``)."""
+        return self._header._array_value(self, min(n, self.length), errors=errors)
 
     def numpy(self) -> np.ndarray:
         """A numeric array as a read-only NumPy view of the file mapping (no copy)."""
@@ -368,7 +369,7 @@ class Header:
         return len(idx), pos + int(ends[idx[-1]])
 
     def _array_value(self, f: Field, count: int, off: int | None = None, etype: VT | None = None,
-                     what: str | None = None) -> list:
+                     what: str | None = None, errors: str = "strict") -> list:
         """The first ``count`` elements of the array whose element type field is at ``off``."""
         off = f.value_offset if off is None else off
         what = what or f"key {f.key!r}"
@@ -382,7 +383,7 @@ class Header:
                 return fast
             pairs = list(zip((starts + 8 - first).tolist(), (starts + 8 - first + lengths).tolist()))
             try:
-                return [blob[a:b].decode("utf-8") for a, b in pairs]
+                return [blob[a:b].decode("utf-8", errors) for a, b in pairs]
             except UnicodeDecodeError:
                 for j, (a, b) in enumerate(pairs):
                     try:
@@ -393,7 +394,7 @@ class Header:
             out, pos = [], first
             for j in range(count):
                 sub_type, sub_n, end = self._skip_array(pos, f"{what}[{j}]", 2)
-                out.append(self._array_value(f, sub_n, pos, sub_type, f"{what}[{j}]"))
+                out.append(self._array_value(f, sub_n, pos, sub_type, f"{what}[{j}]", errors))
                 pos = end
             return out
         return np.frombuffer(self.mapping, _NP_DTYPES[etype], count, first).tolist()

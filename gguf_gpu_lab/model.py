@@ -58,10 +58,13 @@ class TensorInfo:
 
 
 def _summarise(f: Field) -> Any:
-    """A metadata value as Python data; arrays longer than a few elements as length and head."""
+    """A metadata value as Python data; arrays longer than a few elements as length and head. A
+    string in an array that is not UTF-8 shows with U+FFFD in its place (a vocabulary's broken
+    token must not hide the rest of the file); ``metadata_value`` names it as an error."""
     if f.is_array and f.length > _ARRAY_SUMMARY_LEN:
-        return {"type": "array", "length": f.length, "element_type": f.element_type.name.lower(), "head": f.head(4)}
-    return f.value()
+        return {"type": "array", "length": f.length, "element_type": f.element_type.name.lower(),
+                "head": f.head(4, errors="replace")}
+    return f.value(errors="replace")
 
 
 class GGUFModel:
@@ -166,6 +169,8 @@ class GGUFModel:
             >>> model.metadata_value("tokenizer.ggml.scores").dtype
             dtype('float32')
         """
+        if self._header is None:
+            self.source  # noqa: B018  (raises: the model is closed)
         try:
             f = self._header.fields[key]
         except KeyError:  # a GGUFLabError, and a KeyError as a mapping's would be
@@ -219,9 +224,9 @@ class GGUFModel:
         """The tensor table as a pandas DataFrame, one row a tensor, in file order."""
         import pandas as pd
 
-        return pd.DataFrame({
-            "name": [t.name for t in self.tensors],
-            "type": [t.type_name for t in self.tensors],
+        return pd.DataFrame({  # (str columns as objects, a file without tensors included)
+            "name": pd.Series([t.name for t in self.tensors], dtype=object),
+            "type": pd.Series([t.type_name for t in self.tensors], dtype=object),
             "shape": [t.shape for t in self.tensors],
             "np_shape": [t.np_shape for t in self.tensors],
             "n_elements": [t.n_elements for t in self.tensors],
@@ -273,7 +278,11 @@ class GGUFModel:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self.tensors)} tensors"
-        return f"<GGUFModel {self.path!r} {self.architecture} {state}>"
+        try:
+            arch = self.architecture
+        except GGUFLabError:  # closed before its metadata was ever read: a repr never raises
+            arch = "?"
+        return f"<GGUFModel {self.path!r} {arch} {state}>"
 
     # -- data -------------------------------------------------------------------------------
     def raw(self, name: str, *, mapped: bool = True) -> np.ndarray:
@@ -285,9 +294,12 @@ class GGUFModel:
         return self.source.read(t.offset, t.n_bytes, mapped=mapped)
 
     def dequantize(self, name: str, dtype="float32", *, threads: int | None = None) -> np.ndarray:
-        """The tensor as a NumPy array in ``np_shape`` on the CPU (float32, float16 or bfloat16)."""
+        """The tensor as a NumPy array in ``np_shape`` on the CPU (float32, float16 or bfloat16).
+        It dequantizes a copy of the tensor's bytes (``raw(name, mapped=False)``, checked after
+        the read): a file changed in place or truncated meanwhile is a ``SourceChangedError``,
+        never a mix of old and new bytes nor a SIGBUS in the middle of the dequantization."""
         t = self.info(name)
-        return quant.dequantize(self.raw(name), t.ggml_type, t.np_shape, dtype, threads=threads)
+        return quant.dequantize(self.raw(name, mapped=False), t.ggml_type, t.np_shape, dtype, threads=threads)
 
     # -- device: lazy, cached, preloaded -----------------------------------------------------
     def tensor(self, name: str, dtype: str = "float16", mode: str = "gpu", *, backend="auto", device=0,

@@ -68,7 +68,8 @@ def check_raw(name: str, ggml_type, raw: np.ndarray, max_problems: int = 100) ->
 def check_model(model, *, max_problems: int = 100) -> list[Problem]:  # model: an open GGUFModel (scan sits below it)
     problems: list[Problem] = []
     for t in model.tensors:
-        problems += check_raw(t.name, t.ggml_type, model.raw(t.name), max_problems - len(problems))
+        # a copy (checked after its read), not the mapping: a truncation during the scan is an error, not SIGBUS
+        problems += check_raw(t.name, t.ggml_type, model.raw(t.name, mapped=False), max_problems - len(problems))
         if len(problems) >= max_problems:
             break
     return problems

@@ -175,6 +175,24 @@ def test_invalid_utf8_token_is_named_on_access(tmp_path):
     with lab.open_model(g.write(tmp_path / "u.gguf")) as m:
         with pytest.raises(GGUFFormatError, match=r"key 'tok'\[1\] at offset \d+ is not UTF-8"):
             m.metadata_value("tok")
+        # the summary (repr, inspect, the notebook's table) shows it replaced, and the rest of the file
+        assert m.metadata["tok"] == ["a", "\ufffd\ufffd", "c"] and m.architecture is None
+        assert "1 tensors" in repr(m) and m.summary()["n_tensors"] == 1
+
+
+def test_a_long_array_with_a_broken_string_in_its_head_is_shown(tmp_path):
+    """A vocabulary whose first tokens hold a string that is not UTF-8 (its summary decodes the
+    first four) keeps the model displayable; the whole value names the string."""
+    g = GGUFBytes().add_str("general.architecture", "llama")
+    n = 40
+    g.kv.append(gstr("tokenizer.ggml.tokens") + struct.pack("<IIQ", VT.ARRAY, VT.STRING, n) + gstr(b"\xe4\xb8")
+                + b"".join(gstr(f"t{i}") for i in range(1, n)))
+    g.tensors.append(f32_tensor("t", 8))
+    with lab.open_model(g.write(tmp_path / "v.gguf")) as m:
+        assert m.metadata["tokenizer.ggml.tokens"]["head"] == ["\ufffd", "t1", "t2", "t3"]
+        assert m.architecture == "llama" and "llama" in repr(m) and "<table>" in m._repr_html_()
+        with pytest.raises(GGUFFormatError, match=r"\[0\] at offset \d+ is not UTF-8"):
+            m.metadata_value("tokenizer.ggml.tokens")
 
 
 @pytest.mark.parametrize("blob, needle", [

@@ -100,6 +100,73 @@ def test_closed_model_raises(small_model):
     m.close()
     with pytest.raises(GGUFLabError, match="closed"):
         m.raw("output.weight")
+    with pytest.raises(GGUFLabError, match="closed"):
+        m.metadata_value("general.architecture")
+
+
+def test_a_file_without_tensors_is_shown_and_inspected(tmp_path, capsys):
+    """A vocabulary-only file (llama.cpp ships such ggml-vocab files): summary, the notebook's
+    table, the model-bytes plot and ``inspect`` in every form work, with zero tensors."""
+    import json
+
+    from gguf_gpu_lab import cli
+
+    g = GGUFBytes().add_str("general.architecture", "llama")
+    p = g.write(tmp_path / "vocab.gguf")
+    with lab.open_model(p) as m:
+        s = m.summary()
+        assert s["n_tensors"] == 0 and s["tensor_bytes"] == 0 and len(s["by_layer"]) == 0
+        assert "0 tensors" in m._repr_html_() and len(m.tensors_df()) == 0
+    for extra in ([], ["--json"], ["--tensors"], ["--json", "--tensors"]):
+        assert cli.main(["inspect", p, *extra]) == 0, extra
+        out = capsys.readouterr().out
+        if "--json" in extra:
+            assert json.loads(out)["n_tensors"] == 0, extra
+        else:
+            assert "vocab.gguf" in out, extra
+
+
+def test_dequantize_and_check_never_read_the_mapping(small_model, monkeypatch):
+    """A truncation under a read of the mapping ends the process (SIGBUS): the CPU's long reads,
+    ``dequantize`` and ``check``, read copies instead."""
+    from gguf_gpu_lab.source import LocalFile
+
+    def no_mapping(self, offset, n):
+        raise AssertionError("read through the mapping")
+
+    with lab.open_model(small_model) as m:
+        monkeypatch.setattr(LocalFile, "view", no_mapping)
+        assert m.check() == [] and m.dequantize(m.tensors[0].name).size == m.tensors[0].n_elements
+
+
+def test_dequantize_reads_a_copy(small_model, tmp_path, monkeypatch):
+    """``dequantize`` works on a copy of the tensor's bytes, checked after its read: bytes
+    written over the file while the values are computed do not reach them (it read the mapping,
+    and 2 of 6 such races returned a mix of old and new values)."""
+    import shutil
+
+    from gguf_gpu_lab import model as model_module
+
+    p = tmp_path / "m.gguf"
+    shutil.copy(small_model, p)
+    m = lab.open_model(p)
+    t = max(m.tensors, key=lambda t: t.n_bytes)
+    ref = m.dequantize(t.name)
+    real = model_module.quant.dequantize
+
+    def overwritten_meanwhile(raw, *a, **kw):
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\0" * t.n_bytes, t.offset)
+        finally:
+            os.close(fd)
+        return real(raw, *a, **kw)
+
+    monkeypatch.setattr(model_module.quant, "dequantize", overwritten_meanwhile)
+    assert np.array_equal(m.dequantize(t.name), ref)
+    with pytest.raises(lab.SourceChangedError):  # the next read sees the change
+        m.dequantize(t.name)
+    m.close()
 
 
 # -- validation: each bad file raises GGUFFormatError naming file, tensor and value ----------

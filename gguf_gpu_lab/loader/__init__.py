@@ -71,8 +71,9 @@ def load(path_or_model, mode: str = "gpu", dtype: str = "float16", streams: int 
         chunk_mb: the size of a chunk of file bytes (big tensors are split, small ones batched).
         readers: reader threads filling the pinned staging ring (in "cpu" mode they also
             dequantize); default two fewer than the cores, from 2 to 14 (14 a device over several).
-        read: "mmap" (copy out of the file mapping, the file checked before each chunk; a truncation
-            racing a copy can still end the process with SIGBUS) or "preadv" (read(2) into the
+        read: "mmap" (read out of the file mapping, the file checked before each chunk; a
+            truncation racing a read of it, a copy or in "cpu" and "sequential" modes the CPU
+            dequantization, can still end the process with SIGBUS) or "preadv" (read(2) into the
             staging buffer, in every mode: a file truncated mid-load is an error, never a crash).
             Either way the model reads the file it opened, and a file changed in place since is a
             ``SourceChangedError``, never other bytes.

@@ -26,7 +26,8 @@ def run_sequential(pl) -> tuple[dict[str, DeviceTensor], int]:
         t0 = time.perf_counter_ns()
         c = pl.cuts.get(t.name) if pl.cuts else None
         if c is None or c.shard is None:
-            # through the mapping (checked first) or, with read="preadv", a copy: never SIGBUS there
+            # through the mapping (checked first; a truncation during the dequantization below is
+            # SIGBUS) or, with read="preadv", a copy checked after its read: never SIGBUS there
             raw, c = pl.source.read(t.offset, t.n_bytes, mapped=pl.mapped), None
         else:  # the shard's covering blocks, gathered (finish_shapes keeps the shard's own columns)
             if pl.mapped:
