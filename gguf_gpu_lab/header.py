@@ -434,11 +434,13 @@ class Header:
                 spec = quant.type_spec(t.type_id)
             except UnsupportedTypeError as e:
                 self._fail(f"type id {t.type_id}: {e}", tensor=name)
-            n_elem = 1
-            for d in t.dims:
+            n_elem = extent = 1  # extent: the product of the non-zero dimensions, which NumPy
+            for d in t.dims:     # bounds too, for a shape of no elements as for any other
                 n_elem *= d
-            if n_elem >= 2**63:
-                self._fail(f"shape {list(t.dims)} overflows: {n_elem} elements", tensor=name)
+                extent *= d or 1
+            if extent >= 2**63:
+                self._fail(f"shape {list(t.dims)} overflows: {extent} elements"
+                           f"{' in its non-zero dimensions' if not n_elem else ''}", tensor=name)
             if t.dims and t.dims[0] % spec.block_size:
                 self._fail(f"row length {t.dims[0]} is not a multiple of {spec.name}'s block size {spec.block_size}",
                            tensor=name)
@@ -451,6 +453,11 @@ class Header:
                            tensor=name)
             spans.append((start, start + n_bytes, name))
         spans.sort()
-        for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
-            if s1 < e0 and e1 > s1:
-                self._fail(f"data [{s1}, {e1}) overlaps tensor {n0!r} [{s0}, {e0})", tensor=n1)
+        last = None  # the span reaching furthest so far: a tensor of no bytes between two does not hide them
+        for s1, e1, n1 in spans:
+            if e1 == s1:
+                continue
+            if last is not None and s1 < last[1]:
+                self._fail(f"data [{s1}, {e1}) overlaps tensor {last[2]!r} [{last[0]}, {last[1]})", tensor=n1)
+            if last is None or e1 > last[1]:
+                last = (s1, e1, n1)

@@ -256,6 +256,15 @@ def test_shape_overflow(tmp_path):
     _expect(tmp_path, g, "'ovf'", "overflows")
 
 
+@pytest.mark.parametrize("dims", [(0, 2**64 - 1), (0, 2**40, 2**40)])
+def test_shape_of_no_elements_overflowing_is_refused(tmp_path, dims):
+    """No elements, but dimensions NumPy cannot hold (it bounds the non-zero ones): refused at open,
+    not a NumPy error at the load."""
+    g = _ok()
+    g.tensors.append(Tensor("z", dims, 0, b""))
+    _expect(tmp_path, g, "'z'", "overflows", "non-zero dimensions")
+
+
 def test_duplicate_names(tmp_path):
     g = _ok()
     g.tensors.append(f32_tensor("a", 8))
@@ -284,6 +293,15 @@ def test_overlapping_tensors(tmp_path):
     g = GGUFBytes()
     g.tensors += [f32_tensor("a", 16, offset=0), f32_tensor("b", 16, offset=32)]
     _expect(tmp_path, g, "'b'", "overlaps", "'a'")
+
+
+def test_overlap_hidden_by_an_empty_tensor_between(tmp_path):
+    """a [0, 4096) and c [128, 1152) share bytes; a tensor of no bytes at 64 sorted between them
+    is no reason to miss it (only neighbours were compared)."""
+    g = GGUFBytes()
+    g.tensors += [f32_tensor("a", 1024, offset=0), Tensor("b", (0,), 0, b"", offset=64),
+                  f32_tensor("c", 256, offset=128)]
+    _expect(tmp_path, g, "'c'", "overlaps", "'a'")
 
 
 def test_too_many_dims(tmp_path):
