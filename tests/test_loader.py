@@ -11,6 +11,7 @@ from gguf_gpu_lab import GGUFLabError, LoadCancelled, open_model
 from gguf_gpu_lab.loader import load, plan_chunks, select
 from gguf_gpu_lab.tools.verify import mismatches
 
+from .gguf_bytes import GGUFBytes, Tensor, f32_tensor
 from .threads import lab_threads
 
 _threads = lab_threads
@@ -420,3 +421,32 @@ def test_a_preload_over_the_cache_budget_says_so(small_model):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # within the budget (none): nothing to say
             m.preload(backend="host", background=False)
+
+
+def empty_tensors_file(path) -> str:
+    """Tensors of no elements beside one that has some: an F32 of 5 rows of none, a Q8_0 of no rows."""
+    g = GGUFBytes().add_str("general.architecture", "llama")
+    g.tensors += [Tensor("e", (0, 5), 0, b""), Tensor("q", (32, 0), 8, b""), f32_tensor("f", 64)]
+    return g.write(path)
+
+
+def load_empty_tensors(path, backend: str) -> None:
+    """Every mode loads them alone and with the others, in their shapes (a gpu-mode load of tensors
+    of no bytes alone leased no scratch and failed with an IndexError)."""
+    with open_model(path) as m:
+        for mode in ("gpu", "raw", "cpu", "sequential"):
+            for names in (["e"], ["e", "q"], None):
+                r = load(m, mode=mode, tensors=names, backend=backend, dtype="float32")
+                assert sorted(r) == sorted(names or ["e", "q", "f"]), (mode, names)
+                if mode != "raw":
+                    assert r["e"].array.shape == (5, 0), (mode, names)
+                    assert "q" not in r or r["q"].array.shape == (0, 32), (mode, names)
+                if names is None:
+                    f = r["f"].numpy().reshape(-1)
+                    assert np.array_equal(f.view(np.float32) if mode == "raw" else f, np.ones(64, np.float32)), mode
+        assert m.tensor("e", backend=backend).array.shape == (5, 0)
+
+
+def test_tensors_of_no_elements(tmp_path):
+    load_empty_tensors(empty_tensors_file(tmp_path / "empty.gguf"), "host")
+

@@ -30,6 +30,12 @@ def test_modes_match_cpu_dequantization_all_types(all_types_model, mode, dtype):
         _check_all(m, r, mode, dtype)
 
 
+def test_tensors_of_no_elements_on_the_gpu(tmp_path):
+    from .test_loader import empty_tensors_file, load_empty_tensors
+
+    load_empty_tensors(empty_tensors_file(tmp_path / "empty.gguf"), "cupy")
+
+
 @pytest.mark.parametrize("order", ["file", "largest", "layer"])
 def test_q4_k_m_model_gpu_mode(small_model, order):
     with open_model(small_model) as m:

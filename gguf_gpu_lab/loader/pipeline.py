@@ -211,8 +211,9 @@ class Pipeline:
                 t0 = time.perf_counter_ns()
                 for site in self.sites:
                     # gpu mode: quantized bytes land in scratch, per lane, before the kernel expands them
+                    # (a byte at least: chunks of tensors of no bytes still pass through a lane)
                     site.laneset = kept_lanes.lease(site.backend, opts.streams,
-                                                    site.max_chunk if opts.mode == "gpu" else 0)
+                                                    max(site.max_chunk, 1) if opts.mode == "gpu" else 0)
                     site.lanes, site.scratch = site.laneset.lanes, site.laneset.scratch
                 if self.cupti is not None:
                     self.cupti.bind(self.sites[0].lanes)
@@ -442,6 +443,8 @@ class Pipeline:
             lane.copy_h2d(dev, 0, data, 0, data.nbytes)
             evs.append(("h2d", lane.record()))
             for p in c.pieces:
+                if not p.nbytes:  # a tensor of no elements: its (empty) output is all there is
+                    continue
                 spec = quant.type_spec(p.tensor.ggml_type)
                 out = outputs[p.tensor.name].array
                 if rec:
