@@ -141,6 +141,24 @@ def test_progress_and_cancel(small_model, mode):
     assert not _threads()
 
 
+@pytest.mark.parametrize("mode", ["gpu", "cpu", "sequential"])
+def test_a_cancel_stops_the_progress_at_once(small_model, mode):
+    """The caller's cancel event set during a load: no chunk is reported after it (the queueing
+    thread looked at it only when no chunk was waiting, so readers ahead of it finished the load
+    and a bar showed 100% before the LoadCancelled)."""
+    ev, seen = threading.Event(), []
+
+    def progress(done, total, name):
+        seen.append(done)
+        ev.set()
+
+    with open_model(small_model) as m:
+        with pytest.raises(LoadCancelled, match="cancelled"):
+            load(m, mode=mode, chunk_mb=0.02, readers=2, progress=progress, cancel=ev, backend="host")
+        assert len(seen) == 1 and seen[0] < sum(t.n_bytes for t in m.tensors)
+    assert not _threads()
+
+
 def test_reader_error_is_raised_and_cleaned_up(small_model, monkeypatch):
     from gguf_gpu_lab.loader import pipeline as loader  # where the readers call read_chunk
 

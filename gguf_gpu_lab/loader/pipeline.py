@@ -328,9 +328,9 @@ class Pipeline:
             submitted += 1
             if submitted == 1:  # the first copy is queued: the other readers start
                 self._start_rest()
-            while pending and pending[0][2][-1][1].done():
+            while pending and not self.cancelled.is_set() and pending[0][2][-1][1].done():
                 done_bytes = self._complete(pending.popleft(), done_bytes, total)
-        while pending and self.error is None:
+        while pending and not self.cancelled.is_set():  # (an error sets it too): no progress reported after a stop
             pending[0][2][-1][1].synchronize()
             done_bytes = self._complete(pending.popleft(), done_bytes, total)
 
@@ -420,14 +420,17 @@ class Pipeline:
         return done_bytes
 
     def _get(self, q: queue.Queue):
+        """The next chunk read, or None after an error; a cancel is seen before every chunk (not
+        only when none is waiting: a load whose readers keep ahead would queue the rest first)."""
         while True:
+            if self.error is not None:
+                return None
+            if self.cancelled.is_set():
+                raise LoadCancelled(f"{self.model.path}: load cancelled")
             try:
                 return q.get(timeout=0.05)
             except queue.Empty:
-                if self.cancelled.is_set() and self.error is None:
-                    raise LoadCancelled(f"{self.model.path}: load cancelled")
-                if self.error is not None:
-                    return None
+                pass
 
     def _enqueue(self, c: Chunk, lane, data: np.ndarray, outputs, scratch) -> list[tuple[str, Event]]:
         """Queue a chunk's copy (and kernels) on its lane; returns (stage, event) pairs, the first
