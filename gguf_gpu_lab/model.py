@@ -289,7 +289,9 @@ class GGUFModel:
         """The tensor's bytes as a read-only uint8 array: a zero-copy view of the file mapping
         (``mapped``; the file is checked first, so a file changed since it was opened is an error),
         or with ``mapped=False`` a copy read with preadv (a truncation at any moment is an error,
-        never a crash: a mapping touched past a file's new end would end the process with SIGBUS)."""
+        never a crash: a mapping touched past a file's new end would end the process with SIGBUS).
+        A mapped view is the file's pages: bytes written into the file later show through it, and
+        reading it after a truncation is SIGBUS. Take a copy (``mapped=False``) to keep it."""
         t = self.info(name)
         return self.source.read(t.offset, t.n_bytes, mapped=mapped)
 

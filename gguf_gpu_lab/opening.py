@@ -8,6 +8,8 @@ other; only this module knows them all.
 from __future__ import annotations
 
 import os
+import urllib.parse
+import urllib.request
 
 from .errors import GGUFLabError
 from .remote import HTTPSource, is_url
@@ -29,9 +31,19 @@ def open_source(where: "str | os.PathLike | ByteSource", **remote) -> ByteSource
     if remote:
         given = " and ".join(f"{k}=" for k in remote)
         raise GGUFLabError(f"{where}: {given} {'are' if len(remote) > 1 else 'is'} for URLs, not local files")
-    if isinstance(where, str) and where.startswith("file://"):
-        where = where[len("file://"):]
+    if isinstance(where, str) and where[:7].lower() == "file://":
+        where = file_url_path(where)
     return LocalFile(where)
+
+
+def file_url_path(url: str) -> str:
+    """The local path of a ``file://`` URL (RFC 8089): ``file:///p`` or ``file://localhost/p``,
+    percent-escapes decoded (``%20`` a space); another host is an error, as it is no local file."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc.lower() not in ("", "localhost"):
+        raise GGUFLabError(f"{url}: a file:// URL here names a file on this machine (file:///PATH or "
+                           f"file://localhost/PATH), not one on {parts.netloc!r}")
+    return urllib.request.url2pathname(parts.path)
 
 
 def open_remote(url: str, *, cache=None, token=None) -> ByteSource:

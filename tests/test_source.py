@@ -545,3 +545,18 @@ def test_preadv_survives_a_truncation_at_any_moment(small_model, tmp_path, mode)
                 assert len(r) == len(m.tensors)
             th.join()
     assert not _lab_threads()
+
+
+def test_file_urls_are_decoded(small_model, tmp_path):
+    """file:// URLs as RFC 8089 writes them: percent-escapes decoded, ``localhost`` allowed; another
+    host is refused by name (it was read as a relative path)."""
+    import pathlib
+    import urllib.parse
+
+    p = tmp_path / "sp ace \u00fc.gguf"
+    shutil.copy(small_model, p)
+    for url in (pathlib.Path(p).as_uri(), "file://localhost" + urllib.parse.quote(str(p))):
+        with open_model(url) as m:
+            assert m.path == str(p) and len(m.tensors) > 0, url
+    with pytest.raises(GGUFLabError, match="'otherhost'"):
+        open_model("file://otherhost" + urllib.parse.quote(str(p)))
