@@ -167,9 +167,14 @@ class Profile:
         return pd.DataFrame(rows, columns=["lane", "spans", "busy_us", "utilisation"])
 
     def overlap(self) -> float:
-        """Share of the wall time in which two or more different stages run at once."""
+        """Share of the wall time in which two or more different stages that move bytes (read,
+        copy, dequantize: see ``moving``) run at once. The setup work is left out: a load that
+        reads, then copies, then dequantizes, one after another, overlaps 0 however long its
+        setup spans run beside them."""
+        df = self.df
+        moved = set(moving(self.stage_summary())["stage"])
         edges = []
-        for r in self.df[["stage", "start_us", "end_us"]].itertuples(index=False):
+        for r in df.loc[df["stage"].isin(moved), ["stage", "start_us", "end_us"]].itertuples(index=False):
             edges.append((r.start_us, 1, r.stage))
             edges.append((r.end_us, -1, r.stage))
         edges.sort(key=lambda e: (e[0], e[1]))

@@ -249,3 +249,15 @@ def test_setup_stages_have_no_bandwidth_and_bound_nothing():
     assert sorted(t.get_text() for t in fig.axes[0].get_xticklabels()) == ["h2d", "read"]
     only_setup = Profile.from_spans(spans[2:], 0, 0.006, meta={"backend": "host"})
     assert only_setup.bound_by() == "pin staging"  # nothing moved bytes: the longest stage still
+
+
+def test_overlap_counts_only_the_stages_that_move_bytes():
+    """Setup spans beside a read, a copy and a dequantization that never run at once: no overlap."""
+    ms = 1_000_000
+    spans = [Span("reader 0", "read", 0, "a", 100, 0, 2 * ms), Span("stream 0", "h2d", 0, "a", 100, 2 * ms, 3 * ms),
+             Span("stream 0", "dequant", 0, "a", 100, 3 * ms, 4 * ms),
+             Span("setup", "pin staging", -1, "", 0, 0, 4 * ms), Span("setup", "queue first copy", 0, "a", 0, ms, 3 * ms)]
+    p = Profile.from_spans(spans, 0, 0.004, meta={"backend": "host"})
+    assert p.overlap() == 0.0 and p.summary()["overlap"] == 0.0
+    piped = Profile.from_spans([*spans, Span("reader 1", "read", 1, "b", 100, 2 * ms, 3 * ms)], 0, 0.004)
+    assert piped.overlap() == pytest.approx(0.25)  # reader 1's read beside chunk 0's copy: 1 of 4 ms

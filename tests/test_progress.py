@@ -231,3 +231,13 @@ def test_a_bar_given_to_load_is_the_callers_to_close(small_model):
     assert not bar._stop.is_set() and bar._state[0] == bar._state[1] > 0
     bar.close()
     assert bar._stop.is_set()
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_setup_spans_do_not_nest(small_model, mode):
+    """Each setup span is time of its own: summed, none is counted twice (the first chunk's output
+    allocation is not also inside "queue first copy"), and the timeline draws none over another."""
+    r = load(small_model, backend="host", mode=mode, chunk_mb=0.5)
+    setup = r.profile.df[r.profile.df["lane"] == "setup"].sort_values("start_us")
+    assert {"allocate outputs", "queue first copy"} <= set(setup["stage"])
+    assert (setup["start_us"].to_numpy()[1:] >= setup["end_us"].to_numpy()[:-1]).all(), setup
