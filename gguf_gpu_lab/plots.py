@@ -9,7 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .profiler import merge_spans, moving  # noqa: F401  (merge_spans is also part of this module's API)
+from .profiler import copied, merge_spans, moving  # noqa: F401  (merge_spans is also part of this module's API)
 
 STAGE_COLORS = {"read": "#4C72B0", "cpu_dequant": "#8172B2", "h2d": "#DD8452", "dequant": "#55A868",
                 "d2d": "#C44E52", "pin staging": "#937860", "allocate outputs": "#8C8C8C", "kernels": "#CCB974",
@@ -50,14 +50,15 @@ def _axes(ax, figsize):
 
 
 def _lane_order(lanes) -> list[str]:
-    """Host threads, then the device lanes grouped by device (``gpuD/...``, in device order),
-    then the setup lane."""
+    """Host threads, then the device lanes grouped by device (``gpuD/...``, in device order, a
+    sequential load's ``gpuD/main`` first), then the setup lane."""
     from .profiler import lane_device
 
     def key(name: str):
         kind, _, num = name.rpartition("/")[2].partition(" ")
         rank = {"reader": 0, "main": 1, "lane": 2, "stream": 3, "copy": 4, "kernels": 5, "setup": 7}.get(kind, 6)
-        group = 0 if rank <= 1 else 2 if rank >= 6 else 1  # host threads, device lanes, the rest
+        # host threads, device lanes, the rest
+        group = 1 if lane_device(name, -1) >= 0 else 0 if rank <= 1 else 2 if rank >= 6 else 1
         return (group, lane_device(name, 0) if group == 1 else 0, rank, int(num) if num.isdigit() else 0, name)
 
     return sorted(set(lanes), key=key)
@@ -118,8 +119,11 @@ def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None
 
 
 def throughput(profile, ax=None, *, bins: int = 60, stages=("read", "h2d", "dequant", "cpu_dequant")):
-    """GB/s over time per stage: each span's bytes spread evenly over its duration, in bins."""
+    """GB/s over time per stage: each span's bytes spread evenly over its duration, in bins. The
+    bytes are what each stage moved: in cpu and sequential mode the copies (``h2d``) move the
+    dequantized output, not file bytes, and their line says so."""
     df = profile.df
+    out = copied(profile.meta.get("mode")) == "output"
     fig, ax = _axes(ax, (9, 3.2))
     t_end = max(profile.wall_s * 1e6, float(df["end_us"].max()) if len(df) else 1.0)
     edges = np.linspace(0.0, t_end, bins + 1)
@@ -136,17 +140,20 @@ def throughput(profile, ax=None, *, bins: int = 60, stages=("read", "h2d", "dequ
                 overlap = min(e, edges[k + 1]) - max(s, edges[k])
                 if overlap > 0:
                     acc[k] += b * overlap / dur
-        ax.plot((edges[:-1] + width / 2) / 1e3, acc / width / 1e3, label=stage, color=STAGE_COLORS.get(stage))
+        label = "h2d (output bytes)" if out and stage == "h2d" else stage
+        ax.plot((edges[:-1] + width / 2) / 1e3, acc / width / 1e3, label=label, color=STAGE_COLORS.get(stage))
     ax.set_xlabel("ms since the start of the load")
     ax.set_ylabel("GB/s")
     ax.set_title("throughput over time")
-    ax.legend(fontsize="small")
+    if ax.lines:  # a profile without spans draws no line to name
+        ax.legend(fontsize="small")
     return fig
 
 
 def stage_bandwidth(profile, peaks: Mapping[str, float] | None = None, ax=None):
     """GB/s per stage while busy, beside the measured peaks (dashed) where given: the stages that
-    move bytes (the setup work has no bandwidth)."""
+    move bytes (the setup work has no bandwidth); in cpu and sequential mode the copies' bar is
+    of the dequantized output they moved, and labelled so."""
     st = moving(profile.stage_summary())
     fig, ax = _axes(ax, (6, 3.2))
     x = np.arange(len(st))
@@ -156,8 +163,9 @@ def stage_bandwidth(profile, peaks: Mapping[str, float] | None = None, ax=None):
             ax.hlines(peaks[s], i - 0.4, i + 0.4, colors="black", linestyles="dashed")
             ax.annotate(f"peak {peaks[s]:.0f}", (i, peaks[s]), textcoords="offset points", xytext=(0, 3),
                         ha="center", fontsize="small")
-    ax.set_xticks(x, st["stage"])
-    ax.set_ylabel("GB/s while busy")  # of the bytes each stage moved: file bytes, or values copied in cpu mode
+    out = copied(profile.meta.get("mode")) == "output"
+    ax.set_xticks(x, ["h2d\n(output bytes)" if out and s == "h2d" else s for s in st["stage"]])
+    ax.set_ylabel("GB/s while busy")
     ax.set_title("bandwidth per stage")
     return fig
 
