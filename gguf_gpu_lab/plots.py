@@ -1,5 +1,6 @@
 """Matplotlib figures of a load and of a model. Each function returns the Figure and accepts
-``ax=`` to draw into an existing axes. Pyplot lets go of each figure as soon as it is made, so a
+``ax=`` to draw into an existing axes (``timeline`` gives a figure without a layout engine the
+constrained layout, which keeps its legend under the axes inside the figure). Pyplot lets go of each figure as soon as it is made, so a
 notebook shows a returned figure once and no figure is left open."""
 
 from __future__ import annotations
@@ -65,12 +66,15 @@ def _lane_order(lanes) -> list[str]:
 
 
 def _device_groups(ax, lanes: list[str]) -> None:
-    """In a load over several devices, a line between the devices' groups of lanes."""
+    """In a load over several devices, a line between the devices' groups of lanes and the host's
+    (the reader threads above them, the setup lane below)."""
     from .profiler import lane_device
 
-    devs = [lane_device(lane, -1) for lane in lanes]
+    devs = [lane_device(lane, -1) for lane in lanes]  # -1: host work, and every lane of one device
+    if max(devs, default=-1) < 0:
+        return
     for y in range(1, len(lanes)):
-        if devs[y] != devs[y - 1] and devs[y] >= 0 and "/" in lanes[y]:
+        if devs[y] != devs[y - 1]:
             ax.axhline(y - 0.5, color="#777777", linewidth=0.8, linestyle=":")
 
 
@@ -78,10 +82,14 @@ def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None
     """Per-lane timeline (reader threads, then streams, or with ``profile="cupti"`` the copy
     engine and the kernels, then the first load's setup), one bar per span, coloured by stage;
     the caption says what a device bar means. A load over several devices groups the streams
-    by device (``gpu0/stream 0``...), a dotted line between devices."""
+    by device (``gpu0/stream 0``...), a dotted line between devices. The legend sits under the
+    axes; given an ``ax`` in a figure without a layout engine, the figure gets the constrained
+    layout, so the legend and the axis label are not cut off."""
     df = profile.df
     lanes = _lane_order(df["lane"])
     fig, ax = _axes(ax, (11, 0.45 * len(lanes) + 1.4))
+    if fig.get_layout_engine() is None:  # a plain plt.subplots(): no room kept under the axes
+        fig.set_layout_engine("constrained")
     t_end_ms = max(profile.wall_s * 1e3, float(df["end_us"].max()) / 1e3 if len(df) else 0.0, 1e-3)
     min_gap = t_end_ms / width_px  # one pixel, in ms
     for y, lane in enumerate(lanes):
@@ -105,16 +113,22 @@ def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None
     setup_only = set(df.loc[df["lane"] == "setup", "stage"]) - set(df.loc[df["lane"] != "setup", "stage"])
     meta = profile.meta
     note = DEVICE_TIMING_NOTE.get(meta.get("device_timing", "")) if meta.get("backend") != "host" else None
-    # under the axes, in rows of at most LEGEND_COLUMNS, with what a device bar means as its title:
-    # the bars keep the figure's whole width
-    leg = ax.legend(handles=[Patch(color=STAGE_COLORS[s], label=f"setup: {s}" if s in setup_only else s) for s in present],
-                    loc="upper left", bbox_to_anchor=(0, 0), ncols=min(len(present), LEGEND_COLUMNS), fontsize="small",
-                    frameon=False, bbox_transform=offset_copy(ax.transAxes, fig=fig, y=-34, units="points"),
-                    title=note, title_fontsize="x-small", alignment="left")
+    # under the axes, in rows of at most LEGEND_COLUMNS and no wider than the axes (in a narrow one
+    # a wider legend leaves the layout no room), with what a device bar means as its title: the bars
+    # keep the figure's whole width
+    handles = [Patch(color=STAGE_COLORS[s], label=f"setup: {s}" if s in setup_only else s) for s in present]
+    renderer = getattr(fig.canvas, "get_renderer", lambda: None)()
+    for ncols in range(min(len(present), LEGEND_COLUMNS), 0, -1):
+        leg = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, 0), ncols=ncols, fontsize="small",
+                        frameon=False, bbox_transform=offset_copy(ax.transAxes, fig=fig, y=-34, units="points"),
+                        title=note, title_fontsize="x-small", alignment="left")
+        if renderer is None or leg.get_window_extent(renderer).width <= ax.get_window_extent(renderer).width:
+            break
     if note:
         leg.get_title().set_color("#555555")
-    ax.set_title(title or f"{meta.get('mode', '')} load on {meta.get('backend', '')}: "
-                 f"{len(df)} spans, {profile.wall_s * 1e3:.1f} ms")
+    what = f"{meta['mode']} load" if meta.get("mode") else "load"  # a profile read back from CSV has no meta
+    where = f" on {meta['backend']}" if meta.get("backend") else ""
+    ax.set_title(title or f"{what}{where}: {len(df)} spans, {profile.wall_s * 1e3:.1f} ms")
     return fig
 
 

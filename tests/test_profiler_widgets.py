@@ -321,3 +321,26 @@ def test_throughput_of_an_empty_profile_warns_nothing():
         warnings.simplefilter("error")
         fig = plots.throughput(Profile.from_spans([], 0, 0.0))
     assert fig.axes[0].get_legend() is None
+
+
+def test_timeline_in_a_plain_figure_keeps_its_legend_inside():
+    """Drawn into one axes of plt.subplots(1, 2) (no layout engine), the legend under the axes and
+    the x label stay inside the figure; a profile read back without its meta has a title without
+    empty fields; a line between every device's lanes and the host's."""
+    import matplotlib.pyplot as plt
+
+    ms = 1_000_000
+    spans = [Span("reader 0", "read", 0, "a", 10, 0, 2 * ms), Span("gpu0/stream 0", "h2d", 0, "a", 10, 2 * ms, 3 * ms),
+             Span("gpu1/stream 0", "dequant", 1, "b", 10, 3 * ms, 4 * ms), Span("setup", "pin staging", -1, "", 0, 0, ms),
+             Span("setup", "plan", -1, "", 0, ms, 2 * ms), Span("setup", "allocate outputs", -1, "", 0, 2 * ms, 3 * ms)]
+    fig, (ax, _) = plt.subplots(1, 2)
+    plots.timeline(Profile.from_spans(spans, 0, 0.004), ax=ax)
+    fig.canvas.draw()
+    inside = fig.bbox
+    for artist in (ax.get_legend(), ax.xaxis.label):
+        box = artist.get_window_extent()
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, artist
+    assert ax.get_title() == "load: 6 spans, 4.0 ms"
+    assert sorted(line.get_ydata()[0] for line in ax.lines) == [0.5, 1.5, 2.5]  # reader | gpu0 | gpu1 | setup
+    plt.close(fig)
+
