@@ -344,3 +344,46 @@ def test_timeline_in_a_plain_figure_keeps_its_legend_inside():
     assert sorted(line.get_ydata()[0] for line in ax.lines) == [0.5, 1.5, 2.5]  # reader | gpu0 | gpu1 | setup
     plt.close(fig)
 
+
+def test_model_explorer_with_values_that_are_not_finite(tmp_path):
+    """A tensor holding inf and NaN: statistics and histogram of its finite values, the count of
+    the others; the heatmap's colours centred on zero; a 1-D tensor's slice named for what it is."""
+    pytest.importorskip("ipywidgets")
+    from gguf_gpu_lab.widgets import ModelExplorer
+
+    from .gguf_bytes import GGUFBytes, Tensor
+
+    values = np.linspace(0.001, 2.0, 200, dtype=np.float32)
+    values[3], values[7] = np.inf, np.nan
+    path = GGUFBytes(tensors=[Tensor("odd.weight", (200,), 0, values.tobytes())]).write(tmp_path / "odd.gguf")
+    ex = ModelExplorer(str(path))  # the first tensor is shown at once
+    assert "min 0.001 · max 2 ·" in ex.stats.value and "1 inf, 1 NaN" in ex.stats.value
+    hist, heat = ex.pane.fig.axes[:2]
+    assert sum(p.get_height() for p in hist.patches) == 198
+    (im,) = heat.images
+    assert im.norm.vmin == -im.norm.vmax < 0  # white at zero
+    assert heat.get_title() == "first 192 values, in rows of 64"
+    assert ex.pane.widget.value[:4] == PNG
+
+
+def test_load_lab_says_when_a_run_fails(small_model, tmp_path):
+    pytest.importorskip("ipywidgets")
+    import shutil
+
+    from gguf_gpu_lab import GGUFLabError
+    from gguf_gpu_lab.widgets import LoadLab
+
+    with pytest.raises(GGUFLabError, match="does-not-exist"):
+        LoadLab(str(tmp_path / "does-not-exist.gguf"), backend="host")
+    path = shutil.copy(small_model, tmp_path / "m.gguf")
+    lab = LoadLab(str(path), backend="host")
+    r = lab.on_run()
+    done = r.file_bytes / 1e6
+    assert lab.status.value.startswith(f"{done:.1f} / {done:.1f} MB · ")  # decimal units, as the summaries
+    with open(path, "r+b") as f:  # the file changes between runs
+        f.truncate(path.stat().st_size // 2)
+    for click in (lab.on_run, lambda: lab.on_sweep(streams=(1,), chunks=(1.0,))):
+        with pytest.raises(GGUFLabError):
+            click()
+        assert "failed: " in lab.status.value and "m.gguf" in lab.status.value
+    assert len(lab.runs) == 1
