@@ -235,8 +235,9 @@ def test_a_bar_given_to_load_is_the_callers_to_close(small_model):
 
 @pytest.mark.parametrize("mode", ["gpu", "cpu"])
 def test_setup_spans_do_not_nest(small_model, mode):
-    """Each setup span is time of its own: summed, none is counted twice (the first chunk's output
-    allocation is not also inside "queue first copy"), and the timeline draws none over another."""
+    """On the host backend each setup span is time of its own: the first chunk's output allocation
+    is not also inside "queue first copy", so a sum of setup time counts it once, and the timeline
+    draws neither over the other."""
     r = load(small_model, backend="host", mode=mode, chunk_mb=0.5)
     setup = r.profile.df[r.profile.df["lane"] == "setup"].sort_values("start_us")
     assert {"allocate outputs", "queue first copy"} <= set(setup["stage"])
