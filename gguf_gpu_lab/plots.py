@@ -1,5 +1,6 @@
 """Matplotlib figures of a load and of a model. Each function returns the Figure and accepts
-``ax=`` to draw into an existing axes. Pyplot lets go of each figure as soon as it is made, so a
+``ax=`` to draw into an existing axes (``timeline`` gives a figure without a layout engine the
+constrained layout, which keeps its legend under the axes inside the figure). Pyplot lets go of each figure as soon as it is made, so a
 notebook shows a returned figure once and no figure is left open."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .profiler import merge_spans, moving  # noqa: F401  (merge_spans is also part of this module's API)
+from .profiler import copied, merge_spans, moving  # noqa: F401  (merge_spans is also part of this module's API)
 
 STAGE_COLORS = {"read": "#4C72B0", "cpu_dequant": "#8172B2", "h2d": "#DD8452", "dequant": "#55A868",
                 "d2d": "#C44E52", "pin staging": "#937860", "allocate outputs": "#8C8C8C", "kernels": "#CCB974",
@@ -50,26 +51,30 @@ def _axes(ax, figsize):
 
 
 def _lane_order(lanes) -> list[str]:
-    """Host threads, then the device lanes grouped by device (``gpuD/...``, in device order),
-    then the setup lane."""
+    """Host threads, then the device lanes grouped by device (``gpuD/...``, in device order, a
+    sequential load's ``gpuD/main`` first), then the setup lane."""
     from .profiler import lane_device
 
     def key(name: str):
         kind, _, num = name.rpartition("/")[2].partition(" ")
         rank = {"reader": 0, "main": 1, "lane": 2, "stream": 3, "copy": 4, "kernels": 5, "setup": 7}.get(kind, 6)
-        group = 0 if rank <= 1 else 2 if rank >= 6 else 1  # host threads, device lanes, the rest
+        # host threads, device lanes, the rest
+        group = 1 if lane_device(name, -1) >= 0 else 0 if rank <= 1 else 2 if rank >= 6 else 1
         return (group, lane_device(name, 0) if group == 1 else 0, rank, int(num) if num.isdigit() else 0, name)
 
     return sorted(set(lanes), key=key)
 
 
 def _device_groups(ax, lanes: list[str]) -> None:
-    """In a load over several devices, a line between the devices' groups of lanes."""
+    """In a load over several devices, a line between the devices' groups of lanes and the host's
+    (the reader threads above them, the setup lane below)."""
     from .profiler import lane_device
 
-    devs = [lane_device(lane, -1) for lane in lanes]
+    devs = [lane_device(lane, -1) for lane in lanes]  # -1: host work, and every lane of one device
+    if max(devs, default=-1) < 0:
+        return
     for y in range(1, len(lanes)):
-        if devs[y] != devs[y - 1] and devs[y] >= 0 and "/" in lanes[y]:
+        if devs[y] != devs[y - 1]:
             ax.axhline(y - 0.5, color="#777777", linewidth=0.8, linestyle=":")
 
 
@@ -77,10 +82,14 @@ def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None
     """Per-lane timeline (reader threads, then streams, or with ``profile="cupti"`` the copy
     engine and the kernels, then the first load's setup), one bar per span, coloured by stage;
     the caption says what a device bar means. A load over several devices groups the streams
-    by device (``gpu0/stream 0``...), a dotted line between devices."""
+    by device (``gpu0/stream 0``...), a dotted line between devices. The legend sits under the
+    axes; given an ``ax`` in a figure without a layout engine, the figure gets the constrained
+    layout, so the legend and the axis label are not cut off."""
     df = profile.df
     lanes = _lane_order(df["lane"])
     fig, ax = _axes(ax, (11, 0.45 * len(lanes) + 1.4))
+    if fig.get_layout_engine() is None:  # a plain plt.subplots(): no room kept under the axes
+        fig.set_layout_engine("constrained")
     t_end_ms = max(profile.wall_s * 1e3, float(df["end_us"].max()) / 1e3 if len(df) else 0.0, 1e-3)
     min_gap = t_end_ms / width_px  # one pixel, in ms
     for y, lane in enumerate(lanes):
@@ -104,22 +113,31 @@ def timeline(profile, ax=None, *, width_px: int = 1200, title: str | None = None
     setup_only = set(df.loc[df["lane"] == "setup", "stage"]) - set(df.loc[df["lane"] != "setup", "stage"])
     meta = profile.meta
     note = DEVICE_TIMING_NOTE.get(meta.get("device_timing", "")) if meta.get("backend") != "host" else None
-    # under the axes, in rows of at most LEGEND_COLUMNS, with what a device bar means as its title:
-    # the bars keep the figure's whole width
-    leg = ax.legend(handles=[Patch(color=STAGE_COLORS[s], label=f"setup: {s}" if s in setup_only else s) for s in present],
-                    loc="upper left", bbox_to_anchor=(0, 0), ncols=min(len(present), LEGEND_COLUMNS), fontsize="small",
-                    frameon=False, bbox_transform=offset_copy(ax.transAxes, fig=fig, y=-34, units="points"),
-                    title=note, title_fontsize="x-small", alignment="left")
+    # under the axes, in rows of at most LEGEND_COLUMNS and no wider than the axes (in a narrow one
+    # a wider legend leaves the layout no room), with what a device bar means as its title: the bars
+    # keep the figure's whole width
+    handles = [Patch(color=STAGE_COLORS[s], label=f"setup: {s}" if s in setup_only else s) for s in present]
+    renderer = getattr(fig.canvas, "get_renderer", lambda: None)()
+    for ncols in range(min(len(present), LEGEND_COLUMNS), 0, -1):
+        leg = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, 0), ncols=ncols, fontsize="small",
+                        frameon=False, bbox_transform=offset_copy(ax.transAxes, fig=fig, y=-34, units="points"),
+                        title=note, title_fontsize="x-small", alignment="left")
+        if renderer is None or leg.get_window_extent(renderer).width <= ax.get_window_extent(renderer).width:
+            break
     if note:
         leg.get_title().set_color("#555555")
-    ax.set_title(title or f"{meta.get('mode', '')} load on {meta.get('backend', '')}: "
-                 f"{len(df)} spans, {profile.wall_s * 1e3:.1f} ms")
+    what = f"{meta['mode']} load" if meta.get("mode") else "load"  # a profile read back from CSV has no meta
+    where = f" on {meta['backend']}" if meta.get("backend") else ""
+    ax.set_title(title or f"{what}{where}: {len(df)} spans, {profile.wall_s * 1e3:.1f} ms")
     return fig
 
 
 def throughput(profile, ax=None, *, bins: int = 60, stages=("read", "h2d", "dequant", "cpu_dequant")):
-    """GB/s over time per stage: each span's bytes spread evenly over its duration, in bins."""
+    """GB/s over time per stage: each span's bytes spread evenly over its duration, in bins. The
+    bytes are what each stage moved: in cpu and sequential mode the copies (``h2d``) move the
+    dequantized output, not file bytes, and their line says so."""
     df = profile.df
+    out = copied(profile.meta.get("mode")) == "output"
     fig, ax = _axes(ax, (9, 3.2))
     t_end = max(profile.wall_s * 1e6, float(df["end_us"].max()) if len(df) else 1.0)
     edges = np.linspace(0.0, t_end, bins + 1)
@@ -136,17 +154,20 @@ def throughput(profile, ax=None, *, bins: int = 60, stages=("read", "h2d", "dequ
                 overlap = min(e, edges[k + 1]) - max(s, edges[k])
                 if overlap > 0:
                     acc[k] += b * overlap / dur
-        ax.plot((edges[:-1] + width / 2) / 1e3, acc / width / 1e3, label=stage, color=STAGE_COLORS.get(stage))
+        label = "h2d (output bytes)" if out and stage == "h2d" else stage
+        ax.plot((edges[:-1] + width / 2) / 1e3, acc / width / 1e3, label=label, color=STAGE_COLORS.get(stage))
     ax.set_xlabel("ms since the start of the load")
     ax.set_ylabel("GB/s")
     ax.set_title("throughput over time")
-    ax.legend(fontsize="small")
+    if ax.lines:  # a profile without spans draws no line to name
+        ax.legend(fontsize="small")
     return fig
 
 
 def stage_bandwidth(profile, peaks: Mapping[str, float] | None = None, ax=None):
     """GB/s per stage while busy, beside the measured peaks (dashed) where given: the stages that
-    move bytes (the setup work has no bandwidth)."""
+    move bytes (the setup work has no bandwidth); in cpu and sequential mode the copies' bar is
+    of the dequantized output they moved, and labelled so."""
     st = moving(profile.stage_summary())
     fig, ax = _axes(ax, (6, 3.2))
     x = np.arange(len(st))
@@ -156,8 +177,9 @@ def stage_bandwidth(profile, peaks: Mapping[str, float] | None = None, ax=None):
             ax.hlines(peaks[s], i - 0.4, i + 0.4, colors="black", linestyles="dashed")
             ax.annotate(f"peak {peaks[s]:.0f}", (i, peaks[s]), textcoords="offset points", xytext=(0, 3),
                         ha="center", fontsize="small")
-    ax.set_xticks(x, st["stage"])
-    ax.set_ylabel("GB/s while busy")  # of the bytes each stage moved: file bytes, or values copied in cpu mode
+    out = copied(profile.meta.get("mode")) == "output"
+    ax.set_xticks(x, ["h2d\n(output bytes)" if out and s == "h2d" else s for s in st["stage"]])
+    ax.set_ylabel("GB/s while busy")
     ax.set_title("bandwidth per stage")
     return fig
 

@@ -4,13 +4,13 @@ Columns of ``Profile.df`` (units in the names):
 
 | column | meaning |
 | --- | --- |
-| ``lane`` | where the span ran: ``reader N`` (a host thread), ``stream N`` (a GPU stream), ``lane N`` (a host-backend lane), ``main``; in a load over several devices ``gpuD/stream N`` (``gpuD/lane N`` on the host backend) |
-| ``stage`` | ``read``, ``cpu_dequant``, ``h2d``, ``dequant`` |
-| ``chunk`` | the chunk's index in the plan (for ``sequential``, the tensor's) |
-| ``tensor`` | the first tensor of the chunk |
-| ``bytes`` | file bytes of the chunk |
+| ``lane`` | where the span ran: ``reader N`` (a host thread), ``stream N`` (a GPU stream), ``lane N`` (a host-backend lane), ``main`` (a ``sequential`` load's one thread), ``setup`` (a pipelined load's host work that is not a read, copy or kernel), and with ``profile="cupti"`` ``copy engine`` and ``kernels`` in place of the streams; in a load over several devices ``gpuD/stream N`` (``gpuD/lane N`` on the host backend, ``gpuD/main`` for a ``sequential`` load's copies) |
+| ``stage`` | what ran: ``read``, ``cpu_dequant``, ``h2d``, ``dequant`` (``STAGES``), ``d2d`` (CUPTI: a device-to-device copy), or on the ``setup`` lane ``plan``, ``pin staging``, ``lanes and scratch``, ``allocate outputs``, ``kernels``, ``wait for kernels``, ``queue first copy``, ``progress callback``, ``device clock``, ``wait for warm-up`` |
+| ``chunk`` | the chunk's index in the plan (for ``sequential``, the tensor's); -1 for setup work of no chunk |
+| ``tensor`` | the first tensor of the chunk; ``""`` for setup work of no chunk |
+| ``bytes`` | the bytes the span moved: file bytes for ``read``, ``cpu_dequant``, ``dequant`` and ``d2d``; for ``h2d`` the bytes copied, which are file bytes in ``gpu`` and ``raw`` mode and the dequantized output in ``cpu`` and ``sequential`` mode (``copied``); 0 for setup work |
 | ``start_us``, ``end_us``, ``dur_us`` | microseconds from the start of the load |
-| ``device`` | the device a device span ran on; -1 for host work (reads, setup) |
+| ``device`` | the device a device span ran on (a ``sequential`` load's copy: the device it copied to); -1 for host work (reads, setup) |
 
 Device spans come from CUDA/HIP events put on the host clock through a reference event; host
 spans from ``time.perf_counter_ns``. The loader keeps the events and reads their times when the
@@ -41,6 +41,27 @@ def lane_device(lane: str, default: int = 0) -> int:
     if sep and head.startswith("gpu") and head[3:].isdigit():
         return int(head[3:])
     return default if lane.startswith(DEVICE_LANES) else -1
+
+
+def span_device(lane: str, stage: str, default: int = 0) -> int:
+    """The device a span's work went to: its lane's (``lane_device``), and for a copy made by a
+    host thread (a ``sequential`` load's ``main``) the load's one device.
+
+    Example:
+        >>> span_device("main", "cpu_dequant"), span_device("main", "h2d", default=2)
+        (-1, 2)
+    """
+    d = lane_device(lane, default)
+    return default if d < 0 and stage == "h2d" else d
+
+
+def copied(mode: str | None) -> str | None:
+    """What an ``h2d`` span's bytes are in a load of this mode: ``"file"`` bytes where the device
+    gets the quantized blocks (gpu, raw), ``"output"`` bytes where the CPU dequantized them first
+    (cpu, sequential); None for a mode not known (a profile read back without its meta)."""
+    return {"gpu": "file", "raw": "file", "cpu": "output", "sequential": "output"}.get(mode or "")
+
+
 STAGES = ("read", "cpu_dequant", "h2d", "dequant")
 
 
@@ -91,8 +112,12 @@ class Profile:
 
     @classmethod
     def from_df(cls, df, wall_s: float | None = None, meta: dict | None = None) -> "Profile":
-        """A profile back from its DataFrame (for instance one read from CSV or Parquet)."""
-        spans = [Span(r.lane, r.stage, int(r.chunk), r.tensor, int(r.bytes), int(r.start_us * 1e3), int(r.end_us * 1e3))
+        """A profile back from its DataFrame (for instance one read from CSV or Parquet, where an
+        empty ``tensor`` comes back as NaN: it is ``""`` again). A file keeps the spans only: pass
+        ``meta`` (``profile.meta``: mode, backend, devices...) for what the summaries and plots
+        say beside them; ``wall_s`` defaults to the last span's end."""
+        spans = [Span(r.lane, r.stage, int(r.chunk), r.tensor if isinstance(r.tensor, str) else "", int(r.bytes),
+                      int(r.start_us * 1e3), int(r.end_us * 1e3))
                  for r in df.itertuples(index=False)]
         wall = wall_s if wall_s is not None else (float(df["end_us"].max()) / 1e6 if len(df) else 0.0)
         return cls.from_spans(spans, 0, wall, meta)
@@ -114,7 +139,7 @@ class Profile:
                 "start_us": [(s.start_ns - o) / 1e3 for s in spans],
                 "end_us": [(s.end_ns - o) / 1e3 for s in spans],
                 "dur_us": [(s.end_ns - s.start_ns) / 1e3 for s in spans],
-                "device": [lane_device(s.lane, default) for s in spans],
+                "device": [span_device(s.lane, s.stage, default) for s in spans],
             }, columns=list(COLUMNS))
         return self._df
 
@@ -124,8 +149,10 @@ class Profile:
 
     # -- summaries --------------------------------------------------------------------------
     def stage_summary(self, by_device: bool = False):
-        """Per stage: spans, bytes, busy time (union over lanes) and GB/s of file bytes while busy
-        (NaN for a stage that moves no bytes: the setup work, see ``moving``); ``by_device``: per
+        """Per stage: spans, bytes, busy time (union over lanes) and GB/s of those bytes while busy
+        (NaN for a stage that moves no bytes: the setup work, see ``moving``). The bytes are what
+        each stage moved (the ``bytes`` column): file bytes, but for ``h2d`` in cpu and sequential
+        mode the dequantized output it copied (``copied``). ``by_device``: per
         device and stage (device -1: host work such as reads), so a load over
         several devices shows each device's copy and dequantization bandwidth."""
         import pandas as pd
@@ -140,8 +167,9 @@ class Profile:
         return pd.DataFrame(rows, columns=[*keys, "spans", "bytes", "busy_us", "gb_s"])
 
     def device_summary(self):
-        """Per device: the file bytes copied to it, the time its copies were busy (union over its
-        lanes) and their GB/s, and the GB/s it received over the whole load's wall time."""
+        """Per device: the bytes copied to it (file bytes in gpu and raw mode, the dequantized
+        output in cpu and sequential mode: ``copied``), the time its copies were busy (union over
+        its lanes) and their GB/s, and the GB/s it received over the whole load's wall time."""
         import pandas as pd
 
         df = self.df
@@ -167,9 +195,14 @@ class Profile:
         return pd.DataFrame(rows, columns=["lane", "spans", "busy_us", "utilisation"])
 
     def overlap(self) -> float:
-        """Share of the wall time in which two or more different stages run at once."""
+        """Share of the wall time in which two or more different stages that move bytes (read,
+        copy, dequantize: see ``moving``) run at once. The setup work is left out: a load that
+        reads, then copies, then dequantizes, one after another, overlaps 0 however long its
+        setup spans run beside them."""
+        df = self.df
+        moved = set(moving(self.stage_summary())["stage"])
         edges = []
-        for r in self.df[["stage", "start_us", "end_us"]].itertuples(index=False):
+        for r in df.loc[df["stage"].isin(moved), ["stage", "start_us", "end_us"]].itertuples(index=False):
             edges.append((r.start_us, 1, r.stage))
             edges.append((r.end_us, -1, r.stage))
         edges.sort(key=lambda e: (e[0], e[1]))
@@ -219,16 +252,17 @@ class Profile:
     # -- export -----------------------------------------------------------------------------
     def chrome_trace(self) -> dict:
         """The spans as a Chrome trace (opens in Perfetto and chrome://tracing): process 0 is the
-        host, process 1 the device (in a load over several devices, process 1 + D is device D);
-        one thread per lane, named by metadata events."""
+        host, process 1 the device (in a load over several devices, process 1 + D is device D),
+        declared where it has a lane; one thread per lane, named by metadata events. A lane is a
+        device's where ``lane_device`` says so: streams, host-backend lanes, CUPTI's ``copy
+        engine`` and ``kernels``."""
         df = self.df
         lanes = sorted(set(df["lane"]))
-        gpu_lanes = lambda lane: lane.startswith("stream") or lane_device(lane, -1) >= 0  # noqa: E731
-        several = any(lane.startswith("gpu") and "/" in lane for lane in lanes)
-        pid = {lane: (1 + lane_device(lane, 0) if several else 1) if gpu_lanes(lane) else 0 for lane in lanes}
+        several = any(lane_device(lane, -1) >= 0 for lane in lanes)  # a gpuD/ prefix
+        pid = {lane: (1 + lane_device(lane, 0) if several else 1) if lane_device(lane, 0) >= 0 else 0 for lane in lanes}
         tid = {lane: i for i, lane in enumerate(lanes)}
         events: list[dict] = [{"ph": "M", "name": "process_name", "pid": 0, "tid": 0, "args": {"name": "host"}}]
-        for p in sorted(set(pid.values()) - {0}) or [1]:
+        for p in sorted(set(pid.values()) - {0}):
             events.append({"ph": "M", "name": "process_name", "pid": p, "tid": 0,
                            "args": {"name": f"gpu{p - 1}" if several else "device"}})
         for lane in lanes:
@@ -295,7 +329,10 @@ def union_us(starts: list[float], ends: list[float]) -> float:
 
 def compare(runs: Mapping[str, Any]):
     """A table with one row per run (``LoadResult`` or ``Profile``, keyed by a label): wall
-    time, GB/s, overlap, the bounding stage and each stage's GB/s."""
+    time, GB/s, overlap, the bounding stage and each stage's GB/s (``read_gb_s``, ...). A copy's
+    GB/s is ``h2d_gb_s`` where it copied file bytes (gpu, raw mode) and ``h2d_out_gb_s`` where it
+    copied the dequantized output (cpu, sequential mode: ``copied``), so one column never holds
+    both."""
     import pandas as pd
 
     rows = []
@@ -305,7 +342,8 @@ def compare(runs: Mapping[str, Any]):
             raise ValueError(f"run {label!r} has no profile (it was loaded with profile=False)")
         s = prof.summary()
         row = {"run": label, "wall_s": s["wall_s"], "gb_s": s["gb_s"], "overlap": s["overlap"], "bound_by": s["bound_by"]}
+        out = copied(prof.meta.get("mode")) == "output"
         for r in moving(s["stages"]).itertuples(index=False):  # setup work has no bandwidth
-            row[f"{r.stage}_gb_s"] = r.gb_s
+            row[f"{r.stage}_out_gb_s" if out and r.stage == "h2d" else f"{r.stage}_gb_s"] = r.gb_s
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")

@@ -10,9 +10,11 @@ by a thread of its own: the load's completion thread only stores a tuple, so not
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 import sys
 import threading
+import time
 
 from .errors import GGUFLabError
 
@@ -41,8 +43,12 @@ def check_progress(progress) -> None:
                        f"progress(bytes_done, bytes_total, tensor); got {progress!r}")
 
 
-def progress_bar(desc: str, total: int | None = None, unit: str = "B"):
-    """A tqdm bar that removes itself when closed; disabled where ``shown()`` is False.
+def progress_bar(desc: str, total: int | None = None, unit: str = "B", *, done: int = 0,
+                 since: float | None = None):
+    """A tqdm bar that removes itself when closed; disabled where ``shown()`` is False. A bar
+    made after its work started is given ``done``, the count reached, and ``since``, when the
+    work started (a ``time.time()``), so that its elapsed time and rate are the work's: a bar
+    made at 0 some time into a load would credit every byte done by then to its first draw.
 
     Example:
         >>> bar = progress_bar("fuzz", total=100, unit="case")
@@ -53,19 +59,29 @@ def progress_bar(desc: str, total: int | None = None, unit: str = "B"):
     show = shown()
     if show and _in_notebook(tqdm):
         tqdm = _notebook_bar()
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1000, leave=False, disable=not show)
+    bar = tqdm(total=total, initial=done, desc=desc, unit=unit, unit_scale=True, unit_divisor=1000, leave=False,
+               disable=not show)
+    if since is not None and not bar.disable:
+        # as if made at the start with 0: its rate is the bytes done over the time since then
+        bar.start_t = bar.last_print_t = since
+        bar.initial = bar.last_print_n = 0
+        bar.refresh()
+    return bar
 
 
 def _in_notebook(tqdm_class) -> bool:
     return any(c.__module__ == "tqdm.notebook" for c in tqdm_class.__mro__)
 
 
+@functools.cache
 def _notebook_bar():
     """tqdm's notebook bar, drawn at its end state when closed. tqdm skips updates that come
     faster than ``mininterval`` and does not redraw its text on close, so a saved notebook kept
     "0%" or "91%" beside a full bar; and the cell's text fallback (what a viewer without the
     widget shows) was the bar's repr at creation, ``0%| 0.00/15.5M``. Here the bar is redrawn on
-    close and shown through a display handle, updated then, so both read the true end state."""
+    close and shown through a display handle, updated then, so both read the true end state. The
+    class is made once: tqdm starts a monitor thread per bar class and keeps it while the process
+    runs, so a class made per bar left one thread behind each load."""
     from IPython.display import display
     from tqdm.notebook import tqdm as notebook_tqdm
 
@@ -90,8 +106,9 @@ class LoadBar:
     bar once the load has run ``delay`` seconds, where ``shown()``, and then draws the latest
     state every ``interval`` seconds. A load shorter than ``delay`` makes no bar at all: one made
     for it would be removed (``leave=False``) before anyone could read it, and a notebook widget
-    costs more to make (10-40 ms of Python) than such a load takes. ``close()`` draws the last
-    state and removes the bar.
+    costs more to make (10-40 ms of Python) than such a load takes. A bar made late counts from
+    the load's start (when the ``LoadBar`` was made), so its elapsed time and rate are the load's.
+    ``close()`` draws the last state and removes the bar.
 
     Example:
         >>> bar = LoadBar("load (gpu)", total=1000)
@@ -107,6 +124,7 @@ class LoadBar:
         if not 0 <= delay <= 3600:
             raise GGUFLabError(f"progress delay must be from 0 to 3600 seconds, got {delay!r}")
         self.desc, self.unit, self.interval, self.delay = desc, unit, interval, delay
+        self._since = time.time()  # tqdm's clock at the load's start: the bar's elapsed time and rate count from it
         self.bar = None
         self._state: tuple[int, int, str | None] = (0, total, None)
         self._drawn: tuple | None = None
@@ -122,7 +140,8 @@ class LoadBar:
     def _run(self) -> None:
         if self._stop.wait(self.delay) or not shown():
             return
-        self.bar = progress_bar(self.desc, self._state[1], self.unit)
+        done, total, _ = self._state
+        self.bar = progress_bar(self.desc, total, self.unit, done=done, since=self._since)
         self._draw()
         while not self._stop.wait(self.interval):
             self._draw()

@@ -5,6 +5,7 @@ is shown or printed. Jupyter-only imports stay in this module."""
 
 from __future__ import annotations
 
+import html
 import io
 import itertools
 from typing import Any
@@ -48,8 +49,9 @@ class _FigurePane:
 
 
 class ModelExplorer:
-    """Filterable tensor table; for the chosen tensor: statistics, a histogram, a heatmap of a
-    slice, and the difference between CPU and GPU dequantization (where a GPU is present).
+    """Filterable tensor table; for the chosen tensor: statistics and a histogram of its finite
+    values (with the count of the others, inf and NaN), a heatmap of a slice on a colour scale
+    centred on zero, and the difference between CPU and GPU dequantization (where a GPU is present).
     ``model``: an open ``GGUFModel``, or a path or URL (as ``LoadLab`` takes).
 
     Example:
@@ -108,21 +110,30 @@ class ModelExplorer:
         t = self.model.info(name)
         x = self.model.dequantize(name)
         flat = x.reshape(-1)
+        ok = np.isfinite(flat)
+        finite = flat[ok]  # inf or NaN would make every statistic and the histogram's range meaningless
         diff = self.gpu_difference(name, cpu=x)
+        values = (f"min {finite.min():.5g} · max {finite.max():.5g} · mean {finite.mean():.5g} · "
+                  f"std {finite.std():.5g}" if finite.size else "no finite value")
+        others = "" if ok.all() else (f" · not finite: {np.isinf(flat).sum()} inf, {np.isnan(flat).sum()} NaN "
+                                      "(left out of the statistics and the histogram)")
         self.stats.value = (f"<b>{name}</b>: {t.type_name}, shape {t.np_shape}, {t.n_bytes / 2**20:.2f} MiB, "
-                            f"{t.bits_per_weight:.2f} bits/weight<br>min {flat.min():.5g} · max {flat.max():.5g} · "
-                            f"mean {flat.mean():.5g} · std {flat.std():.5g} · zeros {np.mean(flat == 0):.1%}<br>"
-                            f"CPU vs GPU: {diff}")
+                            f"{t.bits_per_weight:.2f} bits/weight<br>{values} · zeros {np.mean(flat == 0):.1%}"
+                            f"{others}<br>CPU vs GPU: {diff}")
         fig = self.pane.fig
         fig.clear()
         a1, a2 = fig.subplots(1, 2)
-        a1.hist(flat, bins=100, color="#4C72B0")
-        a1.set_title("values")
+        a1.hist(finite, bins=100, color="#4C72B0")
+        a1.set_title("finite values" if finite.size < flat.size else "values")
         width = min(self.heatmap, flat.size)  # not 2-D: whole rows of the first values, any size
         sl = x if x.ndim == 2 else flat[: min(self.heatmap, flat.size // width) * width].reshape(-1, width)
-        im = a2.imshow(sl[: self.heatmap, : self.heatmap], aspect="auto", cmap="RdBu_r")
+        sl = sl[: self.heatmap, : self.heatmap]
+        shown = np.abs(sl[np.isfinite(sl)])
+        lim = float(shown.max()) if shown.size and shown.max() > 0 else 1.0  # white at zero, on both sides
+        im = a2.imshow(sl, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
         fig.colorbar(im, ax=a2)
-        a2.set_title(f"first {min(self.heatmap, sl.shape[0])}×{min(self.heatmap, sl.shape[-1])}")
+        a2.set_title(f"first {sl.shape[0]}×{sl.shape[1]}" if x.ndim == 2 else
+                     f"first {sl.size} values, in rows of {sl.shape[1]}")
         self.pane.draw()
 
     def gpu_difference(self, name: str, cpu: np.ndarray | None = None) -> str:
@@ -147,7 +158,8 @@ class LoadLab:
     """Choose mode, streams, chunk size, readers, order and dtype (and where there is more than
     one GPU, the device or all of them); run with a live progress bar; see the timeline and
     summary (per device, over several); keep runs and compare them; sweep streams × chunk size
-    into a heatmap of GB/s.
+    into a heatmap of GB/s. A path that opens no model is refused here; a run or sweep that
+    fails (the file changed meanwhile) says so in the status line, then raises.
 
     Example:
         >>> load_lab = LoadLab("model.gguf")         # in a notebook, show load_lab.ui
@@ -160,8 +172,10 @@ class LoadLab:
 
     def __init__(self, path: str, *, backend: str = "auto"):
         from .device import device_count
+        from .model import shared_model
 
         w = _widgets()
+        shared_model(path)  # a path that opens no model fails here, not at the first click
         self.path = path
         self.backend = backend
         self.runs: dict[str, Any] = {}
@@ -195,7 +209,7 @@ class LoadLab:
 
     def _progress(self, done, total, name):
         self.bar.value = done / total if total else 1.0
-        self.status.value = f"{done / 2**20:.1f} / {total / 2**20:.1f} MiB · {name}"
+        self.status.value = f"{done / 1e6:.1f} / {total / 1e6:.1f} MB · {html.escape(str(name))}"
 
     def options(self) -> dict[str, Any]:
         opts = {"mode": self.mode.value, "dtype": self.dtype.value, "streams": self.streams.value,
@@ -204,10 +218,22 @@ class LoadLab:
             opts["device"] = self.device.value
         return opts
 
+    def _failed(self, what: str, e: Exception) -> None:
+        """The error in the status line: a button's callback raises where no one sees it."""
+        line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        self.status.value = f'<span style="color:#b00">{what} failed: {type(e).__name__}: {html.escape(line)}</span>'
+
     def on_run(self, _button=None):
+        try:
+            return self._run()
+        except Exception as e:
+            self._failed("run", e)
+            raise
+
+    def _run(self):
         from .loader import load
         from .plots import timeline
-        from .profiler import compare
+        from .profiler import compare, copied
 
         opts = self.options()
         self.bar.value = 0.0
@@ -219,7 +245,9 @@ class LoadLab:
         s = r.profile.summary()
         per_device = r.device_summary().to_html(index=False) if r.place is not None else ""
         self.summary.value = (f"<b>{label}</b>: {r.gb_s:.2f} GB/s, {r.wall_s * 1e3:.1f} ms, backend {r.backend}, "
-                              f"overlap {s['overlap']:.0%}, bound by {s['bound_by']}" + s["stages"].to_html(index=False)
+                              f"overlap {s['overlap']:.0%}, bound by {s['bound_by']}"
+                              + (", h2d: the dequantized output copied" if copied(opts["mode"]) == "output" else "")
+                              + s["stages"].to_html(index=False)
                               + per_device)
         self.pane.fig.clear()
         timeline(r.profile, ax=self.pane.fig.subplots())
@@ -233,6 +261,13 @@ class LoadLab:
     def on_sweep(self, _button=None, streams=(1, 2, 4, 8), chunks=(4.0, 16.0, 64.0)):
         """Load once per streams × chunk size; returns the GB/s as a DataFrame (index: streams,
         columns: chunk MiB), also kept as ``self.sweep``, and draws it as a heatmap."""
+        try:
+            return self._sweep(streams, chunks)
+        except Exception as e:
+            self._failed("sweep", e)
+            raise
+
+    def _sweep(self, streams, chunks):
         import pandas as pd
 
         from .loader import load

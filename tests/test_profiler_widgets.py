@@ -249,3 +249,141 @@ def test_setup_stages_have_no_bandwidth_and_bound_nothing():
     assert sorted(t.get_text() for t in fig.axes[0].get_xticklabels()) == ["h2d", "read"]
     only_setup = Profile.from_spans(spans[2:], 0, 0.006, meta={"backend": "host"})
     assert only_setup.bound_by() == "pin staging"  # nothing moved bytes: the longest stage still
+
+
+def test_overlap_counts_only_the_stages_that_move_bytes():
+    """Setup spans beside a read, a copy and a dequantization that never run at once: no overlap."""
+    ms = 1_000_000
+    spans = [Span("reader 0", "read", 0, "a", 100, 0, 2 * ms), Span("stream 0", "h2d", 0, "a", 100, 2 * ms, 3 * ms),
+             Span("stream 0", "dequant", 0, "a", 100, 3 * ms, 4 * ms),
+             Span("setup", "pin staging", -1, "", 0, 0, 4 * ms), Span("setup", "queue first copy", 0, "a", 0, ms, 3 * ms)]
+    p = Profile.from_spans(spans, 0, 0.004, meta={"backend": "host"})
+    assert p.overlap() == 0.0 and p.summary()["overlap"] == 0.0
+    piped = Profile.from_spans([*spans, Span("reader 1", "read", 1, "b", 100, 2 * ms, 3 * ms)], 0, 0.004)
+    assert piped.overlap() == pytest.approx(0.25)  # reader 1's read beside chunk 0's copy: 1 of 4 ms
+
+
+def test_copies_of_output_bytes_are_named_apart(small_model):
+    """In cpu and sequential mode a copy moves the dequantized output, in gpu mode file bytes:
+    compare() keeps them in separate columns, and the plots say which one a copy's GB/s is of."""
+    runs = {m: load(small_model, mode=m, chunk_mb=0.25, backend="host") for m in ("gpu", "cpu", "sequential")}
+    t = compare(runs)
+    assert t.loc["gpu", "h2d_gb_s"] > 0 and np.isnan(t.loc["gpu", "h2d_out_gb_s"])
+    for m in ("cpu", "sequential"):
+        assert t.loc[m, "h2d_out_gb_s"] > 0 and np.isnan(t.loc[m, "h2d_gb_s"])
+        st = runs[m].profile.stage_summary().set_index("stage")
+        assert st.loc["h2d", "bytes"] == runs[m].out_bytes  # what the copies moved: the output
+        labels = [line.get_label() for line in plots.throughput(runs[m].profile).axes[0].lines]
+        assert "h2d (output bytes)" in labels and "h2d" not in labels
+        ticks = [t.get_text() for t in plots.stage_bandwidth(runs[m].profile).axes[0].get_xticklabels()]
+        assert "h2d\n(output bytes)" in ticks
+    assert "h2d" in [line.get_label() for line in plots.throughput(runs["gpu"].profile).axes[0].lines]
+
+
+@pytest.mark.parametrize("devices", [None, [0, 1]])
+def test_sequential_copies_are_booked_to_their_device(small_model, devices):
+    r = load(small_model, mode="sequential", backend="host", **({"device": devices} if devices else {}))
+    df = r.profile.df
+    assert set(df.loc[df["stage"] == "cpu_dequant", "device"]) == {-1}  # host work
+    by_device = r.profile.stage_summary(by_device=True)
+    h2d = by_device[by_device["stage"] == "h2d"].set_index("device")
+    assert list(h2d.index) == (devices or [0]) and h2d["bytes"].sum() == r.out_bytes
+    if devices:
+        got = r.device_summary().set_index("device")
+        assert (got["h2d_bytes"] > 0).all() and got["h2d_gb_s"].notna().all()
+        assert got["h2d_bytes"].sum() == r.out_bytes
+
+
+def test_chrome_trace_puts_every_device_lane_under_the_device(tmp_path):
+    ms = 1_000_000
+    cupti = [Span("reader 0", "read", 0, "a", 10, 0, 2 * ms), Span("copy engine", "h2d", 0, "a", 10, 2 * ms, 3 * ms),
+             Span("kernels", "dequant", 0, "a", 10, 3 * ms, 4 * ms), Span("setup", "pin staging", -1, "", 0, 0, ms)]
+    host = [Span("reader 0", "read", 0, "a", 10, 0, 2 * ms), Span("lane 0", "h2d", 0, "a", 10, 2 * ms, 3 * ms)]
+    for spans in (cupti, host):
+        p = Profile.from_spans(spans, 0, 0.004, meta={"devices": [0]})
+        ev = p.chrome_trace()["traceEvents"]
+        pids = {e["args"]["name"]: e["pid"] for e in ev if e["ph"] == "M" and e["name"] == "thread_name"}
+        assert {lane for lane, pid in pids.items() if pid == 1} == set(p.df.loc[p.df["device"] == 0, "lane"])
+        assert {lane for lane, pid in pids.items() if pid == 0} == set(p.df.loc[p.df["device"] == -1, "lane"])
+    only_host = Profile.from_spans(cupti[:1], 0, 0.004).chrome_trace()["traceEvents"]
+    assert [e["args"]["name"] for e in only_host if e["name"] == "process_name"] == ["host"]  # no empty "device"
+    # read back from CSV, the setup spans' empty tensor names are NaN: the trace is still JSON
+    back = Profile.from_df(pd.read_csv(Profile.from_spans(cupti, 0, 0.004).to_csv(str(tmp_path / "s.csv"))))
+    assert set(back.df["tensor"]) == {"a", ""}
+    text = open(back.to_chrome_trace(str(tmp_path / "t.json"))).read()
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the trace is not JSON"))
+    assert {e["args"]["tensor"] for e in doc["traceEvents"] if e["ph"] == "X"} == {"a", ""}
+
+def test_throughput_of_an_empty_profile_warns_nothing():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.throughput(Profile.from_spans([], 0, 0.0))
+    assert fig.axes[0].get_legend() is None
+
+
+def test_timeline_in_a_plain_figure_keeps_its_legend_inside():
+    """Drawn into one axes of plt.subplots(1, 2) (no layout engine), the legend under the axes and
+    the x label stay inside the figure; a profile read back without its meta has a title without
+    empty fields; a line between every device's lanes and the host's."""
+    import matplotlib.pyplot as plt
+
+    ms = 1_000_000
+    spans = [Span("reader 0", "read", 0, "a", 10, 0, 2 * ms), Span("gpu0/stream 0", "h2d", 0, "a", 10, 2 * ms, 3 * ms),
+             Span("gpu1/stream 0", "dequant", 1, "b", 10, 3 * ms, 4 * ms), Span("setup", "pin staging", -1, "", 0, 0, ms),
+             Span("setup", "plan", -1, "", 0, ms, 2 * ms), Span("setup", "allocate outputs", -1, "", 0, 2 * ms, 3 * ms)]
+    fig, (ax, _) = plt.subplots(1, 2)
+    plots.timeline(Profile.from_spans(spans, 0, 0.004), ax=ax)
+    fig.canvas.draw()
+    inside = fig.bbox
+    for artist in (ax.get_legend(), ax.xaxis.label):
+        box = artist.get_window_extent()
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, artist
+    assert ax.get_title() == "load: 6 spans, 4.0 ms"
+    assert sorted(line.get_ydata()[0] for line in ax.lines) == [0.5, 1.5, 2.5]  # reader | gpu0 | gpu1 | setup
+    plt.close(fig)
+
+
+def test_model_explorer_with_values_that_are_not_finite(tmp_path):
+    """A tensor holding inf and NaN: statistics and histogram of its finite values, the count of
+    the others; the heatmap's colours centred on zero; a 1-D tensor's slice named for what it is."""
+    pytest.importorskip("ipywidgets")
+    from gguf_gpu_lab.widgets import ModelExplorer
+
+    from .gguf_bytes import GGUFBytes, Tensor
+
+    values = np.linspace(0.001, 2.0, 200, dtype=np.float32)
+    values[3], values[7] = np.inf, np.nan
+    path = GGUFBytes(tensors=[Tensor("odd.weight", (200,), 0, values.tobytes())]).write(tmp_path / "odd.gguf")
+    ex = ModelExplorer(str(path))  # the first tensor is shown at once
+    assert "min 0.001 · max 2 ·" in ex.stats.value and "1 inf, 1 NaN" in ex.stats.value
+    hist, heat = ex.pane.fig.axes[:2]
+    assert sum(p.get_height() for p in hist.patches) == 198
+    (im,) = heat.images
+    assert im.norm.vmin == -im.norm.vmax < 0  # white at zero
+    assert heat.get_title() == "first 192 values, in rows of 64"
+    assert ex.pane.widget.value[:4] == PNG
+
+
+def test_load_lab_says_when_a_run_fails(small_model, tmp_path):
+    pytest.importorskip("ipywidgets")
+    import shutil
+
+    from gguf_gpu_lab import GGUFLabError
+    from gguf_gpu_lab.widgets import LoadLab
+
+    with pytest.raises(GGUFLabError, match="does-not-exist"):
+        LoadLab(str(tmp_path / "does-not-exist.gguf"), backend="host")
+    path = shutil.copy(small_model, tmp_path / "m.gguf")
+    lab = LoadLab(str(path), backend="host")
+    r = lab.on_run()
+    done = r.file_bytes / 1e6
+    assert lab.status.value.startswith(f"{done:.1f} / {done:.1f} MB · ")  # decimal units, as the summaries
+    with open(path, "r+b") as f:  # the file changes between runs
+        f.truncate(path.stat().st_size // 2)
+    for click in (lab.on_run, lambda: lab.on_sweep(streams=(1,), chunks=(1.0,))):
+        with pytest.raises(GGUFLabError):
+            click()
+        assert "failed: " in lab.status.value and "m.gguf" in lab.status.value
+    assert len(lab.runs) == 1

@@ -231,3 +231,62 @@ def test_a_bar_given_to_load_is_the_callers_to_close(small_model):
     assert not bar._stop.is_set() and bar._state[0] == bar._state[1] > 0
     bar.close()
     assert bar._stop.is_set()
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_setup_spans_do_not_nest(small_model, mode):
+    """On the host backend each setup span is time of its own: the first chunk's output allocation
+    is not also inside "queue first copy", so a sum of setup time counts it once, and the timeline
+    draws neither over the other."""
+    r = load(small_model, backend="host", mode=mode, chunk_mb=0.5)
+    setup = r.profile.df[r.profile.df["lane"] == "setup"].sort_values("start_us")
+    assert {"allocate outputs", "queue first copy"} <= set(setup["stage"])
+    assert (setup["start_us"].to_numpy()[1:] >= setup["end_us"].to_numpy()[:-1]).all(), setup
+
+
+def test_a_late_bar_counts_from_the_loads_start(monkeypatch):
+    """A bar made SHOW_AFTER_S into a load shows the load's elapsed time and rate, not the bytes
+    done so far credited to the bar's first draw."""
+    import threading
+    import time
+
+    from gguf_gpu_lab.progress import LoadBar
+
+    monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")
+    rate, total = 100_000, 10_000_000  # a load doing 100 kB/s
+    bar = LoadBar("load (gpu)", total, delay=0.2)
+    t0, stop = time.time(), threading.Event()
+
+    def work():
+        while not stop.wait(0.01):
+            bar(int((time.time() - t0) * rate), total, "t")
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    time.sleep(0.6)
+    d = bar.bar.format_dict
+    stop.set()
+    worker.join()
+    bar.close()
+    assert d["elapsed"] >= 0.55  # not the 0.4 s since the bar was made
+    shown = d["rate"] or d["n"] / d["elapsed"]
+    assert 0.7 * rate < shown < 1.3 * rate, shown
+
+
+def test_notebook_bars_share_one_monitor_thread(monkeypatch):
+    import threading
+
+    import tqdm.auto
+    import tqdm.notebook
+
+    from gguf_gpu_lab.progress import progress_bar
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", tqdm.notebook.tqdm)  # as in a Jupyter kernel with ipywidgets
+    monkeypatch.setenv("GGUF_LAB_PROGRESS", "1")
+    monitors = lambda: sum(t.name == "tqdm_monitor" for t in threading.enumerate())  # noqa: E731
+    before = monitors()
+    for _ in range(5):
+        bar = progress_bar("load (gpu)", 100)
+        bar.update(100)
+        bar.close()
+    assert monitors() - before <= 1

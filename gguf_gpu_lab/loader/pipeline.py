@@ -314,9 +314,9 @@ class Pipeline:
             lane = site.lanes[site.submitted % len(site.lanes)]
             if switch:
                 site.backend.make_current()
-            t0 = time.perf_counter_ns()
             with rng(f"queue chunk {c.index}", 2):
-                self._outputs_for(c, outputs)
+                self._outputs_for(c, outputs)  # its own span: "queue first copy" starts after it
+                t0 = time.perf_counter_ns()
                 evs = self._enqueue(c, lane, data, outputs, site.scratch)
             if submitted == 0:  # when the first copy was queued: on the host backend its lane may start it later
                 self.span("setup", "queue first copy", c.index, c.pieces[0].tensor.name, 0, t0,

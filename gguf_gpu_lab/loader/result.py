@@ -115,7 +115,8 @@ class LoadResult(Mapping[str, DeviceTensor]):
 
     def device_summary(self):
         """Per device: its share of the placement (tensors, layers, bytes, need and free), and
-        where the load was profiled, the file bytes it received and at what GB/s."""
+        where the load was profiled, the bytes copied to it (``Profile.device_summary``: file bytes,
+        or the dequantized output in cpu and sequential mode) and at what GB/s."""
         if self.place is None:
             raise ValueError("device_summary() describes a load over several devices (device=[...] or 'all')")
         df = self.place.summary()

@@ -46,7 +46,8 @@ def run_sequential(pl) -> tuple[dict[str, DeviceTensor], int]:
         be.synchronize()
         t2 = time.perf_counter_ns()
         pl.span("main", "cpu_dequant", i, t.name, raw.nbytes, t0, t1)
-        pl.span("main", "h2d", i, t.name, arr.nbytes, t1, t2)  # the bytes copied, not the file's
+        copies = f"gpu{be.device}/main" if pl.placement else "main"  # several devices: the one copied to
+        pl.span(copies, "h2d", i, t.name, arr.nbytes, t1, t2)  # the bytes copied, not the file's
         out[t.name] = DeviceTensor(t, arr, logical, "sequential", be.device, c)
         total += raw.nbytes
         if pl.progress is not None and pl.progress(total, whole, t.name) is False:
