@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GGUFLabError
+from .errors import GGUFLabError, warn
 from .loader import DeviceTensor, LoadResult, load
 from .model import GGUFModel, shared_model
 
@@ -99,21 +99,123 @@ _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 def llama_cpp_config(model: GGUFModel) -> dict[str, Any]:
     """Where this project's config departs from transformers' GGUF config, to be the model llama.cpp
-    runs: Gemma 2 and 3 scale queries by ``query_pre_attn_scalar ** -0.5``, a value no GGUF key holds,
-    which transformers leaves at its default, 256. llama.cpp takes the width over the heads for the
-    27B models (144 and 168, as their own configs say) and the head size (``key_length``) otherwise:
-    so does this. With 256 a 27B model's attention scores come out 0.75 and 0.81 times what they are."""
+    runs:
+
+    - the rope scaling a file holds (``rope_scaling``, see ``rope_scaling``), which transformers
+      reads for no supported architecture: without it every position past the original context is
+      rotated as if unscaled;
+    - Gemma 2 and 3 scale queries by ``query_pre_attn_scalar ** -0.5``, a value no GGUF key holds,
+      which transformers leaves at its default, 256. llama.cpp takes the width over the heads for
+      the 27B models (144 and 168, as their own configs say) and the head size (``key_length``)
+      otherwise: so does this. With 256 a 27B model's attention scores come out 0.75 and 0.81 times
+      what they are."""
     arch, _ = architecture(model)
+    out: dict[str, Any] = {}
+    scaling = rope_scaling(model)
+    if scaling is not None:
+        extra = scaling.pop("_config", {})
+        out.update(extra, rope_scaling=scaling)
     if arch not in _GEMMA_27B_LAYERS:
-        return {}
+        return out
     meta = model.metadata
     width, heads = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.attention.head_count")
     if not (isinstance(width, int) and isinstance(heads, int) and heads > 0):
-        return {}  # transformers' config refuses such a file with its own message
+        return out  # transformers' config refuses such a file with its own message
     if meta.get(f"{arch}.block_count") == _GEMMA_27B_LAYERS[arch]:
-        return {"query_pre_attn_scalar": width // heads}
+        return {**out, "query_pre_attn_scalar": width // heads}
     head = meta.get(f"{arch}.attention.key_length", width // heads)
-    return {"query_pre_attn_scalar": head} if isinstance(head, int) and head > 0 else {}
+    return {**out, "query_pre_attn_scalar": head} if isinstance(head, int) and head > 0 else out
+
+
+# Llama 3's original context, where a file's rope_freqs does not say it: only the ratios of it to
+# the low and high frequency factors shape the rotation, so any value gives the same model
+_LLAMA3_CONTEXT = 8192
+
+
+def rope_scaling(model: GGUFModel) -> dict[str, Any] | None:
+    """The rope scaling of a file as transformers' ``rope_scaling`` (None: none), from what
+    llama.cpp applies:
+
+    - ``{arch}.rope.scaling.type`` "linear" (or the older ``rope.scale_linear``) and "yarn", with
+      ``.factor`` and ``.original_context_length`` (Gemma 3 4B and up, Qwen2.5's long variants);
+    - a ``rope_freqs.weight`` tensor (Llama 3.1 and later): per-frequency divisors, which are
+      Llama 3's scaling; its factor, low and high frequency factors are recovered from them and
+      checked by computing the divisors back (a shape it cannot be is a warning, and no scaling);
+    - Phi-3's ``rope_factors_long`` and ``rope_factors_short`` tensors: "longrope", with the
+      original context as ``original_max_position_embeddings`` (under ``"_config"``: a config key
+      of its own, beside ``rope_scaling``).
+    """
+    arch = model.metadata.get("general.architecture")
+    meta = model.metadata
+    key = lambda k: meta.get(f"{arch}.rope.scaling.{k}")  # noqa: E731
+    if "rope_freqs.weight" in model:
+        return _llama3_scaling(model, arch)
+    if "rope_factors_long.weight" in model and "rope_factors_short.weight" in model:
+        orig = key("original_context_length")
+        out: dict[str, Any] = {"rope_type": "longrope",
+                               "long_factor": model.dequantize("rope_factors_long.weight").ravel().tolist(),
+                               "short_factor": model.dequantize("rope_factors_short.weight").ravel().tolist()}
+        if isinstance(key("attn_factor"), (int, float)):
+            out["attention_factor"] = float(key("attn_factor"))
+        if isinstance(orig, int):
+            out["_config"] = {"original_max_position_embeddings": orig}
+        return out
+    kind, factor = key("type"), key("factor")
+    if kind is None and isinstance(meta.get(f"{arch}.rope.scale_linear"), (int, float)):
+        kind, factor = "linear", meta[f"{arch}.rope.scale_linear"]
+    if kind in (None, "none") or not isinstance(factor, (int, float)) or factor == 1:
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn" and isinstance(key("original_context_length"), int):
+        return {"rope_type": "yarn", "factor": float(factor),
+                "original_max_position_embeddings": key("original_context_length")}
+    warn(f"{model.path}: rope scaling {kind!r} (factor {factor}) is not one gguf_gpu_lab.hf can give transformers; "
+         "the model rotates positions unscaled, which is wrong past its original context")
+    return None
+
+
+def _llama3_scaling(model: GGUFModel, arch: str) -> dict[str, Any] | None:
+    """Llama 3's rope scaling from ``rope_freqs.weight``: llama.cpp divides frequency i of the
+    rotation, ``base ** (-2i / d)``, by its factor f_i: 1 for wavelengths under the original
+    context over ``high_freq_factor``, ``factor`` over the context over ``low_freq_factor``, and
+    ``1 / ((1 - s) / factor + s)`` between, s linear in 1 / wavelength. The line through those
+    points gives the two ratios; the context is the file's, else Llama 3's."""
+    meta = model.metadata
+    f = model.dequantize("rope_freqs.weight").astype(np.float64).ravel()
+    base = meta.get(f"{arch}.rope.freq_base", 10000.0)
+    n = len(f)
+    wavelen = 2 * np.pi / base ** (-np.arange(0, 2 * n, 2, dtype=np.float64) / (2 * n))
+    factor = float(f.max())
+    if np.allclose(f, 1.0):
+        return None
+    mid = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    context = meta.get(f"{arch}.rope.scaling.original_context_length", _LLAMA3_CONTEXT)
+    out = None
+    if mid.sum() >= 2 and factor > 1 and isinstance(context, int):
+        smooth = (factor / f[mid] - 1) / (factor - 1)   # s = a / wavelen + b
+        a, b = np.polyfit(1 / wavelen[mid], smooth, 1)
+        if a > 0:
+            # (to 6 digits: the divisors are float32, and Llama 3's own factors are round numbers)
+            low = float(f"{-b * context / a:.6g}")
+            high = float(f"{-b * context / a + context / a:.6g}")
+            out = {"rope_type": "llama3", "factor": float(f"{factor:.6g}"), "low_freq_factor": low,
+                   "high_freq_factor": high, "original_max_position_embeddings": context}
+            if not np.allclose(_llama3_divisors(wavelen, out), f, rtol=1e-4, atol=0):
+                out = None
+    if out is None:
+        warn(f"{model.path}: rope_freqs.weight is not Llama 3's rope scaling (factors {f.min():.4g} to "
+             f"{factor:.4g}); the model rotates positions unscaled, which is wrong past its original context")
+    return out
+
+
+def _llama3_divisors(wavelen: np.ndarray, p: dict) -> np.ndarray:
+    """llama.cpp's rope_freqs (as its converter writes them) for Llama 3's scaling ``p``."""
+    ctx, factor = p["original_max_position_embeddings"], p["factor"]
+    lo, hi = p["low_freq_factor"], p["high_freq_factor"]
+    smooth = (ctx / wavelen - lo) / (hi - lo)
+    return np.where(wavelen < ctx / hi, 1.0,
+                    np.where(wavelen > ctx / lo, factor, 1 / ((1 - smooth) / factor + smooth)))
 
 
 def config(path_or_model):

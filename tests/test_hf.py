@@ -7,6 +7,7 @@ Needs the hf extra (torch, transformers, accelerate): skipped without it, except
 
 import os
 
+import numpy as np
 import pytest
 
 from .needs import require
@@ -22,7 +23,7 @@ import gguf_gpu_lab as lab  # noqa: E402
 from gguf_gpu_lab import GGUFLabError, hf, hf_convert  # noqa: E402
 from gguf_gpu_lab.tools.synth import synth  # noqa: E402
 
-from .archfiles import VOCAB, arch_file, other_arch_file  # noqa: E402
+from .archfiles import VOCAB, arch_file, other_arch_file, with_extras  # noqa: E402
 from .threads import lab_threads  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -138,6 +139,99 @@ def test_gemma_query_scale_is_llama_cpps(model_dir, arch, layers, width, heads, 
     if layers == 2:
         assert hf.from_gguf(m, device="cpu").config.query_pre_attn_scalar == 64
     assert hf_convert.llama_cpp_config(lab.open_model(_file(model_dir, "llama"))) == {}
+
+
+def _llama3_rope_freqs(dim: int, base: float, factor=32.0, low=1.0, high=4.0, context=8192) -> np.ndarray:
+    """The rope_freqs llama.cpp's converter writes for Llama 3.1 and later (its loop, as it is)."""
+    import math
+
+    out = []
+    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < context / high:
+            out.append(1)
+        elif wavelen > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def _inv_freq(model):
+    return model.model.rotary_emb.inv_freq.double().cpu().numpy()
+
+
+def test_llama3_rope_freqs_become_its_rope_scaling(model_dir, tmp_path):
+    """A Llama 3.1+ file's rope_freqs (llama.cpp divides each rotation frequency by its entry):
+    the model rotates with the same divided frequencies, as llama3 rope scaling (factor 32, low 1,
+    high 4, context 8192, as the file was made), and an exported folder says so. transformers'
+    own GGUF load drops the tensor and rotates unscaled."""
+    src = _file(model_dir, "llama")
+    dim = 256 // 4
+    freqs = _llama3_rope_freqs(dim, 500000.0)
+    p = with_extras(src, tmp_path / "llama3.gguf", {"llama.rope.freq_base": 500000.0},
+                    {"rope_freqs.weight": freqs})
+    model = hf.from_gguf(p, device="cpu", dtype="float32")
+    rope = model.config.rope_parameters
+    assert {k: rope[k] for k in ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
+                                 "original_max_position_embeddings")} == {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+    plain = 1.0 / 500000.0 ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    np.testing.assert_allclose(_inv_freq(model), plain / freqs, rtol=1e-6)
+    assert not np.allclose(plain, plain / freqs)
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=p.name, dtype=torch.float32, use_kernels=False)
+    np.testing.assert_allclose(_inv_freq(ref), plain, rtol=1e-6)  # what it would have been
+    out = tmp_path / "out"
+    hf.export(p, out, progress=False, device="cpu", dtype="float32", tokenizer=False)
+    back = AutoModelForCausalLM.from_pretrained(out)
+    np.testing.assert_allclose(_inv_freq(back), plain / freqs, rtol=1e-6)
+    with torch.no_grad():
+        ids = torch.arange(1, 300).reshape(1, -1) % VOCAB
+        assert torch.equal(model(ids).logits, back(ids).logits)
+
+
+def test_rope_freqs_of_another_shape_is_a_warning(model_dir, tmp_path):
+    p = with_extras(_file(model_dir, "llama"), tmp_path / "odd.gguf", {},
+                    {"rope_freqs.weight": np.linspace(1, 3, 32) ** 2})
+    with pytest.warns(UserWarning, match="not Llama 3's rope scaling"):
+        assert hf_convert.rope_scaling(lab.open_model(p)) is None
+
+
+@pytest.mark.parametrize("arch,kv,expected", [
+    ("gemma3", {"gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0},
+     {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    ("qwen2", {"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+               "qwen2.rope.scaling.original_context_length": 1024},
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "rope_theta": 1e6}),
+    ("llama", {"llama.rope.scale_linear": 2.0}, {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+])
+def test_rope_scaling_keys_become_the_configs(model_dir, tmp_path, arch, kv, expected):
+    """``{arch}.rope.scaling.*`` (Gemma 3 4B and up: linear 8 on its global layers; Qwen2.5's long
+    variants: yarn), which llama.cpp applies and transformers' GGUF config does not read."""
+    p = with_extras(_file(model_dir, arch), tmp_path / f"{arch}-scaled.gguf", kv)
+    rope = hf.config(p).rope_parameters
+    assert {k: v for k, v in rope.items() if not isinstance(v, dict)} | {
+        k: {kk: vv for kk, vv in v.items() if kk in ("rope_type", "factor", "rope_theta")}
+        for k, v in rope.items() if isinstance(v, dict)} == {k: v for k, v in expected.items()}
+
+
+def test_phi3_longrope_factors_become_its_rope_scaling(model_dir, tmp_path):
+    src = _file(model_dir, "phi3")
+    n = (256 // 4) // 2
+    long, short = np.linspace(1.0, 4.0, n), np.linspace(1.0, 1.5, n)
+    p = with_extras(src, tmp_path / "phi3-long.gguf", {"phi3.rope.scaling.original_context_length": 1024,
+                                                       "phi3.rope.scaling.attn_factor": 1.19},
+                    {"rope_factors_long.weight": long, "rope_factors_short.weight": short})
+    c = hf.config(p)
+    rope = c.rope_parameters
+    assert rope["rope_type"] == "longrope" and c.original_max_position_embeddings == 1024
+    np.testing.assert_allclose(rope["long_factor"], long.astype(np.float32))
+    np.testing.assert_allclose(rope["short_factor"], short.astype(np.float32))
+    assert rope["attention_factor"] == pytest.approx(1.19)
+    assert hf.from_gguf(p, device="cpu", dtype="float32").config.rope_parameters["rope_type"] == "longrope"
 
 
 def test_transformers_cannot_load_the_mistral_file(model_dir):
