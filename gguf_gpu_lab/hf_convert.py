@@ -314,20 +314,36 @@ def _as_torch(dt: DeviceTensor):
 
 
 STOP_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+# the token texts llama.cpp also ends generation at, whatever the file's keys say (llama-vocab.cpp's
+# end-of-generation list): most chat files name no eot token, and their turns end with one of these
+STOP_TEXTS = frozenset({"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>",
+                        "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>",
+                        "<end_of_utterance>"})
 
 
 def stop_ids(model: GGUFModel, eos, vocab: int | None) -> list[int]:
-    """The tokens generation ends at: ``eos`` (an id, a list or None, as the config has it), then
-    the file's end-of-turn and end-of-message tokens (``STOP_KEYS``), where llama.cpp also stops and
-    an instruct model ends its answer; each once, ids outside ``vocab`` left out. transformers' own
-    GGUF loading reads only the eos id, so a chat model served from its folder would run past the
-    end of its turn."""
+    """The tokens generation ends at, as llama.cpp ends it: ``eos`` (an id, a list or None, as the
+    config has it), then the file's end-of-turn and end-of-message tokens (``STOP_KEYS``), then the
+    tokens whose text is in ``STOP_TEXTS`` (Gemma's ``<end_of_turn>``, ChatML's ``<|im_end|>``,
+    Phi-3's ``<|end|>``, Llama 3's ``<|eot_id|>``); each once, ids outside ``vocab`` left out.
+    transformers' own GGUF loading reads only the eos id, so a chat model served from its folder
+    would run past the end of its turn."""
     ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    for key in STOP_KEYS:
-        v = model.metadata.get(key)
-        if (isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (vocab is None or v < vocab)
-                and v not in ids):
+
+    def add(v) -> None:
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (vocab is None or v < vocab) and v not in ids:
             ids.append(v)
+
+    for key in STOP_KEYS:
+        add(model.metadata.get(key))
+    if "tokenizer.ggml.tokens" in model.metadata:
+        try:
+            tokens = model.metadata_value("tokenizer.ggml.tokens")
+        except GGUFLabError:  # a token that is not UTF-8: the tokenizer reports it, with its index
+            tokens = []
+        for i, text in enumerate(tokens):
+            if text in STOP_TEXTS:
+                add(i)
     return ids
 
 

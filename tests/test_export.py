@@ -193,6 +193,23 @@ def test_generation_stops_at_the_files_end_of_turn_tokens(model_dir, tmp_path):
     assert hf.from_gguf(m, device="cpu", progress=False).generation_config.eos_token_id == [1, 108]
 
 
+def test_generation_stops_at_the_end_of_turn_texts_llama_cpp_stops_at(model_dir, tmp_path, monkeypatch):
+    """Most chat files name no eot token: their turns end with a token llama.cpp knows by its text
+    (Gemma's <end_of_turn>, ChatML's <|im_end|>); generation stops there too, after the eos."""
+    from gguf_gpu_lab import hf_convert
+
+    m = open_model(_file(model_dir, "gemma2"))
+    tokens = m.metadata_value("tokenizer.ggml.tokens")
+    tokens[106], tokens[300] = "<end_of_turn>", "<|im_end|>"
+    real = m.metadata_value
+    monkeypatch.setattr(m, "metadata_value", lambda key: tokens if key == "tokenizer.ggml.tokens" else real(key))
+    assert hf_convert.stop_ids(m, 1, VOCAB) == [1, 106, 300]
+    assert hf_convert.stop_ids(m, 1, 200) == [1, 106]  # ids past the vocabulary left out
+    hf.export(m, tmp_path / "chat", progress=False, device="cpu", tokenizer=False)
+    with open(tmp_path / "chat" / "generation_config.json", encoding="utf-8") as f:
+        assert json.load(f)["eos_token_id"] == [1, 106, 300]
+
+
 def test_budget_bounds_the_host_bytes(model_dir, monkeypatch):
     """At most ``budget`` bytes of weights wait on the host at once (a tensor larger than the budget
     alone): counted where the batches take and give their bytes."""
