@@ -45,7 +45,9 @@ def check_progress(progress) -> None:
 
 def progress_bar(desc: str, total: int | None = None, unit: str = "B", *, done: int = 0,
                  since: float | None = None):
-    """A tqdm bar that removes itself when closed; disabled where ``shown()`` is False. A bar
+    """A tqdm bar that removes itself when closed, except where stderr is no terminal (a log with
+    ``GGUF_LAB_PROGRESS=1``: it ends with the last state, not a partial draw the close would
+    erase); disabled where ``shown()`` is False. A bar
     made after its work started is given ``done``, the count reached, and ``since``, when the
     work started (a ``time.time()``), so that its elapsed time and rate are the work's: a bar
     made at 0 some time into a load would credit every byte done by then to its first draw.
@@ -57,10 +59,11 @@ def progress_bar(desc: str, total: int | None = None, unit: str = "B", *, done: 
     from tqdm.auto import tqdm
 
     show = shown()
-    if show and _in_notebook(tqdm):
+    notebook = show and _in_notebook(tqdm)
+    if notebook:
         tqdm = _notebook_bar()
-    bar = tqdm(total=total, initial=done, desc=desc, unit=unit, unit_scale=True, unit_divisor=1000, leave=False,
-               disable=not show)
+    bar = tqdm(total=total, initial=done, desc=desc, unit=unit, unit_scale=True, unit_divisor=1000,
+               leave=show and not notebook and not sys.stderr.isatty(), disable=not show)
     if since is not None and not bar.disable:
         # as if made at the start with 0: its rate is the bytes done over the time since then
         bar.start_t = bar.last_print_t = since

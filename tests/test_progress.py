@@ -16,8 +16,12 @@ def test_load_bar_starts_with_its_total_in_decimal_units(small_model, monkeypatc
     with open_model(small_model, warmup=False) as m:
         total = sum(t.n_bytes for t in m.tensors)
         load(m, backend="host", progress=True, chunk_mb=0.5)
-    first = capsys.readouterr().err.split("\r")[1]  # the bar as first drawn
+    err = capsys.readouterr().err
+    first = err.split("\r")[1]  # the bar as first drawn
     assert first.startswith("load (gpu):") and f"/{tqdm.format_sizeof(total)} [" in first  # GB/MB, not GiB/MiB
+    # stderr is no terminal here (a log): the bar's last state stays, on a line of its own
+    last = err.rstrip("\n").split("\r")[-1]
+    assert err.endswith("\n") and last.startswith("load (gpu): 100%"), err[-300:]
 
 
 def test_a_load_shorter_than_the_delay_makes_no_bar(small_model, monkeypatch, capsys):
