@@ -272,7 +272,8 @@ def _name_tokenizer_class_for_v4(folder: str) -> None:
 def v4_config_keys(config: dict) -> dict:
     """The keys transformers 4 reads where 5 writes others: ``torch_dtype`` for ``dtype``, and from
     ``rope_parameters`` the top-level ``rope_theta``, ``partial_rotary_factor`` and (a rope type
-    other than the default) ``rope_scaling``; of a model with a rope per attention type (gemma3),
+    other than the default) ``rope_scaling`` (Phi-3's longrope as the three keys its config
+    accepts: the original context and attention factor it takes from the top-level keys); of a model with a rope per attention type (gemma3),
     the full attention's as those and the sliding attention's base as ``rope_local_base_freq``.
     Without them transformers 4 (the engines that pin it) reads the default base, 10,000: a qwen
     model's 1,000,000 or llama 3's 500,000 silently lost, and every answer wrong. Transformers 5
@@ -290,7 +291,10 @@ def v4_config_keys(config: dict) -> dict:
         out["rope_theta"] = full["rope_theta"]
     if "partial_rotary_factor" in full:
         out["partial_rotary_factor"] = full["partial_rotary_factor"]
-    if full.get("rope_type", "default") != "default":
+    if full.get("rope_type") == "longrope":  # transformers 4's Phi-3 takes these three keys and no other
+        out["rope_scaling"] = {"type": "longrope", "long_factor": full.get("long_factor"),
+                               "short_factor": full.get("short_factor")}
+    elif full.get("rope_type", "default") != "default":
         out["rope_scaling"] = {k: v for k, v in full.items() if k not in ("rope_theta", "partial_rotary_factor")}
     if isinstance(local, dict) and "rope_theta" in local:
         out["rope_local_base_freq"] = local["rope_theta"]

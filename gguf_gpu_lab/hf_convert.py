@@ -151,14 +151,21 @@ def rope_scaling(model: GGUFModel) -> dict[str, Any] | None:
     if "rope_freqs.weight" in model:
         return _llama3_scaling(model, arch)
     if "rope_factors_long.weight" in model and "rope_factors_short.weight" in model:
-        orig = key("original_context_length")
-        out: dict[str, Any] = {"rope_type": "longrope",
-                               "long_factor": model.dequantize("rope_factors_long.weight").ravel().tolist(),
-                               "short_factor": model.dequantize("rope_factors_short.weight").ravel().tolist()}
+        orig, rotary = key("original_context_length"), _rotary_dims(model, arch)
+        long = model.dequantize("rope_factors_long.weight").ravel().tolist()
+        short = model.dequantize("rope_factors_short.weight").ravel().tolist()
+        if rotary is None or len(long) != rotary[0] // 2 or len(short) != rotary[0] // 2:
+            warn(f"{model.path}: rope_factors_long/short.weight have {len(long)} and {len(short)} entries, not "
+                 f"half the rotated dimensions ({rotary and rotary[0]}); the model rotates positions unscaled, "
+                 "which is wrong past its original context")
+            return None
+        out: dict[str, Any] = {"rope_type": "longrope", "long_factor": long, "short_factor": short, "_config": {}}
         if isinstance(key("attn_factor"), (int, float)):
             out["attention_factor"] = float(key("attn_factor"))
         if isinstance(orig, int):
-            out["_config"] = {"original_max_position_embeddings": orig}
+            out["_config"]["original_max_position_embeddings"] = orig
+        if rotary[0] != rotary[1]:  # Phi-4-mini rotates 96 of 128: transformers' config says all
+            out["_config"]["partial_rotary_factor"] = rotary[0] / rotary[1]
         return out
     kind, factor = key("type"), key("factor")
     if kind is None and isinstance(meta.get(f"{arch}.rope.scale_linear"), (int, float)):
@@ -173,6 +180,20 @@ def rope_scaling(model: GGUFModel) -> dict[str, Any] | None:
     warn(f"{model.path}: rope scaling {kind!r} (factor {factor}) is not one gguf_gpu_lab.hf can give transformers; "
          "the model rotates positions unscaled, which is wrong past its original context")
     return None
+
+
+def _rotary_dims(model: GGUFModel, arch: str) -> tuple[int, int] | None:
+    """(the dimensions of a head the rotation turns, the head's): ``rope.dimension_count`` where
+    the file has it, else the whole head; None where the file gives no head size."""
+    meta = model.metadata
+    width, heads = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.attention.head_count")
+    head = meta.get(f"{arch}.attention.key_length")
+    if not isinstance(head, int):
+        if not (isinstance(width, int) and isinstance(heads, int) and heads > 0):
+            return None
+        head = width // heads
+    rotary = meta.get(f"{arch}.rope.dimension_count", head)
+    return (rotary, head) if isinstance(rotary, int) and 0 < rotary <= head else None
 
 
 def _llama3_scaling(model: GGUFModel, arch: str) -> dict[str, Any] | None:
@@ -191,8 +212,11 @@ def _llama3_scaling(model: GGUFModel, arch: str) -> dict[str, Any] | None:
         return None
     mid = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
     context = meta.get(f"{arch}.rope.scaling.original_context_length", _LLAMA3_CONTEXT)
+    rotary = _rotary_dims(model, arch)
     out = None
-    if mid.sum() >= 2 and factor > 1 and isinstance(context, int):
+    # one entry for each pair of rotated dimensions (llama.cpp refuses another length), and at least
+    # two between the ends, which set the line
+    if rotary is not None and 2 * n == rotary[0] and mid.sum() >= 2 and factor > 1 and isinstance(context, int):
         smooth = (factor / f[mid] - 1) / (factor - 1)   # s = a / wavelen + b
         a, b = np.polyfit(1 / wavelen[mid], smooth, 1)
         if a > 0:
@@ -204,8 +228,9 @@ def _llama3_scaling(model: GGUFModel, arch: str) -> dict[str, Any] | None:
             if not np.allclose(_llama3_divisors(wavelen, out), f, rtol=1e-4, atol=0):
                 out = None
     if out is None:
-        warn(f"{model.path}: rope_freqs.weight is not Llama 3's rope scaling (factors {f.min():.4g} to "
-             f"{factor:.4g}); the model rotates positions unscaled, which is wrong past its original context")
+        warn(f"{model.path}: rope_freqs.weight ({n} factors, {f.min():.4g} to {factor:.4g}, for "
+             f"{rotary and rotary[0]} rotated dimensions) is not Llama 3's rope scaling as this can recover it; "
+             "the model rotates positions unscaled, which is wrong past its original context")
     return out
 
 
@@ -314,15 +339,17 @@ def _as_torch(dt: DeviceTensor):
 
 
 STOP_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-# the token texts llama.cpp also ends generation at, whatever the file's keys say (llama-vocab.cpp's
-# end-of-generation list): most chat files name no eot token, and their turns end with one of these
+# the end-of-turn texts llama.cpp also ends generation at, whatever the file's keys say (from
+# llama-vocab.cpp's end-of-generation list, which also holds the fill-in-the-middle pad and
+# separators of code models, left out here): most chat files name no eot token, and their turns
+# end with one of these
 STOP_TEXTS = frozenset({"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>",
                         "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>",
                         "<end_of_utterance>"})
 
 
 def stop_ids(model: GGUFModel, eos, vocab: int | None) -> list[int]:
-    """The tokens generation ends at, as llama.cpp ends it: ``eos`` (an id, a list or None, as the
+    """The tokens a chat's generation ends at, as llama.cpp ends it: ``eos`` (an id, a list or None, as the
     config has it), then the file's end-of-turn and end-of-message tokens (``STOP_KEYS``), then the
     tokens whose text is in ``STOP_TEXTS`` (Gemma's ``<end_of_turn>``, ChatML's ``<|im_end|>``,
     Phi-3's ``<|end|>``, Llama 3's ``<|eot_id|>``); each once, ids outside ``vocab`` left out.
@@ -337,10 +364,8 @@ def stop_ids(model: GGUFModel, eos, vocab: int | None) -> list[int]:
     for key in STOP_KEYS:
         add(model.metadata.get(key))
     if "tokenizer.ggml.tokens" in model.metadata:
-        try:
-            tokens = model.metadata_value("tokenizer.ggml.tokens")
-        except GGUFLabError:  # a token that is not UTF-8: the tokenizer reports it, with its index
-            tokens = []
+        # (a token that is not UTF-8 is replaced, not a reason to stop nowhere: the tokenizer reports it)
+        tokens = model.metadata_value("tokenizer.ggml.tokens", errors="replace")
         for i, text in enumerate(tokens):
             if text in STOP_TEXTS:
                 add(i)

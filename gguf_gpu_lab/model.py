@@ -157,11 +157,13 @@ class GGUFModel:
             self._metadata = {k: _summarise(f) for k, f in self._header.fields.items()}
         return self._metadata
 
-    def metadata_value(self, key: str) -> Any:
+    def metadata_value(self, key: str, errors: str = "strict") -> Any:
         """One metadata value in full: a string array as a list of str (decoded now, not at
         open), a numeric array as a read-only NumPy array (a copy, which the file cannot change
         later), a nested array as nested lists. A file changed in place since it was opened is a
         ``SourceChangedError``, as for tensors: never the new bytes read with the old header.
+        ``errors``: "strict" (a string in an array that is not UTF-8 is a ``GGUFFormatError``
+        naming its index) or "replace" (U+FFFD in its place).
 
         Example:
             >>> model.metadata_value("tokenizer.ggml.tokens")[:2]
@@ -183,7 +185,7 @@ class GGUFModel:
             value = f.numpy().copy()  # a 262,144-token vocabulary's scores: 1 MB, 0.1 ms
             value.flags.writeable = False
         else:
-            value = f.value()
+            value = f.value(errors=errors)
         if live:
             src.check()  # and not while it was decoded
         return value

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-import urllib.request
 
 from .errors import GGUFLabError
 from .remote import HTTPSource, is_url
@@ -38,12 +37,13 @@ def open_source(where: "str | os.PathLike | ByteSource", **remote) -> ByteSource
 
 def file_url_path(url: str) -> str:
     """The local path of a ``file://`` URL (RFC 8089): ``file:///p`` or ``file://localhost/p``,
-    percent-escapes decoded (``%20`` a space); another host is an error, as it is no local file."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.netloc.lower() not in ("", "localhost"):
+    percent-escapes decoded (``%20`` a space); another host is an error, as it is no local file.
+    A ``#`` or ``?`` is part of the path (a file's name may hold one), not a fragment or query."""
+    host, slash, path = url[len("file://"):].partition("/")
+    if host.lower() not in ("", "localhost"):
         raise GGUFLabError(f"{url}: a file:// URL here names a file on this machine (file:///PATH or "
-                           f"file://localhost/PATH), not one on {parts.netloc!r}")
-    return urllib.request.url2pathname(parts.path)
+                           f"file://localhost/PATH), not one on {host!r}")
+    return urllib.parse.unquote(slash + path)
 
 
 def open_remote(url: str, *, cache=None, token=None) -> ByteSource:

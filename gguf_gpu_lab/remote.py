@@ -56,7 +56,7 @@ _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 def is_url(where) -> bool:
     """Whether ``where`` names a remote file (``scheme://...``; ``file://`` is local)."""
-    return isinstance(where, str) and bool(_URL_RE.match(where)) and not where.startswith("file://")
+    return isinstance(where, str) and bool(_URL_RE.match(where)) and where[:7].lower() != "file://"
 
 
 def redact(url: str) -> str:

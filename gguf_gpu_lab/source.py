@@ -202,7 +202,11 @@ class LocalFile(ByteSource):
                 raise GGUFFormatError("file is 0 bytes, too short for a GGUF header (24 bytes)", path=self.path)
             # the size just seen, not the file's size at mmap time: a file still growing (a
             # download) is then the prefix its identity describes, and check() sees it grow
-            mapping = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+            try:
+                mapping = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+            except ValueError:  # it shrank since the stat: "mmap length is greater than file size"
+                raise SourceChangedError(self.path, _describe_change((0, 0, st.st_size, st.st_mtime_ns, 0),
+                                                                     os.fstat(fd)) or "it shrank") from None
         except BaseException:
             os.close(fd)
             raise

@@ -163,6 +163,11 @@ def test_v4_config_keys():
     assert v4({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0,
                                    "partial_rotary_factor": 0.5}}) == {
         "rope_theta": 1e4, "partial_rotary_factor": 0.5, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    # Phi-3's longrope: the three keys transformers 4's Phi3Config accepts, and no other
+    assert v4({"rope_parameters": {"rope_theta": 1e4, "rope_type": "longrope", "long_factor": [2.0],
+                                   "short_factor": [1.0], "attention_factor": 1.2,
+                                   "original_max_position_embeddings": 4096}})["rope_scaling"] == {
+        "type": "longrope", "long_factor": [2.0], "short_factor": [1.0]}
     # transformers 5 reads the same rope from a config with them as without
     from transformers import Gemma3TextConfig, LlamaConfig
 
@@ -202,7 +207,8 @@ def test_generation_stops_at_the_end_of_turn_texts_llama_cpp_stops_at(model_dir,
     tokens = m.metadata_value("tokenizer.ggml.tokens")
     tokens[106], tokens[300] = "<end_of_turn>", "<|im_end|>"
     real = m.metadata_value
-    monkeypatch.setattr(m, "metadata_value", lambda key: tokens if key == "tokenizer.ggml.tokens" else real(key))
+    monkeypatch.setattr(m, "metadata_value",
+                        lambda key, **kw: tokens if key == "tokenizer.ggml.tokens" else real(key, **kw))
     assert hf_convert.stop_ids(m, 1, VOCAB) == [1, 106, 300]
     assert hf_convert.stop_ids(m, 1, 200) == [1, 106]  # ids past the vocabulary left out
     hf.export(m, tmp_path / "chat", progress=False, device="cpu", tokenizer=False)

@@ -192,9 +192,11 @@ def test_llama3_rope_freqs_become_its_rope_scaling(model_dir, tmp_path):
         assert torch.equal(model(ids).logits, back(ids).logits)
 
 
-def test_rope_freqs_of_another_shape_is_a_warning(model_dir, tmp_path):
-    p = with_extras(_file(model_dir, "llama"), tmp_path / "odd.gguf", {},
-                    {"rope_freqs.weight": np.linspace(1, 3, 32) ** 2})
+@pytest.mark.parametrize("freqs", [np.linspace(1, 3, 32) ** 2,                 # not Llama 3's curve
+                                   np.tile(_llama3_rope_freqs(64, 500000.0), 2)])  # 64 for 32 pairs
+def test_rope_freqs_of_another_shape_is_a_warning(model_dir, tmp_path, freqs):
+    p = with_extras(_file(model_dir, "llama"), tmp_path / "odd.gguf", {"llama.rope.freq_base": 500000.0},
+                    {"rope_freqs.weight": freqs})
     with pytest.warns(UserWarning, match="not Llama 3's rope scaling"):
         assert hf_convert.rope_scaling(lab.open_model(p)) is None
 
@@ -216,6 +218,23 @@ def test_rope_scaling_keys_become_the_configs(model_dir, tmp_path, arch, kv, exp
     assert {k: v for k, v in rope.items() if not isinstance(v, dict)} | {
         k: {kk: vv for kk, vv in v.items() if kk in ("rope_type", "factor", "rope_theta")}
         for k, v in rope.items() if isinstance(v, dict)} == {k: v for k, v in expected.items()}
+
+
+def test_phi3_partial_rotary_longrope(model_dir, tmp_path):
+    """Phi-4-mini rotates 96 of its 128 head dimensions (``rope.dimension_count``), its longrope
+    factors one per rotated pair: the config says so (transformers' GGUF config rotates all, and
+    then refused the factors' length); factors of another length are a warning and no scaling."""
+    src = _file(model_dir, "phi3")
+    kv = {"phi3.rope.dimension_count": 48, "phi3.rope.scaling.original_context_length": 1024}
+    p = with_extras(src, tmp_path / "phi4.gguf", kv, {"rope_factors_long.weight": np.linspace(1.0, 4.0, 24),
+                                                      "rope_factors_short.weight": np.ones(24)})
+    c = hf.config(p)
+    assert c.rope_parameters["rope_type"] == "longrope" and c.rope_parameters["partial_rotary_factor"] == 0.75
+    assert len(hf.from_gguf(p, device="cpu", dtype="float32").model.rotary_emb.inv_freq) == 24
+    bad = with_extras(src, tmp_path / "phi4-bad.gguf", kv, {"rope_factors_long.weight": np.ones(32),
+                                                            "rope_factors_short.weight": np.ones(32)})
+    with pytest.warns(UserWarning, match="not half the rotated dimensions"):
+        assert hf_convert.rope_scaling(lab.open_model(bad)) is None
 
 
 def test_phi3_longrope_factors_become_its_rope_scaling(model_dir, tmp_path):

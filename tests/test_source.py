@@ -560,3 +560,24 @@ def test_file_urls_are_decoded(small_model, tmp_path):
             assert m.path == str(p) and len(m.tensors) > 0, url
     with pytest.raises(GGUFLabError, match="'otherhost'"):
         open_model("file://otherhost" + urllib.parse.quote(str(p)))
+    odd = tmp_path / "a#1?.gguf"  # a name may hold them: part of the path, not a fragment or query
+    shutil.copy(small_model, odd)
+    for url in ("file://" + str(odd), "FILE://" + str(odd)):
+        with open_model(url) as m:
+            assert m.path == str(odd), url
+
+
+def test_a_file_that_shrinks_before_its_mapping_is_a_change(small_model, tmp_path, monkeypatch):
+    import gguf_gpu_lab.source as source
+
+    p = tmp_path / "shrink.gguf"
+    shutil.copy(small_model, p)
+    real = source.mmap.mmap
+
+    def shrink_then_map(fd, length, **kw):
+        os.truncate(p, 1000)
+        return real(fd, length, **kw)
+
+    monkeypatch.setattr(source.mmap, "mmap", shrink_then_map)
+    with pytest.raises(lab.SourceChangedError, match="shrink.gguf.*size went from"):
+        LocalFile(p)
