@@ -393,12 +393,14 @@ class _CupyLane(Lane):
         self._rt = cupy.cuda.runtime
 
     def copy_h2d(self, dst, dst_off, src, src_off, nbytes):
-        self._rt.memcpyAsync(dst.data.ptr + dst_off, src.ctypes.data + src_off, nbytes, self._rt.memcpyHostToDevice,
-                             self.stream.ptr)
+        if nbytes:  # (a tensor of no elements: an empty array's pointer may be null)
+            self._rt.memcpyAsync(dst.data.ptr + dst_off, src.ctypes.data + src_off, nbytes,
+                                 self._rt.memcpyHostToDevice, self.stream.ptr)
 
     def copy_d2d(self, dst, dst_off, src, src_off, nbytes):
-        self._rt.memcpyAsync(dst.data.ptr + dst_off, src.data.ptr + src_off, nbytes, self._rt.memcpyDeviceToDevice,
-                             self.stream.ptr)
+        if nbytes:
+            self._rt.memcpyAsync(dst.data.ptr + dst_off, src.data.ptr + src_off, nbytes,
+                                 self._rt.memcpyDeviceToDevice, self.stream.ptr)
 
     def dequant(self, src, src_off, ggml_type, out, out_elem, dtype, n_blocks):
         from .quant.gpu import launch

@@ -450,11 +450,12 @@ def empty_tensors_file(path) -> str:
 
 def load_empty_tensors(path, backend: str) -> None:
     """Every mode loads them alone and with the others, in their shapes (a gpu-mode load of tensors
-    of no bytes alone leased no scratch and failed with an IndexError)."""
+    of no bytes alone leased no scratch and failed with an IndexError; with ``staging_mb`` every
+    mode divided by their chunks' size, 0)."""
     with open_model(path) as m:
         for mode in ("gpu", "raw", "cpu", "sequential"):
-            for names in (["e"], ["e", "q"], None):
-                r = load(m, mode=mode, tensors=names, backend=backend, dtype="float32")
+            for names, staging in ((["e"], None), (["e", "q"], 1), (None, None)):
+                r = load(m, mode=mode, tensors=names, backend=backend, dtype="float32", staging_mb=staging)
                 assert sorted(r) == sorted(names or ["e", "q", "f"]), (mode, names)
                 if mode != "raw":
                     assert r["e"].array.shape == (5, 0), (mode, names)

@@ -271,8 +271,8 @@ class Pipeline:
         bytes, or in cpu mode their dequantized values; enough slots for every reader to fill one
         while each lane has one in flight."""
         opts = self.opts
-        slot_bytes = (max(sum(staged_bytes(p, opts.dtype) for p in c.pieces) for c in chunks) if opts.mode == "cpu"
-                      else max(c.nbytes for c in chunks))
+        slot_bytes = max(1, (max(sum(staged_bytes(p, opts.dtype) for p in c.pieces) for c in chunks)
+                             if opts.mode == "cpu" else max(c.nbytes for c in chunks)))  # (tensors of no bytes: 1)
         n_slots = (readers + 2 * opts.streams if opts.staging_mb is None
                    else max(2, int(opts.staging_mb * (1 << 20) // slot_bytes)))
         return min(n_slots, len(chunks)), slot_bytes
