@@ -47,7 +47,7 @@ from .errors import GGUFLabError, OutputExistsError
 from .export_layout import INDEX_NAME, ST_DTYPES, WEIGHTS_NAME, Entry, Layout, batches, parse_size, plan_layout
 from .export_ring import RING_BUFFERS, DeviceToHost, Ring, pinned_buffers, ring_buffer_bytes
 from .model import GGUFModel, shared_model
-from .outputs import partial_path, warn_partials_left
+from .outputs import partial_path, pwrite_all, warn_partials_left
 from .progress import check_progress
 
 __all__ = ["export", "ExportResult", "plan_layout", "batches", "parse_size", "INDEX_NAME", "WEIGHTS_NAME"]
@@ -78,13 +78,10 @@ class _Budget:
 
 
 def _pwrite(fd: int, data, offset: int, file: str, name: str) -> None:
-    view = memoryview(data).cast("B")
-    pos = 0
     try:
-        while pos < len(view):
-            pos += os.pwrite(fd, view[pos:], offset + pos)
+        pwrite_all(fd, data, offset)
     except OSError as e:
-        raise GGUFLabError(f"{file}: writing tensor {name!r} at byte {offset + pos}: "
+        raise GGUFLabError(f"{file}: writing tensor {name!r} at byte {offset + e.written}: "
                            f"{e.strerror or type(e).__name__}") from None
 
 

@@ -90,6 +90,24 @@ def record_folder(folder: str, names: Iterable[str]) -> None:
     os.replace(tmp, os.path.join(folder, MANIFEST))
 
 
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """All of ``data`` (bytes or a C-contiguous buffer) at ``offset`` of ``fd``: pwrite(2) again
+    after a short write, and a write of nothing (a full disk) an ``OSError`` (ENOSPC), never a loop
+    or a short write taken for a whole one. An ``OSError`` raised here carries ``written``, the
+    bytes written before it."""
+    view = memoryview(data).cast("B")
+    done = 0
+    try:
+        while done < len(view):
+            k = os.pwrite(fd, view[done:], offset + done)
+            if k <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += k
+    except OSError as e:
+        e.written = done
+        raise
+
+
 def partial_path(final: str) -> str:
     """Where an output that is renamed into place when complete (a model, an export's folder) is
     written meanwhile: a hidden name beside ``final``, unique to this writer."""

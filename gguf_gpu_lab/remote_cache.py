@@ -29,6 +29,7 @@ import weakref
 import numpy as np
 
 from .errors import GGUFLabError
+from .outputs import pwrite_all
 from .remote import RemoteSource
 from .source import ByteSource, LocalFile
 
@@ -270,16 +271,11 @@ class CachingSource(RemoteSource):
         """All of ``piece`` into the part file at ``at``, or an error naming the file: a short
         write (a full disk) is never taken for a whole one, so no range is recorded that the
         file does not hold."""
-        done = 0
         try:
-            while done < len(piece):
-                k = os.pwrite(self._fd, piece[done:], at + done)
-                if k <= 0:
-                    raise OSError(28, "No space left on device")
-                done += k
+            pwrite_all(self._fd, piece, at)
         except OSError as e:
             raise GGUFLabError(f"{self.part}: caching {self.name}: writing bytes [{at}, {at + len(piece)}) failed "
-                               f"after {done}: {e.strerror or e}; the part file keeps what was written before, "
+                               f"after {e.written}: {e.strerror or e}; the part file keeps what was written before, "
                                "and the next open resumes from there") from None
 
     def _mark(self, a: int, b: int) -> None:

@@ -30,6 +30,7 @@ import tempfile
 import time
 from typing import Callable
 
+from ..outputs import pwrite_all
 from .bench import bench_model, machine_info, package_version, save_result
 
 TEXT = "The capital of France is Paris; \u00e9t\u00e9, \u4e2d\u6587, <tok100> and   spaces."
@@ -49,9 +50,7 @@ def disk_write_speed(folder: str, nbytes: int, piece: int = 64 << 20, file_size:
     paths = []
 
     def put(fd: int, pos: int, n: int) -> None:
-        done = 0
-        while done < n:
-            done += os.pwrite(fd, buf[done:n], pos + done)
+        pwrite_all(fd, buf[:n], pos)
 
     t0 = time.perf_counter()
     try:

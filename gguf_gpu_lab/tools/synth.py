@@ -27,7 +27,7 @@ from .. import quant
 from . import synth_archs
 from .synth_archs import LlamaConfig
 from ..errors import GGUFLabError
-from ..outputs import check_new, partial_path, place_new, warn_partials_left
+from ..outputs import check_new, partial_path, place_new, pwrite_all, warn_partials_left
 
 # fp16 bit patterns 0x1400..0x2400: positive values from ~0.00098 to ~0.0156.
 _SCALE_LO, _SCALE_HI = 0x1400, 0x2400
@@ -258,11 +258,9 @@ def _write_parallel(fd: int, plans: list[TensorPlan], offsets: list[int], seed: 
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     def one(i: int) -> tuple[int, str]:
-        data = memoryview(_tensor_bytes(plans[i], seed, small)).cast("B")
-        pos = 0
-        while pos < len(data):
-            pos += os.pwrite(fd, data[pos:], offsets[i] + pos)
-        return len(data), plans[i].name
+        data = _tensor_bytes(plans[i], seed, small)
+        pwrite_all(fd, data, offsets[i])
+        return data.nbytes, plans[i].name
 
     done = 0
     with ThreadPoolExecutor(threads, thread_name_prefix="gguf-lab-synth") as pool:
