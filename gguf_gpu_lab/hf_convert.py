@@ -123,8 +123,8 @@ def llama_cpp_config(model: GGUFModel) -> dict[str, Any]:
         return out  # transformers' config refuses such a file with its own message
     if meta.get(f"{arch}.block_count") == _GEMMA_27B_LAYERS[arch]:
         return {**out, "query_pre_attn_scalar": width // heads}
-    head = meta.get(f"{arch}.attention.key_length", width // heads)
-    return {**out, "query_pre_attn_scalar": head} if isinstance(head, int) and head > 0 else out
+    head = _head_size(model, arch)
+    return {**out, "query_pre_attn_scalar": head} if head else out
 
 
 # Llama 3's original context, where a file's rope_freqs does not say it: only the ratios of it to
@@ -182,18 +182,23 @@ def rope_scaling(model: GGUFModel) -> dict[str, Any] | None:
     return None
 
 
+def _head_size(model: GGUFModel, arch: str) -> int | None:
+    """A head's size: ``attention.key_length`` where the file has it, else the width over the
+    heads; None where the file gives neither."""
+    meta = model.metadata
+    head = meta.get(f"{arch}.attention.key_length")
+    if isinstance(head, int):
+        return head if head > 0 else None
+    width, heads = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.attention.head_count")
+    return width // heads if isinstance(width, int) and isinstance(heads, int) and heads > 0 else None
+
+
 def _rotary_dims(model: GGUFModel, arch: str) -> tuple[int, int] | None:
     """(the dimensions of a head the rotation turns, the head's): ``rope.dimension_count`` where
     the file has it, else the whole head; None where the file gives no head size."""
-    meta = model.metadata
-    width, heads = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.attention.head_count")
-    head = meta.get(f"{arch}.attention.key_length")
-    if not isinstance(head, int):
-        if not (isinstance(width, int) and isinstance(heads, int) and heads > 0):
-            return None
-        head = width // heads
-    rotary = meta.get(f"{arch}.rope.dimension_count", head)
-    return (rotary, head) if isinstance(rotary, int) and 0 < rotary <= head else None
+    head = _head_size(model, arch)
+    rotary = model.metadata.get(f"{arch}.rope.dimension_count", head)
+    return (rotary, head) if head and isinstance(rotary, int) and 0 < rotary <= head else None
 
 
 def _llama3_scaling(model: GGUFModel, arch: str) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from typing import Iterable
 from .errors import GGUFLabError, OutputExistsError, warn
 
 __all__ = ["MANIFEST", "OutputExistsError", "check_new", "claim_folder", "record_folder",
-           "partial_path", "place_new", "warn_partials_left"]
+           "partial_path", "place_new", "pwrite_all", "warn_partials_left"]
 
 MANIFEST = ".gguf-gpu-lab-outputs.json"  # in a folder of outputs: the names the toolkit wrote there
 
