@@ -468,6 +468,9 @@ def test_sigterm_cleans_up_as_an_interrupt_does(tmp_path):
 
     from gguf_gpu_lab.tools.synth import synth
 
+    from .needs import require
+
+    require("torch", "transformers")  # the export does the interrupted work
     p = synth(tmp_path / "m.gguf", "25M", "Q4_K_M", weights="small").path
     proc = subprocess.Popen([sys.executable, "-m", "gguf_gpu_lab", "export", p, str(tmp_path / "out"), "--device",
                              "cpu", "--budget", "64KB"], stderr=subprocess.PIPE, text=True)
